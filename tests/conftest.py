@@ -1,0 +1,40 @@
+"""Shared fixtures and the rules for privileged tests.
+
+Tests that need root and a BPF-capable kernel carry ``@pytest.mark.bpf`` (or ``root`` for
+network namespaces). They skip where the privilege is missing, but with
+``TRIO_SNI_REQUIRE_BPF=1`` (set by ``.ci/run`` when it runs as root on Linux) a skip of such a
+test is turned into a failure, so CI cannot go green by skipping the kernel tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+REQUIRE_BPF = os.environ.get("TRIO_SNI_REQUIRE_BPF") == "1"
+PRIVILEGED_MARKERS = ("bpf", "root")
+
+
+def have_root_on_linux() -> bool:
+    return sys.platform == "linux" and os.geteuid() == 0
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for name in PRIVILEGED_MARKERS:
+        if item.get_closest_marker(name) is not None and not have_root_on_linux():
+            pytest.skip(f"needs root on Linux (marker {name!r})")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    privileged = any(item.get_closest_marker(n) is not None for n in PRIVILEGED_MARKERS)
+    if REQUIRE_BPF and privileged and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid}: a privileged test was skipped but TRIO_SNI_REQUIRE_BPF=1 "
+            f"(skip reason: {report.longrepr})"
+        )
+    return report

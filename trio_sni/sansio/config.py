@@ -1,0 +1,371 @@
+"""The configuration tree: frozen attrs classes, validated on construction.
+
+The JSON format is the user's design (``listen_addr``, ``max_connections``, ``ebpf``,
+``fallback_mode``) extended with ``listeners``, ``rules``, ``clients``, ``limits``,
+``timeouts``, ``resolver``, ``forwarding``, ``log`` and ``status``. Loading from a mapping
+(with every problem reported at once) lives in :mod:`.config_load`; this module only holds the
+shapes and their invariants, so a ``Config`` that exists is a ``Config`` that can be served.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+import attrs
+
+from .hostname import is_valid_hostname
+
+#: Hard ceiling for ``limits.max_client_hello_size``: a ClientHello is one handshake
+#: message of at most 2^16 bytes of extensions in practice; buffering more is a DoS lever.
+MAX_CLIENT_HELLO_CAP = 65536
+
+ForwardingMode = Literal["auto", "kernel", "splice", "copy"]
+FallbackMode = Literal["auto", "copy", "none"]
+Family = Literal["any", "ipv4", "ipv6", "prefer_ipv4", "prefer_ipv6"]
+Action = Literal["allow", "deny"]
+
+
+def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``"host:port"``, ``"[v6]:port"`` or (with a default) a bare host.
+
+    Raises:
+        ValueError: with a message naming what is wrong.
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{text!r}: missing ']' after an IPv6 address")
+        if rest.startswith(":"):
+            port_text = rest[1:]
+        elif rest == "" and default_port is not None:
+            return host, default_port
+        else:
+            raise ValueError(f"{text!r}: expected '[address]:port'")
+    elif text.count(":") > 1:
+        # A bare IPv6 address: only valid without a port.
+        if default_port is None:
+            raise ValueError(f"{text!r}: write IPv6 addresses with a port as '[address]:port'")
+        return text, default_port
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            if default_port is None:
+                raise ValueError(f"{text!r}: expected 'host:port'")
+            return text, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: port must be a number from 1 to 65535")
+    if not host:
+        raise ValueError(f"{text!r}: missing host")
+    return host, int(port_text)
+
+
+def _port(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 < value < 65536:
+        raise ValueError(f"{attribute.name}: must be from 1 to 65535, got {value}")
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name}: must be greater than 0, got {value}")
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name}: must not be negative, got {value}")
+
+
+def _ip_address(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{attribute.name}: {value!r} is not an IP address") from None
+
+
+def _cidrs(instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    for i, text in enumerate(value):
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{attribute.name}[{i}]: {text!r} is not an IP network (CIDR)") from None
+
+
+@attrs.frozen
+class Listener:
+    """One listening socket and the port its connections are forwarded to.
+
+    ``target_port`` lets ``listen 8443 -> connect 443`` (the common unprivileged setup).
+    """
+
+    host: str = attrs.field(validator=_ip_address)
+    port: int = attrs.field(validator=_port)
+    target_port: int = attrs.field(default=443, validator=_port)
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """The name used in logs and metrics: ``name`` or ``host:port``."""
+        if self.name:
+            return self.name
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _check_target(instance: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is None:
+        return
+    host, _port_number = parse_host_port(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not is_valid_hostname(host):
+            raise ValueError(f"target: {host!r} is neither an IP address nor a host name") from None
+
+
+@attrs.frozen
+class Rule:
+    """A domain rule. Exactly one of ``match``, ``suffix`` or ``regex`` is set.
+
+    - ``match``: ``a.example.com`` (exactly that name) or ``*.example.com`` (one or more labels
+      below ``example.com``, never ``example.com`` itself).
+    - ``suffix``: ``example.com`` and every name below it, matched on label boundaries
+      (``notexample.com`` does not match).
+    - ``regex``: anchored at both ends and case-insensitive, matched on the normalised name.
+
+    ``target`` routes to a fixed ``host:port`` instead of the SNI name. ``allow_private`` lets
+    this rule reach loopback/private/link-local destinations, which the SSRF guard refuses
+    otherwise. Deny rules win over allow rules.
+    """
+
+    match: str | None = None
+    suffix: str | None = None
+    regex: str | None = None
+    action: Action = "allow"
+    target: str | None = attrs.field(default=None, validator=_check_target)
+    allow_private: bool = False
+    name: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        given = [k for k in ("match", "suffix", "regex") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a rule needs exactly one of 'match', 'suffix' or 'regex'"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.match is not None:
+            bare = self.match[2:] if self.match.startswith("*.") else self.match
+            if not is_valid_hostname(bare.lower()):
+                raise ValueError(
+                    f"match: {self.match!r} is not a host name or '*.' followed by a host name"
+                )
+        if self.suffix is not None and not is_valid_hostname(self.suffix.lower().lstrip(".")):
+            raise ValueError(f"suffix: {self.suffix!r} is not a host name")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex: {self.regex!r} does not compile: {exc}") from None
+
+    @property
+    def label(self) -> str:
+        """The name used in logs and metrics (bounded: one per configured rule)."""
+        return self.name or self.match or self.suffix or f"regex:{self.regex}"
+
+
+@attrs.frozen
+class Clients:
+    """Client-IP access lists (CIDR, IPv4 and IPv6). Deny wins; an empty allow list allows all."""
+
+    allow: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
+    deny: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
+
+
+@attrs.frozen
+class Limits:
+    """Connection limits. Zero disables a per-client limit.
+
+    The per-client token bucket admits ``per_client_burst`` new connections at once and
+    ``per_client_rate`` per second after that.
+    """
+
+    per_client_connections: int = attrs.field(default=256, validator=_non_negative)
+    per_client_rate: float = attrs.field(default=50.0, validator=_non_negative)
+    per_client_burst: int = attrs.field(default=100, validator=_non_negative)
+    max_client_hello_size: int = attrs.field(default=16384)
+
+    @max_client_hello_size.validator
+    def _check_hello_size(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if not 512 <= value <= MAX_CLIENT_HELLO_CAP:
+            raise ValueError(
+                f"max_client_hello_size: must be from 512 to {MAX_CLIENT_HELLO_CAP}, got {value}"
+            )
+
+
+@attrs.frozen
+class Timeouts:
+    """Deadlines in seconds.
+
+    ``client_hello`` is a total deadline for the whole ClientHello (not per read), so a client
+    trickling bytes cannot hold a slot; ``idle`` closes a connection with no bytes either way;
+    ``drain`` is how long live connections may finish after SIGTERM.
+    """
+
+    client_hello: float = attrs.field(default=10.0, validator=_positive)
+    resolve: float = attrs.field(default=5.0, validator=_positive)
+    connect: float = attrs.field(default=10.0, validator=_positive)
+    idle: float = attrs.field(default=600.0, validator=_positive)
+    drain: float = attrs.field(default=30.0, validator=_non_negative)
+
+
+def _nameservers(instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    for i, text in enumerate(value):
+        host, _ = parse_host_port(text, default_port=53)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"nameservers[{i}]: {text!r} is not an IP address[:port]") from None
+
+
+def _hosts(instance: object, attribute: attrs.Attribute[dict[str, tuple[str, ...]]], value: dict[str, tuple[str, ...]]) -> None:
+    for name, addresses in value.items():
+        if not is_valid_hostname(name.lower().rstrip(".")):
+            raise ValueError(f"hosts: {name!r} is not a host name")
+        for address in addresses:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f'hosts["{name}"]: {address!r} is not an IP address') from None
+
+
+@attrs.frozen
+class Resolver:
+    """DNS settings. No ``nameservers`` means the system's (``/etc/resolv.conf``).
+
+    TTLs from answers are clamped to ``[min_ttl, max_ttl]``; failures (NXDOMAIN, no answer) are
+    cached for ``negative_ttl``. ``hosts`` are static overrides that never touch DNS.
+    """
+
+    nameservers: tuple[str, ...] = attrs.field(default=(), validator=_nameservers)
+    min_ttl: float = attrs.field(default=5.0, validator=_non_negative)
+    max_ttl: float = attrs.field(default=3600.0, validator=_non_negative)
+    negative_ttl: float = attrs.field(default=30.0, validator=_non_negative)
+    cache_size: int = attrs.field(default=10000, validator=_positive)
+    family: Family = "any"
+    hosts: dict[str, tuple[str, ...]] = attrs.field(factory=dict, validator=_hosts)
+
+    def __attrs_post_init__(self) -> None:
+        if self.min_ttl > self.max_ttl:
+            raise ValueError(f"min_ttl: {self.min_ttl} is greater than max_ttl ({self.max_ttl})")
+
+
+@attrs.frozen
+class Forwarding:
+    """Userspace forwarding: ``buffer_size`` is the most one recv() may return.
+
+    256 KiB keeps the per-byte Python overhead small on bulk transfers without pinning much
+    memory per idle connection (buffers are allocated per call, not per connection).
+    """
+
+    buffer_size: int = attrs.field(default=262144)
+
+    @buffer_size.validator
+    def _check_buffer(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if not 4096 <= value <= 16 * 1024 * 1024:
+            raise ValueError(f"buffer_size: must be from 4096 to 16777216, got {value}")
+
+
+@attrs.frozen
+class Log:
+    """``access_log``: ``"stderr"``, ``"stdout"``, a file path, or ``null`` for none."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: str | None = "stderr"
+
+
+@attrs.frozen
+class Status:
+    """The status/metrics HTTP endpoint; ``listen: null`` turns it off."""
+
+    listen: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.listen is not None:
+            try:
+                parse_host_port(self.listen)
+            except ValueError as exc:
+                raise ValueError(f"listen: {exc}") from None
+
+
+@attrs.frozen
+class SockmapConfig:
+    enabled: bool = True
+    max_entries: int = attrs.field(default=65536, validator=_positive)
+
+
+@attrs.frozen
+class DnsCacheConfig:
+    enabled: bool = True
+    max_entries: int = attrs.field(default=10000, validator=_positive)
+
+
+@attrs.frozen
+class XdpConfig:
+    enabled: bool = False
+    interface: str = "eth0"
+
+
+@attrs.frozen
+class StatsConfig:
+    enabled: bool = True
+    per_cpu: bool = True
+
+
+@attrs.frozen
+class EbpfConfig:
+    """The design's ``ebpf`` section; each feature degrades on its own when unavailable."""
+
+    enabled: bool = True
+    sockmap: SockmapConfig = SockmapConfig()
+    dns_cache: DnsCacheConfig = DnsCacheConfig()
+    xdp: XdpConfig = XdpConfig()
+    stats: StatsConfig = StatsConfig()
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration. ``listen_addr`` is the design's one-listener shorthand."""
+
+    listeners: tuple[Listener, ...] = ()
+    listen_addr: str | None = None
+    max_connections: int = attrs.field(default=50000, validator=_positive)
+    rules: tuple[Rule, ...] = ()
+    clients: Clients = Clients()
+    limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
+    resolver: Resolver = Resolver()
+    forwarding: Forwarding = Forwarding()
+    log: Log = Log()
+    status: Status = Status()
+    ebpf: EbpfConfig = EbpfConfig()
+    fallback_mode: FallbackMode = "auto"
+
+    def __attrs_post_init__(self) -> None:
+        if self.listen_addr is not None and self.listeners:
+            raise ValueError("give either 'listen_addr' or 'listeners', not both")
+        if self.listen_addr is None and not self.listeners:
+            raise ValueError("no listener: set 'listen_addr' or 'listeners'")
+        if self.listen_addr is not None:
+            try:
+                host, _port_number = parse_host_port(self.listen_addr)
+                ipaddress.ip_address(host)
+            except ValueError as exc:
+                raise ValueError(f"listen_addr: {exc}") from None
+
+    @property
+    def effective_listeners(self) -> tuple[Listener, ...]:
+        """``listeners``, or the one listener ``listen_addr`` stands for."""
+        if self.listen_addr is None:
+            return self.listeners
+        host, port = parse_host_port(self.listen_addr)
+        return (Listener(host=host, port=port),)
