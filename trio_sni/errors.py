@@ -34,3 +34,9 @@ class DestinationRefused(TrioSniError):
     """The SSRF guard refused every resolved address of the target."""
 
     reason = "ssrf_blocked"
+
+
+class AccelerationUnavailable(TrioSniError):
+    """Kernel acceleration was required (``fallback_mode: "none"``) but cannot be used."""
+
+    reason = "acceleration_unavailable"

@@ -99,9 +99,14 @@ class Listener:
     """
 
     host: str = attrs.field(validator=_ip_address)
-    port: int = attrs.field(validator=_port)
+    port: int = attrs.field()  # 0 asks the OS for a free port (tests, ad-hoc runs)
     target_port: int = attrs.field(default=443, validator=_port)
     name: str = ""
+
+    @port.validator
+    def _check_port(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if not 0 <= value < 65536:
+            raise ValueError(f"port: must be from 0 to 65535, got {value}")
 
     @property
     def label(self) -> str:

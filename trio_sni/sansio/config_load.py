@@ -129,7 +129,24 @@ def _make_converter() -> cattrs.Converter:
         def structure(value: object, _: type) -> Any:
             if not isinstance(value, dict):
                 raise _WrongType(f"expected object, got {_json_type(value)}")
-            return inner(value)
+            # attrs stops at the first failing validator; run them all ourselves so the
+            # operator sees every bad field of an object at once.
+            was_disabled = attrs.validators.get_disabled()
+            attrs.validators.set_disabled(True)
+            try:
+                obj = inner(value)
+            finally:
+                attrs.validators.set_disabled(was_disabled)
+            errors: list[Exception] = []
+            for field in attrs.fields(tp):
+                if field.validator is not None:
+                    try:
+                        field.validator(obj, field, getattr(obj, field.name))
+                    except ValueError as exc:
+                        errors.append(exc)
+            if errors:
+                raise ClassValidationError(f"While structuring {tp.__name__}", errors, tp)
+            return obj
 
         return structure
 
