@@ -1,0 +1,171 @@
+"""The syscall layer: attr layouts, wrappers, fd ownership, error messages."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+import loader
+from loader._sys import bpf
+from loader._sys._ffi import ffi
+from loader._sys.consts import Cmd, MapType
+from loader._sys.fd import FD, live_fds
+
+# Offsets from include/uapi/linux/bpf.h (Linux 6.18), counted by hand from the header.
+UAPI_OFFSETS = [
+    ("struct map_create_attr", "map_name", 28),
+    ("struct map_create_attr", "map_ifindex", 44),
+    ("struct map_create_attr", "btf_fd", 48),
+    ("struct map_create_attr", "btf_value_type_id", 56),
+    ("struct map_create_attr", "map_extra", 64),
+    ("struct map_elem_attr", "key", 8),
+    ("struct map_elem_attr", "value", 16),
+    ("struct map_elem_attr", "flags", 24),
+    ("struct map_batch_attr", "count", 32),
+    ("struct map_batch_attr", "map_fd", 36),
+    ("struct map_batch_attr", "elem_flags", 40),
+    ("struct map_batch_attr", "flags", 48),
+    ("struct prog_load_attr", "insns", 8),
+    ("struct prog_load_attr", "log_buf", 32),
+    ("struct prog_load_attr", "prog_name", 48),
+    ("struct prog_load_attr", "expected_attach_type", 68),
+    ("struct prog_load_attr", "prog_btf_fd", 72),
+    ("struct prog_load_attr", "func_info", 80),
+    ("struct prog_load_attr", "line_info", 96),
+    ("struct prog_load_attr", "line_info_cnt", 104),
+    ("struct prog_load_attr", "fd_array", 120),
+    ("struct prog_load_attr", "log_true_size", 140),  # KERNEL-FACTS 32
+    ("struct obj_attr", "bpf_fd", 8),
+    ("struct obj_attr", "file_flags", 12),
+    ("struct prog_attach_attr", "attach_type", 8),
+    ("struct prog_attach_attr", "replace_bpf_fd", 16),
+    ("struct test_run_attr", "data_in", 16),
+    ("struct test_run_attr", "repeat", 32),
+    ("struct test_run_attr", "ctx_in", 48),
+    ("struct test_run_attr", "cpu", 68),
+    ("struct info_attr", "info", 8),
+    ("struct btf_load_attr", "btf_size", 16),
+    ("struct btf_load_attr", "btf_log_true_size", 28),
+    ("struct link_create_attr", "attach_type", 8),
+    ("struct link_create_attr", "relative_fd", 16),
+    ("struct link_create_attr", "expected_revision", 24),
+    ("struct bpf_map_info", "name", 24),
+    ("struct bpf_map_info", "btf_id", 64),
+    ("struct bpf_map_info", "map_extra", 80),
+    ("struct bpf_prog_info", "tag", 8),
+    ("struct bpf_prog_info", "name", 64),
+    ("struct bpf_link_info", "target0", 16),
+]
+
+
+@pytest.mark.parametrize(("struct", "field", "offset"), UAPI_OFFSETS)
+def test_attr_layout_matches_uapi(struct: str, field: str, offset: int) -> None:
+    assert ffi.offsetof(struct, field) == offset
+
+
+def test_eperm_names_the_capability() -> None:
+    err = bpf.raise_for(Cmd.MAP_CREATE, errno.EPERM)
+    assert isinstance(err, loader.MissingPrivilegeError)
+    assert isinstance(err, PermissionError) and err.errno == errno.EPERM
+    assert "CAP_BPF" in str(err) and "CAP_NET_ADMIN" in str(err)
+    assert "BPF_MAP_CREATE" in str(err)
+    prog = bpf.raise_for(Cmd.PROG_LOAD, errno.EPERM)
+    assert "CAP_BPF" in str(prog) and "CAP_NET_ADMIN" in str(prog)
+
+
+def test_other_errno_keeps_errno() -> None:
+    err = bpf.raise_for(Cmd.OBJ_GET, errno.ENOENT)
+    assert isinstance(err, loader.BPFSyscallError) and isinstance(err, OSError)
+    assert err.errno == errno.ENOENT
+    assert "nothing is pinned" in str(err)
+
+
+def test_fd_owner_is_idempotent_and_tracked() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    fd = FD(r, "test")
+    assert live_fds()[r].startswith("test created at ")
+    with fd:
+        assert fd.raw == r and not fd.closed
+    assert fd.closed and r not in live_fds()
+    fd.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        fd.raw  # noqa: B018
+
+
+def test_fd_below_3_is_moved() -> None:
+    saved = os.dup(0)
+    try:
+        r, w = os.pipe()
+        os.dup2(r, 0)
+        os.close(r)
+        os.close(w)
+        fd = FD(0, "test")
+        try:
+            assert fd.raw >= 3
+        finally:
+            fd.close()
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+
+
+def test_unclosed_fd_warns() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    fd = FD(r, "test")
+    with pytest.warns(ResourceWarning, match="unclosed test fd"):
+        del fd
+    assert r not in live_fds()
+
+
+@pytest.mark.bpf
+def test_map_wrappers_roundtrip() -> None:
+    with bpf.map_create(MapType.HASH, 4, 8, 4, name="sys_test") as fd:
+        key = ffi.new("char[]", b"\x01\0\0\0")
+        val = ffi.new("char[]", b"abcdefgh")
+        bpf.map_update_elem(fd.raw, key, val)
+        out = ffi.new("char[]", 8)
+        assert bpf.map_lookup_elem(fd.raw, key, out)
+        assert bytes(ffi.buffer(out, 8)) == b"abcdefgh"
+        nxt = ffi.new("char[]", 4)
+        assert bpf.map_get_next_key(fd.raw, None, nxt)
+        assert not bpf.map_get_next_key(fd.raw, nxt, nxt)
+        assert bpf.map_delete_elem(fd.raw, key)
+        assert not bpf.map_delete_elem(fd.raw, key)
+        assert not bpf.map_lookup_elem(fd.raw, key, out)
+        info = bpf.obj_get_info_by_fd(fd.raw, "bpf_map_info")
+        assert (info.type, info.key_size, info.value_size, info.max_entries) == (1, 4, 8, 4)
+        assert ffi.string(info.name) == b"sys_test"
+
+
+@pytest.mark.bpf
+def test_obj_get_missing_path() -> None:
+    with pytest.raises(loader.BPFSyscallError) as exc:
+        bpf.obj_get("/sys/fs/bpf/does-not-exist-loader-test")
+    assert exc.value.errno == errno.ENOENT
+
+
+@pytest.mark.bpf
+def test_unprivileged_process_gets_the_capability_hint() -> None:
+    """As nobody, map creation fails with EPERM and the message names CAP_BPF."""
+    code = (
+        "import loader\n"
+        "from loader import MapSpec, MapType, Map\n"
+        "try:\n"
+        "    Map.create(MapSpec('x', MapType.HASH, 4, 4, 1))\n"
+        "except loader.MissingPrivilegeError as e:\n"
+        "    print('OK', e)\n"
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+         sys.executable, "-c", code],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(loader.__file__)),
+        check=False,
+    )
+    assert out.stdout.startswith("OK"), out.stderr
+    assert "CAP_BPF" in out.stdout
