@@ -1,0 +1,97 @@
+"""Programs against the kernel: load everything, verifier errors, test runs."""
+
+from __future__ import annotations
+
+import pytest
+
+import loader
+from loader import Collection, Int, Program, ProgType
+
+from .conftest import DATA, bpftool  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.bpf
+
+PACKET = bytes(range(64))  # any 64 bytes: the programs do not parse the packet
+
+BPFTOOL_TYPES = {ProgType.XDP: "xdp", ProgType.SCHED_CLS: "sched_cls",
+                 ProgType.SOCKET_FILTER: "socket_filter", ProgType.SK_SKB: "sk_skb"}
+
+
+@pytest.mark.parametrize("obj", ["loader_test.bpf.o", "sockhash.bpf.o"])
+def test_every_program_loads_with_btf(obj: str) -> None:
+    spec = loader.load_collection_spec(DATA / obj)
+    with Collection.load(spec) as coll:
+        assert coll.btf is not None and coll.btf_error is None
+        assert set(coll.programs) == set(spec.programs)
+        for name, prog in coll.programs.items():
+            info = prog.info()
+            seen = bpftool("prog", "show", "id", str(info.id))
+            assert seen["name"] == name[:15]
+            assert seen["type"] == BPFTOOL_TYPES[spec.programs[name].type]
+            assert seen["tag"] == info.tag
+            assert seen.get("btf_id", 0) > 0  # func/line info went with it
+            map_ids = {m.info().id for m in coll.maps.values()}
+            assert set(seen.get("map_ids", [])) <= map_ids
+        for m in coll.maps.values():
+            assert bpftool("map", "show", "id", str(m.info().id))["name"] == m.name[:15]
+
+
+def test_bad_program_gives_verifier_error_with_source_lines() -> None:
+    spec = loader.load_collection_spec(DATA / "bad.bpf.o")
+    with pytest.raises(loader.VerifierError) as exc:
+        Collection.load(spec)
+    err = exc.value
+    assert err.program == "bad_prog"
+    log = "\n".join(err.log)
+    assert "invalid access to packet" in log
+    # BTF line info makes the kernel quote the C source with file and line.
+    assert "BAD: no bounds check" in log and "bad.bpf.c:9" in log
+    assert "bad_prog" in str(err) and "invalid access to packet" in str(err)
+
+
+def test_verifier_log_buffer_grows() -> None:
+    spec = loader.load_collection_spec(DATA / "loader_test.bpf.o")
+    with Collection.load(spec, programs=[]) as coll:
+        prog = Program.load(spec.programs["xdp_prog"], maps=coll.maps, log_level=2,
+                            log_size=256)
+        with prog:
+            assert len(prog.log) > 256
+            assert "processed" in prog.log.splitlines()[-1] or "processed" in prog.log
+
+
+def test_xdp_and_tc_test_run_values() -> None:
+    spec = loader.load_collection_spec(DATA / "loader_test.bpf.o")
+    with Collection.load(spec) as coll:
+        progs, maps = coll.programs, coll.maps
+        counters = maps["counters"]
+        counters.key_codec = counters.value_codec = Int()
+        # xdp_prog returns xdp_verdict from .rodata (2 = XDP_PASS) and calls bump(0).
+        result = progs["xdp_prog"].test_run(PACKET, repeat=3)
+        assert result.retval == 2
+        assert result.data == PACKET
+        assert counters[0] == 3
+        # tc_one returns tc_verdict from .data (2 = TC_ACT_SHOT); .data is writable.
+        assert progs["tc_one"].test_run(PACKET).retval == 2
+        maps[".data"].update(0, (0).to_bytes(4, "little"))
+        assert progs["tc_one"].test_run(PACKET).retval == 0
+        assert progs["tc_two"].test_run(PACKET).retval == 0
+        assert progs["tcx_in"].test_run(PACKET).retval == 0xFFFFFFFF  # TCX_NEXT (-1)
+        assert counters[1] == 2 and counters[2] == 1
+        # .bss packets is bumped by every bump() call: 3 + 2 + 1.
+        assert int.from_bytes(maps[".bss"][0], "little") == 6
+        percpu = maps["percpu"]
+        assert sum(int.from_bytes(v, "little") for v in percpu[b"\0\0\0\0"]) == 3
+
+
+def test_sk_skb_cannot_be_test_run() -> None:
+    spec = loader.load_collection_spec(DATA / "sockhash.bpf.o")
+    with Collection.load(spec, programs=["stream_verdict"]) as coll:
+        with pytest.raises(loader.NotSupportedError, match="real sockets"):
+            coll.programs["stream_verdict"].test_run(PACKET)
+
+
+def test_unknown_section_is_refused_before_the_kernel() -> None:
+    spec = loader.load_collection_spec(DATA / "loader_test.bpf.o")
+    odd = spec.programs["tc_two"].copy(type=ProgType.UNSPEC, section="weird")
+    with pytest.raises(loader.LoaderError, match="section 'weird'"):
+        Program.load(odd)
