@@ -1,0 +1,180 @@
+"""Real parts for end-to-end tests: a trustme CA, TLS and plain TCP backends on loopback, and
+a proxy started in the test's own nursery with its access log captured.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trustme
+
+from trio_sni.sansio.config_load import load_config
+from trio_sni.server import Proxy
+
+#: Names the test certificate covers; the proxy routes them to the backends.
+TEST_NAMES = ["bench.test", "www.bench.test", "other.test", "*.example.test"]
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_context(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*TEST_NAMES).configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@attrs.define
+class Backend:
+    """A loopback server; ``received`` holds what each connection sent, in order."""
+
+    port: int
+    received: list[bytes] = attrs.Factory(list)
+    server_names: list[str | None] = attrs.Factory(list)
+    connections: int = 0
+
+
+async def _serve_tls(
+    stream: trio.SocketStream, ctx: ssl.SSLContext, backend: Backend
+) -> None:
+    """A tiny HTTP/1.1-over-TLS responder: answers with the name the client asked for."""
+    tls = trio.SSLStream(stream, ctx, server_side=True)
+    try:
+        await tls.do_handshake()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = await tls.receive_some(65536)
+            if not chunk:
+                return
+            request += chunk
+        backend.received.append(request)
+        body = b"hello from the backend\n"
+        await tls.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await tls.aclose()
+    except (trio.BrokenResourceError, ssl.SSLError):
+        pass
+    finally:
+        await trio.aclose_forcefully(tls)
+
+
+@pytest.fixture
+async def tls_backend(nursery: trio.Nursery, server_context: ssl.SSLContext) -> Backend:
+    backend_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    backend = Backend(port=backend_listeners[0].socket.getsockname()[1])
+    names: list[str | None] = backend.server_names
+
+    def remember_name(obj: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
+        names.append(name)
+
+    ctx = server_context
+    ctx.sni_callback = remember_name
+
+    async def handler(stream: trio.SocketStream) -> None:
+        backend.connections += 1
+        await _serve_tls(stream, ctx, backend)
+
+    nursery.start_soon(trio.serve_listeners, handler, backend_listeners)
+    return backend
+
+
+@pytest.fixture
+def proxy_config() -> Callable[..., dict[str, Any]]:
+    """Build a config dict routing the test names to a backend port on 127.0.0.1."""
+
+    def build(backend_port: int, **overrides: Any) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "listeners": [{"host": "127.0.0.1", "port": 0, "target_port": backend_port}],
+            "rules": [
+                {"suffix": "bench.test", "allow_private": True},
+                {"match": "other.test", "allow_private": True},
+                {"match": "*.example.test", "allow_private": True},
+                {"match": "denied.bench.test", "action": "deny"},
+            ],
+            "resolver": {
+                "hosts": {
+                    "bench.test": ["127.0.0.1"],
+                    "www.bench.test": ["127.0.0.1"],
+                    "denied.bench.test": ["127.0.0.1"],
+                    "other.test": ["127.0.0.1"],
+                    "a.example.test": ["127.0.0.1"],
+                }
+            },
+            "log": {"access_log": None},
+        }
+        config.update(overrides)
+        return config
+
+    return build
+
+
+@attrs.define
+class RunningProxy:
+    proxy: Proxy
+    port: int
+    access_log: list[dict[str, object]]
+
+    def records_for(self, reason: str) -> list[dict[str, object]]:
+        return [r for r in self.access_log if r["reason"] == reason]
+
+
+@pytest.fixture
+def start_proxy(nursery: trio.Nursery) -> Callable[[dict[str, Any]], Any]:
+    """``running = await start_proxy(config_dict)``: the proxy serves until the test ends."""
+
+    async def start(config_data: dict[str, Any]) -> RunningProxy:
+        records: list[dict[str, object]] = []
+        proxy = Proxy(load_config(config_data), access_log=records.append)
+        listeners = await nursery.start(proxy.serve)
+        return RunningProxy(proxy, listeners[0].socket.getsockname()[1], records)
+
+    return start
+
+
+def open_fds() -> set[int]:
+    return set(int(n) for n in os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leaks() -> Iterator[None]:
+    """Every socket, pipe and file a test opens is closed by its end."""
+    before = open_fds()
+    yield
+    leaked = open_fds() - before
+    # /proc listing itself opens an fd while it runs; ignore fds that are gone now.
+    leaked = {fd for fd in leaked if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, f"fds left open: {sorted(leaked)} -> " + ", ".join(
+        _describe_fd(fd) for fd in sorted(leaked)
+    )
+
+
+def _describe_fd(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"

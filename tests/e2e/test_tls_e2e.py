@@ -1,0 +1,90 @@
+"""Real TLS clients through the proxy to a real TLS server on loopback."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from proxytest import drain
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
+
+
+async def tls_get(port: int, name: str, ctx: ssl.SSLContext) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    tls = trio.SSLStream(stream, ctx, server_hostname=name)
+    try:
+        await tls.send_all(REQUEST)
+        return await drain(tls)
+    finally:
+        await trio.aclose_forcefully(tls)
+
+
+async def test_python_ssl_client_reaches_backend_by_sni(
+    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
+) -> None:
+    running = await start_proxy(proxy_config(tls_backend.port))
+    for name in ("bench.test", "www.bench.test", "other.test", "a.example.test"):
+        response = await tls_get(running.port, name, client_context)
+        assert response.endswith(b"hello from the backend\n")
+    assert tls_backend.server_names == ["bench.test", "www.bench.test", "other.test", "a.example.test"]
+    assert tls_backend.received == [REQUEST] * 4
+    [first, *_] = running.access_log
+    assert first["sni"] == "bench.test"
+    assert first["decision"] == "allow"
+    assert first["reason"] == "normal"
+    assert first["mode"] == "copy"
+    assert first["target"] == f"127.0.0.1:{tls_backend.port}"
+    assert first["bytes_to_client"] > 0 and first["bytes_to_upstream"] > len(REQUEST)
+
+
+async def test_curl_connect_to_reaches_backend(
+    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    ca_file: str,
+) -> None:
+    running = await start_proxy(proxy_config(tls_backend.port))
+    result = await trio.run_process(
+        ["curl", "--silent", "--show-error", "--max-time", "10", "--cacert", ca_file,
+         "--connect-to", f"bench.test:443:127.0.0.1:{running.port}", "https://bench.test/"],
+        capture_stdout=True, capture_stderr=True,
+    )
+    assert result.stdout == b"hello from the backend\n"
+    assert running.access_log[0]["alpn"] == ["h2", "http/1.1"]
+
+
+async def test_openssl_s_client_verifies_backend_certificate(
+    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    ca_file: str,
+) -> None:
+    running = await start_proxy(proxy_config(tls_backend.port))
+    result = await trio.run_process(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{running.port}",
+         "-servername", "other.test", "-CAfile", ca_file, "-verify_return_error",
+         "-verify_hostname", "other.test", "-quiet"],
+        stdin=REQUEST, capture_stdout=True, capture_stderr=True,
+    )
+    assert b"hello from the backend" in result.stdout
+    assert tls_backend.server_names == ["other.test"]
+
+
+async def test_denied_name_gets_unrecognized_name_alert(
+    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    ca_file: str,
+) -> None:
+    running = await start_proxy(proxy_config(tls_backend.port))
+    result = await trio.run_process(
+        ["curl", "--silent", "--show-error", "--max-time", "10", "--cacert", ca_file,
+         "--connect-to", f"denied.bench.test:443:127.0.0.1:{running.port}",
+         "https://denied.bench.test/"],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )
+    assert result.returncode != 0
+    assert b"unrecognized name" in result.stderr.lower()
+    [record] = running.access_log
+    assert record["decision"] == "deny"
+    assert record["reason"] == "denied_domain"
+    assert record["sni"] == "denied.bench.test"
+    assert tls_backend.connections == 0

@@ -1,0 +1,260 @@
+"""One client connection, from accept to close, in one cancel scope.
+
+Theory of operation: :func:`handle_connection` runs as one task per accepted connection.
+Everything it does (client checks, reading the ClientHello under one total deadline, policy,
+resolution, the SSRF guard, connecting, forwarding) happens inside that task, so cancelling
+the task (shutdown, drain deadline) cancels all of it. Cleanup (releasing the client's limiter
+slot, closing both sockets, writing the access-log line) is in ``finally`` and runs on every
+path, including cancellation and bugs. Each stage that refuses the connection raises a
+:class:`~trio_sni.errors.TrioSniError` subclass whose ``reason`` becomes the termination
+reason; anything else is a bug, logged with its traceback, and never disturbs other
+connections.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Collection
+
+import attrs
+import trio
+
+from .errors import DestinationRefused, TrioSniError
+from .forward import ByteCounters, Forwarder
+from .resolver import Resolver
+from .sansio.addresses import refusal_reason
+from .sansio.alerts import Alert, alert_record
+from .sansio.clienthello import NEED_DATA, ClientHello, ClientHelloReader
+from .sansio.config import Listener
+from .sansio.errors import MalformedHelloError
+from .sansio.policy import ClientLimiter, Deny, Policy, Route
+from .upstream import connect_to_addresses
+
+log = logging.getLogger("trio_sni")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class HelloTimeout(TrioSniError):
+    """The client did not finish its ClientHello within the total deadline."""
+
+    reason = "hello_timeout"
+
+
+class Refused(TrioSniError):
+    """Policy or limits refused the connection; ``reason`` comes from the :class:`Deny`."""
+
+    def __init__(self, deny: Deny) -> None:
+        super().__init__(deny.detail)
+        self.reason = deny.reason
+
+
+@attrs.define(eq=False)
+class ConnectionInfo:
+    """What is known about one live connection; it becomes the access-log line at the end."""
+
+    client: tuple[str, int]
+    listener: str
+    started_wall: float
+    started: float
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    rule: str | None = None
+    decision: str = "pending"
+    target: tuple[str, int] | None = None
+    mode: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    counters: ByteCounters = attrs.Factory(ByteCounters)
+
+    def access_record(self, now: float) -> dict[str, object]:
+        """The JSON access-log record (one line per connection)."""
+        return {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_wall)),
+            "client": _format_endpoint(self.client),
+            "listener": self.listener,
+            "sni": self.sni,
+            "alpn": list(self.alpn),
+            "decision": self.decision,
+            "rule": self.rule,
+            "target": _format_endpoint(self.target) if self.target else None,
+            "bytes_to_upstream": self.counters.to_upstream,
+            "bytes_to_client": self.counters.to_client,
+            "duration": round(now - self.started, 6),
+            "mode": self.mode,
+            "reason": self.reason,
+            "error": self.error,
+        }
+
+
+def _format_endpoint(endpoint: tuple[str, int]) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@attrs.define(eq=False)
+class ConnectionContext:
+    """Everything a connection handler needs, shared by all connections of a proxy.
+
+    ``policy``, ``resolver`` and timeouts can be swapped on reload; a connection reads them
+    once, when it needs them, so a live connection is never disturbed by a reload.
+    """
+
+    policy: Policy
+    limiter: ClientLimiter
+    resolver: Resolver
+    forwarder: Forwarder
+    max_hello_size: int
+    hello_timeout: float
+    connect_timeout: float
+    own_addresses: Collection[tuple[IPAddress, int]]
+    write_access_log: Callable[[dict[str, object]], None]
+    live: dict[int, ConnectionInfo] = attrs.Factory(dict)
+
+
+async def handle_connection(
+    stream: trio.SocketStream, listener: Listener, ctx: ConnectionContext
+) -> None:
+    """Serve one client connection and close it; never raises for a bad client.
+
+    Resource handling: ``stream`` is always closed on return, and so is the upstream
+    connection if one was opened. The limiter slot is always released.
+    """
+    peer = stream.socket.getpeername()
+    client_ip = ipaddress.ip_address(peer[0])
+    info = ConnectionInfo(
+        client=(str(client_ip), peer[1]),
+        listener=listener.label,
+        started_wall=time.time(),
+        started=trio.current_time(),
+    )
+    ctx.live[id(info)] = info
+    upstream: trio.SocketStream | None = None
+    acquired = False
+    alert: Alert | None = None
+    try:
+        deny = ctx.policy.check_client(client_ip) or ctx.limiter.acquire(
+            client_ip, trio.current_time()
+        )
+        if deny is not None:
+            raise Refused(deny)
+        acquired = True
+
+        hello, first_bytes = await _read_client_hello(stream, ctx)
+        info.sni, info.alpn = hello.server_name, hello.alpn
+
+        decision = ctx.policy.decide(hello.server_name, listener.target_port)
+        if isinstance(decision, Deny):
+            alert = Alert.UNRECOGNIZED_NAME
+            raise Refused(decision)
+        route: Route = decision
+        info.rule = route.rule.label
+        info.decision = "allow"
+
+        addresses = await _resolve_route(route, ctx)
+        addresses = _guard_destinations(route, addresses, ctx.own_addresses)
+        upstream = await connect_to_addresses(
+            addresses, route.port, timeout=ctx.connect_timeout
+        )
+        target = upstream.socket.getpeername()
+        info.target = (target[0], target[1])
+        info.mode = ctx.forwarder.mode
+        info.reason = await ctx.forwarder.forward(
+            stream, upstream, first_bytes=first_bytes, counters=info.counters
+        )
+    except TrioSniError as exc:
+        if info.decision == "pending" or isinstance(exc, DestinationRefused):
+            info.decision = "deny"
+        info.reason = getattr(exc, "reason", "error")
+        info.error = str(exc)
+        if alert is not None:
+            await _send_alert(stream, alert)
+    except Exception as exc:  # a bug: log it, keep serving everyone else
+        log.exception("internal error while serving %s", _format_endpoint(info.client))
+        info.decision = "error"
+        info.reason = "internal_error"
+        info.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if info.reason is None:
+            info.reason = "cancelled"  # shutdown or drain deadline
+        if acquired:
+            ctx.limiter.release(client_ip)
+        if upstream is not None:
+            await trio.aclose_forcefully(upstream)
+        await trio.aclose_forcefully(stream)
+        del ctx.live[id(info)]
+        ctx.write_access_log(info.access_record(trio.current_time()))
+
+
+async def _read_client_hello(
+    stream: trio.SocketStream, ctx: ConnectionContext
+) -> tuple[ClientHello, bytes]:
+    """Read until a whole ClientHello has arrived, under one total deadline.
+
+    Returns the hello and every byte read from the client (the hello's records plus anything
+    the client sent after them, such as TLS 1.3 early data), to be forwarded as is.
+    """
+    reader = ClientHelloReader(max_size=ctx.max_hello_size)
+    with trio.move_on_after(ctx.hello_timeout) as deadline:
+        while True:
+            event = reader.next_event()
+            if event is not NEED_DATA:
+                assert isinstance(event, ClientHello)
+                return event, event.raw + reader.trailing_data
+            try:
+                data = await stream.receive_some(ctx.max_hello_size)
+            except trio.BrokenResourceError as exc:
+                raise MalformedHelloError(f"client reset the connection during the ClientHello: {exc}") from None
+            reader.receive_data(data)
+    assert deadline.cancelled_caught
+    raise HelloTimeout(f"no complete ClientHello within {ctx.hello_timeout:g} s")
+
+
+async def _resolve_route(route: Route, ctx: ConnectionContext) -> tuple[IPAddress, ...]:
+    try:
+        return (ipaddress.ip_address(route.host),)
+    except ValueError:
+        return await ctx.resolver.resolve(route.host)
+
+
+def _guard_destinations(
+    route: Route,
+    addresses: tuple[IPAddress, ...],
+    own_addresses: Collection[tuple[IPAddress, int]],
+) -> tuple[IPAddress, ...]:
+    """The SSRF guard: keep only addresses the route may reach.
+
+    The connector then connects to exactly these addresses, with no second lookup, so a DNS
+    answer that changes between check and connect (rebinding) cannot slip through.
+
+    Raises:
+        DestinationRefused: when no address is left.
+    """
+    allowed: list[IPAddress] = []
+    refused: list[str] = []
+    for address in addresses:
+        why = refusal_reason(address, own_addresses=own_addresses, port=route.port)
+        if why is not None and route.allow_private and why != "the proxy's own listen address":
+            why = None
+        if why is None:
+            allowed.append(address)
+        else:
+            refused.append(f"{address} ({why})")
+    if not allowed:
+        raise DestinationRefused(
+            f"{route.host} resolves only to refused addresses: {', '.join(refused)}; "
+            "add \"allow_private\": true to the rule if this is intended"
+        )
+    return tuple(allowed)
+
+
+async def _send_alert(stream: trio.SocketStream, alert: Alert) -> None:
+    """Tell the client why, in TLS terms, before closing; best effort."""
+    with trio.move_on_after(1.0):
+        try:
+            await stream.send_all(alert_record(alert))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+

@@ -1,0 +1,189 @@
+"""Forwarders move bytes between the client and the target once a route is chosen.
+
+Every forwarder implements one small interface, :class:`Forwarder`: take two connected
+sockets and the bytes already read from the client, move bytes both ways until both
+directions are done, propagate half-closes and resets, count bytes, and return why the
+connection ended. The kernel-splice (BPF sockhash) and splice(2) forwarders plug in here.
+
+:func:`choose_forwarder` is the single place that decides the forwarding mode. Today only
+``copy`` exists, so it explains, once, why ``kernel`` and ``splice`` are not used.
+
+Termination reasons (the ``reason`` in access logs and metrics) returned here:
+``normal`` (both sides closed cleanly), ``idle_timeout``, ``client_reset``, ``upstream_reset``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from typing import Protocol
+
+import attrs
+import trio
+
+from .errors import AccelerationUnavailable
+from .sansio.config import Config
+
+log = logging.getLogger("trio_sni")
+
+@attrs.define(eq=False)
+class ByteCounters:
+    """Bytes moved so far; read live by the status endpoint, written by the forwarder."""
+
+    to_upstream: int = 0
+    to_client: int = 0
+
+
+class Forwarder(Protocol):
+    """What every forwarding mode implements."""
+
+    mode: str
+
+    async def forward(
+        self,
+        client: trio.SocketStream,
+        upstream: trio.SocketStream,
+        *,
+        first_bytes: bytes,
+        counters: ByteCounters,
+    ) -> str:
+        """Move bytes until both directions are finished; return the termination reason.
+
+        Args:
+            client: the accepted client connection.
+            upstream: the connection to the target.
+            first_bytes: what the proxy already read from the client (the ClientHello and
+                anything after it); it is sent to the target before anything else.
+            counters: updated as bytes move, so observers see live numbers.
+
+        The caller closes both streams afterwards, whatever happens here.
+        """
+        ...
+
+
+def reset_on_close(stream: trio.SocketStream) -> None:
+    """Make the next close send an RST (SO_LINGER 0), to pass a reset on to the peer."""
+    try:
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass  # already closed or reset: nothing left to signal
+
+
+class CopyForwarder:
+    """Userspace copy in two Trio tasks, one per direction.
+
+    Half-close: when one side sends FIN, ``shutdown(SHUT_WR)`` goes to the other and the
+    opposite direction keeps flowing until it ends too. A reset on either side resets the
+    other and ends both directions. The idle timeout is one deadline on the whole pair,
+    pushed forward by every chunk in either direction.
+    """
+
+    mode = "copy"
+
+    def __init__(self, *, buffer_size: int, idle_timeout: float) -> None:
+        self._buffer_size = buffer_size
+        self._idle_timeout = idle_timeout
+
+    async def forward(
+        self,
+        client: trio.SocketStream,
+        upstream: trio.SocketStream,
+        *,
+        first_bytes: bytes,
+        counters: ByteCounters,
+    ) -> str:
+        for stream in (client, upstream):
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        reason = "normal"
+        with trio.CancelScope(deadline=trio.current_time() + self._idle_timeout) as idle:
+
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream, side: str) -> None:
+                nonlocal reason
+                other = "upstream" if side == "client" else "client"
+                while True:
+                    try:
+                        data = await src.receive_some(self._buffer_size)
+                    except trio.BrokenResourceError:
+                        reason = _end_with_reset(side, client, upstream, nursery)
+                        return
+                    if not data:
+                        break
+                    try:
+                        await dst.send_all(data)
+                    except trio.BrokenResourceError:
+                        reason = _end_with_reset(other, client, upstream, nursery)
+                        return
+                    if side == "client":
+                        counters.to_upstream += len(data)
+                    else:
+                        counters.to_client += len(data)
+                    idle.deadline = trio.current_time() + self._idle_timeout
+                try:
+                    await dst.send_eof()
+                except (trio.BrokenResourceError, OSError):
+                    # The other side is gone already; its own direction reports how.
+                    pass
+
+            async with trio.open_nursery() as nursery:
+                if first_bytes:
+                    try:
+                        await upstream.send_all(first_bytes)
+                    except trio.BrokenResourceError:
+                        reset_on_close(client)
+                        return "upstream_reset"
+                    counters.to_upstream += len(first_bytes)
+                nursery.start_soon(pump, client, upstream, "client")
+                nursery.start_soon(pump, upstream, client, "upstream")
+        if idle.cancelled_caught:
+            return "idle_timeout"
+        return reason
+
+
+def _end_with_reset(
+    reset_side: str,
+    client: trio.SocketStream,
+    upstream: trio.SocketStream,
+    nursery: trio.Nursery,
+) -> str:
+    """One side reset: reset the other one too and stop both directions."""
+    reset_on_close(client if reset_side == "upstream" else upstream)
+    nursery.cancel_scope.cancel()
+    return f"{reset_side}_reset"
+
+
+@attrs.frozen
+class ForwardingPlan:
+    """The outcome of :func:`choose_forwarder`: the forwarder and why it was chosen."""
+
+    forwarder: Forwarder
+    why: str
+
+
+def choose_forwarder(config: Config) -> ForwardingPlan:
+    """Decide how connections forward bytes. The only place that does.
+
+    The kernel (BPF sockhash) and splice(2) forwarders are not part of this build yet, so
+    ``auto`` resolves to ``copy`` and says so; ``fallback_mode: "none"`` with kernel
+    forwarding enabled refuses to start instead of degrading silently.
+
+    Raises:
+        AccelerationUnavailable: when ``fallback_mode`` is ``"none"`` and kernel
+            forwarding is requested but cannot be provided.
+    """
+    copy = CopyForwarder(
+        buffer_size=config.forwarding.buffer_size, idle_timeout=config.timeouts.idle
+    )
+    kernel_wanted = config.ebpf.enabled and config.ebpf.sockmap.enabled
+    if not kernel_wanted:
+        return ForwardingPlan(copy, "ebpf.sockmap is disabled in the config")
+    why = "kernel forwarding (BPF sockhash) is not available in this build"
+    if config.fallback_mode == "none":
+        raise AccelerationUnavailable(
+            f"{why}, and fallback_mode is 'none': set fallback_mode to 'auto' to forward in "
+            "userspace, or disable ebpf.sockmap"
+        )
+    return ForwardingPlan(copy, f"{why}; falling back to userspace copy")
+
+
+

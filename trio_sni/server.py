@@ -1,0 +1,198 @@
+"""The proxy: listeners, accept loops, one handler task per connection, reload and drain.
+
+Theory of operation: :meth:`Proxy.serve` owns two nurseries. The outer one holds the
+connection tasks, the inner one the accept loops. :meth:`Proxy.shutdown` cancels only the
+inner one, so the proxy stops accepting while live connections go on; they then get
+``timeouts.drain`` seconds to finish before the outer nursery is cancelled. :meth:`Proxy.reload`
+swaps policy, limits, resolver settings and timeouts for new connections; live connections
+keep what they started with.
+
+Start it as ``listeners = await nursery.start(proxy.serve)`` (tests and ``main`` share this
+entry point).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+import trio
+
+from .connection import ConnectionContext, handle_connection
+from .forward import choose_forwarder
+from .resolver import Resolver
+from .sansio.config import Config, Listener
+from .sansio.policy import ClientLimiter, Policy
+
+log = logging.getLogger("trio_sni")
+
+#: accept() errors that mean "out of resources for now": log, wait, retry (as trio's
+#: serve_listeners does) instead of crashing or spinning at 100 % CPU (sniproxy #89).
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+#: How long to back off after such an error; long enough for a close elsewhere to free a slot.
+ACCEPT_BACKOFF = 0.1
+
+
+class AccessLog:
+    """Writes one JSON line per connection to stderr, stdout or a file (or nowhere)."""
+
+    def __init__(self, destination: str | None) -> None:
+        self._stream: TextIO | None
+        self._owned = False
+        if destination is None:
+            self._stream = None
+        elif destination == "stderr":
+            self._stream = sys.stderr
+        elif destination == "stdout":
+            self._stream = sys.stdout
+        else:
+            # Line-buffered: each record is one small write; no thread needed.
+            self._stream = open(destination, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+            self._owned = True
+
+    def write(self, record: dict[str, object]) -> None:
+        if self._stream is not None:
+            self._stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._stream.flush()
+
+    def close(self) -> None:
+        if self._owned and self._stream is not None:
+            self._stream.close()
+        self._stream = None
+
+
+class Proxy:
+    """An SNI proxy serving one configuration (reloadable) until shut down."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        access_log: Callable[[dict[str, object]], None] | None = None,
+    ) -> None:
+        self.config = config
+        plan = choose_forwarder(config)
+        log.info("forwarding mode: %s (%s)", plan.forwarder.mode, plan.why)
+        self._access_log = AccessLog(config.log.access_log) if access_log is None else None
+        self.context = ConnectionContext(
+            policy=Policy.from_config(config),
+            limiter=ClientLimiter(config.limits, config.max_connections),
+            resolver=Resolver(config.resolver, timeout=config.timeouts.resolve),
+            forwarder=plan.forwarder,
+            max_hello_size=config.limits.max_client_hello_size,
+            hello_timeout=config.timeouts.client_hello,
+            connect_timeout=config.timeouts.connect,
+            own_addresses=(),
+            write_access_log=access_log or self._access_log.write,  # type: ignore[union-attr]
+        )
+        self._accepting: trio.CancelScope | None = None
+        self._shutdown_requested = trio.Event()
+        self.listeners: list[trio.SocketListener] = []
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the listeners, report them through ``task_status``, serve until shutdown."""
+        try:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    self._accepting = accepting.cancel_scope
+                    if self._shutdown_requested.is_set():
+                        accepting.cancel_scope.cancel()
+                    pairs = await _open_listeners(self.config.effective_listeners)
+                    self.listeners = [listener for listener, _ in pairs]
+                    self.context.own_addresses = _own_addresses(self.listeners)
+                    for listener, spec in pairs:
+                        accepting.start_soon(self._accept_loop, listener, spec, connections)
+                    task_status.started(self.listeners)
+                for listener in self.listeners:
+                    await listener.aclose()
+                live = len(self.context.live)
+                if live:
+                    log.info(
+                        "stopped accepting; draining %d connection(s) for up to %g s",
+                        live,
+                        self.config.timeouts.drain,
+                    )
+                    connections.cancel_scope.deadline = (
+                        trio.current_time() + self.config.timeouts.drain
+                    )
+        finally:
+            if self._access_log is not None:
+                self._access_log.close()
+        log.info("proxy stopped")
+
+    def shutdown(self) -> None:
+        """Stop accepting; live connections get the drain deadline to finish."""
+        self._shutdown_requested.set()
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    def reload(self, config: Config) -> None:
+        """Apply a new, already validated config to new connections.
+
+        Listeners and the forwarding mode need a restart; a change to them is logged and
+        ignored rather than half-applied.
+        """
+        if config.effective_listeners != self.config.effective_listeners:
+            log.warning("reload: listener changes take effect only after a restart")
+        ctx = self.context
+        ctx.policy = Policy.from_config(config)
+        ctx.limiter.reconfigure(config.limits, config.max_connections)
+        ctx.resolver.reconfigure(config.resolver)
+        ctx.max_hello_size = config.limits.max_client_hello_size
+        ctx.hello_timeout = config.timeouts.client_hello
+        ctx.connect_timeout = config.timeouts.connect
+        self.config = config
+        log.info("reload: new policy, limits, resolver settings and timeouts in effect")
+
+    async def _accept_loop(
+        self, listener: trio.SocketListener, spec: Listener, connections: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    log.error(
+                        "accept on %s: %s; retrying in %g s",
+                        spec.label,
+                        errno.errorcode.get(exc.errno or 0, exc.errno),
+                        ACCEPT_BACKOFF,
+                    )
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                raise
+            connections.start_soon(handle_connection, stream, spec, self.context)
+
+
+async def _open_listeners(
+    specs: tuple[Listener, ...],
+) -> list[tuple[trio.SocketListener, Listener]]:
+    """Bind every listener or none (a partial bind would serve a config nobody wrote)."""
+    opened: list[tuple[trio.SocketListener, Listener]] = []
+    try:
+        for spec in specs:
+            for listener in await trio.open_tcp_listeners(spec.port, host=spec.host):
+                opened.append((listener, spec))
+    except BaseException:
+        for listener, _ in opened:
+            await trio.aclose_forcefully(listener)
+        raise
+    return opened
+
+
+def _own_addresses(
+    listeners: list[trio.SocketListener],
+) -> tuple[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], ...]:
+    """The (address, port) pairs the proxy listens on, for the SSRF guard's loop check."""
+    own = []
+    for listener in listeners:
+        host, port = listener.socket.getsockname()[:2]
+        own.append((ipaddress.ip_address(host), port))
+    return tuple(own)
