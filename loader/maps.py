@@ -18,6 +18,7 @@ import functools
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Protocol
@@ -152,6 +153,10 @@ class Map:
         self._percpu = spec.type in PERCPU_MAP_TYPES
         self._slot = (spec.value_size + 7) & ~7 if self._percpu else spec.value_size
         self._value_len = self._slot * possible_cpus() if self._percpu else spec.value_size
+        # One prebuilt attr per map for lookup/update/delete (see bpf.ElemCall), serialised by
+        # a lock so threads (trio.to_thread) can share a Map.
+        self._elem = bpf.ElemCall(fd.raw, spec.key_size, self._value_len)
+        self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -285,13 +290,30 @@ class Map:
     def lookup(self, key: Any, default: Any = None) -> Any:
         """The value for ``key``, or ``default`` if absent. Per-CPU maps give a list."""
         k = self._key(key)
-        out = ffi.new("char[]", self._value_len)
-        if not bpf.map_lookup_elem(self.fd, ffi.from_buffer(k), out):
+        with self._lock:
+            self._check_open()
+            err = self._elem.call(bpf.Cmd.MAP_LOOKUP_ELEM, k)
+            data = self._elem.read_value() if err == 0 else b""
+        if err == 0:
+            return self._decode_value(data)
+        if err == -errno.ENOENT:
             return default
-        return self._decode_value(bytes(ffi.buffer(out, self._value_len)))
+        raise bpf.raise_for(bpf.Cmd.MAP_LOOKUP_ELEM, -err)
+
+    def _check_open(self) -> None:
+        if self._fd.closed:
+            raise ValueError(f"map {self.name!r} is closed")
 
     def _update_raw(self, key: bytes, value: bytes, flags: int) -> None:
-        bpf.map_update_elem(self.fd, ffi.from_buffer(key), ffi.from_buffer(value), flags)
+        if len(value) != self._value_len:
+            raise ValueError(f"map {self.name}: value is {len(value)} bytes, need "
+                             f"{self._value_len}")
+        with self._lock:
+            self._check_open()
+            self._elem.write_value(value)
+            err = self._elem.call(bpf.Cmd.MAP_UPDATE_ELEM, key, flags)
+        if err:
+            raise bpf.raise_for(bpf.Cmd.MAP_UPDATE_ELEM, -err)
 
     def update(self, key: Any, value: Any, flags: int = UpdateFlag.ANY) -> None:
         """Set ``key`` to ``value``. For sockmap/sockhash, ``value`` is a socket or an fd.
@@ -310,7 +332,15 @@ class Map:
 
     def delete(self, key: Any) -> bool:
         """Delete ``key``; ``False`` if it was not there."""
-        return bpf.map_delete_elem(self.fd, ffi.from_buffer(self._key(key)))
+        k = self._key(key)
+        with self._lock:
+            self._check_open()
+            err = self._elem.call(bpf.Cmd.MAP_DELETE_ELEM, k)
+        if err == -errno.ENOENT:
+            return False
+        if err:
+            raise bpf.raise_for(bpf.Cmd.MAP_DELETE_ELEM, -err)
+        return True
 
     def __getitem__(self, key: Any) -> Any:
         value = self.lookup(key, _MISSING)

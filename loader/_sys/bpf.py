@@ -112,6 +112,8 @@ def _name(value: str) -> bytes:
 
 _MAP_CREATE_SIZE = _size("struct map_create_attr", "map_extra")
 _ELEM_SIZE = _size("struct map_elem_attr", "flags")
+_DELETE_SIZE = _size("struct map_elem_attr", "key")
+_NEXT_KEY_SIZE = _size("struct map_elem_attr", "value")
 _BATCH_SIZE = _size("struct map_batch_attr", "flags")
 _OBJ_SIZE = _size("struct obj_attr", "file_flags")
 _ATTACH_SIZE = _size("struct prog_attach_attr", "replace_bpf_fd")
@@ -185,8 +187,7 @@ def map_delete_elem(map_fd: int, key: Any) -> bool:
     attr = ffi.new("struct map_elem_attr *")
     attr.map_fd = map_fd
     attr.key = addr(key)
-    ret = _lib.syscall(_SYS_BPF, Cmd.MAP_DELETE_ELEM, attr, ffi.offsetof("struct map_elem_attr",
-                                                                          "value"))
+    ret = _lib.syscall(_SYS_BPF, Cmd.MAP_DELETE_ELEM, attr, _DELETE_SIZE)
     if ret < 0:
         err = ffi.errno
         if err == errno.ENOENT:
@@ -201,8 +202,7 @@ def map_get_next_key(map_fd: int, key: Any, next_key: Any) -> bool:
     attr.map_fd = map_fd
     attr.key = addr(key)
     attr.value = addr(next_key)
-    ret = _lib.syscall(_SYS_BPF, Cmd.MAP_GET_NEXT_KEY, attr, ffi.offsetof("struct map_elem_attr",
-                                                                           "flags"))
+    ret = _lib.syscall(_SYS_BPF, Cmd.MAP_GET_NEXT_KEY, attr, _NEXT_KEY_SIZE)
     if ret < 0:
         err = ffi.errno
         if err == errno.ENOENT:
@@ -443,3 +443,41 @@ def mount_bpffs(path: str = "/sys/fs/bpf") -> None:
         err = ffi.errno
         hint = "mounting bpffs needs CAP_SYS_ADMIN" if err == errno.EPERM else ""
         raise OSError(err, f"mount -t bpf bpf {path}: {os.strerror(err)}. {hint}".strip())
+
+
+class ElemCall:
+    """A prebuilt ``map_elem_attr`` with its own key and value buffers, for hot paths.
+
+    Building the attr and taking buffer addresses costs more than the syscall itself from
+    Python (KERNEL-FACTS 35), so a map keeps one of these and only copies the key in. Not
+    thread-safe: the owner serialises calls.
+    """
+
+    __slots__ = ("attr", "key", "size", "value", "value_size")
+
+    def __init__(self, map_fd: int, key_size: int, value_size: int) -> None:
+        self.key = ffi.new("char[]", max(key_size, 1))
+        self.value = ffi.new("char[]", max(value_size, 1))
+        self.value_size = value_size
+        self.attr = ffi.new("struct map_elem_attr *")
+        self.attr.map_fd = map_fd
+        self.attr.key = addr(self.key)
+        self.attr.value = addr(self.value)
+        self.size = _ELEM_SIZE
+
+    def call(self, cmd: Cmd, key: bytes, flags: int = 0) -> int:
+        """Copy ``key`` in and run ``cmd``; returns 0 or ``-errno``."""
+        ffi.memmove(self.key, key, len(key))
+        self.attr.flags = flags
+        # DELETE's last field is ``key``: the kernel wants everything after it zero, so the
+        # attr is cut before ``value`` (LOOKUP and UPDATE end at ``flags``).
+        size = _DELETE_SIZE if cmd == Cmd.MAP_DELETE_ELEM else _ELEM_SIZE
+        if _lib.syscall(_SYS_BPF, cmd, self.attr, size) < 0:
+            return -ffi.errno
+        return 0
+
+    def read_value(self) -> bytes:
+        return ffi.buffer(self.value, self.value_size)[:]
+
+    def write_value(self, value: bytes) -> None:
+        ffi.memmove(self.value, value, len(value))

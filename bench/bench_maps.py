@@ -1,0 +1,66 @@
+"""What a map access costs from Python, next to a dict (a benchmark, not a test).
+
+Run as root:  python bench/bench_maps.py [N]
+
+Prints nanoseconds per operation for: dict get/set, Map.lookup/update through the default
+codec and through Int(), a raw syscall with prebuilt buffers (the floor for this FFI), and
+Map.lookup_batch per entry. Use the numbers to decide where a map access can go: never per
+packet from Python, and poll statistics in batches (KERNEL-FACTS 24).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import loader
+from loader import Int, Map, MapSpec, MapType
+from loader._sys import bpf
+
+
+def per_op(n: int, fn: Callable[[int], object]) -> float:
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter_ns()
+        for i in range(n):
+            fn(i)
+        best = min(best, (time.perf_counter_ns() - start) / n)
+    return best
+
+
+def main(argv: list[str]) -> None:
+    n = int(argv[1]) if len(argv) > 1 else 20_000
+    keys = 1024
+    d = {i: i for i in range(keys)}
+    rows: list[tuple[str, float]] = []
+    rows.append(("dict.get", per_op(n, lambda i: d.get(i & 1023))))
+    rows.append(("dict[k] = v", per_op(n, lambda i: d.__setitem__(i & 1023, i))))
+    spec = MapSpec("bench", MapType.HASH, 4, 8, keys)
+    with Map.create(spec) as raw, Map.create(spec, key=Int(), value=Int()) as typed:
+        for i in range(keys):
+            typed[i] = i
+        rows.append(("Map.lookup (Int codecs)", per_op(n, lambda i: typed.lookup(i & 1023))))
+        rows.append(("Map.update (Int codecs)", per_op(n, lambda i: typed.update(i & 1023, i))))
+        k = (5).to_bytes(4, "little")
+        rows.append(("Map.lookup (raw bytes)", per_op(n, lambda i: raw.lookup(k))))
+        ffi = bpf.ffi
+        ck, cv = ffi.new("char[]", k), ffi.new("char[]", 8)
+        fd = typed.fd
+        rows.append(("bpf.map_lookup_elem (prebuilt buffers)",
+                     per_op(n, lambda i: bpf.map_lookup_elem(fd, ck, cv))))
+        start = time.perf_counter_ns()
+        rounds = 50
+        for _ in range(rounds):
+            entries = typed.lookup_batch(batch_size=256)
+        rows.append((f"Map.lookup_batch per entry ({len(entries)} entries)",
+                     (time.perf_counter_ns() - start) / (rounds * len(entries))))
+    width = max(len(name) for name, _ in rows)
+    print(f"{'operation':<{width}}  ns/op   (n={n}, kernel {loader.__name__} on "
+          f"{__import__('os').uname().release})")
+    for name, ns in rows:
+        print(f"{name:<{width}}  {ns:8.0f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
