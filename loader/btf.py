@@ -356,7 +356,9 @@ def _parse_btf_ext(data: bytes, btf: BTF) -> BTFExt:
         raise BTFError(f".BTF.ext: header length {hdr_len} too short")
     func_off, func_len, line_off, line_len = struct.unpack_from("<IIII", data, 8)
 
-    def records(off: int, length: int, min_rec: int, what: str) -> tuple[int, dict[str, list[bytes]]]:
+    def records(
+        off: int, length: int, min_rec: int, what: str
+    ) -> tuple[int, dict[str, list[bytes]]]:
         if length == 0:
             return min_rec, {}
         start = hdr_len + off

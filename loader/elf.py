@@ -208,6 +208,8 @@ class _Reader:
 
     def _data(self, name: str) -> bytes:
         sec = self.sections[name]
+        if sec["sh_size"] > MAX_OBJECT_SIZE:
+            raise ELFFormatError(f"section {name}: size {sec['sh_size']} is implausible")
         if sec["sh_type"] == "SHT_NOBITS":
             return bytes(sec["sh_size"])
         data = sec.data()
@@ -387,7 +389,8 @@ class _Reader:
                 continue  # .rel.BTF, .rel.BTF.ext, .rel.debug_*: debug info only
             if sec["sh_type"] == "SHT_RELA":
                 raise ELFFormatError(f"{sec.name}: RELA relocations are not used by BPF")
-            for rel in sec.iter_relocations():
+            rel_section: Any = sec
+            for rel in rel_section.iter_relocations():
                 index = rel["r_info_sym"]
                 if not 0 <= index < len(self.symbols):
                     raise ELFFormatError(f"{sec.name}: symbol index {index} out of range")

@@ -13,8 +13,8 @@ import errno as _errno
 from collections.abc import Sequence
 
 __all__ = [
-    "BTFError",
     "BPFSyscallError",
+    "BTFError",
     "ELFFormatError",
     "LoaderError",
     "MapIncompatibleError",

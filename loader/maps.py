@@ -13,13 +13,14 @@ Costs: every call is one ``bpf()`` syscall (about a microsecond from Python, see
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -30,7 +31,6 @@ from ._sys.consts import (
     MAP_TYPE_MIN_KERNEL,
     PERCPU_MAP_TYPES,
     SOCKET_MAP_TYPES,
-    MapType,
     UpdateFlag,
 )
 from ._sys.fd import FD
@@ -127,6 +127,8 @@ class MapInfo:
     max_entries: int
     flags: int
     btf_id: int
+    btf_key_type_id: int
+    btf_value_type_id: int
 
 
 class Map:
@@ -256,10 +258,8 @@ class Map:
 
     def unpin(self) -> None:
         if self.pinned_path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.pinned_path)
-            except FileNotFoundError:
-                pass
             self.pinned_path = None
 
     # -- elements --------------------------------------------------------------------------
@@ -416,7 +416,8 @@ def _map_info(fd: FD) -> MapInfo:
     return MapInfo(
         id=info.id, type=info.type, name=ffi.string(info.name).decode(errors="replace"),
         key_size=info.key_size, value_size=info.value_size, max_entries=info.max_entries,
-        flags=info.map_flags, btf_id=info.btf_id,
+        flags=info.map_flags, btf_id=info.btf_id, btf_key_type_id=info.btf_key_type_id,
+        btf_value_type_id=info.btf_value_type_id,
     )
 
 
@@ -432,7 +433,7 @@ def _create_fd(spec: MapSpec, btf_fd: FD | None) -> FD:
         and spec.key_type_id
         and spec.value_type_id
     )
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "flags": spec.flags, "name": _kernel_name(spec.name), "numa_node": spec.numa_node,
         "map_extra": spec.map_extra,
     }

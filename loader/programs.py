@@ -12,6 +12,7 @@ import errno
 import struct
 from collections.abc import Mapping
 from types import TracebackType
+from typing import Any
 
 import attrs
 
@@ -89,7 +90,7 @@ class Program:
                 "(use a libbpf section name such as xdp, tc, tcx/ingress, sk_skb/stream_verdict)"
             )
         insns = _resolve(spec, maps or {})
-        kwargs: dict[str, object] = {
+        kwargs: dict[str, Any] = {
             "name": spec.name, "expected_attach_type": spec.expected_attach_type,
             "prog_flags": spec.flags,
         }
@@ -104,7 +105,7 @@ class Program:
         license = spec.license or "GPL"
         log = ""
         if log_level == 0:
-            fd, err, _ = bpf.prog_load(spec.type, insns, license, **kwargs)  # type: ignore[arg-type]
+            fd, err, _ = bpf.prog_load(spec.type, insns, license, **kwargs)
             if fd is not None:
                 prog = cls(fd, spec)
                 prog.log = ""
@@ -115,7 +116,7 @@ class Program:
         while True:
             buf = ffi.new("char[]", size)
             fd, err, true_size = bpf.prog_load(
-                spec.type, insns, license, log_buf=buf, log_size=size,  # type: ignore[arg-type]
+                spec.type, insns, license, log_buf=buf, log_size=size,
                 log_level=max(log_level, 1), **kwargs,
             )
             log = ffi.string(buf).decode(errors="replace")
@@ -175,8 +176,9 @@ class Program:
         )
 
     def pin(self, path: str) -> None:
-        from .maps import ensure_bpffs
         import os
+
+        from .maps import ensure_bpffs
 
         ensure_bpffs(os.path.dirname(path))
         bpf.obj_pin(self.fd, path)

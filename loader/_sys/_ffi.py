@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, cast
 
-import cffi
+import cffi  # type: ignore[import-untyped]
 
 CDEF = """
 long syscall(long number, int cmd, void *attr, unsigned int size);

@@ -15,7 +15,8 @@ from typing import Any
 
 from ..errors import BPFSyscallError, MissingPrivilegeError
 from . import _ffi
-from .consts import SYS_BPF, AttachType, Cmd
+from .consts import SYS_BPF, AttachType
+from .consts import Cmd as Cmd
 from .fd import FD
 
 ffi = _ffi.ffi
@@ -41,10 +42,10 @@ _HINTS: dict[tuple[Cmd | None, int], str] = {
     (Cmd.BTF_LOAD, errno.EPERM): f"loading BTF needs {_CAPS}",
     (Cmd.PROG_ATTACH, errno.EPERM): f"attaching needs {_NET}",
     (Cmd.LINK_CREATE, errno.EPERM): f"creating links needs {_NET}",
-    (Cmd.OBJ_PIN, errno.EPERM): "pinning needs write access to the bpffs directory",
     (Cmd.OBJ_GET, errno.ENOENT): "nothing is pinned at this path",
     (Cmd.OBJ_PIN, errno.EEXIST): "something is already pinned at this path",
-    (Cmd.OBJ_PIN, errno.EPERM): "the path is not on a bpffs mount (mount -t bpf bpf /sys/fs/bpf)",
+    (Cmd.OBJ_PIN, errno.EPERM): "the path is not on a bpffs mount (mount -t bpf bpf "
+    "/sys/fs/bpf), or the directory is not writable",
     (Cmd.MAP_UPDATE_ELEM, errno.EOPNOTSUPP): "sockets can be added to a sockmap/sockhash only in "
     "TCP ESTABLISHED or LISTEN state (or bound UDP / AF_UNIX)",
     (Cmd.MAP_UPDATE_ELEM, errno.E2BIG): "the map is full (max_entries reached)",
@@ -87,9 +88,9 @@ def addr(buf: Any) -> int:
 
 def raw_bpf(cmd: Cmd, attr: Any, size: int) -> int:
     """``bpf(cmd, attr, size)``; returns the result or ``-errno``."""
-    ret = _lib.syscall(_SYS_BPF, cmd, attr, size)
+    ret = int(_lib.syscall(_SYS_BPF, cmd, attr, size))
     if ret < 0:
-        return -ffi.errno
+        return -int(ffi.errno)
     return ret
 
 
@@ -473,11 +474,11 @@ class ElemCall:
         # attr is cut before ``value`` (LOOKUP and UPDATE end at ``flags``).
         size = _DELETE_SIZE if cmd == Cmd.MAP_DELETE_ELEM else _ELEM_SIZE
         if _lib.syscall(_SYS_BPF, cmd, self.attr, size) < 0:
-            return -ffi.errno
+            return -int(ffi.errno)
         return 0
 
     def read_value(self) -> bytes:
-        return ffi.buffer(self.value, self.value_size)[:]
+        return bytes(ffi.buffer(self.value, self.value_size))
 
     def write_value(self, value: bytes) -> None:
         ffi.memmove(self.value, value, len(value))

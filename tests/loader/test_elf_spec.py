@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import struct
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import loader
-from loader import AttachType, MapSpec, MapType, PinType, ProgType, Reference
+from loader import AttachType, MapSpec, MapType, PinType, ProgType
 from loader.btf import Kind, parse_btf, parse_btf_ext
 from loader.elf import SECTION_DEFS, program_type_for_section
 
@@ -180,7 +181,8 @@ def test_btf_datasec_fixup() -> None:
                        "allow": 0x80, "pinned": 0xA8}
     ext = parse_btf_ext(ext_raw, before)
     assert set(ext.func_info) == {".text", "xdp", "tc", "tcx/ingress", "tcx/egress", "socket"}
-    assert ext.func_info_rec_size == 8 and ext.line_info_rec_size == 16
+    assert ext.func_info_rec_size == 8
+    assert ext.line_info_rec_size == 16
     func = before.type(ext.func_info[".text"][0].type_id)
     assert (func.kind, func.name) == (Kind.FUNC, "bump")
 
@@ -210,10 +212,8 @@ def test_wrong_machine() -> None:
 def test_truncated_objects_never_escape_the_error_family() -> None:
     blob = (DATA / "loader_test.bpf.o").read_bytes()
     for cut in range(0, len(blob), 97):
-        try:
+        with contextlib.suppress(loader.LoaderError):
             loader.load_collection_spec(blob[:cut])
-        except loader.LoaderError:
-            pass
 
 
 def test_corrupt_btf_magic() -> None:

@@ -8,8 +8,7 @@ import re
 import pytest
 
 import loader
-from loader import MapType, ProgType
-from loader import features
+from loader import MapType, ProgType, features
 from loader._sys import bpf
 from loader._sys.consts import MAP_TYPE_MIN_KERNEL, PROG_TYPE_MIN_KERNEL
 
@@ -35,7 +34,7 @@ def test_map_type_probes(map_type: MapType) -> None:
     try:
         loader.have_map_type(map_type)
     except loader.NotSupportedError as exc:
-        assert exc.min_kernel == MAP_TYPE_MIN_KERNEL[map_type]
+        assert exc.min_kernel == MAP_TYPE_MIN_KERNEL[map_type]  # noqa: PT017 - see check_version
         check_version(exc)
 
 

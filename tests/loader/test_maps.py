@@ -30,7 +30,10 @@ def test_hash_crud_and_witness() -> None:
         assert exc.value.errno == errno.EEXIST
         with pytest.raises(loader.BPFSyscallError, match="BPF_EXIST"):
             m.update(3, 300, UpdateFlag.EXIST)
-        assert m[1] == 100 and m.lookup(2) == 200 and 2 in m and 3 not in m
+        assert m[1] == 100
+        assert m.lookup(2) == 200
+        assert 2 in m
+        assert 3 not in m
         assert sorted(m.keys()) == [1, 2]
         assert sorted(m.items()) == [(1, 100), (2, 200)]
         assert len(m) == 2
@@ -38,14 +41,25 @@ def test_hash_crud_and_witness() -> None:
         with pytest.raises(KeyError):
             del m[1]
         with pytest.raises(KeyError):
-            m[1]  # noqa: B018
+            m[1]
         info = m.info()
         seen = bpftool("map", "show", "id", str(info.id))
-        assert seen["name"] == "crud" and seen["type"] == "hash"
+        assert seen["name"] == "crud"
+        assert seen["type"] == "hash"
         assert (seen["bytes_key"], seen["bytes_value"], seen["max_entries"]) == (4, 8, 16)
         dump = bpftool("map", "dump", "id", str(info.id))
         assert len(dump) == 1
         assert int.from_bytes(bytes(int(b, 16) for b in dump[0]["key"]), "little") == 2
+
+
+def test_closed_map_refuses_use() -> None:
+    m = Map.create(MapSpec("closed", MapType.HASH, 4, 4, 2))
+    m.close()
+    m.close()
+    with pytest.raises(ValueError, match="closed"):
+        m.lookup(1)
+    with pytest.raises(ValueError, match="closed"):
+        m[1] = 1
 
 
 def test_full_map_says_so() -> None:
@@ -102,7 +116,8 @@ def test_lru_evicts_oldest() -> None:
             m[i] = i
         keys = set(m.keys())
         assert 0 < len(keys) <= 64
-        assert 199 in keys and 0 not in keys
+        assert 199 in keys
+        assert 0 not in keys
 
 
 def test_lpm_trie_longest_prefix() -> None:

@@ -21,7 +21,8 @@ BPFTOOL_TYPES = {ProgType.XDP: "xdp", ProgType.SCHED_CLS: "sched_cls",
 def test_every_program_loads_with_btf(obj: str) -> None:
     spec = loader.load_collection_spec(DATA / obj)
     with Collection.load(spec) as coll:
-        assert coll.btf is not None and coll.btf_error is None
+        assert coll.btf is not None
+        assert coll.btf_error is None
         assert set(coll.programs) == set(spec.programs)
         for name, prog in coll.programs.items():
             info = prog.info()
@@ -33,7 +34,11 @@ def test_every_program_loads_with_btf(obj: str) -> None:
             map_ids = {m.info().id for m in coll.maps.values()}
             assert set(seen.get("map_ids", [])) <= map_ids
         for m in coll.maps.values():
-            assert bpftool("map", "show", "id", str(m.info().id))["name"] == m.name[:15]
+            info = m.info()
+            assert bpftool("map", "show", "id", str(info.id))["name"] == m.name[:15]
+            # Key/value BTF goes with BTF-defined maps, never with socket maps.
+            has_btf = m.spec.type != loader.MapType.SOCKHASH and not m.spec.is_global_data
+            assert bool(info.btf_key_type_id and info.btf_value_type_id) == has_btf, m.name
 
 
 def test_bad_program_gives_verifier_error_with_source_lines() -> None:
@@ -45,8 +50,10 @@ def test_bad_program_gives_verifier_error_with_source_lines() -> None:
     log = "\n".join(err.log)
     assert "invalid access to packet" in log
     # BTF line info makes the kernel quote the C source with file and line.
-    assert "BAD: no bounds check" in log and "bad.bpf.c:9" in log
-    assert "bad_prog" in str(err) and "invalid access to packet" in str(err)
+    assert "BAD: no bounds check" in log
+    assert "bad.bpf.c:9" in log
+    assert "bad_prog" in str(err)
+    assert "invalid access to packet" in str(err)
 
 
 def test_verifier_log_buffer_grows() -> None:
@@ -76,7 +83,8 @@ def test_xdp_and_tc_test_run_values() -> None:
         assert progs["tc_one"].test_run(PACKET).retval == 0
         assert progs["tc_two"].test_run(PACKET).retval == 0
         assert progs["tcx_in"].test_run(PACKET).retval == 0xFFFFFFFF  # TCX_NEXT (-1)
-        assert counters[1] == 2 and counters[2] == 1
+        assert counters[1] == 2
+        assert counters[2] == 1
         # .bss packets is bumped by every bump() call: 3 + 2 + 1.
         assert int.from_bytes(maps[".bss"][0], "little") == 6
         percpu = maps["percpu"]
@@ -85,9 +93,10 @@ def test_xdp_and_tc_test_run_values() -> None:
 
 def test_sk_skb_cannot_be_test_run() -> None:
     spec = loader.load_collection_spec(DATA / "sockhash.bpf.o")
-    with Collection.load(spec, programs=["stream_verdict"]) as coll:
-        with pytest.raises(loader.NotSupportedError, match="real sockets"):
-            coll.programs["stream_verdict"].test_run(PACKET)
+    with Collection.load(spec, programs=["stream_verdict"]) as coll, pytest.raises(
+        loader.NotSupportedError, match="real sockets"
+    ):
+        coll.programs["stream_verdict"].test_run(PACKET)
 
 
 def test_unknown_section_is_refused_before_the_kernel() -> None:

@@ -70,16 +70,20 @@ def test_attr_layout_matches_uapi(struct: str, field: str, offset: int) -> None:
 def test_eperm_names_the_capability() -> None:
     err = bpf.raise_for(Cmd.MAP_CREATE, errno.EPERM)
     assert isinstance(err, loader.MissingPrivilegeError)
-    assert isinstance(err, PermissionError) and err.errno == errno.EPERM
-    assert "CAP_BPF" in str(err) and "CAP_NET_ADMIN" in str(err)
+    assert isinstance(err, PermissionError)
+    assert err.errno == errno.EPERM
+    assert "CAP_BPF" in str(err)
+    assert "CAP_NET_ADMIN" in str(err)
     assert "BPF_MAP_CREATE" in str(err)
     prog = bpf.raise_for(Cmd.PROG_LOAD, errno.EPERM)
-    assert "CAP_BPF" in str(prog) and "CAP_NET_ADMIN" in str(prog)
+    assert "CAP_BPF" in str(prog)
+    assert "CAP_NET_ADMIN" in str(prog)
 
 
 def test_other_errno_keeps_errno() -> None:
     err = bpf.raise_for(Cmd.OBJ_GET, errno.ENOENT)
-    assert isinstance(err, loader.BPFSyscallError) and isinstance(err, OSError)
+    assert isinstance(err, loader.BPFSyscallError)
+    assert isinstance(err, OSError)
     assert err.errno == errno.ENOENT
     assert "nothing is pinned" in str(err)
 
@@ -90,8 +94,10 @@ def test_fd_owner_is_idempotent_and_tracked() -> None:
     fd = FD(r, "test")
     assert live_fds()[r].startswith("test created at ")
     with fd:
-        assert fd.raw == r and not fd.closed
-    assert fd.closed and r not in live_fds()
+        assert fd.raw == r
+        assert not fd.closed
+    assert fd.closed
+    assert r not in live_fds()
     fd.close()  # idempotent
     with pytest.raises(ValueError, match="closed"):
         fd.raw  # noqa: B018
