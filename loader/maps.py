@@ -292,7 +292,7 @@ class Map:
         k = self._key(key)
         with self._lock:
             self._check_open()
-            err = self._elem.call(bpf.Cmd.MAP_LOOKUP_ELEM, k)
+            err = self._elem.call(bpf.LOOKUP, k)
             data = self._elem.read_value() if err == 0 else b""
         if err == 0:
             return self._decode_value(data)
@@ -311,7 +311,7 @@ class Map:
         with self._lock:
             self._check_open()
             self._elem.write_value(value)
-            err = self._elem.call(bpf.Cmd.MAP_UPDATE_ELEM, key, flags)
+            err = self._elem.call(bpf.UPDATE, key, flags)
         if err:
             raise bpf.raise_for(bpf.Cmd.MAP_UPDATE_ELEM, -err)
 
@@ -335,7 +335,7 @@ class Map:
         k = self._key(key)
         with self._lock:
             self._check_open()
-            err = self._elem.call(bpf.Cmd.MAP_DELETE_ELEM, k)
+            err = self._elem.call(bpf.DELETE, k)
         if err == -errno.ENOENT:
             return False
         if err:

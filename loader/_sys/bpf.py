@@ -446,6 +446,11 @@ def mount_bpffs(path: str = "/sys/fs/bpf") -> None:
         raise OSError(err, f"mount -t bpf bpf {path}: {os.strerror(err)}. {hint}".strip())
 
 
+LOOKUP = int(Cmd.MAP_LOOKUP_ELEM)
+UPDATE = int(Cmd.MAP_UPDATE_ELEM)
+_DELETE = DELETE = int(Cmd.MAP_DELETE_ELEM)
+
+
 class ElemCall:
     """A prebuilt ``map_elem_attr`` with its own key and value buffers, for hot paths.
 
@@ -466,13 +471,14 @@ class ElemCall:
         self.attr.value = addr(self.value)
         self.size = _ELEM_SIZE
 
-    def call(self, cmd: Cmd, key: bytes, flags: int = 0) -> int:
-        """Copy ``key`` in and run ``cmd``; returns 0 or ``-errno``."""
+    def call(self, cmd: int, key: bytes, flags: int = 0) -> int:
+        """Copy ``key`` in and run ``cmd`` (a plain int: converting an IntEnum costs
+        measurably on this path); returns 0 or ``-errno``."""
         ffi.memmove(self.key, key, len(key))
         self.attr.flags = flags
         # DELETE's last field is ``key``: the kernel wants everything after it zero, so the
         # attr is cut before ``value`` (LOOKUP and UPDATE end at ``flags``).
-        size = _DELETE_SIZE if cmd == Cmd.MAP_DELETE_ELEM else _ELEM_SIZE
+        size = _DELETE_SIZE if cmd == _DELETE else _ELEM_SIZE
         if _lib.syscall(_SYS_BPF, cmd, self.attr, size) < 0:
             return -int(ffi.errno)
         return 0
