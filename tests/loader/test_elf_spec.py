@@ -224,7 +224,10 @@ def test_corrupt_btf_magic() -> None:
         loader.load_collection_spec(bytes(blob))
 
 
-@pytest.mark.skipif(shutil.which("clang-19") is None, reason="needs clang-19 (build check)")
+@pytest.mark.skipif(
+    shutil.which("clang-19") is None or shutil.which("make") is None,
+    reason="needs clang-19 and make (a build check; CI installs them)",
+)
 def test_objects_rebuild_byte_identical(tmp_path: Path) -> None:
     """The Makefile is reproducible: a rebuild in another folder gives the same bytes."""
     for name in ("Makefile", "common.h", "loader_test.bpf.c", "sockhash.bpf.c", "bad.bpf.c"):

@@ -41,6 +41,18 @@ def test_every_program_loads_with_btf(obj: str) -> None:
             assert bool(info.btf_key_type_id and info.btf_value_type_id) == has_btf, m.name
 
 
+def test_no_libbpf_or_compiler_at_run_time() -> None:
+    """The loader drives the kernel itself: libbpf is never mapped into the process."""
+    spec = loader.load_collection_spec(DATA / "loader_test.bpf.o")
+    with Collection.load(spec) as coll:
+        coll.programs["xdp_prog"].test_run(PACKET)
+        with open("/proc/self/maps") as f:
+            mapped = f.read()
+    assert "libbpf" not in mapped
+    assert "libclang" not in mapped
+    assert "libLLVM" not in mapped
+
+
 def test_bad_program_gives_verifier_error_with_source_lines() -> None:
     spec = loader.load_collection_spec(DATA / "bad.bpf.o")
     with pytest.raises(loader.VerifierError) as exc:
