@@ -13,6 +13,7 @@ the :class:`~loader.maps.Map` or :class:`~loader.programs.Program` first.
 
 from __future__ import annotations
 
+import errno
 import socket
 from types import TracebackType
 
@@ -21,7 +22,7 @@ import attrs
 from ._sys import bpf
 from ._sys.consts import AttachType, XDPFlag
 from ._sys.fd import FD
-from .errors import LoaderError
+from .errors import BPFSyscallError, LoaderError
 from .maps import Map
 from .programs import Program
 
@@ -119,7 +120,7 @@ def attach_sk_skb(
     kind = attach_type or program.spec.attach_type or AttachType.SK_SKB_VERDICT
     desc = f"{program.name} -> {sock_map.name} ({AttachType(kind).name})"
     if use_link:
-        return Link(desc, link_fd=bpf.link_create(program.fd, sock_map.fd, kind))
+        return Link(desc, link_fd=_link_create("sockmap", program.fd, sock_map.fd, kind))
     prog_fd = FD(_dup(program.fd), "prog")
     try:
         map_fd = FD(_dup(sock_map.fd), "map")
@@ -146,7 +147,7 @@ def attach_xdp(program: Program, interface: str | int, *, mode: str | None = "ge
     if mode not in flags:
         raise ValueError(f"mode must be 'generic', 'native' or None, not {mode!r}")
     ifindex = _ifindex(interface)
-    fd = bpf.link_create(program.fd, ifindex, AttachType.XDP, int(flags[mode]))
+    fd = _link_create("xdp", program.fd, ifindex, AttachType.XDP, int(flags[mode]))
     return Link(f"xdp {program.name} on {interface} ({mode or 'auto'})", link_fd=fd)
 
 
@@ -165,8 +166,21 @@ def attach_tcx(program: Program, interface: str | int, direction: str | None = N
         kind = AttachType.TCX_INGRESS if direction == "ingress" else AttachType.TCX_EGRESS
     else:
         raise ValueError(f"direction must be 'ingress' or 'egress', not {direction!r}")
-    fd = bpf.link_create(program.fd, _ifindex(interface), kind)
+    fd = _link_create("tcx", program.fd, _ifindex(interface), kind)
     return Link(f"tcx {program.name} on {interface} ({AttachType(kind).name})", link_fd=fd)
+
+
+def _link_create(kind: str, prog_fd: int, target: int, attach: int, flags: int = 0) -> FD:
+    """``BPF_LINK_CREATE``; an EINVAL from a kernel without this link type becomes
+    :class:`~loader.errors.NotSupportedError` naming the kernel version that has it."""
+    try:
+        return bpf.link_create(prog_fd, target, AttachType(attach), flags)
+    except BPFSyscallError as exc:
+        if exc.errno == errno.EINVAL:
+            from .features import have_link
+
+            have_link(kind)  # raises NotSupportedError if that is the reason
+        raise
 
 
 def _ifindex(interface: str | int) -> int:

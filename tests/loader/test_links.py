@@ -188,3 +188,24 @@ def test_detach_works_after_the_owners_closed() -> None:
     link = loader.attach_sk_skb(coll.programs["stream_verdict"], coll.maps["sock_hash"])
     coll.close()
     link.close()  # keeps its own fds, so the detach still finds map and program
+
+
+def test_missing_link_type_names_the_kernel(
+    test_objects: loader.CollectionSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a kernel without TCX (before 6.6), EINVAL becomes NotSupportedError."""
+    from loader import features
+    from loader._sys import bpf
+
+    def old_kernel(*args: object, **kwargs: object) -> object:
+        raise bpf.raise_for(bpf.Cmd.LINK_CREATE, errno.EINVAL)
+
+    with Collection.load(test_objects, programs=["tcx_in"]) as coll:
+        features.reset_cache()
+        monkeypatch.setattr(bpf, "link_create", old_kernel)
+        try:
+            with pytest.raises(loader.NotSupportedError) as exc:
+                loader.attach_tcx(coll.programs["tcx_in"], "lo")
+            assert (exc.value.feature, exc.value.min_kernel) == ("BPF link for tcx", "6.6")
+        finally:
+            features.reset_cache()
