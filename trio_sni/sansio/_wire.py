@@ -1,0 +1,141 @@
+"""A bounded reader for TLS presentation-language structures (RFC 8446 section 3).
+
+Every TLS structure the ClientHello parser walks is made of fixed-size big-endian integers and
+length-prefixed vectors nested inside each other. :class:`Cursor` reads them from a
+``memoryview`` without copying, and every read is checked against the end of the *innermost*
+vector, not the end of the buffer: a length field that claims more bytes than its container
+holds is caught where it lies, instead of silently reading into the next field.
+
+A failed read raises :class:`DecodeError`, which names the field and carries the offset at
+which it starts. The offset is counted from the start of the outermost buffer (the cursor a
+caller created), so an operator can find it in a hex dump. ``DecodeError`` is deliberately *not*
+a :class:`~trio_sni.sansio.errors.ClientHelloError`: it is an internal signal, and the reader
+turns it into ``MalformedHelloError`` at the one place where client bytes enter (the way h11
+turns ``LocalProtocolError`` into ``RemoteProtocolError``). If a ``DecodeError`` ever escapes to
+a caller, that is a bug in the reader.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["Cursor", "DecodeError"]
+
+# Width in bytes of each length prefix TLS uses (uint8, uint16, uint24 lengths).
+_LENGTH_WIDTHS: Final = (1, 2, 3)
+
+
+class DecodeError(Exception):
+    """A structure does not fit in the bytes it was given.
+
+    Args:
+        detail: what is wrong, naming the field (``"cipher_suites length 7 is odd"``).
+        offset: where the offending field starts, from the start of the outermost buffer.
+    """
+
+    def __init__(self, detail: str, offset: int) -> None:
+        self.detail = detail
+        self.offset = offset
+        super().__init__(f"{detail} (at offset {offset})")
+
+
+class Cursor:
+    """Reads integers and vectors from ``data``, never past ``data``'s end.
+
+    A cursor is cheap (it wraps a ``memoryview``), so nested vectors get their own cursor from
+    :meth:`vector`; the parent has already skipped past the whole vector, which keeps the
+    parent's position correct even if the child is only partly read.
+
+    Args:
+        data: the bytes to read; not copied.
+        base: the offset of ``data[0]`` in the outermost buffer, used only in error messages.
+    """
+
+    __slots__ = ("_base", "_data", "_pos")
+
+    def __init__(self, data: bytes | bytearray | memoryview, *, base: int = 0) -> None:
+        view = memoryview(data)
+        self._data = view if view.format == "B" else view.cast("B")
+        self._pos = 0
+        self._base = base
+
+    @property
+    def offset(self) -> int:
+        """Absolute offset of the next byte to be read (for error messages)."""
+        return self._base + self._pos
+
+    @property
+    def remaining(self) -> int:
+        """Bytes left in this cursor's span."""
+        return len(self._data) - self._pos
+
+    def at_end(self) -> bool:
+        """True when every byte of this span has been read."""
+        return self._pos == len(self._data)
+
+    def _take(self, n: int, what: str) -> memoryview:
+        if n > self.remaining:
+            raise DecodeError(
+                f"{what} is truncated: needs {n} bytes, {self.remaining} left", self.offset
+            )
+        view = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return view
+
+    def _uint(self, width: int, what: str) -> int:
+        return int.from_bytes(self._take(width, what), "big")
+
+    def u8(self, what: str) -> int:
+        """Read a uint8 named ``what``."""
+        return self._uint(1, what)
+
+    def u16(self, what: str) -> int:
+        """Read a big-endian uint16 named ``what``."""
+        return self._uint(2, what)
+
+    def u24(self, what: str) -> int:
+        """Read a big-endian uint24 named ``what`` (handshake message lengths)."""
+        return self._uint(3, what)
+
+    def raw(self, n: int, what: str) -> memoryview:
+        """Read ``n`` bytes as a view (no copy)."""
+        return self._take(n, what)
+
+    def vector(
+        self, width: int, what: str, *, min_len: int = 0, max_len: int | None = None
+    ) -> Cursor:
+        """Read a vector with a ``width``-byte length prefix and return a cursor over its body.
+
+        ``min_len``/``max_len`` are the bounds RFC 8446 writes as ``<min..max>``; checking them
+        here means a caller never has to remember to.
+
+        Args:
+            width: 1, 2 or 3: the size of the length prefix.
+            what: the field's name, for error messages.
+            min_len: smallest legal body length in bytes.
+            max_len: largest legal body length; defaults to the prefix's maximum.
+
+        Raises:
+            DecodeError: the prefix or body does not fit, or the length is out of bounds.
+        """
+        if width not in _LENGTH_WIDTHS:
+            raise ValueError(f"vector length prefix must be 1, 2 or 3 bytes, not {width}")
+        start = self.offset
+        length = self._uint(width, f"{what} length")
+        upper = (1 << (8 * width)) - 1 if max_len is None else max_len
+        if not min_len <= length <= upper:
+            raise DecodeError(f"{what} length {length} is outside {min_len}..{upper}", start)
+        if length > self.remaining:
+            raise DecodeError(
+                f"{what} length {length} overruns its container ({self.remaining} bytes left)",
+                start,
+            )
+        body_base = self.offset
+        return Cursor(self._take(length, what), base=body_base)
+
+    def expect_end(self, what: str) -> None:
+        """Raise unless every byte of ``what`` was consumed (no trailing junk is allowed)."""
+        if not self.at_end():
+            raise DecodeError(
+                f"{self.remaining} unexpected bytes at the end of {what}", self.offset
+            )
