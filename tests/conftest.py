@@ -12,6 +12,8 @@ import os
 import sys
 
 import pytest
+import trio
+from dnsserver import DNSServer
 
 REQUIRE_BPF = os.environ.get("TRIO_SNI_REQUIRE_BPF") == "1"
 PRIVILEGED_MARKERS = ("bpf", "root")
@@ -38,3 +40,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
             f"(skip reason: {report.longrepr})"
         )
     return report
+
+
+@pytest.fixture
+async def dns_server(nursery: trio.Nursery) -> DNSServer:
+    """A real DNS server on 127.0.0.1 (UDP and TCP, one random port), empty zone.
+
+    Add records with ``dns_server.add(name, type, value, ttl=...)``, point a resolver at it
+    with ``dns_server.resolver_settings(**overrides)`` or ``dns_server.nameserver``, and count
+    queries with ``dns_server.query_count(name, type)``. It stops with the test's nursery.
+    """
+    server: DNSServer = await nursery.start(DNSServer().serve)
+    return server

@@ -7,7 +7,7 @@ concurrent lookups were coalesced.
 
 Use it from any test directory::
 
-    from tests.dnsserver import DNSServer
+    from dnsserver import DNSServer
 
     async def test_x(dns_server: DNSServer) -> None:     # fixture in tests/shell/conftest.py
         dns_server.add("a.test", "A", "192.0.2.1", ttl=60)

@@ -24,7 +24,7 @@ import trio
 from .errors import DestinationRefused, TrioSniError
 from .forward import ByteCounters, Forwarder
 from .resolver import Resolver
-from .sansio.addresses import refusal_reason
+from .sansio.addresses import IPAddress, refusal_reason
 from .sansio.alerts import Alert, alert_record
 from .sansio.clienthello import NEED_DATA, ClientHello, ClientHelloReader
 from .sansio.config import Listener
@@ -33,9 +33,6 @@ from .sansio.policy import ClientLimiter, Deny, Policy, Route
 from .upstream import connect_to_addresses
 
 log = logging.getLogger("trio_sni")
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 
 class HelloTimeout(TrioSniError):
     """The client did not finish its ClientHello within the total deadline."""
@@ -122,7 +119,11 @@ async def handle_connection(
     Resource handling: ``stream`` is always closed on return, and so is the upstream
     connection if one was opened. The limiter slot is always released.
     """
-    peer = stream.socket.getpeername()
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:  # the client is gone already (ENOTCONN): nothing to serve or log
+        await trio.aclose_forcefully(stream)
+        return
     client_ip = ipaddress.ip_address(peer[0])
     info = ConnectionInfo(
         client=(str(client_ip), peer[1]),
@@ -206,7 +207,9 @@ async def _read_client_hello(
             try:
                 data = await stream.receive_some(ctx.max_hello_size)
             except trio.BrokenResourceError as exc:
-                raise MalformedHelloError(f"client reset the connection during the ClientHello: {exc}") from None
+                raise MalformedHelloError(
+                    f"client reset the connection during the ClientHello: {exc}"
+                ) from None
             reader.receive_data(data)
     assert deadline.cancelled_caught
     raise HelloTimeout(f"no complete ClientHello within {ctx.hello_timeout:g} s")
@@ -235,9 +238,9 @@ def _guard_destinations(
     allowed: list[IPAddress] = []
     refused: list[str] = []
     for address in addresses:
-        why = refusal_reason(address, own_addresses=own_addresses, port=route.port)
-        if why is not None and route.allow_private and why != "the proxy's own listen address":
-            why = None
+        why = refusal_reason(
+            address, own_addresses=own_addresses, port=route.port, allow_private=route.allow_private
+        )
         if why is None:
             allowed.append(address)
         else:

@@ -100,18 +100,20 @@ class Proxy:
         """Open the listeners, report them through ``task_status``, serve until shutdown."""
         try:
             async with trio.open_nursery() as connections:
-                async with trio.open_nursery() as accepting:
-                    self._accepting = accepting.cancel_scope
-                    if self._shutdown_requested.is_set():
-                        accepting.cancel_scope.cancel()
-                    pairs = await _open_listeners(self.config.effective_listeners)
-                    self.listeners = [listener for listener, _ in pairs]
-                    self.context.own_addresses = _own_addresses(self.listeners)
-                    for listener, spec in pairs:
-                        accepting.start_soon(self._accept_loop, listener, spec, connections)
-                    task_status.started(self.listeners)
-                for listener in self.listeners:
-                    await listener.aclose()
+                try:
+                    async with trio.open_nursery() as accepting:
+                        self._accepting = accepting.cancel_scope
+                        if self._shutdown_requested.is_set():
+                            accepting.cancel_scope.cancel()
+                        pairs = await _open_listeners(self.config.effective_listeners)
+                        self.listeners = [listener for listener, _ in pairs]
+                        self.context.own_addresses = _own_addresses(self.listeners)
+                        for listener, spec in pairs:
+                            accepting.start_soon(self._accept_loop, listener, spec, connections)
+                        task_status.started(self.listeners)
+                finally:
+                    for listener in self.listeners:
+                        await trio.aclose_forcefully(listener)
                 live = len(self.context.live)
                 if live:
                     log.info(
@@ -144,7 +146,7 @@ class Proxy:
         ctx = self.context
         ctx.policy = Policy.from_config(config)
         ctx.limiter.reconfigure(config.limits, config.max_connections)
-        ctx.resolver.reconfigure(config.resolver)
+        ctx.resolver.reconfigure(config.resolver, timeout=config.timeouts.resolve)
         ctx.max_hello_size = config.limits.max_client_hello_size
         ctx.hello_timeout = config.timeouts.client_hello
         ctx.connect_timeout = config.timeouts.connect

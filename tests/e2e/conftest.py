@@ -99,8 +99,19 @@ async def tls_backend(nursery: trio.Nursery, server_context: ssl.SSLContext) -> 
         backend.connections += 1
         await _serve_tls(stream, ctx, backend)
 
-    nursery.start_soon(trio.serve_listeners, handler, backend_listeners)
+    nursery.start_soon(serve_until_cancelled, handler, backend_listeners)
     return backend
+
+
+async def serve_until_cancelled(
+    handler: Callable[[trio.SocketStream], Any], listeners: list[trio.SocketListener]
+) -> None:
+    """trio.serve_listeners, closing the listeners when the test's nursery is cancelled."""
+    try:
+        await trio.serve_listeners(handler, listeners)
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from proxytest import drain
+from proxytest import drain, wait_for
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
 
@@ -31,6 +31,7 @@ async def test_python_ssl_client_reaches_backend_by_sni(
         response = await tls_get(running.port, name, client_context)
         assert response.endswith(b"hello from the backend\n")
     assert tls_backend.server_names == ["bench.test", "www.bench.test", "other.test", "a.example.test"]
+    await wait_for(lambda: len(running.access_log) == 4)
     assert tls_backend.received == [REQUEST] * 4
     [first, *_] = running.access_log
     assert first["sni"] == "bench.test"
@@ -52,6 +53,7 @@ async def test_curl_connect_to_reaches_backend(
         capture_stdout=True, capture_stderr=True,
     )
     assert result.stdout == b"hello from the backend\n"
+    await wait_for(lambda: len(running.access_log) == 1)
     assert running.access_log[0]["alpn"] == ["h2", "http/1.1"]
 
 
@@ -83,6 +85,7 @@ async def test_denied_name_gets_unrecognized_name_alert(
     )
     assert result.returncode != 0
     assert b"unrecognized name" in result.stderr.lower()
+    await wait_for(lambda: len(running.access_log) == 1)
     [record] = running.access_log
     assert record["decision"] == "deny"
     assert record["reason"] == "denied_domain"

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.dnsserver import DNSServer
+from dnsserver import DNSServer
 from trio_sni.errors import ResolveError
 from trio_sni.resolver import (
     RESOLUTION_DELAY,
