@@ -179,12 +179,15 @@ async def handle_connection(
         info.error = f"{type(exc).__name__}: {exc}"
     finally:
         if info.reason is None:
-            info.reason = "cancelled"  # shutdown or drain deadline
+            info.reason = "shutdown"  # cancelled: the drain deadline passed, or a second stop signal
         if acquired:
             ctx.limiter.release(client_ip)
-        if upstream is not None:
-            await trio.aclose_forcefully(upstream)
-        await trio.aclose_forcefully(stream)
+        # Shielded: in an already-cancelled scope an unshielded close would raise Cancelled
+        # at its checkpoint and skip the closes after it.
+        with trio.CancelScope(shield=True):
+            if upstream is not None:
+                await trio.aclose_forcefully(upstream)
+            await trio.aclose_forcefully(stream)
         del ctx.live[id(info)]
         ctx.write_access_log(info.access_record(trio.current_time()))
 

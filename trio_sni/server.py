@@ -112,8 +112,9 @@ class Proxy:
                             accepting.start_soon(self._accept_loop, listener, spec, connections)
                         task_status.started(self.listeners)
                 finally:
-                    for listener in self.listeners:
-                        await trio.aclose_forcefully(listener)
+                    with trio.CancelScope(shield=True):  # close all, even when cancelled
+                        for listener in self.listeners:
+                            await trio.aclose_forcefully(listener)
                 live = len(self.context.live)
                 if live:
                     log.info(
@@ -183,8 +184,9 @@ async def _open_listeners(
             for listener in await trio.open_tcp_listeners(spec.port, host=spec.host):
                 opened.append((listener, spec))
     except BaseException:
-        for listener, _ in opened:
-            await trio.aclose_forcefully(listener)
+        with trio.CancelScope(shield=True):
+            for listener, _ in opened:
+                await trio.aclose_forcefully(listener)
         raise
     return opened
 

@@ -110,8 +110,9 @@ async def serve_until_cancelled(
     try:
         await trio.serve_listeners(handler, listeners)
     finally:
-        for listener in listeners:
-            await trio.aclose_forcefully(listener)
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
 
 
 @pytest.fixture

@@ -1,0 +1,287 @@
+"""Byte-exact forwarding, half-close, resets, graceful drain and reload, through a real proxy.
+
+The backend here is plain TCP: after the ClientHello (a real capture, whose SNI is
+``x.test``) the proxy never looks at the bytes, so the test can send any payload and compare
+it exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from proxytest import drain, wait_for
+
+HELLO = (Path(__file__).parent.parent / "data" / "hellos" / "curl.bin").read_bytes()
+HELLO_NAME = "x.test"  # the SNI inside HELLO
+
+
+@attrs.define
+class RawBackend:
+    host: str
+    port: int
+    streams: list[trio.SocketStream] = attrs.Factory(list)
+
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+@pytest.fixture
+def raw_backend(nursery: trio.Nursery) -> Callable[..., Awaitable[RawBackend]]:
+    async def start(handler: Handler, host: str = "127.0.0.1") -> RawBackend:
+        listeners = await trio.open_tcp_listeners(0, host=host)
+        backend = RawBackend(host, listeners[0].socket.getsockname()[1])
+
+        async def serve() -> None:
+            try:
+                await trio.serve_listeners(handler, listeners)
+            finally:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+
+        nursery.start_soon(serve)
+        return backend
+
+    return start
+
+
+def raw_config(backend: RawBackend, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "listeners": [{"host": backend.host, "port": 0, "target_port": backend.port}],
+        "rules": [{"match": HELLO_NAME, "allow_private": True}],
+        "resolver": {"hosts": {HELLO_NAME: [backend.host]}},
+        "log": {"access_log": None},
+    }
+    config.update(overrides)
+    return config
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = await stream.receive_some(n - len(data))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+async def connect(running: Any, host: str = "127.0.0.1") -> trio.SocketStream:
+    return await trio.open_tcp_stream(host, running.port)
+
+
+def reset(stream: trio.SocketStream) -> None:
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+BULK = 32 * 1024 * 1024  # per direction: enough to cycle every buffer many times, fast in CI
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
+async def test_bulk_both_directions_at_once_is_byte_exact(
+    host: str, raw_backend: Any, start_proxy: Any
+) -> None:
+    upstream_payload = os.urandom(BULK)
+    downstream_payload = os.urandom(BULK)
+    seen_by_backend: list[str] = []
+
+    async def backend_handler(stream: trio.SocketStream) -> None:
+        async with trio.open_nursery() as nursery:
+            async def send() -> None:
+                await stream.send_all(downstream_payload)
+                await stream.send_eof()
+            nursery.start_soon(send)
+            got = await drain(stream)
+            seen_by_backend.append(hashlib.sha256(got).hexdigest())
+        await stream.aclose()
+
+    backend = await raw_backend(backend_handler, host)
+    running = await start_proxy(raw_config(backend))
+    client = await connect(running, host)
+    received = b""
+    async with trio.open_nursery() as nursery:
+        async def send() -> None:
+            await client.send_all(HELLO + upstream_payload)
+            await client.send_eof()
+        nursery.start_soon(send)
+        received = await drain(client)
+    await client.aclose()
+    assert hashlib.sha256(received).digest() == hashlib.sha256(downstream_payload).digest()
+    await wait_for(lambda: len(running.access_log) == 1, timeout=30)
+    assert seen_by_backend == [hashlib.sha256(HELLO + upstream_payload).hexdigest()]
+    [record] = running.access_log
+    assert record["reason"] == "normal"
+    assert record["bytes_to_upstream"] == len(HELLO) + BULK
+    assert record["bytes_to_client"] == BULK
+
+
+async def test_client_half_close_then_long_response(raw_backend: Any, start_proxy: Any) -> None:
+    """Request, FIN, then a long response: the FIN must not cut the response."""
+    response = os.urandom(4 * 1024 * 1024)
+
+    async def backend_handler(stream: trio.SocketStream) -> None:
+        request = await drain(stream)  # until the client's FIN arrives through the proxy
+        assert request == HELLO + b"request"
+        await stream.send_all(response)
+        await stream.aclose()
+
+    backend = await raw_backend(backend_handler)
+    running = await start_proxy(raw_config(backend))
+    client = await connect(running)
+    await client.send_all(HELLO + b"request")
+    await client.send_eof()
+    assert await drain(client) == response
+    await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 1)
+    assert running.access_log[0]["reason"] == "normal"
+
+
+async def test_server_half_close_keeps_client_direction_open(
+    raw_backend: Any, start_proxy: Any
+) -> None:
+    """The server says all it has and sends FIN first; the client keeps sending after it."""
+    got: list[bytes] = []
+
+    async def backend_handler(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"banner")
+        await stream.send_eof()
+        got.append(await drain(stream))
+        await stream.aclose()
+
+    backend = await raw_backend(backend_handler)
+    running = await start_proxy(raw_config(backend))
+    client = await connect(running)
+    await client.send_all(HELLO)
+    assert await drain(client) == b"banner"  # EOF from the server arrived
+    tail = os.urandom(1024 * 1024)
+    await client.send_all(tail)  # this direction still flows
+    await client.send_eof()
+    await wait_for(lambda: len(got) == 1)
+    assert got == [HELLO + tail]
+    await client.aclose()
+
+
+async def test_upstream_reset_resets_client(raw_backend: Any, start_proxy: Any) -> None:
+    async def backend_handler(stream: trio.SocketStream) -> None:
+        await receive_exactly(stream, len(HELLO))
+        reset(stream)
+        await stream.aclose()
+
+    backend = await raw_backend(backend_handler)
+    running = await start_proxy(raw_config(backend))
+    client = await connect(running)
+    await client.send_all(HELLO)
+    with pytest.raises(trio.BrokenResourceError):
+        await drain(client)
+    await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 1)
+    assert running.access_log[0]["reason"] == "upstream_reset"
+
+
+async def test_client_reset_resets_upstream(raw_backend: Any, start_proxy: Any) -> None:
+    outcome: list[str] = []
+
+    async def backend_handler(stream: trio.SocketStream) -> None:
+        await receive_exactly(stream, len(HELLO))
+        try:
+            await drain(stream)
+            outcome.append("eof")
+        except trio.BrokenResourceError:
+            outcome.append("reset")
+        await stream.aclose()
+
+    backend = await raw_backend(backend_handler)
+    running = await start_proxy(raw_config(backend))
+    client = await connect(running)
+    await client.send_all(HELLO)
+    await wait_for(lambda: running.proxy.context.live and all(
+        info.mode for info in running.proxy.context.live.values()))
+    reset(client)
+    await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 1)
+    assert running.access_log[0]["reason"] == "client_reset"
+    await wait_for(lambda: outcome == ["reset"])
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    try:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+    except trio.BrokenResourceError:
+        pass
+    await stream.aclose()
+
+
+async def test_graceful_shutdown_drains_live_connections(
+    raw_backend: Any, start_proxy: Any
+) -> None:
+    backend = await raw_backend(echo)
+    running = await start_proxy(raw_config(backend, timeouts={"drain": 30}))
+    client = await connect(running)
+    await client.send_all(HELLO)
+    assert await receive_exactly(client, len(HELLO)) == HELLO
+    running.proxy.shutdown()
+    # New connections are refused once the listeners are closed...
+    await wait_for(lambda: running.proxy.listeners[0].socket.fileno() == -1)
+    with pytest.raises(OSError):
+        await connect(running)
+    # ...while the live one keeps working until it ends by itself.
+    await client.send_all(b"still here")
+    assert await receive_exactly(client, 10) == b"still here"
+    await client.send_eof()
+    assert await drain(client) == b""
+    await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 1)
+    assert running.access_log[0]["reason"] == "normal"
+
+
+async def test_drain_deadline_closes_what_is_left(
+    raw_backend: Any, start_proxy: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    backend = await raw_backend(echo)
+    running = await start_proxy(raw_config(backend, timeouts={"drain": 7, "idle": 3600}))
+    client = await connect(running)
+    await client.send_all(HELLO)
+    await receive_exactly(client, len(HELLO))
+    stopped_at = trio.current_time()
+    running.proxy.shutdown()
+    assert await drain(client) == b""  # the proxy closed us at the drain deadline
+    assert trio.current_time() == stopped_at + 7
+    await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 1)
+    assert running.access_log[0]["reason"] == "shutdown"
+
+
+async def test_reload_applies_to_new_connections_only(
+    raw_backend: Any, start_proxy: Any
+) -> None:
+    from trio_sni.sansio.config_load import load_config
+
+    backend = await raw_backend(echo)
+    config = raw_config(backend)
+    running = await start_proxy(config)
+    live = await connect(running)
+    await live.send_all(HELLO)
+    await receive_exactly(live, len(HELLO))
+
+    running.proxy.reload(load_config({**config, "rules": [{"match": HELLO_NAME, "action": "deny"}]}))
+
+    refused = await connect(running)
+    await refused.send_all(HELLO)
+    assert await drain(refused) == bytes([21, 3, 3, 0, 2, 2, 112])  # unrecognized_name alert
+    await refused.aclose()
+    # The connection that started before the reload is untouched.
+    await live.send_all(b"ping")
+    assert await receive_exactly(live, 4) == b"ping"
+    await live.aclose()
+    await wait_for(lambda: len(running.access_log) == 2)
+    assert sorted(r["reason"] for r in running.access_log) == ["denied_domain", "normal"]
