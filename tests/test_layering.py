@@ -1,0 +1,82 @@
+"""The import layering: sans-I/O core <- Trio shell -> loader, never upward.
+
+Checked on the source (every import statement, including ones inside functions), so a lazy
+import cannot sneak past the rule the way it would past an import-time check.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Modules the sans-I/O core must never import: I/O, event loops, clocks, logging, upper layers.
+SANSIO_FORBIDDEN = {
+    "trio", "socket", "ssl", "select", "selectors", "asyncio", "logging", "time", "os",
+    "subprocess", "threading", "loader", "dns",
+}
+#: The loader knows nothing about proxies or Trio.
+LOADER_FORBIDDEN = {"trio", "trio_sni", "asyncio"}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Top-level module names imported by ``path``; relative imports resolved to a package."""
+    tree = ast.parse(path.read_text("utf-8"), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module:
+                names.add(node.module)
+            elif node.level:
+                package = path.parent
+                for _ in range(node.level - 1):
+                    package = package.parent
+                relative = package.relative_to(ROOT).as_posix().replace("/", ".")
+                names.add(f"{relative}.{node.module}" if node.module else relative)
+    return names
+
+
+def python_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", python_files("trio_sni/sansio"), ids=lambda p: p.name)
+def test_sansio_does_no_io(path: Path) -> None:
+    bad = set()
+    for name in imports_of(path):
+        top = name.split(".")[0]
+        if top in SANSIO_FORBIDDEN:
+            bad.add(name)
+        if name.startswith("trio_sni.") and not name.startswith("trio_sni.sansio"):
+            bad.add(name)
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", python_files("loader"), ids=lambda p: p.name)
+def test_loader_knows_nothing_about_the_proxy(path: Path) -> None:
+    bad = {n for n in imports_of(path) if n.split(".")[0] in LOADER_FORBIDDEN}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_only_accel_imports_the_loader() -> None:
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in python_files("trio_sni")
+        if "accel" not in path.parts
+        and any(n.split(".")[0] == "loader" for n in imports_of(path))
+    ]
+    assert offenders == []
+
+
+def test_public_names_are_reexported() -> None:
+    import trio_sni
+    import trio_sni.sansio as sansio
+
+    assert {"Proxy", "Config", "load_config", "TrioSniError", "__version__"} <= set(dir(trio_sni))
+    for name in ("ClientHelloReader", "Policy", "ClientLimiter", "refusal_reason", "load_config"):
+        assert hasattr(sansio, name), name
