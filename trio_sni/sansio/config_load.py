@@ -170,7 +170,8 @@ def _problems(exc: BaseException, path: str) -> list[str]:
         return lines
     if isinstance(exc, ForbiddenExtraKeysError):
         return [
-            f"{_join(path, key)}: unknown key (allowed: {', '.join(_allowed_keys(exc.cl))})"
+            f"{_join(path, _key_step(key))}: unknown key "
+            f"(allowed: {', '.join(_allowed_keys(exc.cl))})"
             for key in sorted(exc.extra_fields)
         ]
     if isinstance(exc, KeyError) and any(
@@ -200,6 +201,11 @@ def _note_step(exc: BaseException) -> str:
         if index is not None:
             return f"[{index}]"
     return ""
+
+
+def _key_step(key: str) -> str:
+    """A key as a path step; keys no one could read unquoted ("", ";", "a b") are quoted."""
+    return key if key.isascii() and key.isidentifier() else f"[{json.dumps(key)}]"
 
 
 def _join(path: str, step: str) -> str:
