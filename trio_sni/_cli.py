@@ -105,14 +105,26 @@ def main(argv: list[str] | None = None) -> None:
         level=(args.log_level or config.log.level).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # except*: trio's nurseries wrap a bind error (EADDRINUSE) in exception groups, which a
+    # plain ``except OSError`` would miss (a traceback instead of one clear line).
     try:
         trio.run(run, config, args.config)
-    except AccelerationUnavailable as exc:
-        log.error("%s", exc)
+    except* AccelerationUnavailable as group:
+        for error in _leaves(group):
+            log.error("%s", error)
         sys.exit(1)
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+    except* OSError as group:
+        for error in _leaves(group):
+            log.error("cannot start: %s", error)
         sys.exit(1)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside a (nested) exception group."""
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
 
 
 async def run(config: Config, config_path: str | None) -> None:

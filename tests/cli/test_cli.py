@@ -1,0 +1,678 @@
+"""``python -m trio_sni`` as a real subprocess: --help, --version, the config commands, and
+the proxy itself serving real TLS through loopback, reloading on SIGHUP and draining on
+SIGTERM/SIGINT.
+
+The fixtures of tests/e2e/conftest.py are not visible here (sibling directory), so the few
+this suite needs are defined below, sync and thread-based: these tests drive a subprocess
+with plain sockets and ssl, no Trio needed. Every subprocess is bounded by a timeout and
+killed and reaped when its test ends; the autouse fd check covers the test process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import socketserver
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trustme
+
+import trio_sni
+from trio_sni.defaults import default_config_text
+from trio_sni.sansio import Config, dump_config, load_config
+
+#: Names the backend certificate covers.
+TEST_NAMES = ["bench.test", "www.bench.test"]
+#: Bound on every wait in this suite; generous, a healthy run needs a fraction of it.
+STARTUP_TIMEOUT = 15.0
+EXIT_TIMEOUT = 10.0
+
+
+# ------------------------------------------------------------------------------------------
+# fd-leak check (same rule as tests/e2e: everything a test opens is closed by its end)
+
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture(autouse=True)
+def no_fd_leaks() -> Iterator[None]:
+    before = open_fds()
+    yield
+    leaked = {fd for fd in open_fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not leaked, f"fds left open: {sorted(leaked)} -> " + ", ".join(
+        _describe_fd(fd) for fd in sorted(leaked)
+    )
+
+
+def _describe_fd(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------
+# TLS: a CA, a client context, and a keep-alive HTTP/1.1-over-TLS backend in threads
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+class _BackendHandler(socketserver.BaseRequestHandler):
+    """Answers every request on a connection (keep-alive) until the client closes."""
+
+    server: _BackendServer
+
+    def handle(self) -> None:
+        self.request.settimeout(EXIT_TIMEOUT)  # never hang a thread if a peer goes silent
+        try:
+            with self.server.context.wrap_socket(self.request, server_side=True) as tls:
+                self.server.connections += 1
+                pending = b""
+                while True:
+                    while b"\r\n\r\n" not in pending:
+                        chunk = tls.recv(65536)
+                        if not chunk:
+                            return
+                        pending += chunk
+                    _request, _, pending = pending.partition(b"\r\n\r\n")
+                    body = b"hello from the backend\n"
+                    tls.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+        except (OSError, ssl.SSLError):
+            pass
+
+
+class _BackendServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    block_on_close = True
+    allow_reuse_address = True
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.connections = 0
+        super().__init__(("127.0.0.1", 0), _BackendHandler)
+
+
+@attrs.define
+class Backend:
+    port: int
+    server: _BackendServer
+
+    @property
+    def connections(self) -> int:
+        return self.server.connections
+
+
+@pytest.fixture
+def tls_backend(ca: trustme.CA) -> Iterator[Backend]:
+    """A TLS backend on 127.0.0.1 (certificate for TEST_NAMES), serving in threads."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*TEST_NAMES).configure_cert(ctx)
+    server = _BackendServer(ctx)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield Backend(server.server_address[1], server)
+    finally:
+        server.shutdown()
+        thread.join(EXIT_TIMEOUT)
+        server.server_close()  # joins handler threads (block_on_close); they are bounded
+
+
+def https_get(
+    port: int, context: ssl.SSLContext, *, name: str = "bench.test"
+) -> tuple[ssl.SSLSocket, bytes]:
+    """One request through the proxy on 127.0.0.1:``port``; returns the open connection
+    (the caller closes it) and the whole response."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        tls = context.wrap_socket(raw, server_hostname=name)
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % name.encode())
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = tls.recv(65536)
+            assert chunk, f"connection closed mid-response: {response!r}"
+            response += chunk
+        head, _, body = response.partition(b"\r\n\r\n")
+        length = int(
+            next(
+                line.split(b":", 1)[1]
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+        )
+        while len(body) < length:
+            chunk = tls.recv(65536)
+            assert chunk, f"connection closed mid-body: {response!r}"
+            body += chunk
+        return tls, head + b"\r\n\r\n" + body
+    except BaseException:
+        tls.close()
+        raise
+
+
+def https_get_once(port: int, context: ssl.SSLContext, *, name: str = "bench.test") -> bytes:
+    """Like :func:`https_get`, closing the connection; returns the response."""
+    conn, response = https_get(port, context, name=name)
+    conn.close()
+    return response
+
+
+# ------------------------------------------------------------------------------------------
+# The proxy as a subprocess
+
+
+def free_port() -> int:
+    """A port that was free on 127.0.0.1 a moment ago (the caller retries on EADDRINUSE)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@attrs.define(eq=False)
+class ProxyProcess:
+    """``python -m trio_sni ARGS`` with stderr (logs and the access log) in a file."""
+
+    proc: subprocess.Popen[bytes]
+    stderr_path: Path
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text("utf-8", errors="replace")
+
+    def log_lines(self) -> list[str]:
+        """Log lines that are not access-log records."""
+        return [line for line in self.stderr.splitlines() if not line.startswith("{")]
+
+    def access_log(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stderr.splitlines() if line.startswith("{")]
+
+    def wait_for_log(self, text: str, *, timeout: float = STARTUP_TIMEOUT) -> None:
+        def seen() -> bool:
+            if text in self.stderr:
+                return True
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"proxy exited ({self.proc.returncode}) before logging {text!r}:\n"
+                    + self.stderr
+                )
+            return False
+
+        wait_until(seen, timeout=timeout, what=f"{text!r} in the proxy's log:\n{self.stderr}")
+
+    def wait_for_records(self, count: int, *, timeout: float = STARTUP_TIMEOUT) -> None:
+        wait_until(
+            lambda: len(self.access_log()) >= count,
+            timeout=timeout,
+            what=f"{count} access-log record(s); log so far:\n{self.stderr}",
+        )
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(EXIT_TIMEOUT)
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run a one-shot ``python -m trio_sni ARGS`` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "trio_sni", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+@pytest.fixture
+def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """``spawn_proxy(*args)`` starts ``python -m trio_sni ARGS``; every process started is
+    killed (if still running) and reaped when the test ends."""
+    started: list[ProxyProcess] = []
+
+    def spawn(*args: str) -> ProxyProcess:
+        path = tmp_path / f"proxy-{len(started)}.stderr"
+        with open(path, "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "trio_sni", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        running = ProxyProcess(proc, path)
+        started.append(running)
+        return running
+
+    try:
+        yield spawn
+    finally:
+        for running in started:
+            running.kill()
+
+
+@attrs.define(eq=False)
+class ServedProxy:
+    """A proxy subprocess serving a config file on 127.0.0.1:``port``."""
+
+    process: ProxyProcess
+    port: int
+    config_path: Path
+
+    def write_config(self, data: dict[str, Any] | str) -> None:
+        text = data if isinstance(data, str) else json.dumps(data, indent=2)
+        self.config_path.write_text(text, "utf-8")
+
+
+@pytest.fixture
+def serve_config(
+    tmp_path: Path, spawn_proxy: Callable[..., ProxyProcess]
+) -> Callable[[Callable[[int], dict[str, Any]]], ServedProxy]:
+    """``serve_config(build)``: pick a free port, write ``build(port)`` to a file, start the
+    proxy on it and wait until it listens there. Retries once with a new port if another
+    process took the port in between (EADDRINUSE)."""
+
+    def serve(build: Callable[[int], dict[str, Any]]) -> ServedProxy:
+        config_path = tmp_path / "trio-sni.json"
+        for attempt in range(2):
+            port = free_port()
+            config_path.write_text(json.dumps(build(port), indent=2), "utf-8")
+            process = spawn_proxy("--config", str(config_path))
+            try:
+                process.wait_for_log(f"listening on 127.0.0.1:{port}")
+            except AssertionError:
+                busy = os.strerror(errno.EADDRINUSE)
+                if attempt == 0 and process.proc.poll() is not None and busy in process.stderr:
+                    continue
+                raise
+            return ServedProxy(process, port, config_path)
+        raise AssertionError("unreachable")
+
+    return serve
+
+
+def routing_config(port: int, backend_port: int, **overrides: Any) -> dict[str, Any]:
+    """A listener on 127.0.0.1:``port`` forwarding bench.test to 127.0.0.1:``backend_port``."""
+    config: dict[str, Any] = {
+        "listeners": [{"host": "127.0.0.1", "port": port, "target_port": backend_port}],
+        "rules": [{"match": "bench.test", "allow_private": True}],
+        "resolver": {"hosts": {"bench.test": ["127.0.0.1"]}},
+        "log": {"level": "info", "access_log": "stderr"},
+    }
+    config.update(overrides)
+    return config
+
+
+def stop(process: ProxyProcess, signum: int = signal.SIGTERM) -> tuple[int, float]:
+    """Send ``signum``; return the exit status and how long the exit took."""
+    started = time.monotonic()
+    process.signal(signum)
+    status = process.wait()
+    return status, time.monotonic() - started
+
+
+# ==========================================================================================
+# One-shot commands
+
+
+def test_help_lists_every_option_and_the_signals() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    for option in ("--config", "--check-config", "--print-default-config", "--version"):
+        assert option in result.stdout
+    for signame in ("SIGTERM", "SIGINT", "SIGHUP"):
+        assert signame in result.stdout
+    assert "timeouts.drain" in result.stdout
+
+
+def test_version_prints_the_package_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"trio-sni {trio_sni.__version__}\n"
+
+
+def test_modes_are_mutually_exclusive() -> None:
+    result = run_cli("--config", "a.json", "--check-config", "b.json")
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr
+    assert result.stdout == ""
+
+
+def test_print_default_config_is_the_embedded_default() -> None:
+    result = run_cli("--print-default-config")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == default_config_text()
+    printed = json.loads(result.stdout)
+    assert load_config(printed) == load_config(json.loads(default_config_text()))
+
+
+def test_check_config_prints_the_effective_config(tmp_path: Path) -> None:
+    path = tmp_path / "default.json"
+    path.write_text(run_cli("--print-default-config").stdout, "utf-8")
+    result = run_cli("--check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    effective = json.loads(result.stdout)
+    assert effective == dump_config(load_config(json.loads(default_config_text())))
+    # Defaults the file does not spell out are filled in.
+    assert "forwarding" not in json.loads(default_config_text())
+    assert effective["forwarding"] == {"buffer_size": 262144}
+    assert effective["resolver"]["cache_size"] == 10000
+    assert effective["resolver"]["hosts"] == {}
+    assert effective["listen_addr"] is None
+    # The effective config is itself a valid config that means the same.
+    assert load_config(effective) == load_config(json.loads(default_config_text()))
+
+
+BAD_CONFIG = """\
+{
+  "listeners": [{"host": "127.0.0.1", "port": "8443"}],
+  "rules": [{"match": "a.test"}, {"regex": "("}],
+  "timeouts": {"idle": true},
+  "lsten_addr": "0.0.0.0:8443"
+}
+"""
+
+
+@pytest.mark.parametrize("option", ["--check-config", "--config"])
+def test_bad_config_lists_every_problem_with_its_path(tmp_path: Path, option: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(BAD_CONFIG, "utf-8")
+    result = run_cli(option, str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    allowed = ", ".join(field.name for field in attrs.fields(Config))
+    assert result.stderr.splitlines() == [
+        f"{path}: invalid configuration:",
+        "  listeners[0].port: expected int, got string",
+        "  rules[1].regex: '(' does not compile: missing ), unterminated subpattern at position 0",
+        "  timeouts.idle: expected number, got bool",
+        f"  lsten_addr: unknown key (allowed: {allowed})",
+    ]
+
+
+@pytest.mark.parametrize("option", ["--check-config", "--config"])
+def test_missing_config_file(tmp_path: Path, option: str) -> None:
+    path = tmp_path / "nope.json"
+    result = run_cli(option, str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert f"{path}: cannot read: No such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--check-config", "--config"])
+def test_invalid_json_says_where(tmp_path: Path, option: str) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "listeners": [,\n}\n', "utf-8")
+    result = run_cli(option, str(path))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"{path}: invalid configuration:",
+        f"  {path}: not valid JSON: Expecting value at line 2 column 17",
+    ]
+
+
+# ==========================================================================================
+# Serving
+
+
+def _assert_closed(conn: ssl.SSLSocket) -> None:
+    """The proxy closed ``conn``: EOF (or a reset) well before the socket's own timeout."""
+    try:
+        data = conn.recv(65536)
+    except (ConnectionError, ssl.SSLError):
+        return
+    except TimeoutError:
+        pytest.fail("the proxy left the connection open")
+    assert data == b""
+
+
+def _assert_refused(port: int, context: ssl.SSLContext) -> None:
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        https_get_once(port, context)
+
+
+def test_serve_reload_deny_and_stop(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    served = serve_config(lambda port: routing_config(port, tls_backend.port))
+    proxy = served.process
+    assert "forwarding mode: copy" in proxy.stderr
+
+    response = https_get_once(served.port, client_context)
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert response.endswith(b"\r\n\r\nhello from the backend\n")
+    proxy.wait_for_records(1)
+    [record] = proxy.access_log()
+    assert record["sni"] == "bench.test"
+    assert record["reason"] == "normal"
+    assert record["mode"] == "copy"
+    assert record["decision"] == "allow"
+    assert record["target"] == f"127.0.0.1:{tls_backend.port}"
+    assert record["bytes_to_upstream"] > 0
+    assert record["bytes_to_client"] > 0
+
+    # Reload with bench.test denied: new connections get the unrecognized_name alert.
+    served.write_config(
+        routing_config(
+            served.port, tls_backend.port, rules=[{"match": "bench.test", "action": "deny"}]
+        )
+    )
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log("reload: new policy")
+    connections_before = tls_backend.connections
+    _assert_refused(served.port, client_context)
+    proxy.wait_for_records(2)
+    denied = proxy.access_log()[1]
+    assert denied["sni"] == "bench.test"
+    assert denied["reason"] == "denied_domain"
+    assert denied["decision"] == "deny"
+    assert denied["target"] is None
+    assert tls_backend.connections == connections_before
+
+    status, elapsed = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
+    assert elapsed < 5
+    assert "SIGTERM: stopping" in proxy.stderr
+    assert proxy.log_lines()[-1].endswith("proxy stopped")
+    assert len(proxy.access_log()) == 2
+    assert "Traceback" not in proxy.stderr
+
+
+def test_reload_with_a_broken_file_keeps_the_running_config(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    served = serve_config(lambda port: routing_config(port, tls_backend.port))
+    proxy = served.process
+    https_get_once(served.port, client_context)
+    proxy.wait_for_records(1)
+
+    broken = routing_config(served.port, tls_backend.port, rules=[{"match": "bench.test"}])
+    broken["listeners"][0]["port"] = str(served.port)
+    broken["timeouts"] = {"drian": 1}
+    served.write_config(broken)
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log("keeping the current config")
+    log = proxy.stderr
+    assert f"SIGHUP: {served.config_path}: invalid configuration:\n" in log
+    assert "\n  listeners[0].port: expected int, got string\n" in log
+    assert "\n  timeouts.drian: unknown key (allowed: " in log
+    assert "reload: new policy" not in log
+
+    # Still the old config: bench.test is routed as before (the broken file has no
+    # allow_private, so a half-applied reload would show as ssrf_blocked).
+    response = https_get_once(served.port, client_context)
+    assert response.endswith(b"\r\n\r\nhello from the backend\n")
+    proxy.wait_for_records(2)
+    assert [r["reason"] for r in proxy.access_log()] == ["normal", "normal"]
+
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
+    assert proxy.log_lines()[-1].endswith("proxy stopped")
+
+
+def test_sigterm_drains_an_idle_connection_for_timeouts_drain(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    served = serve_config(
+        lambda port: routing_config(port, tls_backend.port, timeouts={"drain": 1})
+    )
+    proxy = served.process
+    conn, response = https_get(served.port, client_context)
+    try:
+        assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+        # The client keeps its connection open and idle.
+        status, elapsed = stop(proxy, signal.SIGTERM)
+        assert status == 0, proxy.stderr
+        assert 0.9 <= elapsed < 3.5, f"exit took {elapsed:.2f} s with timeouts.drain = 1"
+        _assert_closed(conn)
+    finally:
+        conn.close()
+    assert "draining 1 connection(s) for up to 1 s" in proxy.stderr
+    [record] = proxy.access_log()
+    assert record["sni"] == "bench.test"
+    assert record["reason"] == "shutdown"
+    assert proxy.log_lines()[-1].endswith("proxy stopped")
+
+
+def test_second_sigint_stops_at_once(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    served = serve_config(
+        lambda port: routing_config(port, tls_backend.port, timeouts={"drain": 30})
+    )
+    proxy = served.process
+    conn, _ = https_get(served.port, client_context)
+    try:
+        proxy.signal(signal.SIGINT)
+        proxy.wait_for_log("draining 1 connection(s) for up to 30 s")
+        assert proxy.proc.poll() is None  # still draining
+        status, elapsed = stop(proxy, signal.SIGINT)
+        assert status == 0, proxy.stderr
+        assert elapsed < 3
+        _assert_closed(conn)
+    finally:
+        conn.close()
+    assert "second stop signal: closing all connections now" in proxy.stderr
+    assert [r["reason"] for r in proxy.access_log()] == ["shutdown"]
+
+
+def test_busy_port_is_a_clear_startup_error(
+    tmp_path: Path, spawn_proxy: Callable[..., ProxyProcess]
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = tmp_path / "busy.json"
+        path.write_text(json.dumps(routing_config(port, 443)), "utf-8")
+        proxy = spawn_proxy("--config", str(path))
+        assert proxy.wait() == 1
+    assert "cannot start: [Errno 98] Address already in use" in proxy.stderr
+    assert "Traceback" not in proxy.stderr
+
+
+def test_fallback_mode_none_refuses_to_start(
+    tmp_path: Path, spawn_proxy: Callable[..., ProxyProcess]
+) -> None:
+    path = tmp_path / "none.json"
+    path.write_text(json.dumps(routing_config(0, 443, fallback_mode="none")), "utf-8")
+    proxy = spawn_proxy("--config", str(path))
+    assert proxy.wait() == 1
+    assert "fallback_mode is 'none'" in proxy.stderr
+    assert "listening on" not in proxy.stderr
+    assert "Traceback" not in proxy.stderr
+
+
+def _port_8443_free() -> str | None:
+    """None if 127.0.0.1:8443 and [::1]:8443 can be bound, else why not."""
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, 8443))
+            except OSError as exc:
+                return f"cannot bind [{host}]:8443: {exc.strerror}"
+    return None
+
+
+def test_embedded_default_config_serves_on_8443(
+    spawn_proxy: Callable[..., ProxyProcess],
+) -> None:
+    busy = _port_8443_free()
+    if busy is not None:
+        pytest.skip(busy)
+    proxy = spawn_proxy()
+    try:
+        proxy.wait_for_log("listening on [::1]:8443")
+    except AssertionError:
+        if "Address already in use" in proxy.stderr:
+            pytest.skip("port 8443 was taken while the proxy started")
+        raise
+    assert "listening on 127.0.0.1:8443" in proxy.stderr
+    with socket.create_connection(("127.0.0.1", 8443), timeout=5):
+        pass  # the port accepts
+    proxy.wait_for_records(1)  # that probe (no ClientHello) is logged and closed
+    status, elapsed = stop(proxy, signal.SIGINT)
+    assert status == 0, proxy.stderr
+    assert elapsed < 5
+    assert "SIGINT: stopping" in proxy.stderr
+    assert proxy.log_lines()[-1].endswith("proxy stopped")
+    assert "Traceback" not in proxy.stderr
