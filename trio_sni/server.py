@@ -181,8 +181,12 @@ async def _open_listeners(
     opened: list[tuple[trio.SocketListener, Listener]] = []
     try:
         for spec in specs:
-            for listener in await trio.open_tcp_listeners(spec.port, host=spec.host):
-                opened.append((listener, spec))
+            try:
+                listeners = await trio.open_tcp_listeners(spec.port, host=spec.host)
+            except OSError as exc:
+                host = f"[{spec.host}]" if ":" in spec.host else spec.host
+                raise OSError(exc.errno, f"{host}:{spec.port}: {exc.strerror}") from exc
+            opened.extend((listener, spec) for listener in listeners)
     except BaseException:
         with trio.CancelScope(shield=True):
             for listener, _ in opened:

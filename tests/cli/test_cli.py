@@ -625,7 +625,7 @@ def test_busy_port_is_a_clear_startup_error(
         path.write_text(json.dumps(routing_config(port, 443)), "utf-8")
         proxy = spawn_proxy("--config", str(path))
         assert proxy.wait() == 1
-    assert "cannot start: [Errno 98] Address already in use" in proxy.stderr
+    assert f"cannot start: [Errno 98] 127.0.0.1:{port}: Address already in use" in proxy.stderr
     assert "Traceback" not in proxy.stderr
 
 
