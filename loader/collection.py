@@ -10,10 +10,9 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Mapping
-from types import TracebackType
 
 from ._sys import bpf
-from ._sys.fd import FD
+from ._sys.fd import FD, ClosesOnExit
 from .errors import BPFSyscallError, LoaderError
 from .maps import Map, ensure_bpffs
 from .programs import Program
@@ -22,7 +21,7 @@ from .spec import CollectionSpec, PinType
 __all__ = ["Collection"]
 
 
-class Collection:
+class Collection(ClosesOnExit):
     """Loaded maps and programs, by name."""
 
     def __init__(
@@ -117,14 +116,6 @@ class Collection:
             m.close()
         if self.btf is not None:
             self.btf.close()
-
-    def __enter__(self) -> Collection:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Collection maps={sorted(self.maps)} programs={sorted(self.programs)}>"

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import errno
 import socket
-from types import TracebackType
 
 import attrs
 
 from ._sys import bpf
 from ._sys.consts import AttachType, XDPFlag
-from ._sys.fd import FD
+from ._sys.fd import FD, ClosesOnExit
 from .errors import BPFSyscallError, LoaderError
 from .maps import Map
 from .programs import Program
@@ -40,7 +39,7 @@ class LinkInfo:
     attach_type: int  # tcx and sockmap only
 
 
-class Link:
+class Link(ClosesOnExit):
     """An attachment. ``close()`` (idempotent) detaches; so does leaving a ``with`` block."""
 
     def __init__(
@@ -89,14 +88,6 @@ class Link:
             for fd in (self._prog_fd, self._target_fd):
                 if fd is not None:
                     fd.close()
-
-    def __enter__(self) -> Link:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "attached"

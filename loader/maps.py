@@ -21,7 +21,6 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
-from types import TracebackType
 from typing import Any, Protocol
 
 import attrs
@@ -33,7 +32,7 @@ from ._sys.consts import (
     SOCKET_MAP_TYPES,
     UpdateFlag,
 )
-from ._sys.fd import FD
+from ._sys.fd import FD, ClosesOnExit
 from .errors import BPFSyscallError, LoaderError, MapIncompatibleError, NotSupportedError
 from .spec import MapSpec
 
@@ -131,7 +130,7 @@ class MapInfo:
     btf_value_type_id: int
 
 
-class Map:
+class Map(ClosesOnExit):
     """A map the process holds an fd to. Create with :meth:`create` or :meth:`open_pinned`.
 
     ``with Map.create(spec) as m:`` closes it at the end; :meth:`close` is idempotent. Closing
@@ -231,14 +230,6 @@ class Map:
 
     def close(self) -> None:
         self._fd.close()
-
-    def __enter__(self) -> Map:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Map {self.spec.name!r} {self.spec.type.name} fd={self._fd!r}>"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Mapping
-from types import TracebackType
 from typing import Any
 
 import attrs
@@ -19,7 +18,7 @@ import attrs
 from . import asm
 from ._sys import bpf
 from ._sys.consts import ProgType
-from ._sys.fd import FD
+from ._sys.fd import FD, ClosesOnExit
 from .errors import LoaderError, NotSupportedError, VerifierError
 from .maps import Map
 from .spec import ProgramSpec
@@ -53,7 +52,7 @@ class ProgramInfo:
     tag: str
 
 
-class Program:
+class Program(ClosesOnExit):
     """A loaded program. ``with Program.load(spec, maps=...) as prog:``; close is idempotent."""
 
     def __init__(self, fd: FD, spec: ProgramSpec) -> None:
@@ -156,14 +155,6 @@ class Program:
 
     def close(self) -> None:
         self._fd.close()
-
-    def __enter__(self) -> Program:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Program {self.spec.name!r} {self.spec.type.name} fd={self._fd!r}>"

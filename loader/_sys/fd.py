@@ -17,6 +17,7 @@ import threading
 import traceback
 import warnings
 from types import TracebackType
+from typing import Self
 
 __all__ = ["FD", "live_fds"]
 
@@ -115,3 +116,18 @@ class FD:
     def __repr__(self) -> str:
         state = "closed" if self._fd < 0 else str(self._fd)
         return f"<FD {self.kind} {state}>"
+
+
+class ClosesOnExit:
+    """``with obj:`` closes ``obj`` on exit; for every owner of a kernel object."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
