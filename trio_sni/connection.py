@@ -240,6 +240,7 @@ def _guard_destinations(
     """
     allowed: list[IPAddress] = []
     refused: list[str] = []
+    liftable = False  # would allow_private on the rule let one of the refused addresses pass?
     for address in addresses:
         why = refusal_reason(
             address, own_addresses=own_addresses, port=route.port, allow_private=route.allow_private
@@ -248,10 +249,19 @@ def _guard_destinations(
             allowed.append(address)
         else:
             refused.append(f"{address} ({why})")
+            liftable = liftable or (
+                not route.allow_private
+                and refusal_reason(
+                    address, own_addresses=own_addresses, port=route.port, allow_private=True
+                )
+                is None
+            )
     if not allowed:
+        # Suggest allow_private only where it would help: not when the rule has it already,
+        # nor for refusals it never lifts (the proxy's own address, multicast, reserved, ...).
+        hint = '; add "allow_private": true to the rule if this is intended' if liftable else ""
         raise DestinationRefused(
-            f"{route.host} resolves only to refused addresses: {', '.join(refused)}; "
-            "add \"allow_private\": true to the rule if this is intended"
+            f"{route.host} resolves only to refused addresses: {', '.join(refused)}{hint}"
         )
     return tuple(allowed)
 
