@@ -137,6 +137,13 @@ def test_bad_configs(data: Any, expected: list[str]) -> None:
     assert problems(data) == expected
 
 
+def test_type_errors_and_value_errors_in_one_object_are_all_reported() -> None:
+    assert problems({"listen_addr": "0.0.0.0:1", "timeouts": {"drain": -1, "idle": True}}) == [
+        "timeouts.idle: expected number, got bool",
+        "timeouts.drain: must not be negative, got -1.0",
+    ]
+
+
 def test_json_syntax_error_says_where() -> None:
     with pytest.raises(ConfigError) as info:
         load_config_text('{"listen_addr": }', source="my.json")

@@ -123,6 +123,22 @@ def _make_converter() -> cattrs.Converter:
     def is_attrs_class(tp: Any) -> bool:
         return attrs.has(tp)
 
+    def validate_raw_fields(tp: type, value: dict[str, Any], skip: set[Any]) -> list[Exception]:
+        """Run the validators of the fields that did structure, one field at a time."""
+        attrs.resolve_types(tp)
+        errors: list[Exception] = []
+        for field in attrs.fields(tp):
+            if field.validator is None or field.name in skip or field.name not in value:
+                continue
+            try:
+                field_value = converter.structure(value[field.name], field.type)
+                field.validator(None, field, field_value)
+            except ValueError as exc:
+                errors.append(exc)
+            except Exception:  # noqa: S110 (reported already, or by the object's own pass)
+                pass
+        return errors
+
     def structure_attrs_factory(tp: type) -> Any:
         inner = converter.gen_structure_attrs_fromdict(tp)
 
@@ -135,6 +151,17 @@ def _make_converter() -> cattrs.Converter:
             attrs.validators.set_disabled(True)
             try:
                 obj = inner(value)
+            except ClassValidationError as exc:
+                # Some fields have the wrong type; still check the values of the others.
+                failed = {
+                    getattr(note, "name", None)
+                    for sub in exc.exceptions
+                    for note in getattr(sub, "__notes__", [])
+                }
+                extra = validate_raw_fields(tp, value, failed)
+                if not extra:
+                    raise
+                raise ClassValidationError(exc.message, [*exc.exceptions, *extra], tp) from None
             finally:
                 attrs.validators.set_disabled(was_disabled)
             errors: list[Exception] = []
