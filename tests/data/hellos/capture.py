@@ -19,15 +19,19 @@ Two fixtures are derived rather than captured, and their sidecars say so:
   boundary, as RFC 8446 5.1 allows and DPI-evasion clients do.
 * ``synthetic-pq-ech``: the openssl TLS 1.3 capture with a Chrome-131-shaped X25519MLKEM768
   key share (group 0x11ec, 1216 bytes) and a GREASE-style encrypted_client_hello (0xfe0d)
-  extension added. The OpenSSL here (3.0) has no ML-KEM, and no client installed here sends
-  ECH, but the proxy must handle both shapes; the bytes are deterministic (seeded).
+  extension added. The OpenSSL here (3.0) has no ML-KEM; the bytes are deterministic (seeded).
+
+The real post-quantum hello, ``chromium-pq``, comes from Debian's chromium run headless
+(``apt-get install chromium``; only needed to refresh that capture, not to run the tests): an
+X25519MLKEM768 key share, GREASE and ECH GREASE, about 1.9 KB.
 
 The real large hello, ``openssl-ffdhe8192-large``, is made by an actual client: OpenSSL's TLS
 1.3 key share for the ffdhe8192 group is 1024 bytes, and a long ALPN list brings the hello to
 ~1.9 KB, the size of a browser's post-quantum hello, so it also arrives in two TCP segments on a
 1500-byte MTU.
 
-Requires: openssl, curl, gnutls-cli (Debian package gnutls-bin), and Python's ssl module.
+Requires: openssl, curl, gnutls-cli (Debian package gnutls-bin), chromium, and Python's ssl
+module; a client that is not installed is skipped.
 """
 
 from __future__ import annotations
@@ -210,6 +214,35 @@ def openssl_version() -> str:
     return tool_version(["openssl", "version"])
 
 
+def chromium_client(port: int) -> str:
+    """Headless Debian chromium: the one client here that sends an ML-KEM (post-quantum) share.
+
+    The flags keep it from reaching anything but our listener (KERNEL-FACTS 37; the machine's
+    notes on running chromium as root); a fresh profile keeps the hello free of session state.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+        argv = [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={profile}",
+            "--host-resolver-rules=MAP chromium.example.test 127.0.0.1",
+            "--dump-dom", "https://chromium.example.test:PORT/",
+        ]
+        argv = [a.replace("PORT", str(port)) for a in argv]
+        # Chromium keeps retrying after the failed handshake; a few seconds is plenty for the
+        # first hello, then it is stopped.
+        with subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ) as browser:
+            try:
+                browser.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                browser.kill()
+        return " ".join(a.replace(str(port), "PORT").replace(profile, "PROFILE") for a in argv)
+
+
 CLIENTS = [
     Client(
         "openssl-tls12",
@@ -288,6 +321,14 @@ CLIENTS = [
         ),
         "GnuTLS's default priority string",
         needs=["gnutls-cli"],
+    ),
+    Client(
+        "chromium-pq",
+        lambda: tool_version(["chromium", "--version"]),
+        chromium_client,
+        "a real browser hello with an X25519MLKEM768 key share (~1.8 KB, two TCP segments on a "
+        "1500-byte MTU), GREASE values and ECH GREASE",
+        needs=["chromium"],
     ),
     Client(
         "python-ssl",
