@@ -27,10 +27,10 @@ from .resolver import Resolver
 from .sansio.addresses import IPAddress, refusal_reason
 from .sansio.alerts import Alert, alert_record
 from .sansio.clienthello import NEED_DATA, ClientHello, ClientHelloReader
-from .sansio.config import Listener
+from .sansio.config import Listener, Socks5
 from .sansio.errors import MalformedHelloError
 from .sansio.policy import ClientLimiter, Deny, Policy, Route
-from .upstream import connect_to_addresses
+from .upstream import connect_to_addresses, connect_via_socks5
 
 log = logging.getLogger("trio_sni")
 
@@ -61,6 +61,7 @@ class ConnectionInfo:
     rule: str | None = None
     decision: str = "pending"
     target: tuple[str, int] | None = None
+    via: str | None = None
     mode: str | None = None
     reason: str | None = None
     error: str | None = None
@@ -77,6 +78,7 @@ class ConnectionInfo:
             "decision": self.decision,
             "rule": self.rule,
             "target": _format_endpoint(self.target) if self.target else None,
+            "via": self.via,
             "bytes_to_upstream": self.counters.to_upstream,
             "bytes_to_client": self.counters.to_client,
             "duration": round(now - self.started, 6),
@@ -108,6 +110,9 @@ class ConnectionContext:
     connect_timeout: float
     own_addresses: Collection[tuple[IPAddress, int]]
     write_access_log: Callable[[dict[str, object]], None]
+    #: The ``socks5`` section: the server ``via: "socks5"`` rules use, and the default route
+    #: for rules without ``via`` when set.
+    socks5: Socks5 | None = None
     live: dict[int, ConnectionInfo] = attrs.Factory(dict)
 
 
@@ -154,13 +159,26 @@ async def handle_connection(
         info.rule = route.rule.label
         info.decision = "allow"
 
-        addresses = await _resolve_route(route, ctx)
-        addresses = _guard_destinations(route, addresses, ctx.own_addresses)
-        upstream = await connect_to_addresses(
-            addresses, route.port, timeout=ctx.connect_timeout
-        )
-        target = upstream.socket.getpeername()
-        info.target = (target[0], target[1])
+        socks5 = ctx.socks5
+        via = route.rule.via or ("socks5" if socks5 is not None else "direct")
+        info.via = via
+        if via == "socks5":
+            assert socks5 is not None  # the config refuses via "socks5" without the section
+            upstream, from_target = await _connect_via_socks5(route, socks5, ctx, info)
+        else:
+            addresses = await _resolve_route(route, ctx)
+            addresses = _guard_destinations(route, addresses, ctx.own_addresses)
+            upstream = await connect_to_addresses(
+                addresses, route.port, timeout=ctx.connect_timeout
+            )
+            target = upstream.socket.getpeername()
+            info.target = (target[0], target[1])
+            from_target = b""
+        if from_target:
+            # The SOCKS server passed on bytes the target sent before the client's first
+            # bytes reached it; they belong to the client, before anything else.
+            await stream.send_all(from_target)
+            info.counters.to_client += len(from_target)
         info.mode = ctx.forwarder.mode
         info.reason = await ctx.forwarder.forward(
             stream, upstream, first_bytes=first_bytes, counters=info.counters
@@ -216,6 +234,38 @@ async def _read_client_hello(
             reader.receive_data(data)
     assert deadline.cancelled_caught
     raise HelloTimeout(f"no complete ClientHello within {ctx.hello_timeout:g} s")
+
+
+async def _connect_via_socks5(
+    route: Route, socks5: Socks5, ctx: ConnectionContext, info: ConnectionInfo
+) -> tuple[trio.SocketStream, bytes]:
+    """Reach the route's target through the SOCKS5 server.
+
+    What the SOCKS server is asked for decides who guards against SSRF:
+
+    - an IP literal (a rule's fixed ``target``): the SSRF guard checks it, as in direct mode;
+    - a name, with ``remote_dns`` (the default): the name itself (ATYP domain). The SOCKS
+      server resolves it, so the proxy never sees the address and cannot check it; keeping
+      the SOCKS server away from private networks is its own ruleset's job (documented);
+    - a name, without ``remote_dns``: resolved here, checked by the SSRF guard, and the
+      checked addresses are sent (ATYP IPv4/IPv6), one CONNECT per address until one works.
+    """
+    destinations: tuple[str | IPAddress, ...]
+    try:
+        destinations = (ipaddress.ip_address(route.host),)
+    except ValueError:
+        destinations = (route.host,)
+    if isinstance(destinations[0], str) and not socks5.remote_dns:
+        destinations = await _resolve_route(route, ctx)
+    if not isinstance(destinations[0], str):
+        destinations = _guard_destinations(
+            route, tuple(d for d in destinations if not isinstance(d, str)), ctx.own_addresses
+        )
+    upstream, from_target, destination = await connect_via_socks5(
+        socks5, destinations, route.port, timeout=ctx.connect_timeout
+    )
+    info.target = (str(destination), route.port)
+    return upstream, from_target
 
 
 async def _resolve_route(route: Route, ctx: ConnectionContext) -> tuple[IPAddress, ...]:

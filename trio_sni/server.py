@@ -89,6 +89,7 @@ class Proxy:
             connect_timeout=config.timeouts.connect,
             own_addresses=(),
             write_access_log=access_log or self._access_log.write,  # type: ignore[union-attr]
+            socks5=config.socks5,
         )
         self._accepting: trio.CancelScope | None = None
         self._shutdown_requested = trio.Event()
@@ -151,6 +152,7 @@ class Proxy:
         ctx.max_hello_size = config.limits.max_client_hello_size
         ctx.hello_timeout = config.timeouts.client_hello
         ctx.connect_timeout = config.timeouts.connect
+        ctx.socks5 = config.socks5
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 

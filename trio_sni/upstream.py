@@ -16,6 +16,12 @@ Within those addresses it runs RFC 8305 "happy eyeballs" the way trio's
 ``happy_eyeballs_delay`` apart or as soon as the previous one fails, the first to connect
 wins and cancels the rest. One trio deadline of ``timeout`` seconds bounds the whole thing.
 Every socket but the winner is closed before returning, also when the caller is cancelled.
+
+:func:`connect_via_socks5` is the second mode: it connects to the configured SOCKS5 server
+(an IP literal, so again no DNS) and drives the sans-I/O :class:`~trio_sni.sansio.socks5.
+Socks5Client` over that stream. Whether the destination sent to the SOCKS server is a name or
+an address the SSRF guard checked is the caller's choice (``socks5.remote_dns``). After the
+handshake the stream is an ordinary TCP socket, so every forwarder treats it as in direct mode.
 """
 
 from __future__ import annotations
@@ -29,6 +35,14 @@ import attrs
 import trio
 
 from .errors import UpstreamError
+from .sansio.config import Socks5
+from .sansio.socks5 import (
+    NEED_DATA,
+    Socks5Client,
+    Socks5ConnectError,
+    Socks5Error,
+    Socks5ProtocolError,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -145,3 +159,94 @@ def _describe(error: OSError) -> str:
     if error.errno is not None:
         return f"[Errno {error.errno}] {os.strerror(error.errno)}"
     return str(error)
+
+
+# --- SOCKS5 ------------------------------------------------------------------------------------
+
+#: Bytes asked of one recv() during the SOCKS5 handshake: the longest reply is 4 + 1 + 255 + 2
+#: bytes (a domain-form BND.ADDR), so one read almost always holds a whole message.
+_SOCKS5_RECV_SIZE = 512
+
+
+async def connect_via_socks5(
+    socks: Socks5,
+    destinations: Sequence[str | IPAddress],
+    port: int,
+    *,
+    timeout: float,  # noqa: ASYNC109  (see connect_to_addresses: the message names the wait)
+) -> tuple[trio.SocketStream, bytes, str | IPAddress]:
+    """Ask the SOCKS5 server ``socks`` to connect to one of ``destinations``.
+
+    The destinations are tried one after the other (a SOCKS5 CONNECT names one address), each
+    over its own connection to the SOCKS server, moving on only when the server says the
+    destination is unreachable (``connect_failed``); an authentication failure or a ruleset
+    refusal would repeat for every address, so it ends the attempt. One deadline of
+    ``timeout`` seconds bounds everything: reaching the SOCKS server and every handshake.
+
+    Args:
+        socks: the configured server, credentials and DNS mode.
+        destinations: host names (sent as ATYP domain, resolved by the SOCKS server) or IP
+            addresses the SSRF guard has already checked.
+        port: the destination port.
+        timeout: seconds for the whole attempt.
+
+    Returns:
+        The stream, now an ordinary TCP connection to the destination through the SOCKS
+        server; any bytes the server sent after its reply (the target's first bytes, to be
+        passed to the client); and the destination that worked.
+
+    Raises:
+        UpstreamError: the SOCKS server cannot be reached, or the deadline passed.
+        Socks5Error: the SOCKS server refused or failed (see :mod:`trio_sni.sansio.socks5`).
+        ValueError: ``destinations`` is empty.
+    """
+    if not destinations:
+        raise ValueError("connect_via_socks5() needs at least one destination")
+    server, server_port = socks.endpoint
+    server_text = format_endpoint(server, server_port)
+    last_error: Socks5Error | None = None
+    with trio.move_on_after(timeout):
+        for destination in destinations:
+            try:
+                stream = await connect_to_addresses([server], server_port, timeout=timeout)
+            except UpstreamError as exc:
+                raise UpstreamError(f"SOCKS5 server unreachable: {exc}") from None
+            try:
+                trailing = await _socks5_handshake(stream, socks, destination, port)
+            except Socks5ConnectError as exc:
+                await trio.aclose_forcefully(stream)
+                last_error = exc
+                continue
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+            return stream, trailing, destination
+        assert last_error is not None
+        raise last_error
+    raise UpstreamError(
+        f"SOCKS5 CONNECT through {server_text} did not complete within {float(timeout)} s"
+        + (f" (before that: {last_error})" if last_error is not None else "")
+    )
+
+
+async def _socks5_handshake(
+    stream: trio.SocketStream, socks: Socks5, destination: str | IPAddress, port: int
+) -> bytes:
+    """Pump one :class:`Socks5Client` over ``stream``; return the bytes after the reply."""
+    client = Socks5Client(
+        destination, port, username=socks.username, password=socks.password
+    )
+    try:
+        while True:
+            event = client.next_event()
+            outgoing = client.data_to_send()
+            if outgoing:
+                await stream.send_all(outgoing)
+            if event is not NEED_DATA:
+                return client.trailing_data
+            client.receive_data(await stream.receive_some(_SOCKS5_RECV_SIZE))
+    except trio.BrokenResourceError as exc:
+        raise Socks5ProtocolError(
+            f"SOCKS5 server reset the connection during the handshake for {client.target}: "
+            f"{exc.__cause__ or exc}"
+        ) from None

@@ -66,10 +66,11 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         }
     ) == [
         "listeners[0].port: expected int, got string",
-        "listeners[0].bogus: unknown key (allowed: host, port, target_port, name)",
+        "listeners[0].bogus: unknown key "
+        "(allowed: host, port, protocol, target_port, name, accept_proxy_protocol)",
         "timeouts.idle: expected number, got bool",
         "lsten_addr: unknown key (allowed: listeners, listen_addr, max_connections, rules, "
-        "clients, limits, timeouts, resolver, forwarding, log, status, ebpf, fallback_mode)",
+        "clients, limits, timeouts, resolver, forwarding, log, status, ebpf, fallback_mode, socks5)",
     ]
 
 

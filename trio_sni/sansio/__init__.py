@@ -31,3 +31,6 @@ from .policy import ClientLimiter as ClientLimiter
 from .policy import Deny as Deny
 from .policy import Policy as Policy
 from .policy import Route as Route
+from .socks5 import Socks5Client as Socks5Client
+from .socks5 import Socks5Connected as Socks5Connected
+from .socks5 import Socks5Error as Socks5Error

@@ -25,6 +25,9 @@ ForwardingMode = Literal["auto", "kernel", "splice", "copy"]
 FallbackMode = Literal["auto", "copy", "none"]
 Family = Literal["any", "ipv4", "ipv6", "prefer_ipv4", "prefer_ipv6"]
 Action = Literal["allow", "deny"]
+ListenerProtocol = Literal["tls", "http"]
+Via = Literal["direct", "socks5"]
+ProxyProtocolVersion = Literal["v1", "v2"]
 
 
 def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
@@ -96,12 +99,26 @@ class Listener:
     """One listening socket and the port its connections are forwarded to.
 
     ``target_port`` lets ``listen 8443 -> connect 443`` (the common unprivileged setup).
+    ``protocol`` is what clients speak first: ``"tls"`` (route by the ClientHello's SNI) or
+    ``"http"`` (route plain HTTP/1.x by the first request's ``Host`` header); ``target_port``
+    defaults to 443 or 80 accordingly. ``accept_proxy_protocol`` makes the listener expect a
+    PROXY protocol v1 or v2 header first (behind a load balancer) and use the client address
+    it carries for policy, limits and logs; a connection without one is refused.
     """
 
     host: str = attrs.field(validator=_ip_address)
     port: int = attrs.field()  # 0 asks the OS for a free port (tests, ad-hoc runs)
-    target_port: int = attrs.field(default=443, validator=_port)
+    # Keyword-only so that positional Listener(host, port, target_port) keeps working; it is
+    # declared before target_port because target_port's default depends on it.
+    protocol: ListenerProtocol = attrs.field(default="tls", kw_only=True)
+    target_port: int = attrs.field(
+        default=attrs.Factory(
+            lambda self: 80 if self.protocol == "http" else 443, takes_self=True
+        ),
+        validator=_port,
+    )
     name: str = ""
+    accept_proxy_protocol: bool = False
 
     @port.validator
     def _check_port(self, attribute: attrs.Attribute[int], value: int) -> None:
@@ -141,6 +158,11 @@ class Rule:
     ``target`` routes to a fixed ``host:port`` instead of the SNI name. ``allow_private`` lets
     this rule reach loopback/private/link-local destinations, which the SSRF guard refuses
     otherwise. Deny rules win over allow rules.
+
+    ``via`` chooses how the target is reached: ``"direct"``, ``"socks5"`` (through the
+    top-level ``socks5`` server), or ``null`` for the global default (SOCKS5 if a ``socks5``
+    section exists, direct otherwise). ``proxy_protocol`` (``"v1"``/``"v2"``) sends a PROXY
+    protocol header to the target first, so that it sees the real client address.
     """
 
     match: str | None = None
@@ -150,6 +172,8 @@ class Rule:
     target: str | None = attrs.field(default=None, validator=_check_target)
     allow_private: bool = False
     name: str = ""
+    via: Via | None = None
+    proxy_protocol: ProxyProtocolVersion | None = None
 
     def __attrs_post_init__(self) -> None:
         given = [k for k in ("match", "suffix", "regex") if getattr(self, k) is not None]
@@ -304,8 +328,16 @@ class Status:
 
 @attrs.frozen
 class SockmapConfig:
+    """Kernel forwarding (BPF sockhash).
+
+    ``max_in_flight`` bounds, per connection and direction, the bytes the kernel has taken from
+    one socket but the other has not sent yet (the kernel itself has no backpressure there); a
+    direction that reaches it is copied in userspace from then on.
+    """
+
     enabled: bool = True
     max_entries: int = attrs.field(default=65536, validator=_positive)
+    max_in_flight: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
 
 
 @attrs.frozen
@@ -337,6 +369,56 @@ class EbpfConfig:
     stats: StatsConfig = StatsConfig()
 
 
+def _credential(instance: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    # RFC 1929: one length byte, and zero-length fields are not allowed.
+    if value is not None and not 1 <= len(value.encode("utf-8")) <= 255:
+        raise ValueError(f"{attribute.name}: must be 1 to 255 bytes of UTF-8")
+
+
+@attrs.frozen
+class Socks5:
+    """The SOCKS5 server (RFC 1928) that ``via: "socks5"`` rules connect through.
+
+    ``address`` is ``"ip:port"`` or ``"[v6]:port"``: an IP literal, so reaching the SOCKS
+    server needs no DNS. ``username``/``password`` (RFC 1929) are sent only if both are set.
+
+    ``remote_dns: true`` sends the target *name* (ATYP domain) and lets the SOCKS server
+    resolve it; the proxy's SSRF guard then never sees the address, so protecting private
+    networks is the SOCKS server's job (its ruleset), and ``allow_private`` has no effect.
+    ``remote_dns: false`` resolves locally, applies the SSRF guard, and sends the checked IP
+    address, so the guard holds exactly as in direct mode.
+    """
+
+    address: str = attrs.field()
+    username: str | None = attrs.field(default=None, validator=_credential)
+    password: str | None = attrs.field(default=None, validator=_credential)
+    remote_dns: bool = True
+
+    @address.validator
+    def _check_address(self, attribute: attrs.Attribute[str], value: str) -> None:
+        try:
+            host, _port_number = parse_host_port(value)
+        except ValueError as exc:
+            raise ValueError(f"address: {exc}") from None
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(
+                f"address: {host!r} is not an IP address; give the SOCKS5 server as "
+                "'ip:port' or '[ipv6]:port'"
+            ) from None
+
+    def __attrs_post_init__(self) -> None:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username: give both 'username' and 'password', or neither")
+
+    @property
+    def endpoint(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+        """The server's address and port, parsed."""
+        host, port = parse_host_port(self.address)
+        return ipaddress.ip_address(host), port
+
+
 @attrs.frozen
 class Config:
     """The whole configuration. ``listen_addr`` is the design's one-listener shorthand."""
@@ -354,8 +436,16 @@ class Config:
     status: Status = Status()
     ebpf: EbpfConfig = EbpfConfig()
     fallback_mode: FallbackMode = "auto"
+    socks5: Socks5 | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.socks5 is None:
+            for i, rule in enumerate(self.rules):
+                if rule.via == "socks5":
+                    raise ValueError(
+                        f"rules[{i}]: \"via\": \"socks5\" needs a top-level \"socks5\" "
+                        "section with the SOCKS5 server's address"
+                    )
         if self.listen_addr is not None and self.listeners:
             raise ValueError("give either 'listen_addr' or 'listeners', not both")
         if self.listen_addr is None and not self.listeners:
