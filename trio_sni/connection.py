@@ -58,6 +58,7 @@ class ConnectionInfo:
     started: float
     sni: str | None = None
     alpn: tuple[str, ...] = ()
+    hello_size: int | None = None
     rule: str | None = None
     decision: str = "pending"
     target: tuple[str, int] | None = None
@@ -75,6 +76,7 @@ class ConnectionInfo:
             "listener": self.listener,
             "sni": self.sni,
             "alpn": list(self.alpn),
+            "hello_size": self.hello_size,
             "decision": self.decision,
             "rule": self.rule,
             "target": _format_endpoint(self.target) if self.target else None,
@@ -149,7 +151,7 @@ async def handle_connection(
         acquired = True
 
         hello, first_bytes = await _read_client_hello(stream, ctx)
-        info.sni, info.alpn = hello.server_name, hello.alpn
+        info.sni, info.alpn, info.hello_size = hello.server_name, hello.alpn, hello.size
 
         decision = ctx.policy.decide(hello.server_name, listener.target_port)
         if isinstance(decision, Deny):

@@ -25,9 +25,11 @@ import trio
 
 from .connection import ConnectionContext, handle_connection
 from .forward import choose_forwarder
+from .metrics import ProxyMetrics
 from .resolver import Resolver
-from .sansio.config import Config, Listener
+from .sansio.config import Config, Listener, parse_host_port
 from .sansio.policy import ClientLimiter, Policy
+from .status import AccelerationStatus, acceleration_from_config, serve_status
 
 log = logging.getLogger("trio_sni")
 
@@ -94,11 +96,31 @@ class Proxy:
         self._accepting: trio.CancelScope | None = None
         self._shutdown_requested = trio.Event()
         self.listeners: list[trio.SocketListener] = []
+        # Metrics count each finished connection from its access-log record.
+        self.metrics = ProxyMetrics(self.context, acceleration=self.acceleration_status)
+        self.context.write_access_log = self.metrics.wrap(self.context.write_access_log)
+        self.status_listeners: list[trio.SocketListener] = []
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Open the listeners, report them through ``task_status``, serve until shutdown."""
+        """Open the listeners, report them through ``task_status``, serve until shutdown.
+
+        With ``status.listen`` set, the status endpoint is bound first (so ``/readyz`` can
+        say "not ready" until the listeners are bound) and runs until the proxy has drained.
+        """
+        if self.config.status.listen is None:
+            await self._serve_proxy(task_status=task_status)
+            return
+        host, port = parse_host_port(self.config.status.listen)
+        async with trio.open_nursery() as status:
+            self.status_listeners = await status.start(serve_status, self, host, port)
+            await self._serve_proxy(task_status=task_status)
+            status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
+
+    async def _serve_proxy(
+        self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         try:
             async with trio.open_nursery() as connections:
                 try:
@@ -136,6 +158,22 @@ class Proxy:
         self._shutdown_requested.set()
         if self._accepting is not None:
             self._accepting.cancel()
+
+    def not_ready_reason(self) -> str | None:
+        """Why ``/readyz`` answers 503, or None when the listeners are bound and serving."""
+        if self._shutdown_requested.is_set():
+            return "shutting down: not accepting new connections"
+        if not self.listeners or any(lst.socket.fileno() == -1 for lst in self.listeners):
+            return "listeners not bound yet"
+        return None
+
+    def acceleration_status(self) -> AccelerationStatus:
+        """Kernel feature states, reasons, maps and counters for ``/ebpf/status`` and metrics.
+
+        This build derives them from the config; the kernel layer replaces this with what
+        ``accel.probe()`` and the loaded maps report.
+        """
+        return acceleration_from_config(self.config)
 
     def reload(self, config: Config) -> None:
         """Apply a new, already validated config to new connections.

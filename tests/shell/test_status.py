@@ -1,0 +1,301 @@
+"""The status server's pieces without a network: deadlines on the autojump clock (exact),
+the connection bound with a fake listener, the acceleration states derived from the config,
+and the metrics arithmetic (finished plus live, never going backwards).
+
+Real HTTP over real sockets is in tests/e2e/test_status_e2e.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from statusclient import metric_samples, sample
+
+from trio_sni.connection import ConnectionInfo
+from trio_sni.sansio.config_load import load_config
+from trio_sni.server import Proxy
+from trio_sni.status import (
+    ERROR_SEND_TIMEOUT,
+    FEATURES,
+    NOT_IMPLEMENTED,
+    REQUEST_TIMEOUT,
+    AccelerationStatus,
+    _accept_loop,
+    acceleration_from_config,
+    handle_status_connection,
+)
+
+CONFIG: dict[str, Any] = {
+    "listeners": [{"host": "127.0.0.1", "port": 0}],
+    "rules": [{"suffix": "a.test", "name": "a"}],
+    "log": {"access_log": None},
+}
+
+
+def make_proxy(**overrides: Any) -> Proxy:
+    return Proxy(load_config({**CONFIG, **overrides}), access_log=lambda record: None)
+
+
+async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+# ------------------------------------------------------------------------------------------
+# Deadlines (autojump clock, exact times)
+
+
+async def test_a_trickling_request_gets_408_at_exactly_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    proxy = make_proxy()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle_status_connection, server, proxy)
+        await client.send_all(b"GET /healthz HT")
+        await trio.sleep(REQUEST_TIMEOUT - 1)
+        await client.send_all(b"TP/1.1\r\nHost: x\r\n")  # still no blank line: incomplete
+        response = await read_all(client)
+        assert trio.current_time() == REQUEST_TIMEOUT
+    assert response.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert response.endswith(b"\r\n\r\nrequest not complete within 5 s\n")
+    assert b"Connection: close\r\n" in response
+
+
+async def test_a_silent_client_is_closed_at_the_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle_status_connection, server, make_proxy())
+        response = await read_all(client)
+    assert trio.current_time() == REQUEST_TIMEOUT
+    assert response.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_a_client_that_never_reads_cannot_hold_the_server(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # lockstep: send_all blocks until the other side reads, like a full socket buffer.
+    client, server = trio.testing.lockstep_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle_status_connection, server, make_proxy())
+        await client.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        # ...and never reads the answer: the handler gives up at the deadline, no 408 added.
+    assert trio.current_time() == REQUEST_TIMEOUT
+    with pytest.raises(trio.ClosedResourceError):
+        await server.send_all(b"x")  # the handler closed its side
+
+
+async def test_a_408_to_a_client_that_does_not_read_is_bounded_too(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.lockstep_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle_status_connection, server, make_proxy())
+        await client.send_all(b"GET /")
+    assert trio.current_time() == REQUEST_TIMEOUT + ERROR_SEND_TIMEOUT
+
+
+async def test_a_client_that_closes_without_a_request_gets_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle_status_connection, server, make_proxy())
+        await client.send_eof()
+        assert await read_all(client) == b""
+    assert trio.current_time() == 0
+
+
+# ------------------------------------------------------------------------------------------
+# The connection bound
+
+
+class FakeListener(trio.abc.Listener[trio.abc.Stream]):
+    """Hands out the server ends of memory stream pairs the test queued."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[trio.abc.Stream](10)
+        self.accepted = 0
+
+    async def accept(self) -> trio.abc.Stream:
+        stream = await self.receive.receive()
+        self.accepted += 1
+        return stream
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_at_most_max_connections_are_served_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    listener = FakeListener()
+    pairs = [trio.testing.memory_stream_pair() for _ in range(3)]
+    proxy = make_proxy()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            _accept_loop, listener, proxy, trio.Semaphore(2), REQUEST_TIMEOUT, nursery
+        )
+        for _client, server in pairs:
+            listener.send.send_nowait(server)
+        await trio.testing.wait_all_tasks_blocked()
+        assert listener.accepted == 2  # the third waits (in a real listener: the backlog)
+
+        first_client = pairs[0][0]
+        await first_client.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_all(first_client)).endswith(b"\r\n\r\nok\n")
+        await trio.testing.wait_all_tasks_blocked()
+        assert listener.accepted == 3  # a slot came free
+        assert trio.current_time() == 0
+        nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------------------------------
+# Acceleration states from the config
+
+
+def test_default_config_features_are_unavailable_or_disabled_with_reasons() -> None:
+    status = acceleration_from_config(load_config(CONFIG))
+    assert dict(status.features) == {
+        "sockmap": "unavailable",
+        "dns_cache": "unavailable",
+        "xdp": "disabled",
+        "tc": "disabled",
+        "stats": "unavailable",
+    }
+    assert dict(status.reasons) == {
+        "sockmap": NOT_IMPLEMENTED,
+        "dns_cache": NOT_IMPLEMENTED,
+        "xdp": "ebpf.xdp.enabled is false",
+        "tc": f"no TC shaping is configured ({NOT_IMPLEMENTED})",
+        "stats": NOT_IMPLEMENTED,
+    }
+    assert not status.enabled
+
+
+def test_switches_off_make_features_disabled() -> None:
+    ebpf = {"sockmap": {"enabled": False}, "xdp": {"enabled": True}}
+    config = load_config({**CONFIG, "ebpf": ebpf})
+    status = acceleration_from_config(config)
+    assert status.features["sockmap"] == "disabled"
+    assert status.reasons["sockmap"] == "ebpf.sockmap.enabled is false"
+    assert status.features["xdp"] == "unavailable"
+
+    off = acceleration_from_config(load_config({**CONFIG, "ebpf": {"enabled": False}}))
+    assert set(off.features.values()) == {"disabled"}
+    assert set(off.reasons.values()) == {"ebpf.enabled is false"}
+
+
+def test_acceleration_status_demands_every_feature_and_a_reason_for_each_inactive_one() -> None:
+    active = dict.fromkeys(FEATURES, "active")
+    assert AccelerationStatus(features=active, reasons={}).enabled
+    with pytest.raises(ValueError, match="features: no state for tc"):
+        AccelerationStatus(features={k: v for k, v in active.items() if k != "tc"}, reasons={})
+    with pytest.raises(ValueError, match="reasons: no reason given for xdp"):
+        AccelerationStatus(features={**active, "xdp": "unavailable"}, reasons={})
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics arithmetic
+
+
+def record(**fields: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "mode": "copy", "rule": "a", "reason": "normal", "bytes_to_upstream": 0,
+        "bytes_to_client": 0, "duration": 0.0, "hello_size": None,
+    }
+    return {**base, **fields}
+
+
+def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client import generate_latest
+
+    return metric_samples(generate_latest(proxy.metrics.registry).decode())
+
+
+def test_finished_records_are_counted_by_reason_mode_and_rule() -> None:
+    proxy = make_proxy()
+    m = proxy.metrics
+    m.observe(record(bytes_to_upstream=100, bytes_to_client=1000, duration=0.2, hello_size=517))
+    m.observe(record(mode=None, rule=None, reason="no_sni", duration=0.001, hello_size=300))
+    m.observe(record(mode=None, rule=None, reason="not_tls", duration=0.001))
+    s = scrape(proxy)
+    assert sample(s, "trio_sni_connections_accepted_total") == 3
+    assert sample(s, "trio_sni_connections_active") == 0
+    assert sample(s, "trio_sni_connections_closed_total", reason="normal", mode="copy") == 1
+    assert sample(s, "trio_sni_connections_closed_total", reason="no_sni", mode="none") == 1
+    assert sample(s, "trio_sni_connections_closed_total", reason="not_tls", mode="none") == 1
+    assert sample(s, "trio_sni_bytes_total", direction="to_upstream", mode="copy") == 100
+    assert sample(s, "trio_sni_bytes_total", direction="to_client", mode="copy") == 1000
+    assert sample(s, "trio_sni_rule_connections_total", rule="a") == 1
+    assert sample(s, "trio_sni_rule_connections_total", rule="none") == 2
+    assert sample(s, "trio_sni_rule_bytes_total", rule="a", direction="to_client") == 1000
+    assert sample(s, "trio_sni_connection_duration_seconds_count") == 3
+    assert sample(s, "trio_sni_connection_duration_seconds_bucket", le="0.005") == 2
+    assert sample(s, "trio_sni_connection_duration_seconds_bucket", le="0.25") == 3
+    assert sample(s, "trio_sni_client_hello_bytes_count") == 2
+    assert sample(s, "trio_sni_client_hello_bytes_sum") == 817
+    assert sample(s, "trio_sni_client_hello_bytes_bucket", le="256.0") == 0
+    assert sample(s, "trio_sni_client_hello_bytes_bucket", le="512.0") == 1
+    assert sample(s, "trio_sni_client_hello_bytes_bucket", le="1024.0") == 2
+    assert sample(s, "trio_sni_client_hello_bytes_bucket", le="+Inf") == 2
+    # Feature states from the default provider, one series per feature.
+    assert sample(s, "trio_sni_ebpf_feature_state", feature="xdp", state="disabled") == 1
+    assert sample(s, "trio_sni_ebpf_feature_state", feature="sockmap", state="unavailable") == 1
+
+
+def test_live_bytes_are_included_and_totals_never_go_backwards() -> None:
+    proxy = make_proxy()
+    ctx = proxy.context
+    info = ConnectionInfo(client=("192.0.2.1", 5000), listener="l", started_wall=0.0, started=0.0)
+    ctx.live[id(info)] = info
+    s = scrape(proxy)
+    assert sample(s, "trio_sni_connections_accepted_total") == 1
+    assert sample(s, "trio_sni_connections_active") == 1
+    # Still routing: not counted under a rule (it may still get one).
+    assert sample(s, "trio_sni_rule_connections_total", rule="none") is None
+
+    info.rule, info.mode = "a", "copy"
+    info.counters.to_upstream, info.counters.to_client = 10, 20
+    s = scrape(proxy)
+    assert sample(s, "trio_sni_bytes_total", direction="to_client", mode="copy") == 20
+    assert sample(s, "trio_sni_rule_bytes_total", rule="a", direction="to_upstream") == 10
+    assert sample(s, "trio_sni_rule_connections_total", rule="a") == 1
+
+    # The connection ends the way handle_connection ends it: off the table, then its record.
+    del ctx.live[id(info)]
+    ctx.write_access_log(info.access_record(1.5) | {"reason": "normal"})
+    s = scrape(proxy)
+    assert sample(s, "trio_sni_connections_accepted_total") == 1
+    assert sample(s, "trio_sni_connections_active") == 0
+    assert sample(s, "trio_sni_bytes_total", direction="to_client", mode="copy") == 20
+    assert sample(s, "trio_sni_rule_bytes_total", rule="a", direction="to_upstream") == 10
+    assert sample(s, "trio_sni_rule_connections_total", rule="a") == 1
+    assert sample(s, "trio_sni_connection_duration_seconds_sum") == 1.5
+
+
+def test_each_proxy_has_its_own_registry() -> None:
+    a, b = make_proxy(), make_proxy()
+    a.metrics.observe(record())
+    assert sample(scrape(a), "trio_sni_connections_accepted_total") == 1
+    assert sample(scrape(b), "trio_sni_connections_accepted_total") == 0
+
+
+def test_kernel_counters_from_the_provider_are_exported_summed() -> None:
+    proxy = make_proxy()
+    proxy.acceleration_status = lambda: AccelerationStatus(  # type: ignore[method-assign]
+        features=dict.fromkeys(FEATURES, "active"),
+        reasons={},
+        counters={"sockmap_redirects": 7, "dns_cache_evictions": 2},
+    )
+    proxy.metrics._acceleration = proxy.acceleration_status
+    s = scrape(proxy)
+    assert sample(s, "trio_sni_ebpf_sockmap_redirects_total") == 7
+    assert sample(s, "trio_sni_ebpf_dns_cache_evictions_total") == 2

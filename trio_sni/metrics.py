@@ -1,0 +1,296 @@
+"""Prometheus metrics for one :class:`~trio_sni.server.Proxy`, in its own registry.
+
+Theory of operation
+-------------------
+
+Nothing here polls and nothing runs per packet. Two kinds of numbers feed the registry:
+
+- **Finished connections.** The proxy hands every access-log record (one per connection, at
+  its end) to :meth:`ProxyMetrics.observe`, which adds it to plain counters and histogram
+  buckets: a few dict updates per connection.
+- **Live state, read at scrape time.** A custom collector reads the live connection table,
+  the resolver's :meth:`~trio_sni.resolver.Resolver.statistics` and the acceleration status
+  only when ``/metrics`` is scraped.
+
+Byte counters combine both: the total is the bytes of finished connections plus the bytes
+live connections have moved so far. A connection's bytes move from the live part to the
+finished part in one synchronous step (the handler removes it from the live table and writes
+its record with no checkpoint in between), so the sum never goes backwards and a long
+transfer shows up while it runs, not only when it ends. ``connections_accepted_total`` works
+the same way: every accepted connection is either live or has written its record.
+
+Each :class:`ProxyMetrics` has its own ``CollectorRegistry`` (never prometheus_client's global
+one), so two proxies in one process (tests) never share or clash over numbers.
+
+Label cardinality is bounded by construction: ``reason`` and ``mode`` come from fixed
+vocabularies, ``rule`` is a configured rule's label (``"none"`` when no rule matched), and
+``direction`` is ``to_upstream`` or ``to_client``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+if TYPE_CHECKING:
+    from .connection import ConnectionContext
+    from .status import AccelerationStatus
+
+#: Label value for a connection that never got a forwarding mode or a rule (refused early).
+NONE_LABEL = "none"
+DIRECTIONS = ("to_upstream", "to_client")
+
+#: Connection durations in seconds: from refused-at-once (ms) to long-lived streams (hours).
+DURATION_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0, 14400.0,
+)
+#: ClientHello sizes in bytes: classic hellos are 200-600 bytes, post-quantum key shares
+#: (X25519MLKEM768) push them to about 1.8 KB, and the configurable cap goes up to 64 KiB.
+HELLO_SIZE_BUCKETS = (256, 512, 1024, 1536, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class _Histogram:
+    """Cumulative-on-export bucket counts, a sum and a count; observed in O(log buckets)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            buckets.append(("+Inf" if bound == float("inf") else _format_bound(bound), running))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+
+
+def _format_bound(bound: float) -> str:
+    return repr(float(bound))
+
+
+class ProxyMetrics:
+    """The metrics of one proxy: ``observe(record)`` per finished connection, ``registry`` to
+    export.
+
+    Args:
+        context: the proxy's connection context (its ``live`` table and ``resolver`` are read
+            at scrape time).
+        acceleration: returns the current acceleration status (feature states and, once the
+            kernel layer provides them, its counters summed across CPUs); called at scrape
+            time only.
+    """
+
+    def __init__(
+        self,
+        context: ConnectionContext,
+        *,
+        acceleration: Callable[[], AccelerationStatus] | None = None,
+    ) -> None:
+        self._context = context
+        self._acceleration = acceleration
+        self.finished = 0
+        self.closed: dict[tuple[str, str], int] = {}
+        self.bytes: dict[tuple[str, str], int] = {}
+        self.rule_connections: dict[str, int] = {}
+        self.rule_bytes: dict[tuple[str, str], int] = {}
+        self.duration = _Histogram(DURATION_BUCKETS)
+        self.hello_size = _Histogram(HELLO_SIZE_BUCKETS)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+
+    def observe(self, record: Mapping[str, object]) -> None:
+        """Count one finished connection from its access-log record. Cheap and never raises
+        for a record with missing fields (they count under ``"none"``/are skipped)."""
+        mode = _label(record.get("mode"))
+        rule = _label(record.get("rule"))
+        reason = _label(record.get("reason"))
+        self.finished += 1
+        key = (reason, mode)
+        self.closed[key] = self.closed.get(key, 0) + 1
+        self.rule_connections[rule] = self.rule_connections.get(rule, 0) + 1
+        for direction in DIRECTIONS:
+            value = record.get(f"bytes_{direction}")
+            if isinstance(value, int) and value:
+                bkey = (direction, mode)
+                self.bytes[bkey] = self.bytes.get(bkey, 0) + value
+                rkey = (rule, direction)
+                self.rule_bytes[rkey] = self.rule_bytes.get(rkey, 0) + value
+        duration = record.get("duration")
+        if isinstance(duration, (int, float)):
+            self.duration.observe(float(duration))
+        hello_size = record.get("hello_size")
+        if isinstance(hello_size, int):
+            self.hello_size.observe(hello_size)
+
+    def wrap(
+        self, write_access_log: Callable[[dict[str, object]], None]
+    ) -> Callable[[dict[str, object]], None]:
+        """An access-log callback that counts each record, then passes it on."""
+
+        def write(record: dict[str, object]) -> None:
+            self.observe(record)
+            write_access_log(record)
+
+        return write
+
+    def acceleration_status(self) -> AccelerationStatus | None:
+        return self._acceleration() if self._acceleration is not None else None
+
+    @property
+    def context(self) -> ConnectionContext:
+        return self._context
+
+
+def _label(value: object) -> str:
+    return NONE_LABEL if value is None or value == "" else str(value)
+
+
+class _Collector:
+    """Builds every metric family at scrape time from the counters and the live state."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        live = list(m.context.live.values())
+
+        accepted = CounterMetricFamily(
+            "trio_sni_connections_accepted",
+            "Client connections accepted (finished ones plus the live ones).",
+        )
+        accepted.add_metric([], m.finished + len(live))
+        yield accepted
+
+        active = GaugeMetricFamily(
+            "trio_sni_connections_active", "Client connections open now."
+        )
+        active.add_metric([], len(live))
+        yield active
+
+        closed = CounterMetricFamily(
+            "trio_sni_connections_closed",
+            "Finished connections by termination reason and forwarding mode "
+            '(mode "none": refused before forwarding).',
+            labels=["reason", "mode"],
+        )
+        for (reason, mode), count in sorted(m.closed.items()):
+            closed.add_metric([reason, mode], count)
+        yield closed
+
+        byte_totals = dict(m.bytes)
+        rule_bytes = dict(m.rule_bytes)
+        for info in live:
+            mode, rule = _label(info.mode), _label(info.rule)
+            for direction, value in (
+                ("to_upstream", info.counters.to_upstream),
+                ("to_client", info.counters.to_client),
+            ):
+                if value:
+                    byte_totals[(direction, mode)] = byte_totals.get((direction, mode), 0) + value
+                    rule_bytes[(rule, direction)] = rule_bytes.get((rule, direction), 0) + value
+
+        total_bytes = CounterMetricFamily(
+            "trio_sni_bytes",
+            "Bytes forwarded, by direction and forwarding mode (live connections included).",
+            labels=["direction", "mode"],
+        )
+        for (direction, mode), count in sorted(byte_totals.items()):
+            total_bytes.add_metric([direction, mode], count)
+        yield total_bytes
+
+        yield m.duration.family(
+            "trio_sni_connection_duration_seconds",
+            "Connection lifetime from accept to close, finished connections.",
+        )
+        yield m.hello_size.family(
+            "trio_sni_client_hello_bytes",
+            "Size of the ClientHello (all its TLS records), connections that sent a whole one.",
+        )
+
+        # A live connection counts under its rule once routed; one still routing is left out
+        # (it may yet match a rule, and "none" must not go backwards when it does).
+        rule_connections = dict(m.rule_connections)
+        for info in live:
+            if info.rule is not None:
+                rule_connections[info.rule] = rule_connections.get(info.rule, 0) + 1
+        per_rule = CounterMetricFamily(
+            "trio_sni_rule_connections",
+            'Connections per domain rule, live ones included (rule "none": refused before a '
+            "rule matched).",
+            labels=["rule"],
+        )
+        for rule, count in sorted(rule_connections.items()):
+            per_rule.add_metric([rule], count)
+        yield per_rule
+
+        per_rule_bytes = CounterMetricFamily(
+            "trio_sni_rule_bytes",
+            "Bytes forwarded per domain rule and direction (live connections included).",
+            labels=["rule", "direction"],
+        )
+        for (rule, direction), count in sorted(rule_bytes.items()):
+            per_rule_bytes.add_metric([rule, direction], count)
+        yield per_rule_bytes
+
+        yield from _resolver_families(m)
+        status = m.acceleration_status()
+        if status is not None:
+            yield from _acceleration_families(status)
+
+
+def _resolver_families(m: ProxyMetrics) -> Iterable[Metric]:
+    stats = m.context.resolver.statistics()
+    lookups = CounterMetricFamily(
+        "trio_sni_resolver_lookups",
+        "Name lookups by where the answer came from: cache_hit, negative_hit (cached failure), "
+        "miss (sent DNS queries), coalesced (waited for a lookup in flight), static (hosts).",
+        labels=["result"],
+    )
+    for result, value in (
+        ("cache_hit", stats.hits),
+        ("negative_hit", stats.negative_hits),
+        ("miss", stats.misses),
+        ("coalesced", stats.coalesced),
+        ("static", stats.static_hits),
+    ):
+        lookups.add_metric([result], value)
+    yield lookups
+    entries = GaugeMetricFamily(
+        "trio_sni_resolver_cache_entries", "Names in the in-process resolver cache now."
+    )
+    entries.add_metric([], stats.entries)
+    yield entries
+
+
+def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
+    feature = GaugeMetricFamily(
+        "trio_sni_ebpf_feature_state",
+        "1 for each kernel feature's current state (active, disabled or unavailable).",
+        labels=["feature", "state"],
+    )
+    for name, state in status.features.items():
+        feature.add_metric([name, state], 1)
+    yield feature
+    for name, value in sorted(status.counters.items()):
+        family = CounterMetricFamily(
+            f"trio_sni_ebpf_{name}", f"eBPF counter {name}, summed across CPUs."
+        )
+        family.add_metric([], value)
+        yield family
