@@ -84,7 +84,7 @@ class ConnectionInfo:
             "bytes_to_upstream": self.counters.to_upstream,
             "bytes_to_client": self.counters.to_client,
             "duration": round(now - self.started, 6),
-            "mode": self.mode,
+            "mode": self.counters.mode or self.mode,  # kernel can fall back to copy per connection
             "reason": self.reason,
             "error": self.error,
         }

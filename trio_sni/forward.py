@@ -3,10 +3,10 @@
 Every forwarder implements one small interface, :class:`Forwarder`: take two connected
 sockets and the bytes already read from the client, move bytes both ways until both
 directions are done, propagate half-closes and resets, count bytes, and return why the
-connection ended. The kernel-splice (BPF sockhash) and splice(2) forwarders plug in here.
+connection ended. ``copy`` is here; ``kernel`` (BPF sockhash splice) is in
+:mod:`trio_sni.kernel_forward`.
 
-:func:`choose_forwarder` is the single place that decides the forwarding mode. Today only
-``copy`` exists, so it explains, once, why ``kernel`` and ``splice`` are not used.
+:func:`choose_forwarder` is the single place that decides the forwarding mode, and says why.
 
 Termination reasons (the ``reason`` in access logs and metrics) returned here:
 ``normal`` (both sides closed cleanly), ``idle_timeout``, ``client_reset``, ``upstream_reset``.
@@ -17,13 +17,17 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from typing import Protocol
+import weakref
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
 
 from .errors import AccelerationUnavailable
 from .sansio.config import Config
+
+if TYPE_CHECKING:
+    from .accel import SockhashSplice
 
 log = logging.getLogger("trio_sni")
 
@@ -33,6 +37,9 @@ class ByteCounters:
 
     to_upstream: int = 0
     to_client: int = 0
+    #: The mode that actually forwarded this connection (``kernel`` can fall back to
+    #: ``copy`` per connection); ``None`` until a forwarder starts.
+    mode: str | None = None
 
 
 class Forwarder(Protocol):
@@ -93,6 +100,8 @@ class CopyForwarder:
         first_bytes: bytes,
         counters: ByteCounters,
     ) -> str:
+        if counters.mode is None:
+            counters.mode = self.mode
         for stream in (client, upstream):
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         reason = "normal"
@@ -154,18 +163,30 @@ def _end_with_reset(
 
 @attrs.frozen
 class ForwardingPlan:
-    """The outcome of :func:`choose_forwarder`: the forwarder and why it was chosen."""
+    """The outcome of :func:`choose_forwarder`: the forwarder and why it was chosen.
+
+    Call :meth:`close` when the proxy stops: a kernel forwarder holds the BPF maps and the
+    attached verdict program.
+    """
 
     forwarder: Forwarder
     why: str
+
+    def close(self) -> None:
+        close = getattr(self.forwarder, "close", None)
+        if close is not None:
+            close()
 
 
 def choose_forwarder(config: Config) -> ForwardingPlan:
     """Decide how connections forward bytes. The only place that does.
 
-    The kernel (BPF sockhash) and splice(2) forwarders are not part of this build yet, so
-    ``auto`` resolves to ``copy`` and says so; ``fallback_mode: "none"`` with kernel
-    forwarding enabled refuses to start instead of degrading silently.
+    ``kernel`` (BPF sockhash splice, :mod:`trio_sni.kernel_forward`) when the config asks for
+    it (``ebpf.enabled`` and ``ebpf.sockmap.enabled``), :func:`trio_sni.accel.probe` finds the
+    kernel, capabilities and BPF features for it, and the prebuilt object loads and attaches;
+    otherwise ``copy``, with the reason (logged once by the caller). Per connection the kernel
+    forwarder can still fall back to copy (a socket that cannot be inserted); the access log's
+    ``mode`` says which one ran.
 
     Raises:
         AccelerationUnavailable: when ``fallback_mode`` is ``"none"`` and kernel
@@ -174,16 +195,43 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
     copy = CopyForwarder(
         buffer_size=config.forwarding.buffer_size, idle_timeout=config.timeouts.idle
     )
+    if config.fallback_mode == "copy":
+        return ForwardingPlan(copy, "fallback_mode is 'copy'")
     kernel_wanted = config.ebpf.enabled and config.ebpf.sockmap.enabled
     if not kernel_wanted:
         return ForwardingPlan(copy, "ebpf.sockmap is disabled in the config")
-    why = "kernel forwarding (BPF sockhash) is not available in this build"
-    if config.fallback_mode == "none":
-        raise AccelerationUnavailable(
-            f"{why}, and fallback_mode is 'none': set fallback_mode to 'auto' to forward in "
-            "userspace, or disable ebpf.sockmap"
-        )
-    return ForwardingPlan(copy, f"{why}; falling back to userspace copy")
+    why = _kernel_unavailable(config)
+    if isinstance(why, str):
+        if config.fallback_mode == "none":
+            raise AccelerationUnavailable(
+                f"kernel forwarding unavailable: {why}; and fallback_mode is 'none': set "
+                "fallback_mode to 'auto' to forward in userspace, or disable ebpf.sockmap"
+            )
+        return ForwardingPlan(copy, f"kernel forwarding unavailable: {why}; using userspace copy")
+    from .kernel_forward import KernelForwarder
+
+    # A Proxy that is built but never served still releases the BPF objects when collected.
+    weakref.finalize(why, why.close)
+    kernel = KernelForwarder(
+        why,
+        copy=copy,
+        idle_timeout=config.timeouts.idle,
+        bound=config.ebpf.sockmap.max_in_flight,
+        buffer_size=config.forwarding.buffer_size,
+    )
+    return ForwardingPlan(kernel, "BPF sockhash splice, userspace copy per connection if needed")
 
 
-
+def _kernel_unavailable(config: Config) -> str | SockhashSplice:
+    """The loaded data plane, or why there is none."""
+    try:
+        from . import accel
+    except ImportError as exc:  # e.g. cffi missing on this platform
+        return f"cannot import the BPF loader: {exc}"
+    found = accel.probe()
+    if not found.sockmap:
+        return found.why_not("sockmap") or "unknown"
+    try:
+        return accel.SockhashSplice.load(max_entries=config.ebpf.sockmap.max_entries)
+    except (OSError, accel.LoaderError) as exc:
+        return f"loading sockhash.bpf.o failed: {exc}"

@@ -80,6 +80,7 @@ class Proxy:
         self.config = config
         plan = choose_forwarder(config)
         log.info("forwarding mode: %s (%s)", plan.forwarder.mode, plan.why)
+        self._plan = plan  # closed when serve() ends: the kernel forwarder holds BPF objects
         self._access_log = AccessLog(config.log.access_log) if access_log is None else None
         self.context = ConnectionContext(
             policy=Policy.from_config(config),
@@ -149,6 +150,7 @@ class Proxy:
                         trio.current_time() + self.config.timeouts.drain
                     )
         finally:
+            self._plan.close()
             if self._access_log is not None:
                 self._access_log.close()
         log.info("proxy stopped")

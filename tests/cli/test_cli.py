@@ -32,7 +32,15 @@ import trustme
 
 import trio_sni
 from trio_sni.defaults import default_config_text
+from trio_sni.accel import probe
 from trio_sni.sansio import Config, dump_config, load_config
+
+#: What the default config forwards with here: ``kernel`` where the BPF data plane can run.
+EXPECTED_MODE = "kernel" if probe().sockmap else "copy"
+#: https_get_once closes with the backend's close_notify possibly unread, which makes the
+#: client's kernel send an RST; with the kernel forwarding the reply is fast enough that it
+#: often has arrived, so ``client_reset`` is a correct reading of what the client did.
+CLEAN_END = {"normal", "client_reset"}
 
 #: Names the backend certificate covers.
 TEST_NAMES = ["bench.test", "www.bench.test"]
@@ -488,7 +496,7 @@ def test_serve_reload_deny_and_stop(
 ) -> None:
     served = serve_config(lambda port: routing_config(port, tls_backend.port))
     proxy = served.process
-    assert "forwarding mode: copy" in proxy.stderr
+    assert f"forwarding mode: {EXPECTED_MODE}" in proxy.stderr
 
     response = https_get_once(served.port, client_context)
     assert response.startswith(b"HTTP/1.1 200 OK\r\n")
@@ -496,8 +504,8 @@ def test_serve_reload_deny_and_stop(
     proxy.wait_for_records(1)
     [record] = proxy.access_log()
     assert record["sni"] == "bench.test"
-    assert record["reason"] == "normal"
-    assert record["mode"] == "copy"
+    assert record["reason"] in CLEAN_END
+    assert record["mode"] == EXPECTED_MODE
     assert record["decision"] == "allow"
     assert record["target"] == f"127.0.0.1:{tls_backend.port}"
     assert record["bytes_to_upstream"] > 0
@@ -557,7 +565,8 @@ def test_reload_with_a_broken_file_keeps_the_running_config(
     response = https_get_once(served.port, client_context)
     assert response.endswith(b"\r\n\r\nhello from the backend\n")
     proxy.wait_for_records(2)
-    assert [r["reason"] for r in proxy.access_log()] == ["normal", "normal"]
+    assert len(proxy.access_log()) == 2
+    assert all(r["reason"] in CLEAN_END for r in proxy.access_log())
 
     status, _ = stop(proxy, signal.SIGTERM)
     assert status == 0, proxy.stderr
@@ -629,6 +638,10 @@ def test_busy_port_is_a_clear_startup_error(
     assert "Traceback" not in proxy.stderr
 
 
+@pytest.mark.skipif(
+    EXPECTED_MODE == "kernel",
+    reason="kernel forwarding works here; tests/accel/test_fallback.py drops the capabilities",
+)
 def test_fallback_mode_none_refuses_to_start(
     tmp_path: Path, spawn_proxy: Callable[..., ProxyProcess]
 ) -> None:

@@ -33,6 +33,22 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
 RESPONSE_BODY = b"hello from the backend\n"
 
 
+@pytest.fixture
+def proxy_config(proxy_config: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """The e2e config in copy mode: these tests check times exactly on the autojump clock.
+
+    Only the copy forwarder sees every byte; the kernel forwarder polls byte counters on timers,
+    which the autojump clock would skip through (its idle timeout is tested in
+    tests/e2e/test_kernel_forwarding.py).
+    """
+
+    def build(backend_port: int, **overrides: Any) -> dict[str, Any]:
+        overrides.setdefault("ebpf", {"sockmap": {"enabled": False}})
+        return proxy_config(backend_port, **overrides)
+
+    return build
+
+
 # ------------------------------------------------------------------------------------------
 # Helpers
 

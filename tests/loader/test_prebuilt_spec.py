@@ -1,0 +1,76 @@
+"""The shipped objects in prebuilt/: the expected spec (unprivileged) and a byte-identical rebuild.
+
+cilium's TestLoadCollectionSpec for the product's own object, plus the CI check of STYLE rule 14
+done inside the suite: ``bpf/`` is copied to a temporary folder, rebuilt there with the pinned
+clang, and every object and BUILDINFO must equal the committed bytes (a different folder also
+proves no build path leaks into the objects, KERNEL-FACTS 40).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import loader
+from loader import AttachType, MapSpec, MapType, ProgType
+
+from .conftest import PREBUILT  # type: ignore[import-not-found]
+
+BPF_SOURCES = PREBUILT.parent / "bpf"
+
+SOCKHASH_MAPS = {
+    "sock_hash": MapSpec("sock_hash", MapType.SOCKHASH, 8, 8, 65536),
+    "targets": MapSpec("targets", MapType.SOCKHASH, 8, 8, 65536),
+    "peer": MapSpec("peer", MapType.HASH, 8, 24, 65536),
+    "progress": MapSpec("progress", MapType.HASH, 8, 16, 65536),
+    "counters": MapSpec("counters", MapType.PERCPU_ARRAY, 4, 8, 9),
+}
+
+
+def test_prebuilt_objects_are_exactly_these() -> None:
+    assert sorted(p.name for p in PREBUILT.glob("*.bpf.o")) == ["sockhash.bpf.o"]
+
+
+def test_sockhash_spec() -> None:
+    spec = loader.load_collection_spec(PREBUILT / "sockhash.bpf.o")
+    assert spec.license == "GPL"
+    assert dict(spec.maps) == SOCKHASH_MAPS
+    assert list(spec.programs) == ["stream_verdict"]
+    verdict = spec.programs["stream_verdict"]
+    assert verdict.section == "sk_skb/stream_verdict"
+    assert (verdict.type, verdict.attach_type, verdict.expected_attach_type) == (
+        ProgType.SK_SKB, AttachType.SK_SKB_STREAM_VERDICT, 5)
+    assert {r.map for r in verdict.references} == {"sock_hash", "targets", "peer", "progress",
+                                                    "counters"} - {"sock_hash"}
+    assert all(r.kind == "map" for r in verdict.references)
+
+
+def test_buildinfo_names_the_pinned_toolchain() -> None:
+    info = (PREBUILT / "BUILDINFO").read_text()
+    lines = info.splitlines()
+    assert lines[0].startswith("clang: Debian clang version 19.")
+    assert lines[1].startswith("cflags: -O2 -g -Wall -Werror -target bpfel -mcpu=v3 ")
+    assert "-ffile-prefix-map=<dir>/=" in lines[1]
+    assert lines[2].startswith("headers: libbpf-dev ")
+    assert [line.split()[1] for line in lines[3:]] == ["shared.h", "sockhash.bpf.c"]
+
+
+@pytest.mark.skipif(
+    shutil.which("clang-19") is None or shutil.which("make") is None,
+    reason="needs clang-19 and make (a build check; CI installs them)",
+)
+def test_prebuilt_rebuilds_byte_identical(tmp_path: Path) -> None:
+    src = tmp_path / "bpf"
+    shutil.copytree(BPF_SOURCES, src)
+    out = tmp_path / "out"
+    subprocess.run(["make", "-s", "-C", str(src), f"OUT={out}"], check=True, capture_output=True)
+    built = sorted(p.name for p in out.iterdir())
+    committed = sorted(p.name for p in PREBUILT.iterdir() if not p.name.startswith("."))
+    assert built == committed
+    for name in built:
+        assert (out / name).read_bytes() == (PREBUILT / name).read_bytes(), (
+            f"prebuilt/{name} is stale: run `make -C bpf` and commit prebuilt/"
+        )

@@ -1,0 +1,44 @@
+"""Python mirror of ``bpf/shared.h``: struct layouts and counter indices.
+
+``tests/accel/test_layout.py`` checks these against the BTF in the prebuilt object, so a change
+to the C side that is not made here fails the suite instead of corrupting map values.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+#: ``struct peer_info {u64 peer; u64 limit; u32 direction; u32 _pad;}``
+PEER_INFO = struct.Struct("<QQII")
+#: ``struct progress {u64 redirected; u64 stopped;}``
+PROGRESS = struct.Struct("<QQ")
+
+
+class Direction(enum.IntEnum):
+    """``enum direction``: which way a socket's received bytes go."""
+
+    TO_UPSTREAM = 0
+    TO_CLIENT = 1
+
+
+class Counter(enum.IntEnum):
+    """``enum counter``: indices into the per-CPU ``counters`` array."""
+
+    BYTES_TO_UPSTREAM = 0
+    SKBS_TO_UPSTREAM = 1
+    BYTES_TO_CLIENT = 2
+    SKBS_TO_CLIENT = 3
+    REDIRECT_FAILURES = 4
+    PEER_MISSES = 5
+    ZERO_LENGTH = 6
+    BUDGET_STOPS = 7
+    PASSED_BYTES = 8
+
+
+#: ``CNT_MAX``: the size of the ``counters`` array.
+COUNTER_MAX = len(Counter)
+
+#: Map and program names the forwarder needs from ``sockhash.bpf.o``.
+SOCKHASH_MAPS = ("sock_hash", "targets", "peer", "progress", "counters")
+SOCKHASH_PROGRAM = "stream_verdict"

@@ -1,0 +1,210 @@
+"""The kernel data plane: a loaded ``sockhash.bpf.o`` with its verdict program attached.
+
+Theory of operation (see ``bpf/sockhash.bpf.c`` and KERNEL-FACTS.md): :meth:`SockhashSplice.register`
+puts a connection's two sockets into the sockhash, after which the kernel redirects every byte
+either socket receives to the other one's egress. Python keeps only the bookkeeping:
+
+* Registration order (no byte stranded or reordered): both sockets into ``targets`` (no
+  program, so their receive path is unchanged), the ``progress`` and ``peer`` entries, then the
+  sockets into ``sock_hash`` (the verdict program), then a ``recv(MSG_DONTWAIT)`` "kick" on each
+  so bytes that arrived before the insert are forwarded now rather than on the next segment.
+* A socket whose ``sock_hash`` insert fails (its peer half-closed or reset in the meantime) is
+  left out: its direction is marked ``stopped`` and is forwarded in userspace by the caller.
+* Removal on every exit path: the ``with`` block deletes every entry it made, with plain
+  syscalls (no checkpoint), so cancellation cannot skip it.
+
+Map and program fds are owned by one :class:`SockhashSplice`, loaded once at startup and
+closed with :meth:`SockhashSplice.close`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+from collections.abc import Iterator
+from types import TracebackType
+
+import attrs
+
+import loader
+
+from .counters import read_counters
+from .layout import PEER_INFO, PROGRESS, SOCKHASH_PROGRAM, Direction
+from .objects import sockhash_spec
+
+#: ``SO_COOKIE`` (not in Python's socket module): the socket's 64-bit cookie.
+SO_COOKIE = 57
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    """The kernel's cookie for ``sock`` (what ``bpf_get_socket_cookie`` returns)."""
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+
+
+@attrs.define(eq=False)
+class Splice:
+    """One registered connection: cookies, and access to its per-socket BPF state.
+
+    ``stopped_at_insert`` lists the sides (``"client"``, ``"upstream"``) whose socket could not
+    be put into ``sock_hash``: their received bytes stay in the socket (userspace reads them).
+    """
+
+    plane: SockhashSplice
+    client_cookie: int
+    upstream_cookie: int
+    bound: int
+    stopped_at_insert: tuple[str, ...] = ()
+
+    def cookie(self, side: str) -> int:
+        return self.client_cookie if side == "client" else self.upstream_cookie
+
+    def progress(self, side: str) -> tuple[int, bool]:
+        """``(bytes redirected from side's socket so far, stopped?)``."""
+        if side in self.stopped_at_insert:
+            return 0, True
+        raw = self.plane.progress_map.lookup(self.cookie(side))
+        if raw is None:
+            return 0, True
+        redirected, stopped = PROGRESS.unpack(raw)
+        return redirected, bool(stopped)
+
+    def set_limit(self, side: str, limit: int) -> None:
+        """Let ``side``'s socket redirect until ``limit`` bytes in total (the in-flight bound)."""
+        peer = self.upstream_cookie if side == "client" else self.client_cookie
+        direction = Direction.TO_UPSTREAM if side == "client" else Direction.TO_CLIENT
+        self.plane.peer_map.update(self.cookie(side), PEER_INFO.pack(peer, limit, direction, 0))
+
+
+class SockhashSplice:
+    """The loaded data plane. ``SockhashSplice.load(max_entries=...)``, closed by :meth:`close`.
+
+    Raises from :meth:`load`: ``FileNotFoundError`` (no prebuilt object), or any
+    :class:`loader.LoaderError` (no privilege, verifier, kernel without the feature); nothing is
+    left open when it raises.
+    """
+
+    def __init__(self, collection: loader.Collection, link: loader.Link) -> None:
+        self._collection = collection
+        self._link = link
+        maps = collection.maps
+        self.sock_hash = maps["sock_hash"]
+        self.targets = maps["targets"]
+        self.peer_map = maps["peer"]
+        self.progress_map = maps["progress"]
+        self.counters_map = maps["counters"]
+        for m in (self.sock_hash, self.targets, self.peer_map, self.progress_map):
+            m.key_codec = loader.Int()
+        self.counters_map.key_codec = loader.Int()
+        self.counters_map.value_codec = loader.Int()
+
+    @classmethod
+    def load(cls, *, max_entries: int = 65536) -> SockhashSplice:
+        spec = sockhash_spec()
+        # Two sockets per connection in each sockhash, two entries per connection in each hash.
+        maps = {
+            name: (m.copy(max_entries=2 * max_entries) if name != "counters" else m)
+            for name, m in spec.maps.items()
+        }
+        spec = spec.copy(maps=maps)
+        collection = loader.Collection.load(spec, programs=[SOCKHASH_PROGRAM])
+        try:
+            link = loader.attach_sk_skb(
+                collection.programs[SOCKHASH_PROGRAM], collection.maps["sock_hash"]
+            )
+        except BaseException:
+            collection.close()
+            raise
+        return cls(collection, link)
+
+    def close(self) -> None:
+        """Detach and close every fd; idempotent."""
+        self._link.close()
+        self._collection.close()
+
+    def __enter__(self) -> SockhashSplice:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def counters(self) -> dict[str, int]:
+        return read_counters(self.counters_map)
+
+    def entries(self) -> dict[str, int]:
+        """Entries in each per-connection map (all zero when no connection is registered)."""
+        return {
+            name: sum(1 for _ in m.keys())
+            for name, m in (
+                ("sock_hash", self.sock_hash),
+                ("targets", self.targets),
+                ("peer", self.peer_map),
+                ("progress", self.progress_map),
+            )
+        }
+
+    @contextlib.contextmanager
+    def register(
+        self, client: socket.socket, upstream: socket.socket, *, bound: int
+    ) -> Iterator[Splice]:
+        """Splice ``client`` and ``upstream`` in the kernel for the ``with`` block.
+
+        Send whatever the proxy already read from the client to ``upstream`` *before* this
+        (KERNEL-FACTS fact 7). ``bound`` is the first in-flight allowance per direction.
+
+        Raises:
+            OSError: a socket could not be added to ``targets`` (e.g. ``EOPNOTSUPP``: it is not
+                ESTABLISHED any more, the client already half-closed) or a map is full. Nothing
+                was redirected then and no entry is left: copy in userspace instead.
+        """
+        c, u = socket_cookie(client), socket_cookie(upstream)
+        made: list[tuple[loader.Map, int]] = []
+        try:
+            for cookie in (c, u):
+                self.progress_map.update(cookie, PROGRESS.pack(0, 0))
+                made.append((self.progress_map, cookie))
+            for cookie, sock in ((c, client), (u, upstream)):
+                self.targets.insert_socket(cookie, sock)
+                made.append((self.targets, cookie))
+            splice = Splice(self, c, u, bound)
+            for side, cookie in (("client", c), ("upstream", u)):
+                splice.set_limit(side, bound)
+                made.append((self.peer_map, cookie))
+            stopped: list[str] = []
+            for side, cookie, sock in (("client", c, client), ("upstream", u, upstream)):
+                try:
+                    self.sock_hash.insert_socket(cookie, sock)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                        raise
+                    stopped.append(side)  # its bytes stay in its own queue: userspace
+                else:
+                    made.append((self.sock_hash, cookie))
+            splice.stopped_at_insert = tuple(stopped)
+            for side, sock in (("client", client), ("upstream", upstream)):
+                if side not in stopped:
+                    _kick(sock)
+            yield splice
+        finally:
+            # sock_hash first (no more verdicts), then the rest; all plain syscalls.
+            for m, cookie in sorted(made, key=lambda mc: mc[0] is not self.sock_hash):
+                with contextlib.suppress(OSError, ValueError):
+                    m.delete(cookie)
+
+
+def _kick(sock: socket.socket) -> None:
+    """``recv(MSG_DONTWAIT)``: makes the kernel run the verdict on bytes already queued.
+
+    Nothing can be returned by design (no skb was SK_PASSed yet); if something is, the
+    registration order is broken and forwarding would reorder bytes, so fail loudly.
+    """
+    try:
+        data = sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        return  # reset: the caller's end detection reports it
+    if data:
+        raise RuntimeError("sockhash registration: a byte was queued on the proxy's socket")

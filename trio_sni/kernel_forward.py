@@ -1,0 +1,477 @@
+"""The ``kernel`` forwarder: the BPF sockhash moves the bytes, Python watches for the end.
+
+Theory of operation. After the proxy has sent what it read from the client (the ClientHello and
+anything after it) to the target, :meth:`KernelForwarder.forward` registers both sockets with
+the data plane (:class:`trio_sni.accel.SockhashSplice`). From then on every byte either socket
+receives is redirected by the kernel to the other one's egress; Python never sees it. Python
+does four things, all from one loop per connection that sleeps on an epoll instance (itself
+watched by Trio) and on a low-rate timer:
+
+* **End of a direction.** The epoll instance watches both sockets for ``EPOLLRDHUP`` only
+  (plus ``EPOLLERR``/``EPOLLHUP``, always reported), edge-triggered: waiting for ``POLLIN`` on
+  a spliced socket spins (KERNEL-FACTS). On a FIN from one side the peer's write side is shut
+  only once the peer has taken everything the kernel redirected to it
+  (``tcpi_bytes_acked + SIOCOUTQ`` of the peer has grown by ``tcpi_bytes_received`` of the
+  source since registration), polled every 2 ms; shutting it at once cuts the tail.
+* **Resets.** ``EPOLLERR`` (``ECONNRESET``) on one side closes the other with ``SO_LINGER 0``,
+  so it gets an RST too; the reason is ``client_reset`` or ``upstream_reset``.
+* **Backpressure.** The kernel has none: a stalled reader lets the redirect queue grow without
+  limit. Each socket has an allowance in the BPF ``peer`` map: it may redirect until
+  ``redirected <= sent by the peer + bound``. Python moves the allowance forward as the peer
+  sends (polled at an adaptive rate). A socket that reaches it is *stopped* by the program
+  itself: from that skb on, its bytes are SK_PASSed into its own receive queue (charged to its
+  receive buffer, so TCP's window closes on the sender). Python then waits until the peer has
+  sent every byte redirected before the stop, and moves that direction to userspace
+  ``recv``/``send`` for the rest of the connection. Nothing is lost or reordered: the bytes
+  before the stop are all in the peer's send queue before Python sends the first byte after
+  it. The cost: a direction that ever has more than ``bound`` bytes in flight (a bulk transfer
+  faster than the redirect worker, or a stalled reader) is copied by Python from then on.
+* **Idle timeout and byte counts.** ``TCP_INFO`` byte counters, read at the poll rate: the
+  idle deadline moves when either socket has received something since the last poll; the
+  access log's counts are what each socket was given to send (``bytes_acked + SIOCOUTQ``)
+  since forwarding began.
+
+Every map entry is removed when :meth:`forward` returns, raises or is cancelled (the
+registration is a ``with`` block of plain syscalls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import math
+import select
+import socket
+import struct
+from collections.abc import Iterator
+
+import attrs
+import trio
+
+from .accel import SockhashSplice, Splice
+from .forward import ByteCounters, CopyForwarder, reset_on_close
+
+log = logging.getLogger("trio_sni")
+
+SIOCINQ = 0x541B  # FIONREAD
+SIOCOUTQ = 0x5411  # TIOCOUTQ
+_TCP_INFO_LEN = 136
+_TCP_CLOSE = 7
+
+#: How often a draining direction checks whether the peer has sent everything (seconds).
+DRAIN_POLL = 0.002
+#: Slowest poll of the allowance, idle and byte counters (seconds); fast flows poll faster.
+MAX_POLL = 1.0
+#: Fastest allowance poll (seconds).
+MIN_POLL = 0.005
+
+
+def _tcp_counts(fd: int) -> tuple[int, int]:
+    """``(tcpi_bytes_acked, tcpi_bytes_received)``; each includes SYN/FIN sequence numbers."""
+    raw = socket.socket(fileno=fd)
+    try:
+        data = raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    finally:
+        raw.detach()
+    if len(data) < _TCP_INFO_LEN:
+        raise OSError(errno.ENOTSUP, "TCP_INFO without bytes_acked/bytes_received")
+    acked, received = struct.unpack_from("<QQ", data, 120)
+    return acked, received
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    value: int = struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
+    return value
+
+
+def written(fd: int) -> int:
+    """Every sequence number handed to the socket to send: ``bytes_acked + SIOCOUTQ``."""
+    return _tcp_counts(fd)[0] + _ioctl_int(fd, SIOCOUTQ)
+
+
+def received(fd: int) -> int:
+    return _tcp_counts(fd)[1]
+
+
+def consumed(fd: int) -> int:
+    """Bytes userspace has read from the socket: received minus still queued (stable read)."""
+    while True:
+        before = received(fd)
+        queued = _ioctl_int(fd, SIOCINQ)
+        if received(fd) == before:
+            return before - queued
+
+
+#: recv() size when emptying a receive queue before the insert.
+_DRAIN_CHUNK = 1 << 20
+
+
+def _drain_queued(fd: int) -> tuple[bytes, bool]:
+    """Read everything queued on ``fd`` now; ``(data, ended)``, ended on EOF or an error.
+
+    A read shorter than asked for has emptied the queue, so no partly read skb is left.
+    """
+    chunks: list[bytes] = []
+    with _borrowed(fd) as sock:
+        while True:
+            try:
+                data = sock.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return b"".join(chunks), False
+            except OSError:
+                return b"".join(chunks), True
+            if not data:
+                return b"".join(chunks), True
+            chunks.append(data)
+            if len(data) < _DRAIN_CHUNK:
+                return b"".join(chunks), False
+
+
+@contextlib.contextmanager
+def _borrowed(fd: int) -> Iterator[socket.socket]:
+    """A stdlib socket object for ``fd`` that does not close it."""
+    sock = socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
+def _socket_error(fd: int) -> int:
+    with _borrowed(fd) as sock:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+
+def _tcp_state(fd: int) -> int:
+    with _borrowed(fd) as sock:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+@attrs.define(eq=False)
+class _Direction:
+    """Bytes received on ``src`` going out of ``dst``."""
+
+    src_side: str  # "client" or "upstream": whose bytes these are
+    src: trio.SocketStream
+    dst: trio.SocketStream
+    src_fd: int
+    dst_fd: int
+    consumed0: int  # src bytes read by the proxy before registration (+ SYN)
+    written0: int  # dst's written() at registration
+    state: str = "kernel"  # kernel -> draining -> done, or kernel -> user -> done
+    limit: int = 0
+    fin_received: bool = False
+
+    def sent_since(self) -> int:
+        return written(self.dst_fd) - self.written0
+
+    def received_since(self) -> int:
+        return received(self.src_fd) - self.consumed0 - (1 if self.fin_received else 0)
+
+
+class KernelForwarder:
+    """Forwarding through the BPF sockhash, with userspace copy where the kernel cannot.
+
+    Args:
+        plane: the loaded data plane; owned by this forwarder from now on (see :meth:`close`).
+        copy: the forwarder for connections whose sockets cannot be registered.
+        idle_timeout: seconds without a byte either way.
+        bound: the per-direction in-flight bound in bytes (``ebpf.sockmap.max_in_flight``).
+        buffer_size: recv() size for a direction moved to userspace.
+    """
+
+    mode = "kernel"
+
+    def __init__(
+        self,
+        plane: SockhashSplice,
+        *,
+        copy: CopyForwarder,
+        idle_timeout: float,
+        bound: int,
+        buffer_size: int,
+    ) -> None:
+        self.plane = plane
+        self._copy = copy
+        self._idle_timeout = idle_timeout
+        self._bound = bound
+        self._buffer_size = buffer_size
+        #: Connections that fell back to copy because registration failed.
+        self.fallbacks = 0
+        #: Directions moved to userspace by the in-flight bound.
+        self.budget_stops = 0
+
+    def close(self) -> None:
+        """Detach the verdict program and close the maps (idempotent)."""
+        self.plane.close()
+
+    async def forward(
+        self,
+        client: trio.SocketStream,
+        upstream: trio.SocketStream,
+        *,
+        first_bytes: bytes,
+        counters: ByteCounters,
+    ) -> str:
+        counters.mode = "kernel"
+        for stream in (client, upstream):
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        cfd, ufd = client.socket.fileno(), upstream.socket.fileno()
+        # Counts so far (e.g. bytes a SOCKS server passed on) plus what is sent from here on.
+        base_to_upstream = written(ufd) - counters.to_upstream
+        base_to_client = written(cfd) - counters.to_client
+        # Read whatever is queued on both sockets and send it on ourselves, before the insert
+        # (KERNEL-FACTS fact 7): the kernel takes over whole skbs from the receive queue and
+        # ignores how much of the first one userspace had read already, so a partly read skb
+        # would be sent twice (measured: the 16 KiB the ClientHello reader had taken from a
+        # 64 KiB skb arrived again).
+        to_upstream, client_ended = _drain_queued(cfd)
+        to_client, upstream_ended = _drain_queued(ufd)
+        for data, dst, other, side in (
+            (first_bytes + to_upstream, upstream, client, "upstream"),
+            (to_client, client, upstream, "client"),
+        ):
+            if not data:
+                continue
+            try:
+                await dst.send_all(data)
+            except trio.BrokenResourceError:
+                reset_on_close(other)
+                return f"{side}_reset"
+            if side == "upstream":
+                counters.to_upstream += len(data)
+            else:
+                counters.to_client += len(data)
+        if client_ended or upstream_ended:
+            # Half-closed or reset already: the insert would fail; copy sees the end again.
+            self.fallbacks += 1
+            counters.mode = "copy"
+            return await self._copy.forward(client, upstream, first_bytes=b"", counters=counters)
+        dirs = (
+            _Direction("client", client, upstream, cfd, ufd, consumed(cfd), written(ufd)),
+            _Direction("upstream", upstream, client, ufd, cfd, consumed(ufd), written(cfd)),
+        )
+        with contextlib.ExitStack() as registration, _borrowed(cfd) as cs, _borrowed(ufd) as us:
+            try:
+                splice = registration.enter_context(
+                    self.plane.register(cs, us, bound=self._bound)
+                )
+            except OSError as exc:
+                self.fallbacks += 1
+                log.debug("sockhash registration failed (%s): copying this connection", exc)
+                counters.mode = "copy"
+                return await self._copy.forward(
+                    client, upstream, first_bytes=b"", counters=counters
+                )
+            for d in dirs:
+                d.limit = self._bound
+            watcher = _Watcher(self, splice, dirs, counters, base_to_upstream, base_to_client)
+            try:
+                return await watcher.run()
+            finally:
+                watcher.update_counters()
+
+
+class _Watcher:
+    """The per-connection loop of :class:`KernelForwarder` (see the module docstring)."""
+
+    def __init__(
+        self,
+        fwd: KernelForwarder,
+        splice: Splice,
+        dirs: tuple[_Direction, _Direction],
+        counters: ByteCounters,
+        base_to_upstream: int,
+        base_to_client: int,
+    ) -> None:
+        self.fwd = fwd
+        self.splice = splice
+        self.dirs = dirs
+        self.counters = counters
+        self.base = {"client": base_to_upstream, "upstream": base_to_client}
+        self.fin_sent = {"client": False, "upstream": False}  # FIN sent on d.dst
+        self.reason: str | None = None
+        self._waiting: trio.CancelScope | None = None
+        self.last_activity = trio.current_time()
+        self.activity = self._activity()
+        self.last_redirected = {d.src_side: 0 for d in dirs}
+        for side in splice.stopped_at_insert:
+            d = self._dir(side)
+            d.state = "user"
+
+    def _dir(self, side: str) -> _Direction:
+        return self.dirs[0] if side == "client" else self.dirs[1]
+
+    def _activity(self) -> int:
+        total = 0
+        for d in self.dirs:
+            with contextlib.suppress(OSError):
+                total += received(d.src_fd)
+        return total
+
+    def update_counters(self) -> None:
+        for d in self.dirs:
+            try:
+                sent = written(d.dst_fd) - self.base[d.src_side]
+            except OSError:
+                continue
+            sent -= 1 if self.fin_sent[d.src_side] else 0
+            if d.src_side == "client":
+                self.counters.to_upstream = sent
+            else:
+                self.counters.to_client = sent
+
+    async def run(self) -> str:
+        epoll = select.epoll()
+        try:
+            for d in self.dirs:
+                epoll.register(d.src_fd, select.EPOLLRDHUP | select.EPOLLET)
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                for d in self.dirs:
+                    if d.state == "user":
+                        nursery.start_soon(self._userspace, d)
+                await self._loop(epoll)
+                nursery.cancel_scope.cancel()
+        finally:
+            epoll.close()
+        assert self.reason is not None
+        return self.reason
+
+    def _wake(self) -> None:
+        """Make the loop look again now (a userspace direction changed state)."""
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def _end(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.nursery.cancel_scope.cancel()
+
+    def _reset(self, side: str) -> None:
+        """``side`` was reset: reset the other side too and stop."""
+        other = self.dirs[0].dst if side == "client" else self.dirs[1].dst
+        reset_on_close(other)
+        self._end(f"{side}_reset")
+
+    async def _loop(self, epoll: select.epoll) -> None:
+        fwd = self.fwd
+        poll = MIN_POLL
+        while self.reason is None:
+            if all(d.state == "done" for d in self.dirs):
+                self.reason = "normal"
+                return
+            now = trio.current_time()
+            activity = self._activity()
+            if activity != self.activity:
+                self.activity, self.last_activity = activity, now
+            idle_deadline = self.last_activity + fwd._idle_timeout
+            if now >= idle_deadline:
+                self._end("idle_timeout")
+                return
+            poll = MAX_POLL
+            for d in self.dirs:
+                if d.state in ("kernel", "draining"):
+                    poll = min(poll, self._check_allowance(d, now))
+                if d.state == "draining":
+                    if d.sent_since() >= d.received_since():
+                        self._shutdown_dst(d)
+                    else:
+                        poll = DRAIN_POLL
+            self.update_counters()
+            if all(d.state == "done" for d in self.dirs):
+                continue
+            timeout = max(0.0, min(poll, idle_deadline - now))
+            with trio.move_on_after(timeout) as self._waiting:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+            self._waiting = None
+            for fd, events in epoll.poll(0):
+                d = self.dirs[0] if fd == self.dirs[0].src_fd else self.dirs[1]
+                self._on_event(d, events)
+
+    def _on_event(self, d: _Direction, events: int) -> None:
+        side = d.src_side
+        if events & select.EPOLLERR or (
+            events & select.EPOLLHUP and _tcp_state(d.src_fd) == _TCP_CLOSE
+            and _socket_error(d.src_fd)
+        ):
+            self._reset(side)
+            return
+        if events & (select.EPOLLRDHUP | select.EPOLLHUP) and not d.fin_received:
+            d.fin_received = True
+            if d.state == "kernel":
+                with _borrowed(d.src_fd) as sock, contextlib.suppress(OSError):
+                    sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # process the queue
+                d.state = "draining"
+            # "user": its pump reads the EOF itself.
+
+    def _shutdown_dst(self, d: _Direction) -> None:
+        with _borrowed(d.dst_fd) as sock, contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            self.fin_sent[d.src_side] = True
+        d.state = "done"
+        self._wake()
+
+    def _check_allowance(self, d: _Direction, now: float) -> float:
+        """Move ``d``'s allowance forward; start userspace if the program stopped it.
+
+        Returns how soon to look again: about half the time the allowance lasts at the
+        current rate, between MIN_POLL and MAX_POLL.
+        """
+        redirected, stopped = self.splice.progress(d.src_side)
+        if stopped:
+            d.state = "user"
+            self.fwd.budget_stops += 1
+            self.nursery.start_soon(self._userspace, d)
+            return MIN_POLL
+        bound = self.fwd._bound
+        new_limit = d.sent_since() + bound
+        if new_limit - d.limit >= bound // 4:
+            d.limit = new_limit
+            self.splice.set_limit(d.src_side, new_limit)
+        rate = redirected - self.last_redirected[d.src_side]
+        self.last_redirected[d.src_side] = redirected
+        if rate <= 0:
+            return MAX_POLL
+        # ``rate`` bytes moved since the last look; the allowance left lasts that many looks.
+        headroom = max(0, d.limit - redirected)
+        looks_left = headroom / rate
+        return max(MIN_POLL, min(MAX_POLL, MIN_POLL * math.floor(looks_left / 2 + 1)))
+
+    async def _userspace(self, d: _Direction) -> None:
+        """Copy ``d`` in userspace from now on (in-flight bound reached, or no splice)."""
+        redirected, _ = self.splice.progress(d.src_side)
+        if d.src_side not in self.splice.stopped_at_insert:
+            # Every byte redirected before the stop must be in dst's send queue before the
+            # first byte copied here, or the order breaks.
+            while d.sent_since() < redirected:
+                if _tcp_state(d.dst_fd) == _TCP_CLOSE:
+                    self._reset("upstream" if d.src_side == "client" else "client")
+                    return
+                await trio.sleep(DRAIN_POLL)
+        other = "upstream" if d.src_side == "client" else "client"
+        copied = 0
+        while True:
+            try:
+                data = await d.src.receive_some(self.fwd._buffer_size)
+            except trio.BrokenResourceError:
+                self._reset(d.src_side)
+                return
+            if not data:
+                # On a socket in the sockhash, recv() reports EOF once the FIN has arrived
+                # even if SK_PASSed skbs still wait in the psock's retry queue: believe it only
+                # when every byte received has been redirected or copied.
+                d.fin_received = True
+                if d.received_since() <= redirected + copied:
+                    break
+                await trio.sleep(DRAIN_POLL)
+                continue
+            copied += len(data)
+            try:
+                await d.dst.send_all(data)
+            except trio.BrokenResourceError:
+                self._reset(other)
+                return
+        self._shutdown_dst(d)
