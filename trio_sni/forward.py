@@ -177,6 +177,11 @@ class ForwardingPlan:
         if close is not None:
             close()
 
+    def kernel_status(self) -> tuple[int, dict[str, int]] | None:
+        """``(sockhash entries, data-plane counters)`` in kernel mode, else ``None``."""
+        status = getattr(self.forwarder, "status", None)
+        return status() if status is not None else None
+
 
 def choose_forwarder(config: Config) -> ForwardingPlan:
     """Decide how connections forward bytes. The only place that does.
@@ -195,8 +200,6 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
     copy = CopyForwarder(
         buffer_size=config.forwarding.buffer_size, idle_timeout=config.timeouts.idle
     )
-    if config.fallback_mode == "copy":
-        return ForwardingPlan(copy, "fallback_mode is 'copy'")
     kernel_wanted = config.ebpf.enabled and config.ebpf.sockmap.enabled
     if not kernel_wanted:
         return ForwardingPlan(copy, "ebpf.sockmap is disabled in the config")

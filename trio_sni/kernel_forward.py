@@ -202,10 +202,19 @@ class KernelForwarder:
         self.fallbacks = 0
         #: Directions moved to userspace by the in-flight bound.
         self.budget_stops = 0
+        #: Connections registered in the sockhash right now.
+        self.registered = 0
 
     def close(self) -> None:
         """Detach the verdict program and close the maps (idempotent)."""
         self.plane.close()
+
+    def status(self) -> tuple[int, dict[str, int]]:
+        """``(sockets in the sockhash, counters)``: cheap (no map walk), for status pages."""
+        counters = self.plane.counters()
+        counters["fallbacks"] = self.fallbacks
+        counters["userspace_directions"] = self.budget_stops
+        return 2 * self.registered, counters
 
     async def forward(
         self,
@@ -268,9 +277,11 @@ class KernelForwarder:
             for d in dirs:
                 d.limit = self._bound
             watcher = _Watcher(self, splice, dirs, counters, base_to_upstream, base_to_client)
+            self.registered += 1
             try:
                 return await watcher.run()
             finally:
+                self.registered -= 1
                 watcher.update_counters()
 
 

@@ -110,14 +110,17 @@ class Proxy:
         With ``status.listen`` set, the status endpoint is bound first (so ``/readyz`` can
         say "not ready" until the listeners are bound) and runs until the proxy has drained.
         """
-        if self.config.status.listen is None:
-            await self._serve_proxy(task_status=task_status)
-            return
-        host, port = parse_host_port(self.config.status.listen)
-        async with trio.open_nursery() as status:
-            self.status_listeners = await status.start(serve_status, self, host, port)
-            await self._serve_proxy(task_status=task_status)
-            status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
+        try:
+            if self.config.status.listen is None:
+                await self._serve_proxy(task_status=task_status)
+                return
+            host, port = parse_host_port(self.config.status.listen)
+            async with trio.open_nursery() as status:
+                self.status_listeners = await status.start(serve_status, self, host, port)
+                await self._serve_proxy(task_status=task_status)
+                status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
+        finally:
+            self._plan.close()  # the kernel forwarder's BPF objects, on every path
 
     async def _serve_proxy(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
@@ -150,7 +153,6 @@ class Proxy:
                         trio.current_time() + self.config.timeouts.drain
                     )
         finally:
-            self._plan.close()
             if self._access_log is not None:
                 self._access_log.close()
         log.info("proxy stopped")

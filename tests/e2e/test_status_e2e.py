@@ -19,8 +19,17 @@ from proxytest import wait_for
 from statusclient import http_request, metric_samples, raw_exchange, sample, status_line
 
 from trio_sni.sansio.config_load import load_config
+from trio_sni.accel import probe
 from trio_sni.server import Proxy
 from trio_sni.status import NOT_IMPLEMENTED, serve_status
+
+#: Whether the default config forwards in kernel mode here.
+KERNEL = probe().sockmap
+
+
+def COPY_MODE(config: dict[str, Any]) -> dict[str, Any]:  # noqa: N802 - reads as a marker
+    """``config`` with kernel forwarding switched off (byte counts per chunk, mode "copy")."""
+    return {**config, "ebpf": {"sockmap": {"enabled": False}}}
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
 
@@ -199,7 +208,7 @@ async def test_metrics_after_real_traffic_in_copy_mode(
     proxy_config: Callable[..., Any],
     client_context: ssl.SSLContext,
 ) -> None:
-    running, port = await start_with_status(proxy_config(tls_backend.port))
+    running, port = await start_with_status(COPY_MODE(proxy_config(tls_backend.port)))
     await tls_get(running.port, "bench.test", client_context)
     await tls_get(running.port, "www.bench.test", client_context)
     await tls_get(running.port, "other.test", client_context)
@@ -245,7 +254,7 @@ async def test_metrics_after_real_traffic_in_copy_mode(
     # Three routed names answered from resolver.hosts; the denied one never resolved.
     assert sample(s, "trio_sni_resolver_lookups_total", result="static") == 3
     assert sample(s, "trio_sni_resolver_lookups_total", result="miss") == 0
-    assert sample(s, "trio_sni_ebpf_feature_state", feature="sockmap", state="unavailable") == 1
+    assert sample(s, "trio_sni_ebpf_feature_state", feature="sockmap", state="disabled") == 1
 
     openmetrics = await http_request(
         port, "/metrics", headers=(("Accept", "application/openmetrics-text; version=1.0.0"),)
@@ -260,7 +269,7 @@ async def test_connections_shows_a_live_connection(
     proxy_config: Callable[..., Any],
     client_context: ssl.SSLContext,
 ) -> None:
-    running, port = await start_with_status(proxy_config(tls_backend.port))
+    running, port = await start_with_status(COPY_MODE(proxy_config(tls_backend.port)))
     assert json.loads((await http_request(port, "/connections")).body) == {
         "total": 0, "limit": 100, "connections": []
     }
@@ -311,20 +320,25 @@ async def test_ebpf_status_has_the_designs_shape(
     assert response.status == 200
     assert response.headers["content-type"] == "application/json"
     doc = json.loads(response.body)
-    assert doc["ebpf_enabled"] is False
+    assert doc["ebpf_enabled"] is KERNEL
     assert doc["features"] == {
-        "sockmap": "unavailable",
+        "sockmap": "active" if KERNEL else "unavailable",
         "dns_cache": "unavailable",
         "xdp": "disabled",
         "tc": "disabled",
         "stats": "unavailable",
     }
-    assert set(doc["reasons"]) == set(doc["features"])  # none is active: each says why
-    assert doc["reasons"]["sockmap"] == NOT_IMPLEMENTED
+    # Every feature that is not active says why.
+    assert set(doc["reasons"]) == set(doc["features"]) - ({"sockmap"} if KERNEL else set())
+    if not KERNEL:
+        assert doc["reasons"]["sockmap"].startswith("kernel forwarding unavailable: ")
     assert doc["reasons"]["xdp"] == "ebpf.xdp.enabled is false"
     assert doc["kernel_version"] == os.uname().release
-    assert doc["maps"] == {}
-    assert doc["forwarding_mode"] == "copy"
+    if KERNEL:
+        assert doc["maps"]["sockmap"]["max_entries"] == 65536
+    else:
+        assert doc["maps"] == {}
+    assert doc["forwarding_mode"] == ("kernel" if KERNEL else "copy")
     assert doc["resolver_cache"] == {"entries": 0, "max_entries": 10000, "hit_rate": None}
 
 
