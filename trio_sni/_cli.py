@@ -7,6 +7,9 @@ import json
 import logging
 import signal
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
@@ -35,6 +38,17 @@ examples:
   python -m trio_sni --print-default-config > trio-sni.json
   python -m trio_sni --check-config trio-sni.json
   python -m trio_sni --config trio-sni.json
+  python -m trio_sni status --url http://127.0.0.1:9090
+"""
+
+#: Where ``status`` looks by default: the address the docs suggest for ``status.listen``.
+DEFAULT_STATUS_URL = "http://127.0.0.1:9090"
+STATUS_DESCRIPTION = """\
+Show a running proxy's status as tables: readiness, connections and bytes by mode and
+termination reason, the kernel features (active, disabled or unavailable, and why), maps,
+the resolver cache, per-rule traffic and the oldest live connections. It reads the proxy's
+status endpoint, so the proxy must run with "status": {"listen": "127.0.0.1:9090"} (or the
+address given with --url). Exit status: 0 when the endpoint answered, 1 when it did not.
 """
 
 
@@ -79,12 +93,43 @@ def _parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="override log.level from the config",
     )
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    status = commands.add_parser(
+        "status",
+        help="show a running proxy's status (from its status endpoint) as tables",
+        description=STATUS_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument(
+        "--url",
+        default=DEFAULT_STATUS_URL,
+        help=f"the proxy's status endpoint (its status.listen); default {DEFAULT_STATUS_URL}",
+    )
+    status.add_argument(
+        "--limit",
+        type=int,
+        default=20,
+        metavar="N",
+        help="live connections to list, oldest first (0 to 1000; default 20)",
+    )
+    status.add_argument(
+        "--json", action="store_true", help="print the raw answers as one JSON object"
+    )
+    status.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="per request (default 5)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m trio_sni`` and the ``trio-sni`` script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "status":
+        if args.config or args.check_config or args.print_default_config:
+            parser.error("status reads a running proxy: --config, --check-config and "
+                         "--print-default-config do not apply")
+        sys.exit(status_command(args.url, limit=args.limit, raw=args.json, timeout=args.timeout))
     if args.print_default_config:
         sys.stdout.write(default_config_text())
         return
@@ -183,3 +228,252 @@ def _reload(proxy: Proxy, config_path: str | None) -> None:
 def _sockname(listener: trio.SocketListener) -> str:
     host, port = listener.socket.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ------------------------------------------------------------------------------------------
+# ``python -m trio_sni status``
+
+
+class StatusUnavailable(Exception):
+    """The status endpoint could not be reached or did not answer as expected."""
+
+
+def status_command(url: str, *, limit: int, raw: bool, timeout: float) -> int:
+    """Fetch the status documents from ``url`` and print them; the process exit status."""
+    base = url.rstrip("/")
+    if not base.startswith("http://"):
+        print(f"--url: expected http://host:port, got {url!r}", file=sys.stderr)
+        return 1
+    try:
+        documents = fetch_status(base, limit=max(0, min(limit, 1000)), timeout=timeout)
+    except StatusUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if raw:
+        print(json.dumps(documents, indent=2))
+    else:
+        sys.stdout.write(render_status(base, documents))
+    return 0
+
+
+def fetch_status(base: str, *, limit: int, timeout: float) -> dict[str, object]:
+    """``/readyz``, ``/ebpf/status``, ``/connections`` and ``/metrics`` (parsed), as one dict.
+
+    Raises:
+        StatusUnavailable: saying which URL failed and how.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # No proxy from the environment: the status endpoint is local by design.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get(path: str, *, expect: Sequence[int] = (200,)) -> tuple[int, str]:
+        try:
+            with opener.open(base + path, timeout=timeout) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                status, body = exc.code, exc.read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise StatusUnavailable(
+                f"cannot reach the status endpoint at {base}: {reason}; is the proxy running "
+                'with "status": {"listen": ...} set to this address? (--url chooses another)'
+            ) from None
+        if status not in expect:
+            raise StatusUnavailable(f"{base}{path}: unexpected answer {status}: {body[:200]!r}")
+        return status, body.decode("utf-8", "replace")
+
+    def get_json(path: str) -> object:
+        _status, text = get(path)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise StatusUnavailable(f"{base}{path}: not JSON: {text[:200]!r}") from None
+
+    ready_status, ready_text = get("/readyz", expect=(200, 503))
+    ebpf = get_json("/ebpf/status")
+    connections = get_json(f"/connections?limit={limit}")
+    _status, metrics_text = get("/metrics")
+    samples: list[dict[str, object]] = []
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            for sample in family.samples:
+                samples.append(
+                    {"name": sample.name, "labels": dict(sample.labels), "value": sample.value}
+                )
+    except ValueError as exc:
+        raise StatusUnavailable(f"{base}/metrics: not Prometheus text: {exc}") from None
+    return {
+        "ready": ready_status == 200,
+        "readiness": ready_text.strip(),
+        "ebpf": ebpf,
+        "connections": connections,
+        "metrics": samples,
+    }
+
+
+def render_status(base: str, documents: dict[str, object]) -> str:
+    """The status documents as a few aligned tables for a person."""
+    ebpf = _as_dict(documents["ebpf"])
+    connections = _as_dict(documents["connections"])
+    samples = documents["metrics"]
+    assert isinstance(samples, list)
+
+    def total(name: str, **match: str) -> float:
+        return sum(
+            float(s["value"])
+            for s in samples
+            if s["name"] == name and all(s["labels"].get(k) == v for k, v in match.items())
+        )
+
+    def by_label(name: str, *labels: str) -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for s in samples:
+            if s["name"] == name:
+                key = tuple(str(s["labels"].get(label, "")) for label in labels)
+                out[key] = out.get(key, 0.0) + float(s["value"])
+        return out
+
+    lines = [f"trio-sni {ebpf.get('version', '?')} at {base}"]
+    readiness = str(documents["readiness"])
+    lines.append(_field("ready", "yes" if documents["ready"] else f"no ({readiness})"))
+    lines.append(_field("forwarding", str(ebpf.get("forwarding_mode"))))
+    lines.append(
+        _field(
+            "connections",
+            f"{int(total('trio_sni_connections_active'))} active, "
+            f"{int(total('trio_sni_connections_accepted_total'))} accepted",
+        )
+    )
+    closed: dict[str, float] = {}
+    for (reason,), value in by_label("trio_sni_connections_closed_total", "reason").items():
+        closed[reason] = closed.get(reason, 0) + value
+    ordered = sorted(closed.items(), key=lambda item: (-item[1], item[0]))
+    lines.append(_field("closed", ", ".join(f"{r} {int(v)}" for r, v in ordered) or "none"))
+    modes = by_label("trio_sni_bytes_total", "mode", "direction")
+    lines.append(
+        _field(
+            "bytes",
+            "; ".join(
+                f"{mode}: {_size(modes.get((mode, 'to_upstream'), 0))} to upstream, "
+                f"{_size(modes.get((mode, 'to_client'), 0))} to client"
+                for mode in sorted({mode for mode, _ in modes})
+            )
+            or "none yet",
+        )
+    )
+    cache = _as_dict(ebpf.get("resolver_cache") or {})
+    hit_rate = cache.get("hit_rate")
+    lines.append(
+        _field(
+            "resolver cache",
+            f"{cache.get('entries')} of {cache.get('max_entries')} names, hit rate "
+            + (f"{float(hit_rate) * 100:.1f} %" if isinstance(hit_rate, (int, float)) else "-"),
+        )
+    )
+
+    features = _as_dict(ebpf.get("features") or {})
+    reasons = _as_dict(ebpf.get("reasons") or {})
+    lines += ["", f"eBPF: {'on' if ebpf.get('ebpf_enabled') else 'off'} "
+              f"(kernel {ebpf.get('kernel_version')})"]
+    lines += _table(
+        ("FEATURE", "STATE", "REASON"),
+        [(name, str(state), str(reasons.get(name, ""))) for name, state in features.items()],
+    )
+    maps = _as_dict(ebpf.get("maps") or {})
+    if maps:
+        rows = []
+        for name, info in maps.items():
+            m = _as_dict(info)
+            rate = m.get("hit_rate")
+            rows.append((
+                name,
+                str(m.get("entries")),
+                str(m.get("max_entries")),
+                f"{float(rate) * 100:.1f} %" if isinstance(rate, (int, float)) else "-",
+            ))
+        lines.append("")
+        lines += _table(("MAP", "ENTRIES", "MAX ENTRIES", "HIT RATE"), rows)
+    kernel_counters = [
+        (str(s["name"]).removeprefix("trio_sni_ebpf_").removesuffix("_total"), s["value"])
+        for s in samples
+        if str(s["name"]).startswith("trio_sni_ebpf_") and str(s["name"]).endswith("_total")
+    ]
+    if kernel_counters:
+        lines.append("")
+        lines += _table(
+            ("KERNEL COUNTER", "VALUE"), [(n, str(int(float(v)))) for n, v in kernel_counters]
+        )
+
+    rule_connections = by_label("trio_sni_rule_connections_total", "rule")
+    rule_bytes = by_label("trio_sni_rule_bytes_total", "rule", "direction")
+    if rule_connections:
+        lines.append("")
+        lines += _table(
+            ("RULE", "CONNECTIONS", "TO UPSTREAM", "TO CLIENT"),
+            [
+                (
+                    rule,
+                    str(int(count)),
+                    _size(rule_bytes.get((rule, "to_upstream"), 0)),
+                    _size(rule_bytes.get((rule, "to_client"), 0)),
+                )
+                for (rule,), count in sorted(rule_connections.items())
+            ],
+        )
+
+    live = connections.get("connections") or []
+    assert isinstance(live, list)
+    lines += ["", f"live connections: {connections.get('total')} "
+              f"(showing {len(live)}, oldest first)"]
+    if live:
+        lines += _table(
+            ("CLIENT", "LISTENER", "SNI", "TARGET", "MODE", "TO UPSTREAM", "TO CLIENT", "AGE"),
+            [
+                (
+                    str(c.get("client")),
+                    str(c.get("listener")),
+                    str(c.get("sni") or "-"),
+                    str(c.get("target") or "-"),
+                    str(c.get("mode") or c.get("decision") or "-"),
+                    _size(c.get("bytes_to_upstream") or 0),
+                    _size(c.get("bytes_to_client") or 0),
+                    f"{float(str(c.get('age') or 0)):.1f} s",
+                )
+                for c in map(_as_dict, live)
+            ],
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _as_dict(value: object) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise StatusUnavailable(f"unexpected status document: {value!r:.200}")
+    return value
+
+
+def _field(name: str, value: str) -> str:
+    return f"{name + ':':<16}{value}"
+
+
+def _size(value: object) -> str:
+    """Bytes for a person: exact below 1 KiB, one decimal above."""
+    amount = float(value)  # type: ignore[arg-type]
+    if amount < 1024:
+        return f"{int(amount)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        amount /= 1024
+        if amount < 1024 or unit == "TiB":
+            break
+    return f"{amount:.1f} {unit}"
+
+
+def _table(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]

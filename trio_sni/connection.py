@@ -13,6 +13,7 @@ connections.
 
 from __future__ import annotations
 
+import http
 import ipaddress
 import logging
 import time
@@ -21,14 +22,17 @@ from collections.abc import Callable, Collection
 import attrs
 import trio
 
-from .errors import DestinationRefused, TrioSniError
+from .errors import DestinationRefused, TrioSniError, UpstreamError
 from .forward import ByteCounters, Forwarder
 from .resolver import Resolver
 from .sansio.addresses import IPAddress, refusal_reason
 from .sansio.alerts import Alert, alert_record
 from .sansio.clienthello import NEED_DATA, ClientHello, ClientHelloReader
 from .sansio.config import Listener, Socks5
+from .sansio import http_request, proxy_protocol
 from .sansio.errors import MalformedHelloError
+from .sansio.http_request import HttpRequest, HttpRequestError, HttpRequestReader
+from .sansio.proxy_protocol import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from .sansio.policy import ClientLimiter, Deny, Policy, Route
 from .upstream import connect_to_addresses, connect_via_socks5
 
@@ -38,6 +42,18 @@ class HelloTimeout(TrioSniError):
     """The client did not finish its ClientHello within the total deadline."""
 
     reason = "hello_timeout"
+
+
+class ProxyHeaderTimeout(TrioSniError):
+    """A listener with ``accept_proxy_protocol`` got no complete PROXY header in time."""
+
+    reason = "proxy_header_timeout"
+
+
+class RequestTimeout(TrioSniError):
+    """An ``http`` listener's client did not finish its request head within the deadline."""
+
+    reason = "request_timeout"
 
 
 class Refused(TrioSniError):
@@ -63,6 +79,8 @@ class ConnectionInfo:
     decision: str = "pending"
     target: tuple[str, int] | None = None
     via: str | None = None
+    #: The socket's peer (the load balancer) when a PROXY header supplied ``client``.
+    peer: tuple[str, int] | None = None
     mode: str | None = None
     reason: str | None = None
     error: str | None = None
@@ -81,6 +99,7 @@ class ConnectionInfo:
             "rule": self.rule,
             "target": _format_endpoint(self.target) if self.target else None,
             "via": self.via,
+            "peer": _format_endpoint(self.peer) if self.peer else None,
             "bytes_to_upstream": self.counters.to_upstream,
             "bytes_to_client": self.counters.to_client,
             "duration": round(now - self.started, 6),
@@ -142,7 +161,21 @@ async def handle_connection(
     upstream: trio.SocketStream | None = None
     acquired = False
     alert: Alert | None = None
+    answer_http = False  # an http listener answers refusals once it has read the request
+    # One total deadline for everything a client sends before it can be routed (the PROXY
+    # header, then the ClientHello or request head): trickling bytes cannot hold a slot.
+    deadline = trio.current_time() + ctx.hello_timeout
     try:
+        local = _endpoint(stream.socket.getsockname())
+        early = b""
+        if listener.accept_proxy_protocol:
+            # The header comes before the client checks: its address is the client's.
+            header, early = await _read_proxy_header(stream, deadline, ctx.hello_timeout)
+            if header.source is not None and header.destination is not None:
+                info.peer = info.client
+                client_ip = header.source[0]
+                info.client = (str(client_ip), header.source[1])
+                local = header.destination
         deny = ctx.policy.check_client(client_ip) or ctx.limiter.acquire(
             client_ip, trio.current_time()
         )
@@ -150,10 +183,16 @@ async def handle_connection(
             raise Refused(deny)
         acquired = True
 
-        hello, first_bytes = await _read_client_hello(stream, ctx)
-        info.sni, info.alpn, info.hello_size = hello.server_name, hello.alpn, hello.size
+        if listener.protocol == "http":
+            answer_http = True
+            request, first_bytes = await _read_http_request(stream, ctx, early, deadline)
+            name = info.sni = request.host
+        else:
+            hello, first_bytes = await _read_client_hello(stream, ctx, early, deadline)
+            info.sni, info.alpn, info.hello_size = hello.server_name, hello.alpn, hello.size
+            name = hello.server_name
 
-        decision = ctx.policy.decide(hello.server_name, listener.target_port)
+        decision = ctx.policy.decide(name, listener.target_port)
         if isinstance(decision, Deny):
             alert = Alert.UNRECOGNIZED_NAME
             raise Refused(decision)
@@ -176,6 +215,11 @@ async def handle_connection(
             target = upstream.socket.getpeername()
             info.target = (target[0], target[1])
             from_target = b""
+        if route.rule.proxy_protocol is not None:
+            await _send_proxy_header(
+                upstream, route.rule.proxy_protocol, (client_ip, info.client[1]), local
+            )
+        answer_http = False  # from here on the target answers the client
         if from_target:
             # The SOCKS server passed on bytes the target sent before the client's first
             # bytes reached it; they belong to the client, before anything else.
@@ -190,7 +234,11 @@ async def handle_connection(
             info.decision = "deny"
         info.reason = getattr(exc, "reason", "error")
         info.error = str(exc)
-        if alert is not None:
+        if isinstance(exc, ProxyHeaderError):
+            log.warning("%s: refused %s: %s", listener.label, _format_endpoint(info.client), exc)
+        if answer_http:
+            await _send_http_error(stream, _http_status(exc))
+        elif alert is not None and listener.protocol == "tls":
             await _send_alert(stream, alert)
     except Exception as exc:  # a bug: log it, keep serving everyone else
         log.exception("internal error while serving %s", _format_endpoint(info.client))
@@ -212,16 +260,133 @@ async def handle_connection(
         ctx.write_access_log(info.access_record(trio.current_time()))
 
 
+def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> tuple[IPAddress, int]:
+    return ipaddress.ip_address(sockaddr[0]), sockaddr[1]
+
+
+async def _read_proxy_header(
+    stream: trio.SocketStream, deadline: float, timeout: float
+) -> tuple[ProxyHeader, bytes]:
+    """Read the PROXY protocol header; return it and the client bytes read after it."""
+    reader = ProxyHeaderReader()
+    with trio.move_on_at(deadline):
+        while True:
+            event = reader.next_event()
+            if event is not proxy_protocol.NEED_DATA:
+                assert isinstance(event, ProxyHeader)
+                return event, reader.trailing_data
+            try:
+                # Small reads: what follows the header is the client's, read by the next reader.
+                data = await stream.receive_some(proxy_protocol.MAX_V1_LENGTH)
+            except trio.BrokenResourceError as exc:
+                raise proxy_protocol.BadProxyHeaderError(
+                    f"peer reset the connection during the PROXY protocol header: {exc}"
+                ) from None
+            reader.receive_data(data)
+    raise ProxyHeaderTimeout(f"no complete PROXY protocol header within {timeout:g} s")
+
+
+async def _read_http_request(
+    stream: trio.SocketStream, ctx: ConnectionContext, early: bytes, deadline: float
+) -> tuple[HttpRequest, bytes]:
+    """Read the first request head on an ``http`` listener, under the same total deadline.
+
+    Returns the head and every byte read (head, then any body or pipelined bytes), to be
+    forwarded unchanged.
+    """
+    reader = HttpRequestReader(max_size=http_request.DEFAULT_MAX_SIZE)
+    if early:
+        reader.receive_data(early)
+    with trio.move_on_at(deadline):
+        while True:
+            event = reader.next_event()
+            if event is not http_request.NEED_DATA:
+                assert isinstance(event, HttpRequest)
+                return event, event.raw + reader.trailing_data
+            try:
+                data = await stream.receive_some(http_request.DEFAULT_MAX_SIZE)
+            except trio.BrokenResourceError as exc:
+                raise http_request.MalformedRequestError(
+                    f"client reset the connection during the request head: {exc}"
+                ) from None
+            reader.receive_data(data)
+    raise RequestTimeout(f"no complete HTTP request head within {ctx.hello_timeout:g} s")
+
+
+async def _send_proxy_header(
+    upstream: trio.SocketStream,
+    version: str,
+    source: tuple[IPAddress, int],
+    destination: tuple[IPAddress, int],
+) -> None:
+    """Tell the target who the client is, before any of the client's bytes."""
+    assert version in ("v1", "v2")
+    header = proxy_protocol.encode_header(
+        "v1" if version == "v1" else "v2", source, destination
+    )
+    try:
+        await upstream.send_all(header)
+    except trio.BrokenResourceError as exc:
+        raise UpstreamError(
+            f"the target reset the connection before the PROXY {version} header was sent: "
+            f"{exc.__cause__ or exc}"
+        ) from None
+
+
+def _http_status(exc: TrioSniError) -> int:
+    """The status an ``http`` listener answers a refusal with (before forwarding began)."""
+    if isinstance(exc, HttpRequestError):
+        return exc.status_hint
+    if isinstance(exc, RequestTimeout):
+        return 408
+    if isinstance(exc, Refused | DestinationRefused):
+        return 403
+    return 502  # resolve, connect, SOCKS5 failures: the gateway could not reach the target
+
+
+#: How long an ``http`` listener spends answering a refusal and draining the client's
+#: remaining bytes before closing; closing with unread bytes would send an RST, which can
+#: destroy the response before the client reads it.
+HTTP_ERROR_LINGER = 1.0
+#: The most bytes drained in that time (a client uploading a body is not waited for).
+HTTP_ERROR_DRAIN = 64 * 1024
+
+
+async def _send_http_error(stream: trio.SocketStream, status: int) -> None:
+    """Answer with a minimal ``Connection: close`` response; best effort."""
+    phrase = http.HTTPStatus(status).phrase
+    body = f"{status} {phrase}\n".encode("ascii")
+    response = (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode("ascii") + body
+    with trio.move_on_after(HTTP_ERROR_LINGER):
+        try:
+            await stream.send_all(response)
+            await stream.send_eof()
+            drained = 0
+            while drained < HTTP_ERROR_DRAIN:
+                data = await stream.receive_some(16384)
+                if not data:
+                    break
+                drained += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
 async def _read_client_hello(
-    stream: trio.SocketStream, ctx: ConnectionContext
+    stream: trio.SocketStream, ctx: ConnectionContext, early: bytes, deadline: float
 ) -> tuple[ClientHello, bytes]:
     """Read until a whole ClientHello has arrived, under one total deadline.
 
+    ``early`` is what was read after a PROXY header; the deadline is shared with it.
     Returns the hello and every byte read from the client (the hello's records plus anything
     the client sent after them, such as TLS 1.3 early data), to be forwarded as is.
     """
     reader = ClientHelloReader(max_size=ctx.max_hello_size)
-    with trio.move_on_after(ctx.hello_timeout) as deadline:
+    if early:
+        reader.receive_data(early)
+    with trio.move_on_at(deadline) as deadline_scope:
         while True:
             event = reader.next_event()
             if event is not NEED_DATA:
@@ -234,7 +399,7 @@ async def _read_client_hello(
                     f"client reset the connection during the ClientHello: {exc}"
                 ) from None
             reader.receive_data(data)
-    assert deadline.cancelled_caught
+    assert deadline_scope.cancelled_caught
     raise HelloTimeout(f"no complete ClientHello within {ctx.hello_timeout:g} s")
 
 

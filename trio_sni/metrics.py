@@ -41,9 +41,10 @@ from prometheus_client.core import (
     Metric,
 )
 
+from .status import AccelerationStatus, live_mode
+
 if TYPE_CHECKING:
     from .connection import ConnectionContext
-    from .status import AccelerationStatus
 
 #: Label value for a connection that never got a forwarding mode or a rule (refused early).
 NONE_LABEL = "none"
@@ -197,7 +198,7 @@ class _Collector:
         byte_totals = dict(m.bytes)
         rule_bytes = dict(m.rule_bytes)
         for info in live:
-            mode, rule = _label(info.mode), _label(info.rule)
+            mode, rule = _label(live_mode(info)), _label(info.rule)
             for direction, value in (
                 ("to_upstream", info.counters.to_upstream),
                 ("to_client", info.counters.to_client),

@@ -80,6 +80,7 @@ class Proxy:
         self.config = config
         plan = choose_forwarder(config)
         log.info("forwarding mode: %s (%s)", plan.forwarder.mode, plan.why)
+        self._forwarding_why = plan.why  # for /ebpf/status: why sockmap is not active
         self._plan = plan  # closed when serve() ends: the kernel forwarder holds BPF objects
         self._access_log = AccessLog(config.log.access_log) if access_log is None else None
         self.context = ConnectionContext(
@@ -174,10 +175,16 @@ class Proxy:
     def acceleration_status(self) -> AccelerationStatus:
         """Kernel feature states, reasons, maps and counters for ``/ebpf/status`` and metrics.
 
-        This build derives them from the config; the kernel layer replaces this with what
-        ``accel.probe()`` and the loaded maps report.
+        The config and the chosen forwarder decide the states; the kernel forwarder, when
+        it runs, adds its sockhash fill and its counters (read now: one syscall per
+        counter, at scrape time only).
         """
-        return acceleration_from_config(self.config)
+        return acceleration_from_config(
+            self.config,
+            forwarding_mode=self.context.forwarder.mode,
+            forwarding_why=self._forwarding_why,
+            sockmap_report=self._plan.kernel_status(),
+        )
 
     def reload(self, config: Config) -> None:
         """Apply a new, already validated config to new connections.

@@ -65,7 +65,7 @@ from prometheus_client.exposition import choose_encoder
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from .connection import ConnectionContext
+    from .connection import ConnectionContext, ConnectionInfo
     from .metrics import ProxyMetrics
     from .sansio.config import Config
 
@@ -153,11 +153,30 @@ class AccelerationStatus:
         return any(state == "active" for state in self.features.values())
 
 
-def acceleration_from_config(config: Config) -> AccelerationStatus:
-    """Feature states as far as the config decides them, for a build without kernel support.
+def acceleration_from_config(
+    config: Config,
+    *,
+    forwarding_mode: str = "copy",
+    forwarding_why: str = NOT_IMPLEMENTED,
+    sockmap_report: tuple[int, Mapping[str, int]] | None = None,
+) -> AccelerationStatus:
+    """Feature states as far as the config and the chosen forwarder decide them.
 
-    A feature switched off in the config is ``disabled`` (the reason names the switch); one
-    switched on is ``unavailable`` because this build has no kernel implementation yet.
+    ``sockmap`` is ``active`` when the proxy forwards in ``kernel`` mode; otherwise it is
+    ``disabled`` if switched off in the config, else ``unavailable`` with ``forwarding_why``
+    (why :func:`~trio_sni.forward.choose_forwarder` did not pick the kernel). ``stats`` is
+    ``active`` when the kernel forwarder reports its per-CPU counters. The other features
+    are ``disabled`` when switched off (the reason names the switch) and ``unavailable``
+    when switched on, until the kernel layer implements them.
+
+    Args:
+        config: the proxy's config.
+        forwarding_mode: the mode the forwarder was chosen for (``Forwarder.mode``).
+        forwarding_why: the reason that choice was made (``ForwardingPlan.why``).
+        sockmap_report: what the kernel forwarder reports (``KernelForwarder.status()``):
+            the sockets in its sockhash (two per connection) and its counters, summed across
+            CPUs. It becomes ``maps["sockmap"]`` (in connections, the unit of
+            ``ebpf.sockmap.max_entries``) and the ``sockmap_*`` counters.
     """
     ebpf = config.ebpf
     features: dict[str, FeatureState] = {}
@@ -174,12 +193,31 @@ def acceleration_from_config(config: Config) -> AccelerationStatus:
         elif feature == "tc":
             features[feature] = "disabled"
             reasons[feature] = f"no TC shaping is configured ({NOT_IMPLEMENTED})"
+        elif feature == "sockmap" and forwarding_mode == "kernel":
+            features[feature] = "active"
         elif not switches[feature]:
             features[feature] = "disabled"
             reasons[feature] = f"ebpf.{feature}.enabled is false"
+        elif feature == "sockmap":
+            features[feature], reasons[feature] = "unavailable", forwarding_why
+        elif feature == "stats" and sockmap_report is not None:
+            features[feature] = "active"  # the data plane's per-CPU counters, read at scrape
+        elif feature == "stats":
+            features[feature] = "unavailable"
+            reasons[feature] = (
+                "the per-CPU counters belong to the kernel data plane, which is not running"
+            )
         else:
             features[feature], reasons[feature] = "unavailable", NOT_IMPLEMENTED
-    return AccelerationStatus(features=features, reasons=reasons)
+    maps: dict[str, MapStatus] = {}
+    counters: dict[str, int] = {}
+    if sockmap_report is not None:
+        sockets, kernel_counters = sockmap_report
+        maps["sockmap"] = MapStatus(
+            entries=sockets // 2, max_entries=config.ebpf.sockmap.max_entries
+        )
+        counters = {f"sockmap_{name}": value for name, value in kernel_counters.items()}
+    return AccelerationStatus(features=features, reasons=reasons, maps=maps, counters=counters)
 
 
 class StatusSource(Protocol):
@@ -235,13 +273,20 @@ def connections_document(context: ConnectionContext, limit: int) -> dict[str, ob
                 "rule": info.rule,
                 "decision": info.decision,
                 "target": _endpoint(info.target) if info.target else None,
-                "mode": info.mode,
+                "mode": live_mode(info),
                 "bytes_to_upstream": info.counters.to_upstream,
                 "bytes_to_client": info.counters.to_client,
                 "age": round(now - info.started, 3),
             }
         )
     return {"total": len(context.live), "limit": limit, "connections": shown}
+
+
+def live_mode(info: ConnectionInfo) -> str | None:
+    """The mode moving a live connection's bytes: the forwarder's per-connection answer if it
+    gives one (kernel forwarding can fall back to copy), else the proxy's mode."""
+    mode: str | None = getattr(info.counters, "mode", None) or info.mode
+    return mode
 
 
 def _endpoint(endpoint: tuple[str, int]) -> str:

@@ -18,16 +18,16 @@ import trio
 from proxytest import wait_for
 from statusclient import http_request, metric_samples, raw_exchange, sample, status_line
 
-from trio_sni.sansio.config_load import load_config
 from trio_sni.accel import probe
+from trio_sni.sansio.config_load import load_config
 from trio_sni.server import Proxy
-from trio_sni.status import NOT_IMPLEMENTED, serve_status
+from trio_sni.status import serve_status
 
 #: Whether the default config forwards in kernel mode here.
 KERNEL = probe().sockmap
 
 
-def COPY_MODE(config: dict[str, Any]) -> dict[str, Any]:  # noqa: N802 - reads as a marker
+def COPY_MODE(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with kernel forwarding switched off (byte counts per chunk, mode "copy")."""
     return {**config, "ebpf": {"sockmap": {"enabled": False}}}
 
@@ -326,20 +326,60 @@ async def test_ebpf_status_has_the_designs_shape(
         "dns_cache": "unavailable",
         "xdp": "disabled",
         "tc": "disabled",
-        "stats": "unavailable",
+        "stats": "active" if KERNEL else "unavailable",  # the data plane's per-CPU counters
     }
     # Every feature that is not active says why.
-    assert set(doc["reasons"]) == set(doc["features"]) - ({"sockmap"} if KERNEL else set())
+    active = {"sockmap", "stats"} if KERNEL else set()
+    assert set(doc["reasons"]) == set(doc["features"]) - active
     if not KERNEL:
         assert doc["reasons"]["sockmap"].startswith("kernel forwarding unavailable: ")
     assert doc["reasons"]["xdp"] == "ebpf.xdp.enabled is false"
     assert doc["kernel_version"] == os.uname().release
-    if KERNEL:
-        assert doc["maps"]["sockmap"]["max_entries"] == 65536
+    if KERNEL:  # entries: connections in the sockhash now
+        assert doc["maps"] == {"sockmap": {"entries": 0, "max_entries": 65536}}
     else:
         assert doc["maps"] == {}
     assert doc["forwarding_mode"] == ("kernel" if KERNEL else "copy")
     assert doc["resolver_cache"] == {"entries": 0, "max_entries": 10000, "hit_rate": None}
+
+
+@pytest.mark.skipif(not KERNEL, reason=f"no kernel forwarding here: {probe().reasons}")
+async def test_metrics_after_real_traffic_in_kernel_mode(
+    tls_backend: Any,
+    start_with_status: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
+) -> None:
+    running, port = await start_with_status(proxy_config(tls_backend.port))
+    for name in ("bench.test", "www.bench.test"):
+        await tls_get(running.port, name, client_context)
+    await wait_for(lambda: len(running.access_log) == 2)
+    records = running.access_log
+    assert {r["mode"] for r in records} == {"kernel"}
+    s = metric_samples((await http_request(port, "/metrics")).text)
+    closed = {
+        labels: value
+        for (name, labels), value in s.items()
+        if name == "trio_sni_connections_closed_total"
+    }
+    assert sum(closed.values()) == 2
+    assert all(dict(labels)["mode"] == "kernel" for labels in closed)
+    for direction in ("to_upstream", "to_client"):
+        total = sum(int(r[f"bytes_{direction}"]) for r in records)  # type: ignore[call-overload]
+        assert total > 0
+        assert sample(s, "trio_sni_bytes_total", direction=direction, mode="kernel") == total
+        assert sample(s, "trio_sni_bytes_total", direction=direction, mode="copy") is None
+    assert sample(s, "trio_sni_rule_connections_total", rule="bench.test") == 2
+    assert sample(s, "trio_sni_ebpf_feature_state", feature="sockmap", state="active") == 1
+    assert sample(s, "trio_sni_ebpf_feature_state", feature="stats", state="active") == 1
+    # The data plane's own counters, summed across CPUs, read at scrape time.
+    redirected = sample(s, "trio_sni_ebpf_sockmap_bytes_to_client_total")
+    assert redirected is not None
+    assert redirected > 0
+    assert sample(s, "trio_sni_ebpf_sockmap_redirect_failures_total") == 0
+
+    doc = json.loads((await http_request(port, "/ebpf/status")).body)
+    assert doc["maps"]["sockmap"] == {"entries": 0, "max_entries": 65536}  # all closed
 
 
 async def test_a_busy_status_port_is_a_clear_startup_error(
@@ -349,7 +389,7 @@ async def test_a_busy_status_port_is_a_clear_startup_error(
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        config = proxy_config(9, status={"listen": f"127.0.0.1:{port}"})
+        config = COPY_MODE(proxy_config(9, status={"listen": f"127.0.0.1:{port}"}))
         proxy = Proxy(load_config(config), access_log=lambda record: None)
         with pytest.raises(BaseException) as caught:  # noqa: PT011 - checked below
             await nursery.start(proxy.serve)

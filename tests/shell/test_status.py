@@ -23,6 +23,7 @@ from trio_sni.status import (
     NOT_IMPLEMENTED,
     REQUEST_TIMEOUT,
     AccelerationStatus,
+    MapStatus,
     _accept_loop,
     acceleration_from_config,
     handle_status_connection,
@@ -36,7 +37,9 @@ CONFIG: dict[str, Any] = {
 
 
 def make_proxy(**overrides: Any) -> Proxy:
-    return Proxy(load_config({**CONFIG, **overrides}), access_log=lambda record: None)
+    """A proxy that is never served: copy mode, so it holds no kernel objects."""
+    config = {**CONFIG, "ebpf": {"sockmap": {"enabled": False}}, **overrides}
+    return Proxy(load_config(config), access_log=lambda record: None)
 
 
 async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
@@ -175,7 +178,7 @@ def test_default_config_features_are_unavailable_or_disabled_with_reasons() -> N
         "dns_cache": NOT_IMPLEMENTED,
         "xdp": "ebpf.xdp.enabled is false",
         "tc": f"no TC shaping is configured ({NOT_IMPLEMENTED})",
-        "stats": NOT_IMPLEMENTED,
+        "stats": "the per-CPU counters belong to the kernel data plane, which is not running",
     }
     assert not status.enabled
 
@@ -191,6 +194,28 @@ def test_switches_off_make_features_disabled() -> None:
     off = acceleration_from_config(load_config({**CONFIG, "ebpf": {"enabled": False}}))
     assert set(off.features.values()) == {"disabled"}
     assert set(off.reasons.values()) == {"ebpf.enabled is false"}
+
+
+def test_sockmap_follows_the_chosen_forwarder() -> None:
+    config = load_config(CONFIG)
+    kernel = acceleration_from_config(
+        config,
+        forwarding_mode="kernel",
+        forwarding_why="probed",
+        sockmap_report=(6, {"redirect_failures": 1, "fallbacks": 2}),
+    )
+    assert kernel.features["sockmap"] == kernel.features["stats"] == "active"
+    assert "sockmap" not in kernel.reasons
+    assert "stats" not in kernel.reasons
+    assert kernel.enabled
+    # Two sockets per connection in the sockhash; max_entries counts connections (config).
+    assert kernel.maps["sockmap"] == MapStatus(entries=3, max_entries=65536)
+    assert kernel.counters == {"sockmap_redirect_failures": 1, "sockmap_fallbacks": 2}
+    copy = acceleration_from_config(
+        config, forwarding_mode="copy", forwarding_why="missing CAP_BPF (uid 1000)"
+    )
+    assert copy.features["sockmap"] == "unavailable"
+    assert copy.reasons["sockmap"] == "missing CAP_BPF (uid 1000)"
 
 
 def test_acceleration_status_demands_every_feature_and_a_reason_for_each_inactive_one() -> None:
@@ -248,7 +273,8 @@ def test_finished_records_are_counted_by_reason_mode_and_rule() -> None:
     assert sample(s, "trio_sni_client_hello_bytes_bucket", le="+Inf") == 2
     # Feature states from the default provider, one series per feature.
     assert sample(s, "trio_sni_ebpf_feature_state", feature="xdp", state="disabled") == 1
-    assert sample(s, "trio_sni_ebpf_feature_state", feature="sockmap", state="unavailable") == 1
+    assert sample(s, "trio_sni_ebpf_feature_state", feature="sockmap", state="disabled") == 1
+    assert sample(s, "trio_sni_ebpf_feature_state", feature="stats", state="unavailable") == 1
 
 
 def test_live_bytes_are_included_and_totals_never_go_backwards() -> None:

@@ -31,6 +31,13 @@ from .policy import ClientLimiter as ClientLimiter
 from .policy import Deny as Deny
 from .policy import Policy as Policy
 from .policy import Route as Route
+from .http_request import HttpRequest as HttpRequest
+from .http_request import HttpRequestError as HttpRequestError
+from .http_request import HttpRequestReader as HttpRequestReader
+from .proxy_protocol import ProxyHeader as ProxyHeader
+from .proxy_protocol import ProxyHeaderError as ProxyHeaderError
+from .proxy_protocol import ProxyHeaderReader as ProxyHeaderReader
+from .proxy_protocol import encode_header as encode_proxy_header
 from .socks5 import Socks5Client as Socks5Client
 from .socks5 import Socks5Connected as Socks5Connected
 from .socks5 import Socks5Error as Socks5Error

@@ -1,0 +1,342 @@
+"""PROXY protocol both ways, through a running proxy: exact bytes, then real peers.
+
+Sending (a rule's ``proxy_protocol``): a raw loopback backend records exactly what arrives,
+and nginx (``listen ... proxy_protocol``) answers with the client address it understood.
+Accepting (a listener's ``accept_proxy_protocol``): exact v1/v2 headers written by the test,
+and haproxy (``send-proxy`` / ``send-proxy-v2``) in front of the proxy. The real client binds
+127.0.0.2, so its address differs from haproxy's (127.0.0.1) and the tests can tell them apart.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from daemons import free_port, require, running_daemon
+from proxytest import drain, wait_for
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
+BODY = b"hello from the backend\n"
+CLIENT_IP = "127.0.0.2"  # any 127/8 address is loopback on Linux
+
+NGINX_CONFIG = """\
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {work}/access.log;
+    client_body_temp_path {work}/body;
+    server {{
+        listen 127.0.0.1:{port} proxy_protocol;
+        location / {{
+            default_type text/plain;
+            return 200 "client=$proxy_protocol_addr:$proxy_protocol_port server=$proxy_protocol_server_addr:$proxy_protocol_server_port host=$host\\n";
+        }}
+    }}
+}}
+"""
+
+HAPROXY_CONFIG = """\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend front
+    bind 127.0.0.1:{port}
+    default_backend proxy
+backend proxy
+    server trio_sni 127.0.0.1:{target} {send}
+"""
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[ExitStack]:
+    with ExitStack() as stack:
+        yield stack
+
+
+def start_nginx(stack: ExitStack, tmp_path: Path) -> int:
+    nginx = require("nginx")
+    port = free_port()
+    work = tmp_path / f"nginx-{port}"
+    work.mkdir()
+    (work / "nginx.conf").write_text(NGINX_CONFIG.format(work=work, port=port), "utf-8")
+    stack.enter_context(
+        running_daemon(
+            [nginx, "-c", str(work / "nginx.conf"), "-p", str(work), "-e", str(work / "error.log")],
+            port=port, log=work / "stdout.log",
+        )
+    )
+    return port
+
+
+def start_haproxy(stack: ExitStack, tmp_path: Path, target: int, send: str) -> int:
+    haproxy = require("haproxy")
+    port = free_port()
+    work = tmp_path / f"haproxy-{port}"
+    work.mkdir()
+    config = work / "haproxy.cfg"
+    config.write_text(HAPROXY_CONFIG.format(port=port, target=target, send=send), "utf-8")
+    stack.enter_context(
+        running_daemon([haproxy, "-f", str(config), "-db"], port=port, log=work / "stdout.log")
+    )
+    return port
+
+
+async def serve_until_cancelled(
+    handler: Callable[[trio.SocketStream], Any], listeners: list[trio.SocketListener]
+) -> None:
+    try:
+        await trio.serve_listeners(handler, listeners)
+    finally:
+        with trio.CancelScope(shield=True):
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+
+async def recording_backend(
+    nursery: trio.Nursery, received: list[bytes], done: Callable[[bytes], bool]
+) -> int:
+    """A raw TCP backend: keeps what each connection sends until ``done(data)``, then closes."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def handler(stream: trio.SocketStream) -> None:
+        data = b""
+        with trio.move_on_after(5):
+            while not done(data):
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                data += chunk
+        received.append(data)
+        await trio.aclose_forcefully(stream)
+
+    nursery.start_soon(serve_until_cancelled, handler, listeners)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def connect_from(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to 127.0.0.1:port from ``host`` (to tell clients apart on loopback)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await sock.bind((host, 0))
+        await sock.connect(("127.0.0.1", port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+async def tls_get_over(stream: trio.SocketStream, name: str, ctx: ssl.SSLContext) -> bytes:
+    tls = trio.SSLStream(stream, ctx, server_hostname=name)
+    try:
+        await tls.send_all(REQUEST)
+        return await drain(tls)
+    finally:
+        await trio.aclose_forcefully(tls)
+
+
+def hello_bytes() -> bytes:
+    """A real ClientHello for bench.test, made by Python's ssl module in memory."""
+    ctx = ssl.create_default_context()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), (out := ssl.MemoryBIO()), server_hostname="bench.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return out.read()
+
+
+# --- sending: exact bytes at the target ----------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_header_sent_to_target_exact_bytes(
+    version: str, nursery: trio.Nursery, start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+) -> None:
+    hello = hello_bytes()
+    received: list[bytes] = []
+    backend = await recording_backend(nursery, received, lambda data: data.endswith(hello))
+    config = proxy_config(backend)
+    config["rules"][0]["proxy_protocol"] = version
+    running = await start_proxy(config)
+    client = await trio.open_tcp_stream("127.0.0.1", running.port)
+    try:
+        client_port = client.socket.getsockname()[1]
+        await client.send_all(hello)
+        await wait_for(lambda: len(received) == 1)
+    finally:
+        await trio.aclose_forcefully(client)
+    [data] = received
+    if version == "v1":
+        expected = f"PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {running.port}\r\n".encode()
+    else:
+        expected = (
+            b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes([127, 0, 0, 1]) * 2
+            + client_port.to_bytes(2, "big") + running.port.to_bytes(2, "big")
+        )
+    assert data[: len(expected)] == expected
+    assert data[len(expected) :].startswith(hello)
+
+
+# --- accepting: exact bytes from a "load balancer" -----------------------------------------
+
+
+def v2_header(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
+    return (
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+        + socket.inet_aton(src[0]) + socket.inet_aton(dst[0])
+        + src[1].to_bytes(2, "big") + dst[1].to_bytes(2, "big")
+    )
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_accepted_header_is_the_client(
+    version: str, tls_backend: Any, start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any], client_context: ssl.SSLContext,
+) -> None:
+    config = proxy_config(tls_backend.port)
+    config["listeners"][0]["accept_proxy_protocol"] = True
+    config["clients"] = {"deny": ["198.51.100.0/24"]}
+    running = await start_proxy(config)
+    for source in (("203.0.113.7", 40001), ("198.51.100.9", 40002)):
+        stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+        if version == "v1":
+            header = f"PROXY TCP4 {source[0]} 192.0.2.1 {source[1]} 443\r\n".encode()
+        else:
+            header = v2_header(source, ("192.0.2.1", 443))
+        await stream.send_all(header)
+        if source[0].startswith("203."):
+            assert (await tls_get_over(stream, "bench.test", client_context)).endswith(BODY)
+        else:
+            assert await drain(stream) == b""  # refused before the hello: closed
+            await trio.aclose_forcefully(stream)
+    await wait_for(lambda: len(running.access_log) == 2)
+    allowed, denied = running.access_log
+    assert (allowed["client"], allowed["reason"]) == ("203.0.113.7:40001", "normal")
+    assert str(allowed["peer"]).startswith("127.0.0.1:")
+    assert (denied["client"], denied["reason"]) == ("198.51.100.9:40002", "denied_client")
+
+
+@pytest.mark.parametrize(
+    ("first", "reason", "error"),
+    [
+        (None, "no_proxy_header", "no PROXY protocol header: the connection starts with "
+         "b'\\x16\\x03\\x01"),
+        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "bad_proxy_header",
+         "malformed PROXY v1 header b'PROXY TCP4 1.2.3.4 5.6.7.8 1\\r\\n'"),
+        (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff", "bad_proxy_header",
+         "PROXY v2 header announces 65535 bytes of addresses and TLVs, more than the 4096 "
+         "accepted"),
+    ],
+    ids=["missing", "malformed-v1", "oversized-v2"],
+)
+async def test_missing_or_bad_header_is_refused_with_a_log_line(
+    first: bytes | None, reason: str, error: str, tls_backend: Any,
+    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = proxy_config(tls_backend.port)
+    config["listeners"][0]["accept_proxy_protocol"] = True
+    running = await start_proxy(config)
+    stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+    try:
+        await stream.send_all(hello_bytes() if first is None else first)
+        with pytest.raises(trio.BrokenResourceError) if first is None else _no_error():
+            await drain(stream)
+    finally:
+        await trio.aclose_forcefully(stream)
+    await wait_for(lambda: len(running.access_log) == 1)
+    [record] = running.access_log
+    assert record["reason"] == reason
+    assert str(record["error"]).startswith(error)
+    assert f"refused 127.0.0.1:" in caplog.text and error[:40] in caplog.text
+    assert tls_backend.connections == 0
+
+
+class _no_error:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# --- real peers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_nginx_sees_the_real_client_through_an_http_listener(
+    version: str, tmp_path: Path, daemons: ExitStack, start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+) -> None:
+    nginx = start_nginx(daemons, tmp_path)
+    config = proxy_config(nginx)
+    config["listeners"][0]["protocol"] = "http"
+    config["rules"][0]["proxy_protocol"] = version
+    running = await start_proxy(config)
+    stream = await connect_from(CLIENT_IP, running.port)
+    try:
+        client_port = stream.socket.getsockname()[1]
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n")
+        response = await drain(stream)
+    finally:
+        await trio.aclose_forcefully(stream)
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert response.endswith(
+        f"client={CLIENT_IP}:{client_port} server=127.0.0.1:{running.port} "
+        "host=bench.test\n".encode()
+    )
+
+
+@pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
+async def test_behind_haproxy_the_client_address_comes_from_its_header(
+    send: str, tmp_path: Path, daemons: ExitStack, tls_backend: Any,
+    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
+) -> None:
+    config = proxy_config(tls_backend.port)
+    config["listeners"][0]["accept_proxy_protocol"] = True
+    running = await start_proxy(config)
+    haproxy = start_haproxy(daemons, tmp_path, running.port, send)
+    stream = await connect_from(CLIENT_IP, haproxy)
+    client_port = stream.socket.getsockname()[1]
+    assert (await tls_get_over(stream, "bench.test", client_context)).endswith(BODY)
+    # haproxy also relays the readiness probe's connection (from 127.0.0.1); find ours.
+    client = f"{CLIENT_IP}:{client_port}"
+    await wait_for(lambda: any(r["client"] == client for r in running.access_log))
+    [record] = [r for r in running.access_log if r["client"] == client]
+    assert str(record["peer"]).startswith("127.0.0.1:")
+    assert record["reason"] == "normal"
+    assert tls_backend.received == [REQUEST]
+
+
+async def test_chain_haproxy_to_proxy_to_nginx_keeps_the_client(
+    tmp_path: Path, daemons: ExitStack, start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+) -> None:
+    """haproxy (v2) -> trio-sni (accepts, then sends v1) -> nginx: nginx sees the client."""
+    nginx = start_nginx(daemons, tmp_path)
+    config = proxy_config(nginx)
+    config["listeners"][0].update(protocol="http", accept_proxy_protocol=True)
+    config["rules"][0]["proxy_protocol"] = "v1"
+    running = await start_proxy(config)
+    haproxy = start_haproxy(daemons, tmp_path, running.port, "send-proxy-v2")
+    stream = await connect_from(CLIENT_IP, haproxy)
+    try:
+        client_port = stream.socket.getsockname()[1]
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n")
+        response = await drain(stream)
+    finally:
+        await trio.aclose_forcefully(stream)
+    assert response.endswith(
+        f"client={CLIENT_IP}:{client_port} server=127.0.0.1:{haproxy} host=bench.test\n".encode()
+    )
