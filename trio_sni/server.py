@@ -194,6 +194,8 @@ class Proxy:
         """
         if config.effective_listeners != self.config.effective_listeners:
             log.warning("reload: listener changes take effect only after a restart")
+        if config.status != self.config.status:
+            log.warning("reload: status.listen changes take effect only after a restart")
         ctx = self.context
         ctx.policy = Policy.from_config(config)
         ctx.limiter.reconfigure(config.limits, config.max_connections)

@@ -429,8 +429,15 @@ async def handle_status_connection(
             except h11.RemoteProtocolError as exc:
                 # The client sent something that is not HTTP/1.1 (or too much of it).
                 status = exc.error_status_hint
+                # h11 words an oversized head differently depending on where it noticed;
+                # say it one way, so the answer does not depend on how the bytes arrived.
+                why = (
+                    f"request head larger than {max_head_size} bytes"
+                    if status == 431
+                    else f"bad request: {exc}"
+                )
                 answered = True
-                await stream.send_all(_raw_response(_text(status, f"bad request: {exc}")))
+                await stream.send_all(_raw_response(_text(status, why)))
                 return
             if request is None:
                 return  # the client closed without asking anything
@@ -532,7 +539,7 @@ async def serve_status(
 
 
 async def _accept_loop(
-    listener: trio.SocketListener,
+    listener: trio.abc.Listener[trio.abc.Stream],
     source: StatusSource,
     slots: trio.Semaphore,
     request_timeout: float,
@@ -556,7 +563,7 @@ async def _accept_loop(
 
 
 async def _handle_and_release(
-    stream: trio.SocketStream, source: StatusSource, slots: trio.Semaphore, request_timeout: float
+    stream: trio.abc.Stream, source: StatusSource, slots: trio.Semaphore, request_timeout: float
 ) -> None:
     try:
         await handle_status_connection(stream, source, request_timeout=request_timeout)

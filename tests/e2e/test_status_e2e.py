@@ -231,7 +231,7 @@ async def test_metrics_after_real_traffic_in_copy_mode(
     assert sample(s, "trio_sni_connections_closed_total", reason="denied_domain", mode="none") == 1
     assert sample(s, "trio_sni_connections_closed_total", reason="not_tls", mode="none") == 1
     for direction in ("to_upstream", "to_client"):
-        total = sum(int(r[f"bytes_{direction}"]) for r in records)  # type: ignore[call-overload]
+        total = sum(int(r[f"bytes_{direction}"]) for r in records)
         assert total > 0
         assert sample(s, "trio_sni_bytes_total", direction=direction, mode="copy") == total
     bench = [r for r in records if r["rule"] == "bench.test"]
@@ -240,17 +240,17 @@ async def test_metrics_after_real_traffic_in_copy_mode(
     assert sample(s, "trio_sni_rule_connections_total", rule="other.test") == 1
     assert sample(s, "trio_sni_rule_connections_total", rule="none") == 2
     assert sample(s, "trio_sni_rule_bytes_total", rule="bench.test", direction="to_client") == sum(
-        int(r["bytes_to_client"]) for r in bench  # type: ignore[call-overload]
+        int(r["bytes_to_client"]) for r in bench
     )
     assert sample(s, "trio_sni_connection_duration_seconds_count") == 5
     assert sample(s, "trio_sni_connection_duration_seconds_sum") == pytest.approx(
-        sum(float(r["duration"]) for r in records)  # type: ignore[arg-type]
+        sum(float(r["duration"]) for r in records)
     )
     hello_sizes = [r["hello_size"] for r in records if r["hello_size"] is not None]
     assert len(hello_sizes) == 4  # every TLS client sent a whole hello; the plain one did not
-    assert all(200 < size < 2048 for size in hello_sizes)  # type: ignore[operator]
+    assert all(200 < size < 2048 for size in hello_sizes)
     assert sample(s, "trio_sni_client_hello_bytes_count") == 4
-    assert sample(s, "trio_sni_client_hello_bytes_sum") == sum(hello_sizes)  # type: ignore[arg-type]
+    assert sample(s, "trio_sni_client_hello_bytes_sum") == sum(hello_sizes)
     # Three routed names answered from resolver.hosts; the denied one never resolved.
     assert sample(s, "trio_sni_resolver_lookups_total", result="static") == 3
     assert sample(s, "trio_sni_resolver_lookups_total", result="miss") == 0
@@ -309,6 +309,8 @@ async def test_connections_shows_a_live_connection(
     [record] = running.access_log
     final = sample(done, "trio_sni_bytes_total", direction="to_client", mode="copy")
     assert final == record["bytes_to_client"]
+    assert final is not None
+    assert live_bytes is not None
     assert final >= live_bytes  # never backwards
 
 
@@ -365,7 +367,7 @@ async def test_metrics_after_real_traffic_in_kernel_mode(
     assert sum(closed.values()) == 2
     assert all(dict(labels)["mode"] == "kernel" for labels in closed)
     for direction in ("to_upstream", "to_client"):
-        total = sum(int(r[f"bytes_{direction}"]) for r in records)  # type: ignore[call-overload]
+        total = sum(int(r[f"bytes_{direction}"]) for r in records)
         assert total > 0
         assert sample(s, "trio_sni_bytes_total", direction=direction, mode="kernel") == total
         assert sample(s, "trio_sni_bytes_total", direction=direction, mode="copy") is None

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from statusclient import metric_samples, sample
 
 from trio_sni.connection import ConnectionInfo
@@ -23,6 +25,7 @@ from trio_sni.status import (
     NOT_IMPLEMENTED,
     REQUEST_TIMEOUT,
     AccelerationStatus,
+    FeatureState,
     MapStatus,
     _accept_loop,
     acceleration_from_config,
@@ -114,6 +117,71 @@ async def test_a_client_that_closes_without_a_request_gets_nothing(
         await client.send_eof()
         assert await read_all(client) == b""
     assert trio.current_time() == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Chunking never changes the answer; garbage never crashes the handler
+
+
+REQUESTS = [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /ebpf/status HTTP/1.0\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text\r\n\r\n",
+    b"DELETE /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /connections?limit=x HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\n\r\n",  # no Host: 400
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20000 + b"\r\n\r\n",  # 431
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS client on the wrong port
+]
+
+
+async def exchange(proxy: Proxy, chunks: list[bytes]) -> bytes:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle_status_connection, server, proxy)
+        try:
+            for chunk in chunks:
+                await client.send_all(chunk)
+            await client.send_eof()
+        except trio.BrokenResourceError:
+            pass  # the server answered early (400, 431) and closed, as a socket would
+        return await read_all(client)
+
+
+@pytest.mark.parametrize("request_bytes", REQUESTS, ids=lambda r: repr(r[:24]))
+async def test_one_chunk_and_byte_by_byte_give_the_same_answer(
+    request_bytes: bytes, autojump_clock: trio.testing.MockClock
+) -> None:
+    proxy = make_proxy()
+    whole = await exchange(proxy, [request_bytes])
+    trickled = await exchange(proxy, [bytes([b]) for b in request_bytes])
+    assert whole == trickled
+    assert whole.startswith(b"HTTP/1.1 ")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prefix=st.sampled_from([b"", *REQUESTS[:3], b"GET / HTTP/1.1\r\n"]),
+    cut=st.integers(min_value=0, max_value=60),
+    garbage=st.binary(max_size=200),
+)
+def test_any_bytes_get_an_http_answer_or_nothing(prefix: bytes, cut: int, garbage: bytes) -> None:
+    """The h11 invariant: whatever arrives, the handler answers with a status line (or
+    nothing, if nothing came), closes, and raises nothing."""
+    data = prefix[: len(prefix) - cut] + garbage if cut < len(prefix) else garbage
+    proxy = make_proxy()
+
+    async def scenario() -> bytes:
+        return await exchange(proxy, [data])
+
+    response = trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    if not data:
+        assert response == b""
+    else:
+        status = int(response.split(b" ", 2)[1])
+        assert status in (200, 400, 404, 405, 413, 431, 503), response[:200]
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,7 +287,7 @@ def test_sockmap_follows_the_chosen_forwarder() -> None:
 
 
 def test_acceleration_status_demands_every_feature_and_a_reason_for_each_inactive_one() -> None:
-    active = dict.fromkeys(FEATURES, "active")
+    active: dict[str, FeatureState] = dict.fromkeys(FEATURES, "active")
     assert AccelerationStatus(features=active, reasons={}).enabled
     with pytest.raises(ValueError, match="features: no state for tc"):
         AccelerationStatus(features={k: v for k, v in active.items() if k != "tc"}, reasons={})
@@ -325,3 +393,17 @@ def test_kernel_counters_from_the_provider_are_exported_summed() -> None:
     s = scrape(proxy)
     assert sample(s, "trio_sni_ebpf_sockmap_redirects_total") == 7
     assert sample(s, "trio_sni_ebpf_dns_cache_evictions_total") == 2
+
+
+def test_a_reload_that_moves_the_status_endpoint_says_it_needs_a_restart(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = make_proxy(status={"listen": "127.0.0.1:9090"})
+    config = {**CONFIG, "ebpf": {"sockmap": {"enabled": False}}}
+    with caplog.at_level("WARNING", logger="trio_sni"):
+        proxy.reload(load_config({**config, "status": {"listen": "127.0.0.1:9091"}}))
+    assert "reload: status.listen changes take effect only after a restart" in caplog.messages
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trio_sni"):
+        proxy.reload(load_config({**config, "status": {"listen": "127.0.0.1:9091"}}))
+    assert caplog.messages == []
