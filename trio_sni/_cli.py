@@ -396,7 +396,11 @@ def render_status(base: str, documents: dict[str, object]) -> str:
         lines.append("")
         lines += _table(("MAP", "ENTRIES", "MAX ENTRIES", "HIT RATE"), rows)
     kernel_counters = [
-        (str(s["name"]).removeprefix("trio_sni_ebpf_").removesuffix("_total"), s["value"])
+        (
+            str(s["name"]).removeprefix("trio_sni_ebpf_").removesuffix("_total")
+            + "".join(f" ({value})" for value in s["labels"].values()),
+            s["value"],
+        )
         for s in samples
         if str(s["name"]).startswith("trio_sni_ebpf_") and str(s["name"]).endswith("_total")
     ]

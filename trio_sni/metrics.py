@@ -289,9 +289,45 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
     for name, state in status.features.items():
         feature.add_metric([name, state], 1)
     yield feature
-    for name, value in sorted(status.counters.items()):
+    # One metric per counter, except that a "_to_upstream"/"_to_client" pair becomes one
+    # metric with a ``direction`` label (labels, not one name per case).
+    grouped: dict[str, list[tuple[str | None, int]]] = {}
+    for key, value in status.counters.items():
+        stem, direction = _split_direction(key)
+        grouped.setdefault(stem, []).append((direction, value))
+    for stem, values in sorted(grouped.items()):
+        labelled = all(direction is not None for direction, _ in values)
         family = CounterMetricFamily(
-            f"trio_sni_ebpf_{name}", f"eBPF counter {name}, summed across CPUs."
+            f"trio_sni_ebpf_{stem}",
+            _EBPF_HELP.get(stem, f"eBPF data-plane counter {stem}") + ", summed across CPUs.",
+            labels=["direction"] if labelled else None,
         )
-        family.add_metric([], value)
+        for direction, value in sorted(values, key=lambda item: item[0] or ""):
+            if labelled:
+                assert direction is not None
+                family.add_metric([direction], value)
+            else:
+                family.add_metric([], value)
         yield family
+
+
+#: HELP texts for the kernel forwarder's counters (``AccelerationStatus.counters`` keys,
+#: ``sockmap_`` + ``accel.layout.Counter`` names lower-cased, direction split off).
+_EBPF_HELP = {
+    "sockmap_bytes": "Bytes the sk_skb verdict program redirected between the sockets",
+    "sockmap_skbs": "Packets (skbs) the sk_skb verdict program redirected",
+    "sockmap_redirect_failures": "Redirects refused (peer leaving the sockhash; bytes kept)",
+    "sockmap_peer_misses": "Packets from a socket with no peer entry (passed to userspace)",
+    "sockmap_zero_length": "Zero-length packets the verdict program dropped",
+    "sockmap_budget_stops": "Directions that reached their in-flight bound in the kernel",
+    "sockmap_passed_bytes": "Bytes passed to userspace instead of redirected",
+    "sockmap_fallbacks": "Connections that fell back from kernel to copy forwarding",
+    "sockmap_userspace_directions": "Directions moved to userspace by the in-flight bound",
+}
+
+
+def _split_direction(key: str) -> tuple[str, str | None]:
+    for direction in DIRECTIONS:
+        if key.endswith("_" + direction):
+            return key[: -len(direction) - 1], direction
+    return key, None

@@ -375,7 +375,7 @@ async def test_metrics_after_real_traffic_in_kernel_mode(
     assert sample(s, "trio_sni_ebpf_feature_state", feature="sockmap", state="active") == 1
     assert sample(s, "trio_sni_ebpf_feature_state", feature="stats", state="active") == 1
     # The data plane's own counters, summed across CPUs, read at scrape time.
-    redirected = sample(s, "trio_sni_ebpf_sockmap_bytes_to_client_total")
+    redirected = sample(s, "trio_sni_ebpf_sockmap_bytes_total", direction="to_client")
     assert redirected is not None
     assert redirected > 0
     assert sample(s, "trio_sni_ebpf_sockmap_redirect_failures_total") == 0

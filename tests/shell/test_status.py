@@ -387,11 +387,19 @@ def test_kernel_counters_from_the_provider_are_exported_summed() -> None:
     proxy.acceleration_status = lambda: AccelerationStatus(  # type: ignore[method-assign]
         features=dict.fromkeys(FEATURES, "active"),
         reasons={},
-        counters={"sockmap_redirects": 7, "dns_cache_evictions": 2},
+        counters={
+            "sockmap_bytes_to_upstream": 100,
+            "sockmap_bytes_to_client": 2000,
+            "sockmap_redirect_failures": 1,
+            "dns_cache_evictions": 2,
+        },
     )
     proxy.metrics._acceleration = proxy.acceleration_status
     s = scrape(proxy)
-    assert sample(s, "trio_sni_ebpf_sockmap_redirects_total") == 7
+    # A direction pair is one metric with a direction label; the rest keep their names.
+    assert sample(s, "trio_sni_ebpf_sockmap_bytes_total", direction="to_upstream") == 100
+    assert sample(s, "trio_sni_ebpf_sockmap_bytes_total", direction="to_client") == 2000
+    assert sample(s, "trio_sni_ebpf_sockmap_redirect_failures_total") == 1
     assert sample(s, "trio_sni_ebpf_dns_cache_evictions_total") == 2
 
 
