@@ -122,6 +122,8 @@ class Proxy:
                 status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
         finally:
             self._plan.close()  # the kernel forwarder's BPF objects, on every path
+            if self._access_log is not None:
+                self._access_log.close()  # also when the status port was busy (idempotent)
 
     async def _serve_proxy(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED

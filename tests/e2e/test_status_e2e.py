@@ -385,14 +385,18 @@ async def test_metrics_after_real_traffic_in_kernel_mode(
 
 
 async def test_a_busy_status_port_is_a_clear_startup_error(
-    nursery: trio.Nursery, proxy_config: Callable[..., Any]
+    nursery: trio.Nursery, proxy_config: Callable[..., Any], tmp_path: Any
 ) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        config = COPY_MODE(proxy_config(9, status={"listen": f"127.0.0.1:{port}"}))
-        proxy = Proxy(load_config(config), access_log=lambda record: None)
+        config = proxy_config(
+            9,
+            status={"listen": f"127.0.0.1:{port}"},
+            log={"access_log": str(tmp_path / "access.log")},  # a file: the fd check sees it
+        )
+        proxy = Proxy(load_config(config))  # default ebpf: kernel objects where possible
         with pytest.raises(BaseException) as caught:  # noqa: PT011 - checked below
             await nursery.start(proxy.serve)
     [error] = leaves(caught.value)
