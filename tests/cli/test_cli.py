@@ -640,7 +640,7 @@ def test_busy_port_is_a_clear_startup_error(
 
 @pytest.mark.skipif(
     EXPECTED_MODE == "kernel",
-    reason="kernel forwarding works here; tests/accel/test_fallback.py drops the capabilities",
+    reason="kernel forwarding works here (test_kernel_forwarding.py drops the capabilities)",
 )
 def test_fallback_mode_none_refuses_to_start(
     tmp_path: Path, spawn_proxy: Callable[..., ProxyProcess]

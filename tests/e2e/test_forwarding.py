@@ -3,6 +3,10 @@
 The backend here is plain TCP: after the ClientHello (a real capture, whose SNI is
 ``x.test``) the proxy never looks at the bytes, so the test can send any payload and compare
 it exactly.
+
+Every test runs in both forwarding modes: ``kernel`` (BPF sockhash; root only, and a failure
+instead of a skip in CI) and ``copy``; in kernel mode each connection must really have been
+spliced (the access log's ``mode``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import os
 import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -54,15 +59,49 @@ def raw_backend(nursery: trio.Nursery) -> Callable[..., Awaitable[RawBackend]]:
     return start
 
 
+#: The forwarding mode of the running test (set by the ``forwarding_mode`` fixture).
+MODE = "copy"
+
+
+@pytest.fixture(
+    params=[pytest.param("kernel", marks=pytest.mark.bpf), "copy"], autouse=True
+)
+def forwarding_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    mode: str = request.param
+    monkeypatch.setattr(sys.modules[__name__], "MODE", mode)
+    return mode
+
+
 def raw_config(backend: RawBackend, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "listeners": [{"host": backend.host, "port": 0, "target_port": backend.port}],
         "rules": [{"match": HELLO_NAME, "allow_private": True}],
         "resolver": {"hosts": {HELLO_NAME: [backend.host]}},
         "log": {"access_log": None},
+        "ebpf": {"sockmap": {"enabled": MODE == "kernel"}},
+        # kernel mode must be the kernel's, not a silent fallback
+        "fallback_mode": "none" if MODE == "kernel" else "auto",
     }
     config.update(overrides)
     return config
+
+
+async def forwarding(running: Any, n: int = 1) -> None:
+    """Wait until ``n`` connections are being forwarded (in kernel mode: spliced)."""
+    def ready() -> bool:
+        live = running.proxy.context.live.values()
+        if len(live) != n or not all(info.mode for info in live):
+            return False
+        return MODE != "kernel" or running.proxy.context.forwarder.registered == n
+    await wait_for(ready)
+
+
+def assert_mode(records: list[dict[str, object]]) -> None:
+    """Every forwarded connection ran in the mode under test."""
+    assert [r["mode"] for r in records if r["mode"] is not None] == [MODE] * len(
+        [r for r in records if r["mode"] is not None]
+    )
+    assert any(r["mode"] == MODE for r in records)
 
 
 async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
@@ -119,6 +158,7 @@ async def test_bulk_both_directions_at_once_is_byte_exact(
     await wait_for(lambda: len(running.access_log) == 1, timeout=30)
     assert seen_by_backend == [hashlib.sha256(HELLO + upstream_payload).hexdigest()]
     [record] = running.access_log
+    assert_mode(running.access_log)
     assert record["reason"] == "normal"
     assert record["bytes_to_upstream"] == len(HELLO) + BULK
     assert record["bytes_to_client"] == BULK
@@ -137,12 +177,15 @@ async def test_client_half_close_then_long_response(raw_backend: Any, start_prox
     backend = await raw_backend(backend_handler)
     running = await start_proxy(raw_config(backend))
     client = await connect(running)
-    await client.send_all(HELLO + b"request")
+    await client.send_all(HELLO)
+    await forwarding(running)  # a client that half-closes before that is copied (tested below)
+    await client.send_all(b"request")
     await client.send_eof()
     assert await drain(client) == response
     await client.aclose()
     await wait_for(lambda: len(running.access_log) == 1)
     assert running.access_log[0]["reason"] == "normal"
+    assert_mode(running.access_log)
 
 
 async def test_server_half_close_keeps_client_direction_open(
@@ -171,8 +214,11 @@ async def test_server_half_close_keeps_client_direction_open(
 
 
 async def test_upstream_reset_resets_client(raw_backend: Any, start_proxy: Any) -> None:
+    spliced = trio.Event()
+
     async def backend_handler(stream: trio.SocketStream) -> None:
         await receive_exactly(stream, len(HELLO))
+        await spliced.wait()
         reset(stream)
         await stream.aclose()
 
@@ -180,11 +226,14 @@ async def test_upstream_reset_resets_client(raw_backend: Any, start_proxy: Any) 
     running = await start_proxy(raw_config(backend))
     client = await connect(running)
     await client.send_all(HELLO)
+    await forwarding(running)
+    spliced.set()
     with pytest.raises(trio.BrokenResourceError):
         await drain(client)
     await client.aclose()
     await wait_for(lambda: len(running.access_log) == 1)
     assert running.access_log[0]["reason"] == "upstream_reset"
+    assert_mode(running.access_log)
 
 
 async def test_client_reset_resets_upstream(raw_backend: Any, start_proxy: Any) -> None:
@@ -203,13 +252,13 @@ async def test_client_reset_resets_upstream(raw_backend: Any, start_proxy: Any) 
     running = await start_proxy(raw_config(backend))
     client = await connect(running)
     await client.send_all(HELLO)
-    await wait_for(lambda: running.proxy.context.live and all(
-        info.mode for info in running.proxy.context.live.values()))
+    await forwarding(running)
     reset(client)
     await client.aclose()
     await wait_for(lambda: len(running.access_log) == 1)
     assert running.access_log[0]["reason"] == "client_reset"
     await wait_for(lambda: outcome == ["reset"])
+    assert_mode(running.access_log)
 
 
 async def echo(stream: trio.SocketStream) -> None:
@@ -285,3 +334,30 @@ async def test_reload_applies_to_new_connections_only(
     await live.aclose()
     await wait_for(lambda: len(running.access_log) == 2)
     assert sorted(r["reason"] for r in running.access_log) == ["denied_domain", "normal"]
+    assert_mode(running.access_log)
+
+
+async def test_client_half_closed_before_the_splice_is_copied(
+    raw_backend: Any, start_proxy: Any
+) -> None:
+    """ClientHello, request and FIN in one go: the socket cannot enter the sockhash any
+    more (CLOSE_WAIT), so this connection is copied in userspace, and says so."""
+    response = os.urandom(1024 * 1024)
+
+    async def backend_handler(stream: trio.SocketStream) -> None:
+        assert await drain(stream) == HELLO + b"request"
+        await stream.send_all(response)
+        await stream.aclose()
+
+    backend = await raw_backend(backend_handler)
+    running = await start_proxy(raw_config(backend))
+    client = await connect(running)
+    await client.send_all(HELLO + b"request")
+    await client.send_eof()
+    assert await drain(client) == response
+    await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 1)
+    [record] = running.access_log
+    assert (record["reason"], record["mode"]) == ("normal", "copy")
+    assert record["bytes_to_client"] == len(response)
+    assert record["bytes_to_upstream"] == len(HELLO) + len(b"request")

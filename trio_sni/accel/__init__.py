@@ -19,7 +19,6 @@ import sys
 import attrs
 
 import loader
-
 from loader import LoaderError as LoaderError
 
 from .sockhash import SockhashSplice as SockhashSplice

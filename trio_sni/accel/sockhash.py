@@ -1,8 +1,9 @@
 """The kernel data plane: a loaded ``sockhash.bpf.o`` with its verdict program attached.
 
-Theory of operation (see ``bpf/sockhash.bpf.c`` and KERNEL-FACTS.md): :meth:`SockhashSplice.register`
-puts a connection's two sockets into the sockhash, after which the kernel redirects every byte
-either socket receives to the other one's egress. Python keeps only the bookkeeping:
+Theory of operation (see ``bpf/sockhash.bpf.c`` and KERNEL-FACTS.md):
+:meth:`SockhashSplice.register` puts a connection's two sockets into the sockhash, after which
+the kernel redirects every byte either socket receives to the other one's egress. Python keeps
+only the bookkeeping:
 
 * Registration order (no byte stranded or reordered): both sockets into ``targets`` (no
   program, so their receive path is unchanged), the ``progress`` and ``peer`` entries, then the
@@ -87,6 +88,7 @@ class SockhashSplice:
     def __init__(self, collection: loader.Collection, link: loader.Link) -> None:
         self._collection = collection
         self._link = link
+        self._closed = False
         maps = collection.maps
         self.sock_hash = maps["sock_hash"]
         self.targets = maps["targets"]
@@ -117,8 +119,13 @@ class SockhashSplice:
             raise
         return cls(collection, link)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Detach and close every fd; idempotent."""
+        self._closed = True
         self._link.close()
         self._collection.close()
 
@@ -136,7 +143,7 @@ class SockhashSplice:
     def entries(self) -> dict[str, int]:
         """Entries in each per-connection map (all zero when no connection is registered)."""
         return {
-            name: sum(1 for _ in m.keys())
+            name: sum(1 for _ in m.keys())  # noqa: SIM118 - a BPF map, not a dict
             for name, m in (
                 ("sock_hash", self.sock_hash),
                 ("targets", self.targets),

@@ -1,0 +1,177 @@
+"""trio_sni.accel: the version gate, the probe, the layout mirror, and sockhash registration
+on real sockets (entries always removed, a half-closed socket refused)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+import loader
+from loader.btf import Kind, parse_btf
+from trio_sni import accel
+from trio_sni.accel import layout, objects
+
+
+@pytest.mark.parametrize(
+    ("release", "safe"),
+    [
+        ("6.18.44-fc-v782", True),
+        ("6.16.0", True),
+        ("7.1.2", True),
+        ("6.15.3", True),
+        ("6.15.2", False),
+        ("6.12.34-1-amd64", True),
+        ("6.12.33", False),
+        ("6.6.94", True),
+        ("6.6.93", False),
+        ("6.14.11", False),  # never fixed
+        ("6.13.12", False),
+        ("6.11.0", False),
+        ("6.8.0-45-generic", False),
+        ("6.1.142", False),  # fixed, but older than the 6.4 kick
+        ("5.15.186", False),
+        ("4.19.0", False),
+        ("nonsense", False),
+    ],
+)
+def test_sockmap_kernel_gate(release: str, safe: bool) -> None:
+    why = accel.sockmap_kernel_gate(release)
+    assert (why is None) == safe, why
+
+
+def test_gate_reasons_say_what_to_do() -> None:
+    assert accel.sockmap_kernel_gate("6.12.33") == (
+        "Linux 6.12.33 has the sockmap duplicated-data bug; fixed in 6.12.34 (commit 3b4f14b7)"
+    )
+    assert "never got the sockmap duplicated-data fix" in (accel.sockmap_kernel_gate("6.8.1") or "")
+
+
+def test_probe_explains_a_missing_capability(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accel, "_effective_caps", lambda: 0)
+    found = accel.probe()
+    if accel.sockmap_kernel_gate(found.kernel_release) is not None:
+        pytest.skip("the kernel gate already refuses this kernel")
+    assert not found.sockmap
+    assert found.why_not("sockmap", ).startswith("missing CAP_BPF and CAP_NET_ADMIN")  # type: ignore[union-attr]
+
+
+def test_prebuilt_object_is_found_and_checked() -> None:
+    spec = objects.sockhash_spec()
+    assert set(layout.SOCKHASH_MAPS) <= set(spec.maps)
+    assert layout.SOCKHASH_PROGRAM in spec.programs
+
+
+def test_layout_matches_the_btf() -> None:
+    """accel/layout.py mirrors bpf/shared.h: sizes and member offsets from the object's BTF."""
+    spec = objects.sockhash_spec()
+    assert spec.btf is not None
+    btf = parse_btf(spec.btf)
+    expected = {
+        "peer_info": (layout.PEER_INFO, ["peer", "limit", "direction", "_pad"]),
+        "progress": (layout.PROGRESS, ["redirected", "stopped"]),
+    }
+    for name, (codec, members) in expected.items():
+        t = btf.by_name(name, Kind.STRUCT)
+        assert t is not None, name
+        assert t.size == codec.size
+        assert [m.name for m in t.members] == members
+        offsets = [m.offset // 8 for m in t.members]
+        sizes = [struct.calcsize("<" + c) for c in codec.format.lstrip("<")]
+        assert offsets == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert spec.maps["peer"].value_size == layout.PEER_INFO.size
+    assert spec.maps["progress"].value_size == layout.PROGRESS.size
+    assert spec.maps["counters"].max_entries == layout.COUNTER_MAX
+
+
+# ------------------------------------------------------------------------------------------
+# Real kernel
+
+
+@pytest.fixture
+def plane() -> Iterator[accel.SockhashSplice]:
+    before = loader.live_fds()
+    with accel.SockhashSplice.load(max_entries=64) as p:
+        yield p
+    assert loader.live_fds() == before
+
+
+def _pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    return server, client, accepted
+
+
+@pytest.mark.bpf
+def test_register_inserts_and_always_removes(plane: accel.SockhashSplice) -> None:
+    s1, outside_client, proxy_client = _pair()
+    s2, proxy_upstream, outside_upstream = _pair()
+    socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
+    try:
+        def use_then_fail() -> None:
+            with plane.register(proxy_client, proxy_upstream, bound=1 << 20) as splice:
+                assert plane.entries() == {"sock_hash": 2, "targets": 2, "peer": 2, "progress": 2}
+                assert splice.stopped_at_insert == ()
+                outside_client.sendall(b"x" * 1000)
+                outside_upstream.settimeout(5)
+                assert outside_upstream.recv(1000) == b"x" * 1000  # spliced by the kernel
+                assert splice.progress("client") == (1000, False)
+                raise RuntimeError("inside")
+
+        with pytest.raises(RuntimeError, match="inside"):
+            use_then_fail()
+        assert plane.entries() == {"sock_hash": 0, "targets": 0, "peer": 0, "progress": 0}
+        counters = plane.counters()
+        assert counters["bytes_to_upstream"] >= 1000
+        assert counters["skbs_to_upstream"] >= 1
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.bpf
+def test_a_half_closed_client_is_refused_and_leaves_nothing(plane: accel.SockhashSplice) -> None:
+    s1, outside_client, proxy_client = _pair()
+    s2, proxy_upstream, outside_upstream = _pair()
+    socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
+    try:
+        outside_client.shutdown(socket.SHUT_WR)  # proxy_client is now CLOSE_WAIT
+        proxy_client.settimeout(5)
+        assert proxy_client.recv(1) == b""
+        with pytest.raises(OSError, match="not supported") as exc:
+            plane.register(proxy_client, proxy_upstream, bound=1 << 20).__enter__()
+        assert exc.value.errno in (errno.EOPNOTSUPP, errno.ENOTSUP)
+        assert plane.entries() == {"sock_hash": 0, "targets": 0, "peer": 0, "progress": 0}
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.bpf
+def test_over_the_limit_the_program_stops_and_keeps_the_bytes(
+    plane: accel.SockhashSplice,
+) -> None:
+    """A socket over its allowance is stopped: later bytes wait in its own queue, in order."""
+    s1, outside_client, proxy_client = _pair()
+    s2, proxy_upstream, outside_upstream = _pair()
+    socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
+    try:
+        with plane.register(proxy_client, proxy_upstream, bound=3000) as splice:
+            outside_upstream.settimeout(5)
+            proxy_client.settimeout(5)
+            outside_client.sendall(b"a" * 2000)
+            assert outside_upstream.recv(4000) == b"a" * 2000
+            outside_client.sendall(b"b" * 2000)  # 4000 > 3000: stopped, kept here
+            got = b""
+            while len(got) < 2000:
+                got += proxy_client.recv(4000)
+            assert got == b"b" * 2000
+            assert splice.progress("client") == (2000, True)
+            assert plane.counters()["budget_stops"] >= 1
+    finally:
+        for s in socks:
+            s.close()
