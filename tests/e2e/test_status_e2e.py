@@ -403,3 +403,29 @@ async def test_a_busy_status_port_is_a_clear_startup_error(
     assert isinstance(error, OSError)
     assert str(error) == f"[Errno 98] status.listen 127.0.0.1:{port}: Address already in use"
     assert proxy.listeners == []  # the proxy's own listeners were never opened
+
+
+async def test_the_status_endpoint_reports_the_drain_then_stops_with_the_proxy(
+    proxy_config: Callable[..., Any],
+) -> None:
+    status_port = free_port()
+    config = COPY_MODE(proxy_config(9, status={"listen": f"127.0.0.1:{status_port}"}))
+    proxy = Proxy(load_config(config), access_log=lambda record: None)
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(proxy.serve)
+        port = listener.socket.getsockname()[1]
+        async with await trio.open_tcp_stream("127.0.0.1", port) as waiting:
+            await waiting.send_all(bytes.fromhex("160301"))  # half a ClientHello: stays live
+            await wait_for(lambda: len(proxy.context.live) == 1)
+            proxy.shutdown()
+            draining = await http_request(status_port, "/readyz")
+            assert (draining.status, draining.text) == (
+                503, "not ready: shutting down: not accepting new connections\n"
+            )
+            assert (await http_request(status_port, "/healthz")).status == 200
+            listing = json.loads((await http_request(status_port, "/connections")).body)
+            assert listing["total"] == 1
+            assert listing["connections"][0]["decision"] == "pending"
+        # The client left: the drain is over, serve() returns and takes the endpoint along.
+    with pytest.raises(OSError, match="all attempts to connect"):
+        await trio.open_tcp_stream("127.0.0.1", status_port)
