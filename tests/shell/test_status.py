@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from statusclient import metric_samples, sample
 
@@ -161,7 +161,6 @@ async def test_one_chunk_and_byte_by_byte_give_the_same_answer(
     assert whole.startswith(b"HTTP/1.1 ")
 
 
-@settings(max_examples=200, deadline=None)
 @given(
     prefix=st.sampled_from([b"", *REQUESTS[:3], b"GET / HTTP/1.1\r\n"]),
     cut=st.integers(min_value=0, max_value=60),
