@@ -10,19 +10,26 @@ tests, so each failure shrinks to a small, readable hello (hypothesis'
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import attrs
 from hypothesis import provisional
 from hypothesis import strategies as st
 
 from trio_sni.sansio.hostname import is_valid_hostname, normalize_sni
+from trio_sni.sansio.proxy_protocol import encode_v1, encode_v2
+from trio_sni.sansio.socks5 import Socks5Connected
 
 __all__ = [
     "GeneratedHello",
+    "GeneratedProxyHeader",
+    "Socks5Transcript",
     "chunkings",
     "client_hellos",
+    "proxy_headers",
     "records",
     "sni_names",
+    "socks5_server_replies",
 ]
 
 # Extension types the reader interprets; "other" extensions are drawn from outside this set.
@@ -186,3 +193,90 @@ def chunkings(draw: st.DrawFn, data: bytes) -> list[bytes]:
         return [data]
     cuts = sorted(draw(st.sets(st.integers(1, len(data) - 1), max_size=20)))
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+# --- SOCKS5 server replies and PROXY protocol headers ---------------------------------------
+
+
+@attrs.frozen
+class Socks5Transcript:
+    """What a well-behaved SOCKS5 server sends to a client asking for bench.test:443.
+
+    ``wire`` is the server's whole side of the handshake, ``after`` the target's first bytes
+    that follow it, and ``expected`` the event the client must produce.
+    """
+
+    auth: bool
+    wire: bytes
+    after: bytes
+    expected: Socks5Connected
+
+
+@st.composite
+def socks5_server_replies(draw: st.DrawFn) -> Socks5Transcript:
+    """Method selection (RFC 1928), optional RFC 1929 status, and a success reply whose
+    BND.ADDR is any of the three address types."""
+    auth = draw(st.booleans())
+    method = 0x02 if auth and draw(st.booleans()) else 0x00
+    wire = bytes([5, method])
+    if method == 0x02:
+        wire += b"\x01\x00"
+    atyp = draw(st.sampled_from([1, 3, 4]))
+    if atyp == 1:
+        address = draw(st.ip_addresses(v=4))
+        encoded, host = address.packed, str(address)
+    elif atyp == 4:
+        address = draw(st.ip_addresses(v=6))
+        encoded, host = address.packed, str(address)
+    else:
+        name = draw(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40))
+        encoded, host = bytes([len(name)]) + name.encode(), name
+    port = draw(st.integers(0, 65535))
+    wire += bytes([5, 0, 0, atyp]) + encoded + port.to_bytes(2, "big")
+    return Socks5Transcript(
+        auth=auth,
+        wire=wire,
+        after=draw(st.binary(max_size=16)),
+        expected=Socks5Connected(bound_host=host, bound_port=port),
+    )
+
+
+@attrs.frozen
+class GeneratedProxyHeader:
+    """A PROXY protocol header and the endpoints a reader must find in it (None: LOCAL /
+    UNKNOWN, where the socket's own addresses apply)."""
+
+    data: bytes
+    version: int
+    source: tuple[Any, int] | None
+    destination: tuple[Any, int] | None
+
+
+@st.composite
+def proxy_headers(draw: st.DrawFn) -> GeneratedProxyHeader:
+    """v1 or v2 headers for TCP4/TCP6 or without addresses; v2 ones with random TLVs."""
+    version = draw(st.sampled_from([1, 2]))
+    family = draw(st.sampled_from([4, 6, None]))
+    if family is None:
+        source = destination = None
+    else:
+        # IPv4-mapped IPv6 addresses are sent as TCP4 on purpose (encode_v1's docstring);
+        # they are tested in tests/sansio/test_proxy_protocol.py, not round-tripped here.
+        addresses = st.ip_addresses(v=family).filter(
+            lambda a: a.version == 4 or a.ipv4_mapped is None
+        )
+        source = (draw(addresses), draw(st.integers(0, 65535)))
+        destination = (draw(addresses), draw(st.integers(0, 65535)))
+    if version == 1:
+        data = encode_v1(source, destination)
+    else:
+        data = encode_v2(source, destination)
+        if source is not None:
+            tlvs = b"".join(
+                bytes([t]) + len(v).to_bytes(2, "big") + v
+                for t, v in draw(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)),
+                                          max_size=4))
+            )
+            length = int.from_bytes(data[14:16], "big") + len(tlvs)
+            data = data[:14] + length.to_bytes(2, "big") + data[16:] + tlvs
+    return GeneratedProxyHeader(data, version, source, destination)
