@@ -66,8 +66,12 @@ def test_arbitrary_bytes(data: bytes, eof: bool, draw: Any) -> None:
     check(data, draw.draw(chunkings(data)) if draw is not None else [data], eof=eof)
 
 
-@given(st.sampled_from([b"PROXY ", V2_SIGNATURE]), st.binary(max_size=300), st.booleans(), st.data())
-def test_bytes_behind_a_signature(prefix: bytes, rest: bytes, eof: bool, draw: st.DataObject) -> None:
+@given(
+    st.sampled_from([b"PROXY ", V2_SIGNATURE]), st.binary(max_size=300), st.booleans(), st.data()
+)
+def test_bytes_behind_a_signature(
+    prefix: bytes, rest: bytes, eof: bool, draw: st.DataObject
+) -> None:
     data = prefix + rest
     check(data, draw.draw(chunkings(data)), eof=eof)
 

@@ -13,6 +13,7 @@ connections.
 
 from __future__ import annotations
 
+import contextlib
 import http
 import ipaddress
 import logging
@@ -25,15 +26,15 @@ import trio
 from .errors import DestinationRefused, TrioSniError, UpstreamError
 from .forward import ByteCounters, Forwarder
 from .resolver import Resolver
+from .sansio import http_request, proxy_protocol
 from .sansio.addresses import IPAddress, refusal_reason
 from .sansio.alerts import Alert, alert_record
 from .sansio.clienthello import NEED_DATA, ClientHello, ClientHelloReader
 from .sansio.config import Listener, Socks5
-from .sansio import http_request, proxy_protocol
 from .sansio.errors import MalformedHelloError
 from .sansio.http_request import HttpRequest, HttpRequestError, HttpRequestReader
-from .sansio.proxy_protocol import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from .sansio.policy import ClientLimiter, Deny, Policy, Route
+from .sansio.proxy_protocol import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from .upstream import connect_to_addresses, connect_via_socks5
 
 log = logging.getLogger("trio_sni")
@@ -260,12 +261,14 @@ async def handle_connection(
         ctx.write_access_log(info.access_record(trio.current_time()))
 
 
-def _endpoint(sockaddr: tuple[str, int] | tuple[str, int, int, int]) -> tuple[IPAddress, int]:
+def _endpoint(
+    sockaddr: tuple[str, int] | tuple[str, int, int, int],
+) -> tuple[IPAddress, int]:
     return ipaddress.ip_address(sockaddr[0]), sockaddr[1]
 
 
 async def _read_proxy_header(
-    stream: trio.SocketStream, deadline: float, timeout: float
+    stream: trio.SocketStream, deadline: float, total: float
 ) -> tuple[ProxyHeader, bytes]:
     """Read the PROXY protocol header; return it and the client bytes read after it."""
     reader = ProxyHeaderReader()
@@ -283,7 +286,7 @@ async def _read_proxy_header(
                     f"peer reset the connection during the PROXY protocol header: {exc}"
                 ) from None
             reader.receive_data(data)
-    raise ProxyHeaderTimeout(f"no complete PROXY protocol header within {timeout:g} s")
+    raise ProxyHeaderTimeout(f"no complete PROXY protocol header within {total:g} s")
 
 
 async def _read_http_request(
@@ -360,18 +363,18 @@ async def _send_http_error(stream: trio.SocketStream, status: int) -> None:
         f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode("ascii") + body
-    with trio.move_on_after(HTTP_ERROR_LINGER):
-        try:
-            await stream.send_all(response)
-            await stream.send_eof()
-            drained = 0
-            while drained < HTTP_ERROR_DRAIN:
-                data = await stream.receive_some(16384)
-                if not data:
-                    break
-                drained += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+    with (
+        trio.move_on_after(HTTP_ERROR_LINGER),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(response)
+        await stream.send_eof()
+        drained = 0
+        while drained < HTTP_ERROR_DRAIN:
+            data = await stream.receive_some(16384)
+            if not data:
+                break
+            drained += len(data)
 
 
 async def _read_client_hello(

@@ -64,9 +64,9 @@ class EchoHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(text)
 
-    do_GET = do_POST = _answer  # noqa: N815
+    do_GET = do_POST = _answer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # keep pytest's output clean
 
 
@@ -120,7 +120,9 @@ async def test_curl_through_the_http_listener(
     assert posted.stdout.endswith(b"POST /form HTTP/1.1\nhost=bench.test\nbody=5000\n" + BODY)
     await wait_for(lambda: len(running.access_log) == 2)
     first, second = running.access_log
-    assert (first["sni"], first["decision"], first["reason"]) == ("www.bench.test", "allow", "normal")
+    assert (first["sni"], first["decision"], first["reason"]) == (
+        "www.bench.test", "allow", "normal"
+    )
     assert first["target"] == f"127.0.0.1:{http_backend}"
     assert [first["mode"], second["mode"]] == [forwarding_mode] * 2
     assert second["bytes_to_upstream"] > 5000
@@ -169,8 +171,8 @@ async def test_request_bytes_arrive_unchanged(
     [
         ((), "http://denied.bench.test/", b"403 Forbidden", "denied_domain"),
         ((), "http://nowhere.test/", b"403 Forbidden", "denied_domain"),
-        (("-H", "X-Big: " + "b" * 9000), "http://bench.test/", b"431 Request Header Fields Too Large",
-         "too_large"),
+        (("-H", "X-Big: " + "b" * 9000), "http://bench.test/",
+         b"431 Request Header Fields Too Large", "too_large"),
         (("-0", "-H", "Host:"), "http://bench.test/", b"400 Bad Request", "no_host"),
     ],
     ids=["denied", "no-rule", "oversized", "missing-host"],

@@ -37,11 +37,17 @@ http {{
         listen 127.0.0.1:{port} proxy_protocol;
         location / {{
             default_type text/plain;
-            return 200 "client=$proxy_protocol_addr:$proxy_protocol_port server=$proxy_protocol_server_addr:$proxy_protocol_server_port host=$host\\n";
+            return 200 "{answer}";
         }}
     }}
 }}
 """
+
+#: What nginx answers: the addresses it read from the PROXY header, and the Host.
+NGINX_ANSWER = (
+    "client=$proxy_protocol_addr:$proxy_protocol_port "
+    "server=$proxy_protocol_server_addr:$proxy_protocol_server_port host=$host\\n"
+)
 
 HAPROXY_CONFIG = """\
 defaults
@@ -90,7 +96,8 @@ def start_nginx(stack: ExitStack, tmp_path: Path) -> int:
     port = free_port()
     work = tmp_path / f"nginx-{port}"
     work.mkdir()
-    (work / "nginx.conf").write_text(NGINX_CONFIG.format(work=work, port=port), "utf-8")
+    config = NGINX_CONFIG.format(work=work, port=port, answer=NGINX_ANSWER)
+    (work / "nginx.conf").write_text(config, "utf-8")
     stack.enter_context(
         running_daemon(
             [nginx, "-c", str(work / "nginx.conf"), "-p", str(work), "-e", str(work / "error.log")],
@@ -281,7 +288,8 @@ async def test_missing_or_bad_header_is_refused_with_a_log_line(
     [record] = running.access_log
     assert record["reason"] == reason
     assert str(record["error"]).startswith(error)
-    assert f"refused 127.0.0.1:" in caplog.text and error[:40] in caplog.text
+    assert "refused 127.0.0.1:" in caplog.text
+    assert error[:40] in caplog.text
     assert tls_backend.connections == 0
 
 

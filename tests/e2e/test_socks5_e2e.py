@@ -220,7 +220,8 @@ async def test_local_dns_sends_the_checked_address(
     assert blocked["reason"] == "ssrf_blocked"
     assert tls_backend.connections == 1
     log = server.log_text()
-    assert f"127.0.0.1.{tls_backend.port}" in log and "bench.test" not in log
+    assert f"127.0.0.1.{tls_backend.port}" in log
+    assert "bench.test" not in log
 
 
 @pytest.mark.root

@@ -61,7 +61,7 @@ def test_curl_request() -> None:
 
 def test_body_and_pipelined_bytes_are_trailing() -> None:
     data = b"POST /f HTTP/1.1\nHost: a.test:8080\nContent-Length: 3\n\nabcGET / HTTP/1.1\r\n"
-    kind, request, trailing = both_ways(data)
+    _kind, request, trailing = both_ways(data)
     assert (request.method, request.host, request.port) == ("POST", "a.test", 8080)
     assert request.raw + trailing == data
     assert trailing == b"abcGET / HTTP/1.1\r\n"
@@ -69,7 +69,7 @@ def test_body_and_pipelined_bytes_are_trailing() -> None:
 
 def test_absolute_form_with_matching_host_and_http10() -> None:
     data = b"GET http://A.test:80/x HTTP/1.0\r\nhost:a.test.\r\n\r\n"
-    kind, request, _ = both_ways(data)
+    _kind, request, _ = both_ways(data)
     assert (request.target, request.http_version, request.host) == (
         "http://A.test:80/x", "1.0", "a.test"
     )
@@ -113,7 +113,7 @@ def test_need_data_until_the_empty_line() -> None:
     ],
 )
 def test_refusals(data: bytes, cls: type[Exception], status: int, message: str | None) -> None:
-    kind, got_cls, reason, got_status, got = both_ways(data, eof=True)
+    _kind, got_cls, _reason, got_status, got = both_ways(data, eof=True)
     assert (got_cls, got_status) == (cls, status)
     if message is not None:
         assert got == message

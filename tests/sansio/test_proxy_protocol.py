@@ -137,7 +137,7 @@ def test_v1_unknown_and_v2_local_carry_no_address() -> None:
         # LOCAL with an address block: ignored, as the specification says.
         (V2_SIGNATURE + b"\x20\x11\x00\x0c" + bytes(12), 2, "LOCAL"),
     ):
-        kind, event, _ = both_ways(data)
+        _kind, event, _ = both_ways(data)
         assert (event.version, event.command, event.source, event.destination) == (
             version, command, None, None
         )
@@ -146,7 +146,7 @@ def test_v1_unknown_and_v2_local_carry_no_address() -> None:
 def test_v2_tlvs_are_walked_and_skipped() -> None:
     tlvs = b"\x04\x00\x00" + b"\x05\x00\x03abc" + b"\xea\x00\x01\x01"  # NOOP, UNIQUE_ID, AWS
     data = V2_SIGNATURE + b"\x21\x11" + (12 + len(tlvs)).to_bytes(2, "big") + V2_TCP4[16:] + tlvs
-    kind, event, trailing = both_ways(data + b"rest")
+    _kind, event, trailing = both_ways(data + b"rest")
     assert event.source == SRC4
     assert event.tlv_types == (0x04, 0x05, 0xEA)
     assert trailing == b"rest"
@@ -156,7 +156,7 @@ def test_v2_unix_and_unspec_proxy_use_the_socket_peer() -> None:
     unix = V2_SIGNATURE + b"\x21\x31" + (216).to_bytes(2, "big") + bytes(216)
     unspec = V2_SIGNATURE + b"\x21\x00\x00\x00"
     for data in (unix, unspec):
-        kind, event, _ = both_ways(data)
+        _kind, event, _ = both_ways(data)
         assert (event.command, event.source) == ("PROXY", None)
 
 
@@ -205,7 +205,7 @@ def test_v2_unix_and_unspec_proxy_use_the_socket_peer() -> None:
     ],
 )
 def test_bad_headers(data: bytes, cls: type[Exception], message: str) -> None:
-    kind, got_cls, reason, got = both_ways(data, eof=True)
+    _kind, got_cls, reason, got = both_ways(data, eof=True)
     assert (got_cls, got) == (cls, message)
     assert reason == ("no_proxy_header" if cls is MissingProxyHeaderError else "bad_proxy_header")
 
@@ -242,6 +242,6 @@ def test_results_repeat() -> None:
     with pytest.raises(MissingProxyHeaderError) as second:
         bad.next_event()
     assert first.value is second.value
+    bad.receive_data(b"")
     with pytest.raises(RuntimeError):
-        bad.receive_data(b"")
         bad.receive_data(b"x")

@@ -18,8 +18,8 @@ from trio_sni.sansio.socks5 import (
     REPLY_MESSAGES,
     Socks5AuthError,
     Socks5Client,
-    Socks5ConnectError,
     Socks5Connected,
+    Socks5ConnectError,
     Socks5Error,
     Socks5ProtocolError,
     Socks5RefusedError,
@@ -110,11 +110,11 @@ def test_bound_address_forms_and_trailing_bytes() -> None:
     assert outcome == ("connected", Socks5Connected("proxy", 1080), b"")
 
 
-@pytest.mark.parametrize("code", sorted(REPLY_MESSAGES) + [0x09, 0xFF])
+@pytest.mark.parametrize("code", [*sorted(REPLY_MESSAGES), 0x09, 0xFF])
 def test_every_reply_code_is_a_clear_error(code: int) -> None:
     # Only VER and REP are sent: the error must not wait for the rest (some servers close).
     _, outcome = both_ways(name_client, b"\x05\x00" + bytes([5, code]), eof=True)
-    kind, cls, reason, message = outcome
+    _kind, cls, reason, message = outcome
     meaning = REPLY_MESSAGES.get(code, "unassigned reply code")
     assert message == (
         f"SOCKS5 server could not connect to bench.test:443: {meaning} (REP 0x{code:02x})"

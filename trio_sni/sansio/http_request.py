@@ -85,7 +85,9 @@ DEFAULT_MAX_SIZE: Final = 8 * 1024
 HARD_MAX_SIZE: Final = 64 * 1024
 SNIFF_LEN: Final = 16
 
-_TOKEN_CHARS: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_TOKEN_CHARS: Final = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
 _END_OF_HEAD: Final = re.compile(rb"\r?\n\r?\n")
 _LINE_END: Final = re.compile(rb"\r?\n")
 _REQUEST_LINE: Final = re.compile(
@@ -256,7 +258,9 @@ class HttpRequestReader:
             quoted = quoted[: newline + 1]
         elif len(quoted) < SNIFF_LEN and not self._eof:
             return
-        hint = " (looks like TLS: use a listener with protocol \"tls\")" if quoted[0] == 0x16 else ""
+        hint = ""
+        if quoted[0] == 0x16:
+            hint = ' (looks like TLS: use a listener with protocol "tls")'
         raise NotHttpError(
             f"not HTTP: the connection starts with {quoted!r}{hint}; this listener expects a "
             "plain HTTP/1.x request"

@@ -379,7 +379,8 @@ def _parse_v2(raw: bytes) -> ProxyHeader:
         # an address block we cannot delimit, so they are not walked either.
         return ProxyHeader(version=2, command="LOCAL", source=None, destination=None, raw=raw)
     address_len = _ADDRESS_LEN[family]
-    source = destination = None
+    source: Endpoint | None = None
+    destination: Endpoint | None = None
     if family == _FAM_TCP4:
         source = (ipaddress.IPv4Address(body[0:4]), int.from_bytes(body[8:10], "big"))
         destination = (ipaddress.IPv4Address(body[4:8]), int.from_bytes(body[10:12], "big"))

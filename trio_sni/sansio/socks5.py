@@ -79,8 +79,8 @@ __all__ = [
     "NeedData",
     "Socks5AuthError",
     "Socks5Client",
-    "Socks5Connected",
     "Socks5ConnectError",
+    "Socks5Connected",
     "Socks5Error",
     "Socks5ProtocolError",
     "Socks5RefusedError",
@@ -209,7 +209,7 @@ def _encode_destination(host: str | IPAddress) -> bytes:
         try:
             host = ipaddress.ip_address(host)
         except ValueError:
-            name = host.encode("ascii")
+            name = str(host).encode("ascii")
             if not 0 < len(name) <= MAX_DOMAIN_LEN:
                 raise ValueError(
                     f"SOCKS5 cannot carry a {len(name)}-byte host name (1 to 255)"
