@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from daemons import free_port, require, running_daemon
 from proxytest import drain, wait_for
 
@@ -379,3 +380,38 @@ async def test_chain_haproxy_to_proxy_to_nginx_keeps_the_client(
     assert response.endswith(
         f"client={CLIENT_IP}:{client_port} server=127.0.0.1:{haproxy} host=bench.test\n".encode()
     )
+
+
+async def test_header_and_hello_share_one_total_deadline(
+    autojump_clock: trio.testing.MockClock, tls_backend: Any,
+    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+) -> None:
+    """A slow header eats into the ClientHello's time: one deadline covers both."""
+    config = proxy_config(tls_backend.port, timeouts={"client_hello": 10})
+    config["listeners"][0]["accept_proxy_protocol"] = True
+    running = await start_proxy(config)
+    header = b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443\r\n"
+    results = []
+    # 1: half a header, then nothing. 2: nothing for 6 s, then the header and half a hello:
+    # the hello gets only the 4 s left of the one deadline, not 10 s of its own.
+    for first, later in ((b"PROXY TCP4 ", b""), (b"", header + b"\x16\x03\x01")):
+        stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+        opened = trio.current_time()
+        try:
+            with trio.fail_after(60):
+                if first:
+                    await stream.send_all(first)
+                await trio.sleep(6)
+                if later:
+                    await stream.send_all(later)
+                results.append((await drain(stream), trio.current_time() - opened))
+        finally:
+            await trio.aclose_forcefully(stream)
+    assert results == [(b"", 10), (b"", 10)]
+    await wait_for(lambda: len(running.access_log) == 2)
+    header_late, hello_late = running.access_log
+    assert (header_late["reason"], header_late["error"]) == (
+        "proxy_header_timeout", "no complete PROXY protocol header within 10 s"
+    )
+    assert (hello_late["reason"], hello_late["client"]) == ("hello_timeout", "203.0.113.7:40001")
+    assert hello_late["duration"] == 10.0

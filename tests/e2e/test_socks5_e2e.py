@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 from daemons import free_port, require, running_daemon
 from dnsserver import DNSServer
 from proxytest import drain, wait_for
@@ -300,4 +301,91 @@ async def test_socks_server_down_and_per_rule_direct(
     assert down["error"] == (
         f"SOCKS5 server unreachable: connect to 127.0.0.1:{dead} failed: "
         "[Errno 111] Connection refused"
+    )
+
+
+# --- misbehaving SOCKS servers, in process (no dante needed) --------------------------------
+
+
+async def fake_socks_server(nursery: trio.Nursery, answer: bytes | None) -> int:
+    """Accepts, reads the greeting, then sends ``answer`` (or nothing, ever) and waits."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            await stream.receive_some(512)
+            if answer is not None:
+                await stream.send_all(answer)
+            await stream.receive_some(512)  # until the proxy gives up and closes
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def serve() -> None:
+        try:
+            await trio.serve_listeners(handler, listeners)
+        finally:
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+
+    nursery.start_soon(serve)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+def python_hello(name: str) -> bytes:
+    ctx = ssl.create_default_context()
+    out = ssl.MemoryBIO()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return out.read()
+
+
+async def test_silent_socks_server_fails_exactly_at_the_connect_timeout(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery,
+    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+) -> None:
+    socks = await fake_socks_server(nursery, None)
+    running = await start_proxy(
+        proxy_config(443, timeouts={"connect": 7}, socks5={"address": f"127.0.0.1:{socks}"})
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+    try:
+        await stream.send_all(python_hello("bench.test"))
+        started = trio.current_time()
+        with trio.fail_after(60):
+            assert await drain(stream) == b""
+        assert trio.current_time() == started + 7
+    finally:
+        await trio.aclose_forcefully(stream)
+    await wait_for(lambda: len(running.access_log) == 1)
+    [record] = running.access_log
+    assert record["reason"] == "connect_failed"
+    assert record["error"] == (
+        f"SOCKS5 CONNECT through 127.0.0.1:{socks} did not complete within 7.0 s"
+    )
+    assert record["duration"] == 7.0
+
+
+async def test_a_server_that_is_not_socks5(
+    nursery: trio.Nursery, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+) -> None:
+    socks = await fake_socks_server(nursery, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    running = await start_proxy(
+        proxy_config(443, socks5={"address": f"127.0.0.1:{socks}"})
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+    try:
+        await stream.send_all(python_hello("bench.test"))
+        assert await drain(stream) == b""
+    finally:
+        await trio.aclose_forcefully(stream)
+    await wait_for(lambda: len(running.access_log) == 1)
+    [record] = running.access_log
+    assert (record["reason"], record["via"]) == ("socks5_error", "socks5")
+    assert record["error"] == (
+        "not a SOCKS5 server: its first reply starts with b'HT' (version 72, expected 5)"
     )
