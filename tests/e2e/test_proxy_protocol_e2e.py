@@ -133,10 +133,13 @@ async def serve_until_cancelled(
 
 
 async def recording_backend(
-    nursery: trio.Nursery, received: list[bytes], done: Callable[[bytes], bool]
+    nursery: trio.Nursery,
+    received: list[bytes],
+    done: Callable[[bytes], bool],
+    host: str = "127.0.0.1",
 ) -> int:
     """A raw TCP backend: keeps what each connection sends until ``done(data)``, then closes."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listeners = await trio.open_tcp_listeners(0, host=host)
 
     async def handler(stream: trio.SocketStream) -> None:
         data = b""
@@ -187,18 +190,21 @@ def hello_bytes() -> bytes:
 # --- sending: exact bytes at the target ----------------------------------------------------
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
 async def test_header_sent_to_target_exact_bytes(
-    version: str, nursery: trio.Nursery, start_proxy: Callable[..., Any],
+    version: str, host: str, nursery: trio.Nursery, start_proxy: Callable[..., Any],
     proxy_config: Callable[..., Any],
 ) -> None:
     hello = hello_bytes()
     received: list[bytes] = []
-    backend = await recording_backend(nursery, received, lambda data: data.endswith(hello))
+    backend = await recording_backend(nursery, received, lambda data: data.endswith(hello), host)
     config = proxy_config(backend)
+    config["listeners"][0]["host"] = host
+    config["resolver"]["hosts"]["bench.test"] = [host]
     config["rules"][0]["proxy_protocol"] = version
     running = await start_proxy(config)
-    client = await trio.open_tcp_stream("127.0.0.1", running.port)
+    client = await trio.open_tcp_stream(host, running.port)
     try:
         client_port = client.socket.getsockname()[1]
         await client.send_all(hello)
@@ -206,13 +212,15 @@ async def test_header_sent_to_target_exact_bytes(
     finally:
         await trio.aclose_forcefully(client)
     [data] = received
+    ports = client_port.to_bytes(2, "big") + running.port.to_bytes(2, "big")
     if version == "v1":
-        expected = f"PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {running.port}\r\n".encode()
+        proto = "TCP4" if host == "127.0.0.1" else "TCP6"
+        expected = f"PROXY {proto} {host} {host} {client_port} {running.port}\r\n".encode()
+    elif host == "127.0.0.1":
+        expected = b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes([127, 0, 0, 1]) * 2 + ports
     else:
-        expected = (
-            b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes([127, 0, 0, 1]) * 2
-            + client_port.to_bytes(2, "big") + running.port.to_bytes(2, "big")
-        )
+        loopback6 = bytes(15) + b"\x01"
+        expected = b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x24" + loopback6 * 2 + ports
     assert data[: len(expected)] == expected
     assert data[len(expected) :].startswith(hello)
 
