@@ -423,3 +423,29 @@ async def test_header_and_hello_share_one_total_deadline(
     )
     assert (hello_late["reason"], hello_late["client"]) == ("hello_timeout", "203.0.113.7:40001")
     assert hello_late["duration"] == 10.0
+
+
+async def test_limits_count_the_address_from_the_header(
+    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+) -> None:
+    """All three connections come from 127.0.0.1; the limiter sees two different clients."""
+    config = proxy_config(
+        tls_backend.port, limits={"per_client_burst": 1, "per_client_rate": 0.001}
+    )
+    config["listeners"][0]["accept_proxy_protocol"] = True
+    running = await start_proxy(config)
+    for count, source in enumerate(("203.0.113.7", "203.0.113.7", "203.0.113.8"), start=1):
+        stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+        try:
+            await stream.send_all(f"PROXY TCP4 {source} 192.0.2.1 40000 443\r\n".encode())
+            await stream.send_eof()  # no hello: the allowed ones end as malformed_hello
+            await drain(stream)
+        finally:
+            await trio.aclose_forcefully(stream)
+        await wait_for(lambda n=count: len(running.access_log) == n)  # one at a time, in order
+    assert [(r["client"], r["reason"]) for r in running.access_log] == [
+        ("203.0.113.7:40000", "malformed_hello"),
+        ("203.0.113.7:40000", "rate_limited"),
+        ("203.0.113.8:40000", "malformed_hello"),
+    ]
+    assert "203.0.113.7 exceeded per_client_rate" in str(running.access_log[1]["error"])
