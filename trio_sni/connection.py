@@ -135,6 +135,10 @@ class ConnectionContext:
     #: The ``socks5`` section: the server ``via: "socks5"`` rules use, and the default route
     #: for rules without ``via`` when set.
     socks5: Socks5 | None = None
+    #: ``max_connections``, checked before a PROXY header is read: the limiter can only admit
+    #: a connection once the header has named its client, and until then these connections
+    #: must still count against the global cap (or a flood of silent ones would escape it).
+    max_connections: int = 50000
     live: dict[int, ConnectionInfo] = attrs.Factory(dict)
 
 
@@ -170,6 +174,15 @@ async def handle_connection(
         local = _endpoint(stream.socket.getsockname())
         early = b""
         if listener.accept_proxy_protocol:
+            # ctx.live includes this connection and every one still waiting for its header.
+            if len(ctx.live) > ctx.max_connections:
+                raise Refused(
+                    Deny(
+                        "max_connections",
+                        f"the proxy has {len(ctx.live) - 1} connections, some still waiting "
+                        f"for their PROXY header (max_connections = {ctx.max_connections})",
+                    )
+                )
             # The header comes before the client checks: its address is the client's.
             header, early = await _read_proxy_header(stream, deadline, ctx.hello_timeout)
             if header.source is not None and header.destination is not None:

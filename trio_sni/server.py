@@ -94,6 +94,7 @@ class Proxy:
             own_addresses=(),
             write_access_log=access_log or self._access_log.write,  # type: ignore[union-attr]
             socks5=config.socks5,
+            max_connections=config.max_connections,
         )
         self._accepting: trio.CancelScope | None = None
         self._shutdown_requested = trio.Event()
@@ -206,6 +207,7 @@ class Proxy:
         ctx.hello_timeout = config.timeouts.client_hello
         ctx.connect_timeout = config.timeouts.connect
         ctx.socks5 = config.socks5
+        ctx.max_connections = config.max_connections
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 

@@ -449,3 +449,29 @@ async def test_limits_count_the_address_from_the_header(
         ("203.0.113.8:40000", "malformed_hello"),
     ]
     assert "203.0.113.7 exceeded per_client_rate" in str(running.access_log[1]["error"])
+
+
+async def test_connections_waiting_for_a_header_count_against_max_connections(
+    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+) -> None:
+    config = proxy_config(tls_backend.port, max_connections=2)
+    config["listeners"][0]["accept_proxy_protocol"] = True
+    running = await start_proxy(config)
+    silent = [await trio.open_tcp_stream("127.0.0.1", running.port) for _ in range(2)]
+    try:
+        await wait_for(lambda: len(running.proxy.context.live) == 2)
+        third = await trio.open_tcp_stream("127.0.0.1", running.port)
+        try:
+            assert await drain(third) == b""
+        finally:
+            await trio.aclose_forcefully(third)
+        await wait_for(lambda: len(running.access_log) == 1)
+        [record] = running.access_log
+        assert record["reason"] == "max_connections"
+        assert record["error"] == (
+            "the proxy has 2 connections, some still waiting for their PROXY header "
+            "(max_connections = 2)"
+        )
+    finally:
+        for stream in silent:
+            await trio.aclose_forcefully(stream)
