@@ -213,8 +213,6 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
         return ForwardingPlan(copy, f"kernel forwarding unavailable: {why}; using userspace copy")
     from .kernel_forward import KernelForwarder
 
-    # A Proxy that is built but never served still releases the BPF objects when collected.
-    weakref.finalize(why, why.close)
     kernel = KernelForwarder(
         why,
         copy=copy,
@@ -222,6 +220,9 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
         bound=config.ebpf.sockmap.max_in_flight,
         buffer_size=config.forwarding.buffer_size,
     )
+    # A Proxy that is built but never served still releases the BPF objects once the
+    # forwarder is collected (the finalizer holds the data plane, not the forwarder).
+    weakref.finalize(kernel, why.close)
     return ForwardingPlan(kernel, "BPF sockhash splice, userspace copy per connection if needed")
 
 

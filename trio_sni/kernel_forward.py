@@ -41,7 +41,6 @@ import contextlib
 import errno
 import fcntl
 import logging
-import math
 import select
 import socket
 import struct
@@ -318,6 +317,7 @@ class _Watcher:
         self.last_activity = trio.current_time()
         self.activity = self._activity()
         self.last_redirected = {d.src_side: 0 for d in dirs}
+        self.last_look = {d.src_side: trio.current_time() for d in dirs}
         for side in splice.stopped_at_insert:
             d = self._dir(side)
             d.state = "user"
@@ -484,14 +484,16 @@ class _Watcher:
         if new_limit - d.limit >= bound // 4:
             d.limit = new_limit
             self.splice.set_limit(d.src_side, new_limit)
-        rate = redirected - self.last_redirected[d.src_side]
+        moved = redirected - self.last_redirected[d.src_side]
+        elapsed = now - self.last_look[d.src_side]
         self.last_redirected[d.src_side] = redirected
-        if rate <= 0:
+        self.last_look[d.src_side] = now
+        if moved <= 0 or elapsed <= 0:
             return MAX_POLL
-        # ``rate`` bytes moved since the last look; the allowance left lasts that many looks.
-        headroom = max(0, d.limit - redirected)
-        looks_left = headroom / rate
-        return max(MIN_POLL, min(MAX_POLL, MIN_POLL * math.floor(looks_left / 2 + 1)))
+        # At the rate since the last look, the allowance left lasts this long: look again
+        # halfway there.
+        lasts = max(0, d.limit - redirected) / (moved / elapsed)
+        return max(MIN_POLL, min(MAX_POLL, lasts / 2))
 
     async def _userspace(self, d: _Direction) -> None:
         """Copy ``d`` in userspace from now on (in-flight bound reached, or no splice)."""
