@@ -16,6 +16,9 @@ from .sansio.errors import NoSNIError as NoSNIError
 from .sansio.errors import NotTLSError as NotTLSError
 from .sansio.errors import SSLv2HelloError as SSLv2HelloError
 from .sansio.errors import TrioSniError as TrioSniError
+from .sansio.http_request import HttpRequestError as HttpRequestError
+from .sansio.proxy_protocol import ProxyHeaderError as ProxyHeaderError
+from .sansio.socks5 import Socks5Error as Socks5Error
 
 
 class ResolveError(TrioSniError):
