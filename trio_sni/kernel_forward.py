@@ -64,8 +64,11 @@ _TCP_CLOSE = 7
 #: at least this often, at most MAX_DRAIN_POLL, adapted to the rate the queue drains at.
 DRAIN_POLL = 0.002
 MAX_DRAIN_POLL = 0.05
-#: Slowest poll of the allowance, idle and byte counters (seconds); fast flows poll faster.
-MAX_POLL = 1.0
+#: Slowest poll of the allowance, idle and byte counters (seconds); fast flows poll faster,
+#: and never slower than a twentieth of the idle timeout (its precision).
+MAX_POLL = 5.0
+#: Allowance poll of a direction that moved nothing since the last look (seconds).
+QUIET_POLL = 1.0
 #: Fastest allowance poll (seconds).
 MIN_POLL = 0.005
 #: How long to stop watching the epoll instance after a wake-up that reported nothing.
@@ -345,7 +348,7 @@ class _Watcher:
                 self.counters.to_client = sent
 
     async def run(self) -> str:
-        epoll = select.epoll()
+        epoll = self._epoll = select.epoll()
         try:
             for d in self.dirs:
                 epoll.register(d.src_fd, select.EPOLLRDHUP | select.EPOLLET)
@@ -395,7 +398,7 @@ class _Watcher:
                 if now >= idle_deadline:
                     self._end("idle_timeout")
                     return
-                poll = MAX_POLL
+                poll = min(MAX_POLL, fwd._idle_timeout / 20)
                 for d in self.dirs:
                     if d.state in ("kernel", "draining"):
                         poll = min(poll, self._check_allowance(d, now))
@@ -420,28 +423,38 @@ class _Watcher:
                     await trio.lowlevel.wait_readable(epoll.fileno())
                 woke = not self._waiting.cancelled_caught
             self._waiting = None
-            ready = epoll.poll(0)
-            spurious = woke and not ready
-            for fd, events in ready:
+            changed = False
+            for fd, events in epoll.poll(0):
                 d = self.dirs[0] if fd == self.dirs[0].src_fd else self.dirs[1]
-                self._on_event(d, events)
+                changed = self._on_event(d, events) or changed
+            spurious = woke and not changed
+            if changed:
                 next_check = trio.current_time()  # look at the counters now
 
-    def _on_event(self, d: _Direction, events: int) -> None:
+    def _on_event(self, d: _Direction, events: int) -> bool:
+        """Handle what epoll reported for ``d``'s source socket; whether anything changed."""
         side = d.src_side
         if events & select.EPOLLERR or (
             events & select.EPOLLHUP and _tcp_state(d.src.socket) == _TCP_CLOSE
             and _socket_error(d.src.socket)
         ):
             self._reset(side)
-            return
-        if events & (select.EPOLLRDHUP | select.EPOLLHUP) and not d.fin_received:
-            d.fin_received = True
-            if d.state == "kernel":
-                with _borrowed(d.src_fd) as sock, contextlib.suppress(OSError):
-                    sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # process the queue
-                d.state = "draining"
-            # "user": its pump reads the EOF itself.
+            return True
+        if not events & (select.EPOLLRDHUP | select.EPOLLHUP):
+            return False
+        # The FIN stays visible (level) and would be reported again on every wake-up: from
+        # now on only errors and hang-ups, which epoll always reports.
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.modify(d.src_fd, select.EPOLLET)
+        if d.fin_received:
+            return False
+        d.fin_received = True
+        if d.state == "kernel":
+            with _borrowed(d.src_fd) as sock, contextlib.suppress(OSError):
+                sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # process the queue
+            d.state = "draining"
+        # "user": its pump reads the EOF itself.
+        return True
 
     def _shutdown_dst(self, d: _Direction) -> None:
         with contextlib.suppress(OSError):
@@ -489,7 +502,9 @@ class _Watcher:
         self.last_redirected[d.src_side] = redirected
         self.last_look[d.src_side] = now
         if moved <= 0 or elapsed <= 0:
-            return MAX_POLL
+            # Nothing moved: a flow that starts now at up to bound/s must not find a stale
+            # allowance (that would stop it for nothing).
+            return QUIET_POLL
         # At the rate since the last look, the allowance left lasts this long: look again
         # halfway there.
         lasts = max(0, d.limit - redirected) / (moved / elapsed)

@@ -443,8 +443,8 @@ async def test_idle_timeout_in_kernel_mode(
         assert await drain(client) == b""
     closed_after = trio.current_time() - start
     await client.aclose()
-    # Byte counters are read at most once a second: the deadline is met to within that.
-    assert 30 <= closed_after <= 31 + 1e-9
+    # Byte counters are read at least every idle/20 s: the deadline is met to within that.
+    assert 30 <= closed_after <= 30 + 30 / 20 + 1e-9
     await wait_for(lambda: len(running.access_log) == 1)
     [record] = running.access_log
     assert (record["reason"], record["mode"]) == ("idle_timeout", "kernel")
