@@ -27,13 +27,13 @@ from .errors import ConfigError as ConfigError
 from .errors import TrioSniError as TrioSniError
 from .hostname import is_valid_hostname as is_valid_hostname
 from .hostname import normalize_sni as normalize_sni
+from .http_request import HttpRequest as HttpRequest
+from .http_request import HttpRequestError as HttpRequestError
+from .http_request import HttpRequestReader as HttpRequestReader
 from .policy import ClientLimiter as ClientLimiter
 from .policy import Deny as Deny
 from .policy import Policy as Policy
 from .policy import Route as Route
-from .http_request import HttpRequest as HttpRequest
-from .http_request import HttpRequestError as HttpRequestError
-from .http_request import HttpRequestReader as HttpRequestReader
 from .proxy_protocol import ProxyHeader as ProxyHeader
 from .proxy_protocol import ProxyHeaderError as ProxyHeaderError
 from .proxy_protocol import ProxyHeaderReader as ProxyHeaderReader

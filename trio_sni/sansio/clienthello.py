@@ -69,10 +69,11 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Final, Literal
+from typing import Final
 
 import attrs
 
+from ._reader import NEED_DATA, BufferedReader, NeedData
 from ._wire import Cursor, DecodeError
 from .errors import (
     ClientHelloError,
@@ -148,16 +149,6 @@ _EXTENSION_NAMES: Final = {
 _HTTP_REQUEST: Final = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE|PRI) ")
 
 
-class NeedData(enum.Enum):
-    """Type of the :data:`NEED_DATA` sentinel (an enum, so ``is`` checks narrow for mypy)."""
-
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
-"""Returned by :meth:`ClientHelloReader.next_event` until the ClientHello is complete."""
-
-
 @attrs.frozen
 class ClientHello:
     """The fields of a client's ClientHello that the proxy routes, filters and logs on.
@@ -200,7 +191,6 @@ class _State(enum.Enum):
     HEADER = "HEADER"
     BODY = "BODY"
     DONE = "DONE"
-    ERROR = "ERROR"
 
 
 def _type_name(names: dict[int, str], value: int) -> str:
@@ -212,7 +202,7 @@ def _extension_name(ext_type: int) -> str:
     return _EXTENSION_NAMES.get(ext_type, f"0x{ext_type:04x}")
 
 
-class ClientHelloReader:
+class ClientHelloReader(BufferedReader[ClientHello]):
     """Incrementally reads one ClientHello from the bytes a client sends first.
 
     One reader per connection. Feed it with :meth:`receive_data` and poll :meth:`next_event`;
@@ -225,95 +215,42 @@ class ClientHelloReader:
 
     Raises:
         ValueError: ``max_size`` is not between 1 and :data:`HARD_MAX_SIZE`.
+
+    :meth:`next_event` raises :class:`NotTLSError` (the client does not speak TLS),
+    :class:`SSLv2HelloError`, :class:`MalformedHelloError` (lengths or fields that do not add
+    up, or EOF too early), :class:`NoSNIError`, :class:`InvalidSNIError` or
+    :class:`HelloTooLargeError`.
     """
+
+    _errors = ClientHelloError
 
     def __init__(self, max_size: int = DEFAULT_MAX_SIZE) -> None:
         if not 1 <= max_size <= HARD_MAX_SIZE:
             raise ValueError(
                 f"max_size must be between 1 and {HARD_MAX_SIZE} bytes, not {max_size}"
             )
+        super().__init__()
         self._max_size = max_size
-        self._buf = bytearray()
         self._pos = 0  # bytes of _buf consumed as record headers or payload
-        self._eof = False
         self._state = _State.SNIFF
         self._records = 0  # record headers read so far
         self._record_left = 0  # payload bytes of the current record not yet consumed
         self._handshake = bytearray()  # the reassembled handshake message, header included
         self._body_length: int | None = None  # from the handshake header, once known
-        self._event: ClientHello | None = None
-        self._error: ClientHelloError | None = None
 
     @property
     def max_size(self) -> int:
         """The cap this reader enforces, in bytes."""
         return self._max_size
 
-    @property
-    def bytes_received(self) -> int:
-        """Everything fed so far, hello and trailing bytes together (for logs)."""
-        return len(self._buf)
+    def _advance(self) -> None:
+        while self._event is None and self._step():
+            pass
 
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes received after the hello's last record; forward them after ``raw``.
-
-        Empty until :meth:`next_event` has returned the :class:`ClientHello`.
-        """
-        if self._state is not _State.DONE:
-            return b""
-        return bytes(self._buf[self._pos :])
-
-    def receive_data(self, data: bytes) -> None:
-        """Buffer bytes from the client; ``b""`` means the client closed its side (EOF).
-
-        Nothing is parsed here, so this never raises for bad input: call :meth:`next_event`.
-        Bytes fed after the hello was returned are added to :attr:`trailing_data`.
-
-        Raises:
-            RuntimeError: data after EOF (a bug in the caller).
-        """
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise RuntimeError("received data after EOF")
-        self._buf += data
-
-    def next_event(self) -> ClientHello | Literal[NeedData.NEED_DATA]:
-        """Parse what has arrived and return the hello, or :data:`NEED_DATA` if incomplete.
-
-        Once a hello is returned it is returned again on every call; once an error is raised it
-        is raised again, so a caller cannot go on past either by mistake.
-
-        Raises:
-            NotTLSError: the client does not speak TLS.
-            SSLv2HelloError: an SSLv2-style ClientHello.
-            MalformedHelloError: lengths or fields that do not add up, or EOF too early.
-            NoSNIError: a valid hello without a host_name.
-            InvalidSNIError: the host_name is not a valid DNS name.
-            HelloTooLargeError: the hello needs more than ``max_size`` bytes.
-        """
-        if self._event is not None:
-            return self._event
-        if self._error is not None:
-            raise self._error
-        try:
-            while self._step():
-                if self._event is not None:
-                    return self._event
-        except ClientHelloError as exc:
-            self._state = _State.ERROR
-            self._error = exc
-            raise
-        if self._eof:
-            self._error = MalformedHelloError(
-                f"connection closed after {len(self._buf)} bytes, "
-                "before the ClientHello was complete"
-            )
-            self._state = _State.ERROR
-            raise self._error
-        return NEED_DATA
+    def _truncated(self) -> ClientHelloError:
+        return MalformedHelloError(
+            f"connection closed after {len(self._buf)} bytes, before the ClientHello was complete"
+        )
 
     # --- the steps; each returns True if it made progress -------------------------------------
 
@@ -324,7 +261,7 @@ class ClientHelloReader:
             return self._step_header()
         if self._state is _State.BODY:
             return self._step_body()
-        raise AssertionError(f"no step for state {self._state}")  # DONE/ERROR return earlier
+        raise AssertionError(f"no step for state {self._state}")  # DONE returns earlier
 
     def _step_sniff(self) -> bool:
         if not self._buf:

@@ -135,7 +135,7 @@ def _make_converter() -> cattrs.Converter:
                 field.validator(None, field, field_value)
             except ValueError as exc:
                 errors.append(exc)
-            except Exception:  # noqa: S110 (reported already, or by the object's own pass)
+            except Exception:
                 pass
         return errors
 

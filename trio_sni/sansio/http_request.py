@@ -56,10 +56,11 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Final, Literal
+from typing import Final
 
 import attrs
 
+from ._reader import NEED_DATA, BufferedReader, NeedData
 from .errors import InvalidSNIError, TrioSniError
 from .hostname import normalize_sni
 
@@ -137,15 +138,6 @@ class HeadersTooLargeError(HttpRequestError):
     status_hint = 431
 
 
-class NeedData(enum.Enum):
-    """Type of the :data:`NEED_DATA` sentinel."""
-
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
-
-
 @attrs.frozen
 class HttpRequest:
     """The first request's head, as far as routing needs it.
@@ -171,10 +163,9 @@ class _State(enum.Enum):
     SNIFF = "SNIFF"
     HEAD = "HEAD"
     DONE = "DONE"
-    ERROR = "ERROR"
 
 
-class HttpRequestReader:
+class HttpRequestReader(BufferedReader[HttpRequest]):
     """Reads the head of the first HTTP/1.x request on a connection.
 
     Args:
@@ -184,67 +175,28 @@ class HttpRequestReader:
         ValueError: ``max_size`` is not between 1 and :data:`HARD_MAX_SIZE`.
     """
 
+    _errors = HttpRequestError
+
     def __init__(self, max_size: int = DEFAULT_MAX_SIZE) -> None:
         if not 1 <= max_size <= HARD_MAX_SIZE:
             raise ValueError(
                 f"max_size must be between 1 and {HARD_MAX_SIZE} bytes, not {max_size}"
             )
+        super().__init__()
         self._max_size = max_size
-        self._buf = bytearray()
-        self._eof = False
         self._state = _State.SNIFF
-        self._event: HttpRequest | None = None
-        self._error: HttpRequestError | None = None
 
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes after the head (body, pipelined requests); empty until the head is read."""
-        if self._event is None:
-            return b""
-        return bytes(self._buf[len(self._event.raw) :])
+    def _advance(self) -> None:
+        if self._state is _State.SNIFF:
+            self._sniff()
+        if self._state is _State.HEAD:
+            self._head()
 
-    def receive_data(self, data: bytes) -> None:
-        """Buffer bytes from the client; ``b""`` means the client closed its side.
-
-        Raises:
-            RuntimeError: data after EOF (a bug in the caller).
-        """
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise RuntimeError("received data after EOF")
-        self._buf += data
-
-    def next_event(self) -> HttpRequest | Literal[NeedData.NEED_DATA]:
-        """Parse what has arrived; return the request head or :data:`NEED_DATA`.
-
-        The event, or the error, repeats on every later call.
-
-        Raises:
-            HttpRequestError: one of its subclasses, with ``reason`` and ``status_hint``.
-        """
-        if self._event is not None:
-            return self._event
-        if self._error is not None:
-            raise self._error
-        try:
-            if self._state is _State.SNIFF:
-                self._sniff()
-            if self._state is _State.HEAD:
-                self._head()
-            if self._event is not None:
-                return self._event
-            if self._eof:
-                raise MalformedRequestError(
-                    f"connection closed after {len(self._buf)} bytes, before the request head "
-                    "was complete"
-                )
-        except HttpRequestError as exc:
-            self._state = _State.ERROR
-            self._error = exc
-            raise
-        return NEED_DATA
+    def _truncated(self) -> HttpRequestError:
+        return MalformedRequestError(
+            f"connection closed after {len(self._buf)} bytes, before the request head "
+            "was complete"
+        )
 
     def _sniff(self) -> None:
         if not self._buf:

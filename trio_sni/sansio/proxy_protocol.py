@@ -59,6 +59,7 @@ from typing import Final, Literal
 
 import attrs
 
+from ._reader import NEED_DATA, BufferedReader, NeedData
 from .errors import TrioSniError
 
 __all__ = [
@@ -138,15 +139,6 @@ class BadProxyHeaderError(ProxyHeaderError):
     reason = "bad_proxy_header"
 
 
-class NeedData(enum.Enum):
-    """Type of the :data:`NEED_DATA` sentinel."""
-
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
-
-
 @attrs.frozen
 class ProxyHeader:
     """A received PROXY protocol header.
@@ -176,70 +168,30 @@ class _State(enum.Enum):
     V2HEAD = "V2HEAD"
     V2BODY = "V2BODY"
     DONE = "DONE"
-    ERROR = "ERROR"
 
 
-class ProxyHeaderReader:
+class ProxyHeaderReader(BufferedReader[ProxyHeader]):
     """Reads the PROXY protocol header (v1 or v2) at the start of an accepted connection.
 
     One reader per connection; see the module docstring for the theory of operation.
     """
 
+    _errors = ProxyHeaderError
+
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._eof = False
+        super().__init__()
         self._state = _State.SNIFF
         self._length = 0  # whole header length, once known (v2)
-        self._event: ProxyHeader | None = None
-        self._error: ProxyHeaderError | None = None
 
-    @property
-    def trailing_data(self) -> bytes:
-        """Bytes after the header (the client's own first bytes); empty until it is read."""
-        if self._event is None:
-            return b""
-        return bytes(self._buf[len(self._event.raw) :])
+    def _advance(self) -> None:
+        while self._event is None and self._step():
+            pass
 
-    def receive_data(self, data: bytes) -> None:
-        """Buffer bytes from the peer; ``b""`` means it closed its side.
-
-        Raises:
-            RuntimeError: data after EOF (a bug in the caller).
-        """
-        if not data:
-            self._eof = True
-            return
-        if self._eof:
-            raise RuntimeError("received data after EOF")
-        self._buf += data
-
-    def next_event(self) -> ProxyHeader | Literal[NeedData.NEED_DATA]:
-        """Parse what has arrived; return the header or :data:`NEED_DATA`.
-
-        The header, or the error, repeats on every later call.
-
-        Raises:
-            MissingProxyHeaderError: the connection starts with something else.
-            BadProxyHeaderError: a malformed, truncated or oversized header.
-        """
-        if self._event is not None:
-            return self._event
-        if self._error is not None:
-            raise self._error
-        try:
-            while self._step():
-                if self._event is not None:
-                    return self._event
-            if self._eof:
-                raise BadProxyHeaderError(
-                    f"connection closed after {len(self._buf)} bytes, before the PROXY "
-                    "protocol header was complete"
-                )
-        except ProxyHeaderError as exc:
-            self._state = _State.ERROR
-            self._error = exc
-            raise
-        return NEED_DATA
+    def _truncated(self) -> ProxyHeaderError:
+        return BadProxyHeaderError(
+            f"connection closed after {len(self._buf)} bytes, before the PROXY "
+            "protocol header was complete"
+        )
 
     def _step(self) -> bool:
         if self._state is _State.SNIFF:
@@ -250,7 +202,7 @@ class ProxyHeaderReader:
             return self._step_v2_head()
         if self._state is _State.V2BODY:
             return self._step_v2_body()
-        raise AssertionError(f"no step for state {self._state}")  # DONE/ERROR return earlier
+        raise AssertionError(f"no step for state {self._state}")  # DONE returns earlier
 
     def _step_sniff(self) -> bool:
         if not self._buf:

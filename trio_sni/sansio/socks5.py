@@ -71,6 +71,7 @@ from typing import Final, Literal
 
 import attrs
 
+from ._reader import NEED_DATA, NeedData
 from .errors import TrioSniError
 
 __all__ = [
@@ -161,15 +162,6 @@ def _reply_error(code: int, target: str) -> Socks5Error:
     if code in (0x03, 0x04, 0x05, 0x06):
         return Socks5ConnectError(message)
     return Socks5ReplyError(message)
-
-
-class NeedData(enum.Enum):
-    """Type of the :data:`NEED_DATA` sentinel."""
-
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
 
 
 @attrs.frozen
