@@ -1,4 +1,4 @@
-"""Forwarding modes side by side: no proxy, userspace copy, kernel splice (BPF sockhash).
+"""Forwarding modes side by side: no proxy, userspace copy, splice(2), kernel (BPF sockhash).
 
 Run as root from a checkout (``python bench/bench_forwarders.py --help``). Prints one table;
 it is a measurement script, not a test. Method:
@@ -10,6 +10,7 @@ it is a measurement script, not a test. Method:
   time is read from ``/proc/<pid>/stat``; machine CPU from ``/proc/stat`` (all CPUs, busy time:
   it includes the kernel workers that send redirected skbs).
 * Modes: ``direct`` (client to backend), ``copy`` (``ebpf.sockmap.enabled: false``),
+  ``splice`` (``forwarding.mode: splice``: splice(2) through a 1 MiB pipe per direction),
   ``kernel`` (default config: 4 MiB in-flight bound, so a bulk transfer is handed to userspace
   once it outruns the redirect worker) and ``kernel-unbounded`` (bound 1 TiB: every byte in the
   kernel; what the data plane does without the memory bound).
@@ -107,9 +108,11 @@ def start_proxy(mode: str, backend_port: int, tmp: Path) -> tuple[subprocess.Pop
         "resolver": {"hosts": {HELLO_NAME: ["127.0.0.1"]}},
         "limits": {"per_client_rate": 0, "per_client_connections": 0},
         "log": {"access_log": None, "level": "warning"},
-        "fallback_mode": "none" if mode.startswith("kernel") else "auto",
-        "ebpf": {"sockmap": {"enabled": mode != "copy",
+        "fallback_mode": "none" if mode != "copy" else "auto",
+        "ebpf": {"sockmap": {"enabled": mode.startswith("kernel"),
                              **({"max_in_flight": 1 << 40} if mode == "kernel-unbounded" else {})}},
+        # splice: splice(2) through a 1 MiB pipe per direction (the default pipe_size)
+        "forwarding": {"mode": "splice" if mode == "splice" else "auto"},
     }
     path = tmp / f"{mode}.json"
     path.write_text(json.dumps(config))
@@ -265,7 +268,7 @@ def main() -> None:
     parser.add_argument("--paced-conns", type=int, default=1000)
     parser.add_argument("--paced-rate", type=int, default=1_000_000, help="bytes/s per connection")
     parser.add_argument("--paced-seconds", type=int, default=30)
-    parser.add_argument("--modes", default="direct,copy,kernel,kernel-unbounded")
+    parser.add_argument("--modes", default="direct,copy,splice,kernel,kernel-unbounded")
     args = parser.parse_args()
     if args.serve_backend:
         serve_backend()

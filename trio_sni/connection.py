@@ -18,7 +18,7 @@ import http
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 
 import attrs
 import trio
@@ -139,6 +139,9 @@ class ConnectionContext:
     #: a connection once the header has named its client, and until then these connections
     #: must still count against the global cap (or a flood of silent ones would escape it).
     max_connections: int = 50000
+    #: The forwarder for each mode a rule can ask for (``rules[].mode``), after fallbacks;
+    #: rules without ``mode`` use ``forwarder``.
+    forwarders: Mapping[str, Forwarder] = attrs.Factory(dict)
     live: dict[int, ConnectionInfo] = attrs.Factory(dict)
 
 
@@ -239,8 +242,11 @@ async def handle_connection(
             # bytes reached it; they belong to the client, before anything else.
             await stream.send_all(from_target)
             info.counters.to_client += len(from_target)
-        info.mode = ctx.forwarder.mode
-        info.reason = await ctx.forwarder.forward(
+        forwarder = ctx.forwarder
+        if route.rule.mode is not None:
+            forwarder = ctx.forwarders.get(route.rule.mode, forwarder)
+        info.mode = forwarder.mode
+        info.reason = await forwarder.forward(
             stream, upstream, first_bytes=first_bytes, counters=info.counters
         )
     except TrioSniError as exc:

@@ -4,7 +4,8 @@ Every forwarder implements one small interface, :class:`Forwarder`: take two con
 sockets and the bytes already read from the client, move bytes both ways until both
 directions are done, propagate half-closes and resets, count bytes, and return why the
 connection ended. ``copy`` is here; ``kernel`` (BPF sockhash splice) is in
-:mod:`trio_sni.kernel_forward`.
+:mod:`trio_sni.kernel_forward`, ``splice`` (splice(2) through pipes) in
+:mod:`trio_sni.splice_forward`.
 
 :func:`choose_forwarder` is the single place that decides the forwarding mode, and says why.
 
@@ -18,6 +19,7 @@ import logging
 import socket
 import struct
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -163,7 +165,12 @@ def _end_with_reset(
 
 @attrs.frozen
 class ForwardingPlan:
-    """The outcome of :func:`choose_forwarder`: the forwarder and why it was chosen.
+    """The outcome of :func:`choose_forwarder`: the forwarders and why they were chosen.
+
+    ``forwarder`` is the default (``forwarding.mode`` resolved); ``by_mode`` maps every mode a
+    rule can ask for (``auto``, ``kernel``, ``splice``, ``copy``) to the forwarder that serves
+    it here, after the fallback chain. ``fallbacks`` lists ``(asked, used, why)`` for every
+    mode that had to fall back (the caller logs each once).
 
     Call :meth:`close` when the proxy stops: a kernel forwarder holds the BPF maps and the
     attached verdict program.
@@ -171,59 +178,170 @@ class ForwardingPlan:
 
     forwarder: Forwarder
     why: str
+    by_mode: Mapping[str, Forwarder] = attrs.field(factory=dict)
+    fallbacks: tuple[tuple[str, str, str], ...] = ()
+
+    def for_mode(self, mode: str | None) -> Forwarder:
+        """The forwarder for a rule's ``mode`` (``None``: the default)."""
+        if mode is None:
+            return self.forwarder
+        return self.by_mode.get(mode, self.forwarder)
+
+    def _distinct(self) -> list[Forwarder]:
+        seen: list[Forwarder] = [self.forwarder]
+        for f in self.by_mode.values():
+            if all(f is not g for g in seen):
+                seen.append(f)
+        return seen
 
     def close(self) -> None:
-        close = getattr(self.forwarder, "close", None)
-        if close is not None:
-            close()
+        for forwarder in self._distinct():
+            close = getattr(forwarder, "close", None)
+            if close is not None:
+                close()
 
     def kernel_status(self) -> tuple[int, dict[str, int]] | None:
-        """``(sockhash entries, data-plane counters)`` in kernel mode, else ``None``."""
-        status = getattr(self.forwarder, "status", None)
-        return status() if status is not None else None
+        """``(sockhash entries, data-plane counters)`` with a kernel forwarder, else ``None``."""
+        for forwarder in self._distinct():
+            status = getattr(forwarder, "status", None)
+            if status is not None:
+                result: tuple[int, dict[str, int]] = status()
+                return result
+        return None
+
+
+#: The order modes fall back in when one is unavailable (``fallback_mode: "auto"``).
+FALLBACK_CHAIN = ("kernel", "splice", "copy")
 
 
 def choose_forwarder(config: Config) -> ForwardingPlan:
     """Decide how connections forward bytes. The only place that does.
 
-    ``kernel`` (BPF sockhash splice, :mod:`trio_sni.kernel_forward`) when the config asks for
-    it (``ebpf.enabled`` and ``ebpf.sockmap.enabled``), :func:`trio_sni.accel.probe` finds the
-    kernel, capabilities and BPF features for it, and the prebuilt object loads and attaches;
-    otherwise ``copy``, with the reason (logged once by the caller). Per connection the kernel
-    forwarder can still fall back to copy (a socket that cannot be inserted); the access log's
-    ``mode`` says which one ran.
+    Modes (``forwarding.mode``, overridden per rule by ``rules[].mode``):
+
+    - ``kernel``: BPF sockhash splice (:mod:`trio_sni.kernel_forward`); needs
+      ``ebpf.enabled`` and ``ebpf.sockmap.enabled``, and :func:`trio_sni.accel.probe` must
+      find the kernel, capabilities and BPF features, and the prebuilt object must load.
+      Per connection it can still fall back to ``copy`` (a socket that cannot be inserted:
+      never to ``splice``, KERNEL-FACTS fact 13); the access log's ``mode`` says which ran.
+    - ``splice``: splice(2) through pipes (:mod:`trio_sni.splice_forward`), Linux only.
+    - ``copy``: recv/send, always available.
+    - ``auto`` (the default): ``kernel`` when the ``ebpf.sockmap`` switch is on and the kernel
+      forwarder is available (it takes the bytes out of Python entirely: one process carries
+      many connections, with the best request latency), else ``copy``. ``auto`` does not pick
+      ``splice`` by itself: it pins two pipes (2 MiB by default) and four fds per connection
+      whether the connection is busy or idle, an unprivileged proxy gets 2-page pipes after
+      about 32 such connections (KERNEL-FACTS fact 36), and its single-stream throughput was
+      below copy's (0.90x vs 0.96x HAProxy); rules for bulk downloads ask for it by name.
+
+    An unavailable mode falls back along ``kernel → splice → copy`` (``fallback_mode:
+    "auto"``), straight to ``copy`` (``"copy"``), or is an error (``"none"``); ``auto``
+    falls back to ``copy``. The reasons are in ``fallbacks`` (and ``why`` for the default).
 
     Raises:
-        AccelerationUnavailable: when ``fallback_mode`` is ``"none"`` and kernel
-            forwarding is requested but cannot be provided.
+        AccelerationUnavailable: when ``fallback_mode`` is ``"none"`` and a mode the config
+            asks for cannot be provided.
     """
+    from .splice_forward import SpliceForwarder, splice_unavailable
+
     copy = CopyForwarder(
         buffer_size=config.forwarding.buffer_size, idle_timeout=config.timeouts.idle
     )
-    kernel_wanted = config.ebpf.enabled and config.ebpf.sockmap.enabled
-    if not kernel_wanted:
-        return ForwardingPlan(copy, "ebpf.sockmap is disabled in the config")
-    why = _kernel_unavailable(config)
-    if isinstance(why, str):
-        if config.fallback_mode == "none":
+    sockmap_on = config.ebpf.enabled and config.ebpf.sockmap.enabled
+    wanted = {config.forwarding.mode} | {r.mode for r in config.rules if r.mode is not None}
+    available: dict[str, Forwarder | None] = {"copy": copy}
+    unavailable: dict[str, str] = {}
+
+    splice_why = splice_unavailable()  # cheap; a reload may bring rules that ask for splice
+    if splice_why is None:
+        available["splice"] = SpliceForwarder(
+            pipe_size=config.forwarding.pipe_size, idle_timeout=config.timeouts.idle, copy=copy
+        )
+    else:
+        unavailable["splice"] = splice_why
+
+    if not sockmap_on:
+        unavailable["kernel"] = "ebpf.sockmap is disabled in the config"
+    elif wanted & {"kernel", "auto"}:
+        plane = _kernel_unavailable(config)
+        if isinstance(plane, str):
+            unavailable["kernel"] = plane
+        else:
+            from .kernel_forward import KernelForwarder
+
+            kernel = KernelForwarder(
+                plane,
+                copy=copy,
+                idle_timeout=config.timeouts.idle,
+                bound=config.ebpf.sockmap.max_in_flight,
+                buffer_size=config.forwarding.buffer_size,
+            )
+            # A Proxy that is built but never served still releases the BPF objects once the
+            # forwarder is collected (the finalizer holds the data plane, not the forwarder).
+            weakref.finalize(kernel, plane.close)
+            available["kernel"] = kernel
+    else:
+        unavailable["kernel"] = "no rule and not forwarding.mode asks for it"
+
+    by_mode: dict[str, Forwarder] = {}
+    whys: dict[str, str] = {}
+    fallbacks: list[tuple[str, str, str]] = []
+    try:
+        for mode in ("auto", "kernel", "splice", "copy"):
+            forwarder, why = _resolve(mode, config, available, unavailable, mode in wanted)
+            by_mode[mode] = forwarder
+            whys[mode] = why
+            if mode in wanted and mode != "auto" and forwarder.mode != mode:
+                fallbacks.append((mode, forwarder.mode, why))
+    except AccelerationUnavailable:
+        kernel_fwd = available.get("kernel")
+        if kernel_fwd is not None:
+            kernel_fwd.close()  # type: ignore[attr-defined]
+        raise
+    default = config.forwarding.mode
+    return ForwardingPlan(by_mode[default], whys[default], by_mode, tuple(fallbacks))
+
+
+def _resolve(
+    mode: str,
+    config: Config,
+    available: Mapping[str, Forwarder | None],
+    unavailable: Mapping[str, str],
+    wanted: bool,
+) -> tuple[Forwarder, str]:
+    """The forwarder that serves ``mode``, and why."""
+    copy = available["copy"]
+    assert copy is not None
+    if mode == "auto":
+        kernel = available.get("kernel")
+        if kernel is not None:
+            return kernel, "BPF sockhash splice, userspace copy per connection if needed"
+        why = unavailable["kernel"]
+        if why == "ebpf.sockmap is disabled in the config":
+            return copy, why
+        if wanted and config.fallback_mode == "none":
             raise AccelerationUnavailable(
                 f"kernel forwarding unavailable: {why}; and fallback_mode is 'none': set "
                 "fallback_mode to 'auto' to forward in userspace, or disable ebpf.sockmap"
             )
-        return ForwardingPlan(copy, f"kernel forwarding unavailable: {why}; using userspace copy")
-    from .kernel_forward import KernelForwarder
-
-    kernel = KernelForwarder(
-        why,
-        copy=copy,
-        idle_timeout=config.timeouts.idle,
-        bound=config.ebpf.sockmap.max_in_flight,
-        buffer_size=config.forwarding.buffer_size,
-    )
-    # A Proxy that is built but never served still releases the BPF objects once the
-    # forwarder is collected (the finalizer holds the data plane, not the forwarder).
-    weakref.finalize(kernel, why.close)
-    return ForwardingPlan(kernel, "BPF sockhash splice, userspace copy per connection if needed")
+        return copy, f"kernel forwarding unavailable: {why}; using userspace copy"
+    chain = FALLBACK_CHAIN[FALLBACK_CHAIN.index(mode):]
+    if config.fallback_mode == "copy":
+        chain = (mode, "copy") if mode != "copy" else ("copy",)
+    reasons: list[str] = []
+    for candidate in chain:
+        forwarder = available.get(candidate)
+        if forwarder is not None:
+            if not reasons:
+                return forwarder, f"forwarding.mode {mode}"
+            return forwarder, "; ".join(reasons) + f"; using {candidate}"
+        reasons.append(f"{candidate} forwarding unavailable: {unavailable[candidate]}")
+        if wanted and config.fallback_mode == "none":
+            raise AccelerationUnavailable(
+                f"{reasons[-1]}; and fallback_mode is 'none': set fallback_mode to 'auto' "
+                f"to fall back along kernel → splice → copy, or choose another mode"
+            )
+    raise AssertionError("copy is always available")
 
 
 def _kernel_unavailable(config: Config) -> str | SockhashSplice:

@@ -80,6 +80,9 @@ class Proxy:
         self.config = config
         plan = choose_forwarder(config)
         log.info("forwarding mode: %s (%s)", plan.forwarder.mode, plan.why)
+        for asked, used, why in plan.fallbacks:
+            if asked != config.forwarding.mode:  # the default's reason is in the line above
+                log.warning("forwarding mode %s (asked by rules): %s (%s)", asked, used, why)
         self._forwarding_why = plan.why  # for /ebpf/status: why sockmap is not active
         self._plan = plan  # closed when serve() ends: the kernel forwarder holds BPF objects
         self._access_log = AccessLog(config.log.access_log) if access_log is None else None
@@ -95,6 +98,7 @@ class Proxy:
             write_access_log=access_log or self._access_log.write,  # type: ignore[union-attr]
             socks5=config.socks5,
             max_connections=config.max_connections,
+            forwarders=plan.by_mode,
         )
         self._accepting: trio.CancelScope | None = None
         self._shutdown_requested = trio.Event()

@@ -411,7 +411,7 @@ def test_check_config_prints_the_effective_config(tmp_path: Path) -> None:
     assert effective == dump_config(load_config(json.loads(default_config_text())))
     # Defaults the file does not spell out are filled in.
     assert "forwarding" not in json.loads(default_config_text())
-    assert effective["forwarding"] == {"buffer_size": 262144}
+    assert effective["forwarding"] == {"buffer_size": 262144, "mode": "auto", "pipe_size": 1048576}
     assert effective["resolver"]["cache_size"] == 10000
     assert effective["resolver"]["hosts"] == {}
     assert effective["listen_addr"] is None

@@ -4,8 +4,9 @@ The backend here is plain TCP: after the ClientHello (a real capture, whose SNI 
 ``x.test``) the proxy never looks at the bytes, so the test can send any payload and compare
 it exactly.
 
-Every test runs in both forwarding modes: ``kernel`` (BPF sockhash; root only, and a failure
-instead of a skip in CI) and ``copy``; in kernel mode each connection must really have been
+Every test runs in the three forwarding modes: ``kernel`` (BPF sockhash; root only, and a
+failure instead of a skip in CI), ``splice`` (splice(2) through pipes) and ``copy``; in kernel
+mode each connection must really have been
 spliced (the access log's ``mode``).
 """
 
@@ -64,7 +65,7 @@ MODE = "copy"
 
 
 @pytest.fixture(
-    params=[pytest.param("kernel", marks=pytest.mark.bpf), "copy"], autouse=True
+    params=[pytest.param("kernel", marks=pytest.mark.bpf), "splice", "copy"], autouse=True
 )
 def forwarding_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     mode: str = request.param
@@ -81,7 +82,10 @@ def raw_config(backend: RawBackend, **overrides: Any) -> dict[str, Any]:
         "ebpf": {"sockmap": {"enabled": MODE == "kernel"}},
         # kernel mode must be the kernel's, not a silent fallback
         "fallback_mode": "none" if MODE == "kernel" else "auto",
+        "forwarding": {"mode": "auto" if MODE == "kernel" else MODE},
     }
+    if MODE == "splice":
+        config["fallback_mode"] = "none"  # splice mode must be splice's, not copy's
     config.update(overrides)
     return config
 
@@ -358,6 +362,8 @@ async def test_client_half_closed_before_the_splice_is_copied(
     await client.aclose()
     await wait_for(lambda: len(running.access_log) == 1)
     [record] = running.access_log
-    assert (record["reason"], record["mode"]) == ("normal", "copy")
+    # kernel falls back to copy (never to splice: KERNEL-FACTS fact 13); the others run as is
+    expected_mode = "splice" if MODE == "splice" else "copy"
+    assert (record["reason"], record["mode"]) == ("normal", expected_mode)
     assert record["bytes_to_client"] == len(response)
     assert record["bytes_to_upstream"] == len(HELLO) + len(b"request")

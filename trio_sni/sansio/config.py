@@ -163,6 +163,8 @@ class Rule:
     top-level ``socks5`` server), or ``null`` for the global default (SOCKS5 if a ``socks5``
     section exists, direct otherwise). ``proxy_protocol`` (``"v1"``/``"v2"``) sends a PROXY
     protocol header to the target first, so that it sees the real client address.
+    ``mode`` (``"auto"``, ``"kernel"``, ``"splice"``, ``"copy"``) overrides
+    ``forwarding.mode`` for this rule.
     """
 
     match: str | None = None
@@ -174,6 +176,8 @@ class Rule:
     name: str = ""
     via: Via | None = None
     proxy_protocol: ProxyProtocolVersion | None = None
+    #: The forwarding mode for this rule's connections; ``null``: ``forwarding.mode``.
+    mode: ForwardingMode | None = None
 
     def __attrs_post_init__(self) -> None:
         given = [k for k in ("match", "suffix", "regex") if getattr(self, k) is not None]
@@ -297,11 +301,22 @@ class Forwarding:
     """
 
     buffer_size: int = attrs.field(default=262144)
+    #: The default forwarding mode: ``auto``, ``kernel``, ``splice`` or ``copy`` (a rule's
+    #: ``mode`` overrides it). See :func:`trio_sni.forward.choose_forwarder`.
+    mode: ForwardingMode = "auto"
+    #: ``splice`` mode: the size asked for each of the two pipes of a connection (the
+    #: kernel's default size is kept when F_SETPIPE_SZ is refused).
+    pipe_size: int = attrs.field(default=1048576)
 
     @buffer_size.validator
     def _check_buffer(self, attribute: attrs.Attribute[int], value: int) -> None:
         if not 4096 <= value <= 16 * 1024 * 1024:
             raise ValueError(f"buffer_size: must be from 4096 to 16777216, got {value}")
+
+    @pipe_size.validator
+    def _check_pipe_size(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if not 4096 <= value <= 256 * 1024 * 1024:
+            raise ValueError(f"pipe_size: must be from 4096 to 268435456, got {value}")
 
 
 @attrs.frozen

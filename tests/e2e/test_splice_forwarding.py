@@ -1,0 +1,463 @@
+"""The ``splice`` forwarder beyond the shared suite in test_forwarding.py, and mode selection.
+
+Churn and cancellation leave no fd open (the autouse ``no_fd_leaks`` fixture checks every
+test; the tests here also look while the proxy still runs, for the pipes), a stalled reader
+holds at most the pipe and the socket buffers, the idle timeout, the per-rule ``mode``, and
+:func:`trio_sni.forward.choose_forwarder`'s fallback chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from proxytest import drain, wait_for
+
+from trio_sni.errors import AccelerationUnavailable
+from trio_sni.forward import CopyForwarder, choose_forwarder
+from trio_sni.sansio.config_load import load_config
+from trio_sni.splice_forward import SpliceForwarder, open_pipe, splice_unavailable
+
+HELLO = (Path(__file__).parent.parent / "data" / "hellos" / "curl.bin").read_bytes()
+HELLO_NAME = "x.test"
+MiB = 1024 * 1024
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+@pytest.fixture
+def backend(nursery: trio.Nursery) -> Callable[..., Awaitable[int]]:
+    async def start(handler: Handler, host: str = "127.0.0.1") -> int:
+        listeners = await trio.open_tcp_listeners(0, host=host)
+
+        async def serve() -> None:
+            try:
+                await trio.serve_listeners(handler, listeners)
+            finally:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+
+        nursery.start_soon(serve)
+        port: int = listeners[0].socket.getsockname()[1]
+        return port
+
+    return start
+
+
+def config(port: int, mode: str = "splice", **overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "listeners": [{"host": "127.0.0.1", "port": 0, "target_port": port}],
+        "rules": [{"match": HELLO_NAME, "allow_private": True}],
+        "resolver": {"hosts": {HELLO_NAME: ["127.0.0.1"]}},
+        "log": {"access_log": None},
+        "ebpf": {"sockmap": {"enabled": False}},
+        "forwarding": {"mode": mode},
+        "fallback_mode": "none",
+        "limits": {"per_client_rate": 0, "per_client_connections": 0},  # churn from one IP
+    }
+    data.update(overrides)
+    return data
+
+
+def pipe_fds() -> int:
+    n = 0
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own fd is gone
+            n += os.readlink(f"/proc/self/fd/{name}").startswith("pipe:")
+    return n
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    try:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+    except trio.BrokenResourceError:
+        pass
+    await stream.aclose()
+
+
+def test_splice_is_available_here() -> None:
+    assert splice_unavailable() is None  # Linux CI: the splice suite must not be skipped
+
+
+def test_pipe_size_falls_back_to_the_default_when_refused() -> None:
+    r, w, capacity = open_pipe(MiB)
+    os.close(r)
+    os.close(w)
+    assert capacity == MiB  # root, at pipe-max-size (KERNEL-FACTS fact 36)
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        limit = int(f.read())
+    r, w, capacity = open_pipe(limit * 4)  # beyond it: EPERM without CAP_SYS_RESOURCE
+    os.close(r)
+    os.close(w)
+    assert capacity in (limit * 4, 65536)  # granted (CAP_SYS_RESOURCE) or the default kept
+
+
+# ------------------------------------------------------------------------------------------
+# Churn, cancellation, idle timeout
+
+
+async def test_churn_leaves_no_pipe_open(backend: Any, start_proxy: Any) -> None:
+    port = await backend(echo)
+    running = await start_proxy(config(port))
+    pipes_before = pipe_fds()
+    limiter = trio.CapacityLimiter(50)
+    bad: list[int] = []
+
+    async def one(i: int) -> None:
+        async with limiter:
+            client = await trio.open_tcp_stream("127.0.0.1", running.port)
+            async with client:
+                await client.send_all(HELLO)
+                echoed = b""
+                while len(echoed) < len(HELLO):
+                    echoed += await client.receive_some(65536)
+                msg = b"ping %d" % i
+                await client.send_all(msg)
+                back = b""
+                while len(back) < len(msg):
+                    back += await client.receive_some(65536)
+                if echoed != HELLO or back != msg:
+                    bad.append(i)
+                if i % 3 == 0:
+                    await client.send_eof()  # some half-close first, the others just close
+
+    async with trio.open_nursery() as nursery:
+        for i in range(500):
+            nursery.start_soon(one, i)
+    assert bad == []
+    await wait_for(lambda: len(running.access_log) == 500, timeout=60)
+    assert {r["mode"] for r in running.access_log} == {"splice"}
+    assert pipe_fds() == pipes_before
+
+
+async def test_cancellation_closes_every_pipe(backend: Any, start_proxy: Any) -> None:
+    """20 connections in the middle of splicing when the drain deadline passes."""
+
+    async def hold(stream: trio.SocketStream) -> None:
+        await drain(stream)
+        await stream.aclose()
+
+    port = await backend(hold)
+    running = await start_proxy(config(port, timeouts={"drain": 0.5}))
+    pipes_before = pipe_fds()
+    clients = []
+    for _ in range(20):
+        client = await trio.open_tcp_stream("127.0.0.1", running.port)
+        await client.send_all(HELLO + b"partial request")
+        clients.append(client)
+    await wait_for(lambda: len(running.proxy.context.live) == 20
+                   and all(i.mode for i in running.proxy.context.live.values()))
+    assert pipe_fds() == pipes_before + 20 * 4  # two pipes per connection
+    running.proxy.shutdown()
+    for client in clients:
+        with trio.fail_after(10):
+            assert await drain(client) == b""
+        await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 20, timeout=10)
+    assert {(r["reason"], r["mode"]) for r in running.access_log} == {("shutdown", "splice")}
+    assert pipe_fds() == pipes_before
+
+
+async def test_idle_timeout_in_splice_mode(
+    autojump_clock: trio.testing.MockClock, backend: Any, start_proxy: Any
+) -> None:
+    port = await backend(echo)
+    running = await start_proxy(config(port, timeouts={"idle": 30}))
+    client = await trio.open_tcp_stream("127.0.0.1", running.port)
+    await client.send_all(HELLO)
+    got = b""
+    while len(got) < len(HELLO):
+        got += await client.receive_some(65536)
+    await trio.sleep(20)
+    await client.send_all(b"keepalive")  # pushes the deadline
+    assert await client.receive_some(9) == b"keepalive"
+    active = trio.current_time()
+    assert await drain(client) == b""
+    assert 30 <= trio.current_time() - active < 31
+    await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 1)
+    assert (running.access_log[0]["reason"], running.access_log[0]["mode"]) == (
+        "idle_timeout", "splice")
+
+
+# ------------------------------------------------------------------------------------------
+# Backpressure: a stalled reader
+
+
+def _max(path: str) -> int:
+    with open(path) as f:
+        return int(f.read().split()[-1])
+
+
+async def test_stalled_reader_is_bounded_by_pipes_and_socket_buffers(
+    backend: Any, start_proxy: Any
+) -> None:
+    """The backend stops reading while the client pushes 256 MiB: what leaves the client is
+    at most the pipe plus the four socket buffers on the way. Then everything arrives."""
+    pipe = 256 * 1024
+    total = 256 * MiB
+    bound = pipe + 2 * _max("/proc/sys/net/ipv4/tcp_rmem") + 2 * _max(
+        "/proc/sys/net/ipv4/tcp_wmem")
+    seed = os.urandom(MiB)
+    resume = trio.Event()
+    digest: list[str] = []
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(total // MiB):
+            yield i.to_bytes(8, "little") + seed[8:]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        first = await stream.receive_some(len(HELLO))
+        await resume.wait()
+        h = hashlib.sha256(first)
+        while chunk := await stream.receive_some(4 * MiB):
+            h.update(chunk)
+        digest.append(h.hexdigest())
+        await stream.aclose()
+
+    port = await backend(handler)
+    running = await start_proxy(config(port, forwarding={"mode": "splice", "pipe_size": pipe}))
+    sent = 0
+    client = await trio.open_tcp_stream("127.0.0.1", running.port)
+
+    async def push() -> None:
+        nonlocal sent
+        await client.send_all(HELLO)
+        for chunk in chunks():
+            await client.send_all(chunk)
+            sent += len(chunk)
+        await client.send_eof()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(push)
+        last, still = -1, 0
+        with trio.fail_after(60):
+            while still < 10:
+                await trio.sleep(0.1)
+                still = still + 1 if sent == last else 0
+                last = sent
+        assert sent <= bound, f"{sent / MiB:.1f} MiB left the client, bound {bound / MiB:.1f}"
+        [info] = running.proxy.context.live.values()
+        assert info.counters.to_upstream <= bound
+        resume.set()
+    h = hashlib.sha256(HELLO)
+    for chunk in chunks():
+        h.update(chunk)
+    await client.aclose()
+    await wait_for(lambda: len(digest) == 1, timeout=60)
+    assert digest == [h.hexdigest()]
+    await wait_for(lambda: len(running.access_log) == 1, timeout=30)
+    [record] = running.access_log
+    assert (record["reason"], record["mode"]) == ("normal", "splice")
+    assert record["bytes_to_upstream"] == len(HELLO) + total
+
+
+# ------------------------------------------------------------------------------------------
+# Per-rule mode
+
+
+@pytest.mark.parametrize(("default", "rule"), [("copy", "splice"), ("splice", "copy")])
+async def test_a_rule_chooses_its_mode(
+    default: str, rule: str, backend: Any, start_proxy: Any
+) -> None:
+    port = await backend(echo)
+    data = config(port, default)
+    data["rules"] = [
+        {"match": HELLO_NAME, "allow_private": True, "mode": rule},
+        {"match": "other.test", "allow_private": True},
+    ]
+    running = await start_proxy(data)
+    assert running.proxy.context.forwarder.mode == default
+    client = await trio.open_tcp_stream("127.0.0.1", running.port)
+    await client.send_all(HELLO)
+    got = b""
+    while len(got) < len(HELLO):
+        got += await client.receive_some(65536)
+    await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 1)
+    assert running.access_log[0]["mode"] == rule
+
+
+# ------------------------------------------------------------------------------------------
+# Mode selection (choose_forwarder)
+
+
+def plan_for(**overrides: Any) -> Any:
+    data: dict[str, Any] = {
+        "listen_addr": "127.0.0.1:8443", "ebpf": {"sockmap": {"enabled": False}}
+    }
+    data.update(overrides)
+    return choose_forwarder(load_config(data))
+
+
+def test_existing_configs_keep_their_mode() -> None:
+    plan = plan_for()
+    assert isinstance(plan.forwarder, CopyForwarder)  # auto without the sockmap switch
+    assert plan.why == "ebpf.sockmap is disabled in the config"
+    assert plan.fallbacks == ()
+    assert load_config({"listen_addr": "127.0.0.1:1"}).forwarding.mode == "auto"
+    assert load_config({"listen_addr": "127.0.0.1:1"}).forwarding.pipe_size == MiB
+
+
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_an_available_mode_is_used_as_asked(mode: str) -> None:
+    plan = plan_for(forwarding={"mode": mode})
+    assert plan.forwarder.mode == mode
+    assert plan.why == f"forwarding.mode {mode}"
+    assert {m: f.mode for m, f in plan.by_mode.items()}["splice"] == "splice"
+
+
+def test_kernel_falls_back_to_splice_then_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = plan_for(forwarding={"mode": "kernel"})
+    assert isinstance(plan.forwarder, SpliceForwarder)
+    assert plan.why == (
+        "kernel forwarding unavailable: ebpf.sockmap is disabled in the config; using splice"
+    )
+    assert plan.fallbacks == (("kernel", "splice", plan.why),)
+    monkeypatch.setattr("trio_sni.splice_forward.splice_unavailable", lambda: "no splice here")
+    plan = plan_for(forwarding={"mode": "kernel"})
+    assert isinstance(plan.forwarder, CopyForwarder)
+    assert plan.why == (
+        "kernel forwarding unavailable: ebpf.sockmap is disabled in the config; "
+        "splice forwarding unavailable: no splice here; using copy"
+    )
+    plan = plan_for(forwarding={"mode": "splice"})
+    assert (plan.forwarder.mode, plan.why) == (
+        "copy", "splice forwarding unavailable: no splice here; using copy")
+    assert plan.by_mode["splice"] is plan.by_mode["copy"]  # never an unavailable mode
+
+
+def test_fallback_mode_copy_skips_splice() -> None:
+    plan = plan_for(forwarding={"mode": "kernel"}, fallback_mode="copy")
+    assert plan.forwarder.mode == "copy"
+
+
+def test_fallback_mode_none_refuses_an_unavailable_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(AccelerationUnavailable, match="kernel forwarding unavailable"):
+        plan_for(forwarding={"mode": "kernel"}, fallback_mode="none")
+    monkeypatch.setattr("trio_sni.splice_forward.splice_unavailable", lambda: "no splice here")
+    with pytest.raises(AccelerationUnavailable, match="splice forwarding unavailable"):
+        plan_for(
+            rules=[{"match": "a.test", "mode": "splice"}], fallback_mode="none"
+        )
+    # a mode nobody asks for may be unavailable
+    assert plan_for(fallback_mode="none").forwarder.mode == "copy"
+
+
+def test_rule_fallbacks_are_listed_for_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    plan = plan_for(rules=[{"match": "a.test", "mode": "kernel"}])
+    assert plan.forwarder.mode == "copy"
+    assert plan.for_mode("kernel").mode == "splice"
+    assert plan.for_mode(None) is plan.forwarder
+    assert [(a, u) for a, u, _ in plan.fallbacks] == [("kernel", "splice")]
+    from trio_sni.server import Proxy
+
+    with caplog.at_level(logging.INFO, logger="trio_sni"):
+        Proxy(load_config({"listen_addr": "127.0.0.1:8443", "ebpf": {"sockmap": {"enabled": False}},
+                           "rules": [{"match": "a.test", "mode": "kernel"}]}),
+              access_log=lambda r: None)
+    lines = [r.getMessage() for r in caplog.records if "forwarding mode" in r.getMessage()]
+    assert lines == [
+        "forwarding mode: copy (ebpf.sockmap is disabled in the config)",
+        "forwarding mode kernel (asked by rules): splice (kernel forwarding unavailable: "
+        "ebpf.sockmap is disabled in the config; using splice)",
+    ]
+
+
+def test_rule_mode_is_validated() -> None:
+    from trio_sni.sansio.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config({"listen_addr": "127.0.0.1:1", "rules": [{"match": "a.test", "mode": "fast"}],
+                     "forwarding": {"pipe_size": 1}})
+    text = str(info.value)
+    assert 'rules[0].mode: expected one of "auto", "kernel", "splice", "copy", got "fast"' in text
+    assert "forwarding.pipe_size: must be from 4096" in text
+
+
+async def test_out_of_fds_for_pipes_copies_the_connection(
+    backend: Any, start_proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def no_pipe(size: int) -> tuple[int, int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr("trio_sni.splice_forward.open_pipe", no_pipe)
+    port = await backend(echo)
+    running = await start_proxy(config(port))
+    for _ in range(2):
+        client = await trio.open_tcp_stream("127.0.0.1", running.port)
+        await client.send_all(HELLO)
+        got = b""
+        while len(got) < len(HELLO):
+            got += await client.receive_some(65536)
+        assert got == HELLO
+        await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 2)
+    assert [r["mode"] for r in running.access_log] == ["copy", "copy"]
+    assert running.proxy.context.forwarder.fallbacks == 2
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
+async def test_bulk_256_mib_each_way_at_once(host: str, backend: Any, start_proxy: Any) -> None:
+    total = 256 * MiB
+    seed = os.urandom(MiB)
+
+    def chunks(tag: bytes) -> Iterator[bytes]:
+        for i in range(total // MiB):
+            yield tag + i.to_bytes(8, "little") + seed[9:]
+
+    def digest(first: bytes, tag: bytes) -> str:
+        h = hashlib.sha256(first)
+        for chunk in chunks(tag):
+            h.update(chunk)
+        return h.hexdigest()
+
+    async def pump_and_hash(stream: trio.SocketStream, tag: bytes, out: list[str]) -> None:
+        async def send() -> None:
+            for chunk in chunks(tag):
+                await stream.send_all(chunk)
+            await stream.send_eof()
+
+        h = hashlib.sha256()
+        async with trio.open_nursery() as inner:
+            inner.start_soon(send)
+            while data := await stream.receive_some(4 * MiB):
+                h.update(data)
+        out.append(h.hexdigest())
+
+    at_backend: list[str] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await pump_and_hash(stream, b"d", at_backend)
+        await stream.aclose()
+
+    port = await backend(handler, host)
+    data = config(port)
+    data["listeners"][0]["host"] = host
+    data["resolver"] = {"hosts": {HELLO_NAME: [host]}}
+    running = await start_proxy(data)
+    client = await trio.open_tcp_stream(host, running.port)
+    await client.send_all(HELLO)
+    at_client: list[str] = []
+    with trio.fail_after(120):
+        await pump_and_hash(client, b"u", at_client)
+    await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 1, timeout=30)
+    assert at_client == [digest(b"", b"d")]
+    assert at_backend == [digest(HELLO, b"u")]
+    [record] = running.access_log
+    assert (record["reason"], record["mode"]) == ("normal", "splice")
+    assert record["bytes_to_upstream"] == len(HELLO) + total
+    assert record["bytes_to_client"] == total
