@@ -19,3 +19,23 @@ async def drain(stream: trio.abc.ReceiveStream) -> bytes:
         data += chunk
     return data
 
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    """Read exactly ``n`` bytes; EOF before that is a test failure."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = await stream.receive_some(n - len(data))
+        if not chunk:
+            raise AssertionError(f"EOF after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    """A backend handler that sends back whatever it receives, until EOF or reset."""
+    try:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+    except trio.BrokenResourceError:
+        pass
+    await stream.aclose()

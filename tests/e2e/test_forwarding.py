@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from proxytest import drain, wait_for
+from proxytest import drain, echo, receive_exactly, wait_for
 
 HELLO = (Path(__file__).parent.parent / "data" / "hellos" / "curl.bin").read_bytes()
 HELLO_NAME = "x.test"  # the SNI inside HELLO
@@ -106,16 +106,6 @@ def assert_mode(records: list[dict[str, object]]) -> None:
         [r for r in records if r["mode"] is not None]
     )
     assert any(r["mode"] == MODE for r in records)
-
-
-async def receive_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = await stream.receive_some(n - len(data))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(data)} of {n} bytes")
-        data += chunk
-    return bytes(data)
 
 
 async def connect(running: Any, host: str = "127.0.0.1") -> trio.SocketStream:
@@ -263,15 +253,6 @@ async def test_client_reset_resets_upstream(raw_backend: Any, start_proxy: Any) 
     assert running.access_log[0]["reason"] == "client_reset"
     await wait_for(lambda: outcome == ["reset"])
     assert_mode(running.access_log)
-
-
-async def echo(stream: trio.SocketStream) -> None:
-    try:
-        while data := await stream.receive_some(65536):
-            await stream.send_all(data)
-    except trio.BrokenResourceError:
-        pass
-    await stream.aclose()
 
 
 async def test_graceful_shutdown_drains_live_connections(

@@ -23,7 +23,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from proxytest import drain, wait_for
+from proxytest import drain, receive_exactly, wait_for
 
 import loader
 from trio_sni.kernel_forward import KernelForwarder
@@ -278,14 +278,10 @@ async def test_churn_leaves_the_maps_empty(
             client = await trio.open_tcp_stream("127.0.0.1", running.port)
             async with client:
                 await client.send_all(HELLO)
-                echoed = b""
-                while len(echoed) < len(HELLO):
-                    echoed += await client.receive_some(65536)
+                echoed = await receive_exactly(client, len(HELLO))
                 msg = b"ping %d" % i
                 await client.send_all(msg)
-                back = b""
-                while len(back) < len(msg):
-                    back += await client.receive_some(65536)
+                back = await receive_exactly(client, len(msg))
                 if echoed != HELLO or back != msg:
                     bad.append(i)
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from proxytest import drain, wait_for
+from proxytest import drain, echo, receive_exactly, wait_for
 
 from trio_sni.errors import AccelerationUnavailable
 from trio_sni.forward import CopyForwarder, choose_forwarder
@@ -76,15 +76,6 @@ def pipe_fds() -> int:
     return n
 
 
-async def echo(stream: trio.SocketStream) -> None:
-    try:
-        while data := await stream.receive_some(65536):
-            await stream.send_all(data)
-    except trio.BrokenResourceError:
-        pass
-    await stream.aclose()
-
-
 def test_splice_is_available_here() -> None:
     assert splice_unavailable() is None  # Linux CI: the splice suite must not be skipped
 
@@ -118,14 +109,10 @@ async def test_churn_leaves_no_pipe_open(backend: Any, start_proxy: Any) -> None
             client = await trio.open_tcp_stream("127.0.0.1", running.port)
             async with client:
                 await client.send_all(HELLO)
-                echoed = b""
-                while len(echoed) < len(HELLO):
-                    echoed += await client.receive_some(65536)
+                echoed = await receive_exactly(client, len(HELLO))
                 msg = b"ping %d" % i
                 await client.send_all(msg)
-                back = b""
-                while len(back) < len(msg):
-                    back += await client.receive_some(65536)
+                back = await receive_exactly(client, len(msg))
                 if echoed != HELLO or back != msg:
                     bad.append(i)
                 if i % 3 == 0:
