@@ -427,6 +427,10 @@ async def test_idle_timeout_in_kernel_mode(
             pass
         await stream.aclose()
 
+    # The kernel's redirect worker moves the bytes, not a Trio task: with a zero threshold the
+    # fake clock would jump while those bytes are still in flight (seen in CI: closed after 7 s).
+    # Jump only once everything has been quiet for 100 ms of real time.
+    autojump_clock.autojump_threshold = 0.1
     b = await backend(echo)
     running = await start_proxy(kernel_config(b, timeouts={"idle": 30}))
     client = await trio.open_tcp_stream("127.0.0.1", running.port)
