@@ -29,7 +29,7 @@ from .metrics import ProxyMetrics
 from .resolver import Resolver
 from .sansio.config import Config, Listener, parse_host_port
 from .sansio.policy import ClientLimiter, Policy
-from .status import AccelerationStatus, acceleration_from_config, serve_status
+from .status import AccelerationStatus, FeatureReport, acceleration_from_config, serve_status
 
 log = logging.getLogger("trio_sni")
 
@@ -107,6 +107,9 @@ class Proxy:
         self.metrics = ProxyMetrics(self.context, acceleration=self.acceleration_status)
         self.context.write_access_log = self.metrics.wrap(self.context.write_access_log)
         self.status_listeners: list[trio.SocketListener] = []
+        #: feature name (``dns_cache``, ``xdp``, ``tc``) -> how that running feature reports
+        #: itself to ``/ebpf/status`` and the metrics; filled by whatever starts the feature.
+        self.feature_reporters: dict[str, Callable[[], FeatureReport]] = {}
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
@@ -191,6 +194,7 @@ class Proxy:
             forwarding_mode=self.context.forwarder.mode,
             forwarding_why=self._forwarding_why,
             sockmap_report=self._plan.kernel_status(),
+            reports={name: report() for name, report in self.feature_reporters.items()},
         )
 
     def reload(self, config: Config) -> None:

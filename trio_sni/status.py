@@ -122,6 +122,21 @@ class MapStatus:
 
 
 @attrs.frozen
+class FeatureReport:
+    """What a running kernel feature (DNS cache, XDP guard, TC shaper) says about itself.
+
+    Given to :func:`acceleration_from_config` by the part of the proxy that runs the feature;
+    it replaces the config's guess for that feature. ``maps`` are named as in ``/ebpf/status``
+    (``dns_cache``), ``counters`` as in :attr:`AccelerationStatus.counters` (``xdp_dropped``).
+    """
+
+    state: FeatureState
+    reason: str | None = None
+    maps: Mapping[str, MapStatus] = attrs.field(factory=dict)
+    counters: Mapping[str, int] = attrs.field(factory=dict)
+
+
+@attrs.frozen
 class AccelerationStatus:
     """The kernel features' states, why each inactive one is not active, the maps, and the
     kernel counters (summed across CPUs, named like ``sockmap_redirects``; exported as
@@ -159,6 +174,7 @@ def acceleration_from_config(
     forwarding_mode: str = "copy",
     forwarding_why: str = NOT_IMPLEMENTED,
     sockmap_report: tuple[int, Mapping[str, int]] | None = None,
+    reports: Mapping[str, FeatureReport] | None = None,
 ) -> AccelerationStatus:
     """Feature states as far as the config and the chosen forwarder decide them.
 
@@ -177,7 +193,10 @@ def acceleration_from_config(
             the sockets in its sockhash (two per connection) and its counters, summed across
             CPUs. It becomes ``maps["sockmap"]`` (in connections, the unit of
             ``ebpf.sockmap.max_entries``) and the ``sockmap_*`` counters.
+        reports: what the other running features say about themselves; each replaces the
+            config's guess for its feature when ``ebpf.enabled`` is true.
     """
+    reports = reports or {}
     ebpf = config.ebpf
     features: dict[str, FeatureState] = {}
     reasons: dict[str, str] = {}
@@ -190,6 +209,11 @@ def acceleration_from_config(
     for feature in FEATURES:
         if not ebpf.enabled:
             features[feature], reasons[feature] = "disabled", "ebpf.enabled is false"
+        elif feature in reports:
+            report = reports[feature]
+            features[feature] = report.state
+            if report.reason is not None:
+                reasons[feature] = report.reason
         elif feature == "tc":
             features[feature] = "disabled"
             reasons[feature] = f"no TC shaping is configured ({NOT_IMPLEMENTED})"
@@ -217,6 +241,10 @@ def acceleration_from_config(
             entries=sockets // 2, max_entries=config.ebpf.sockmap.max_entries
         )
         counters = {f"sockmap_{name}": value for name, value in kernel_counters.items()}
+    if ebpf.enabled:
+        for report in reports.values():
+            maps.update(report.maps)
+            counters.update(report.counters)
     return AccelerationStatus(features=features, reasons=reasons, maps=maps, counters=counters)
 
 

@@ -28,6 +28,7 @@ from trio_sni.status import (
     FeatureState,
     MapStatus,
     _accept_loop,
+    FeatureReport,
     acceleration_from_config,
     handle_status_connection,
 )
@@ -283,6 +284,27 @@ def test_sockmap_follows_the_chosen_forwarder() -> None:
     )
     assert copy.features["sockmap"] == "unavailable"
     assert copy.reasons["sockmap"] == "missing CAP_BPF (uid 1000)"
+
+
+def test_feature_reports_replace_the_config_guess_and_add_maps_and_counters() -> None:
+    reports = {
+        "dns_cache": FeatureReport(
+            "active", maps={"dns_cache": MapStatus(entries=5, max_entries=10, hit_rate=0.5)},
+            counters={"dns_cache_hits": 3},
+        ),
+        "xdp": FeatureReport("unavailable", reason="native XDP refused by eth9"),
+    }
+    ebpf = {"xdp": {"enabled": True}}
+    status = acceleration_from_config(load_config({**CONFIG, "ebpf": ebpf}), reports=reports)
+    assert status.features["dns_cache"] == "active" and "dns_cache" not in status.reasons
+    assert status.maps["dns_cache"].hit_rate == 0.5
+    assert status.counters == {"dns_cache_hits": 3}
+    assert status.reasons["xdp"] == "native XDP refused by eth9"
+    # The master switch wins over what a feature says.
+    off = acceleration_from_config(
+        load_config({**CONFIG, "ebpf": {"enabled": False}}), reports=reports
+    )
+    assert set(off.features.values()) == {"disabled"} and not off.maps and not off.counters
 
 
 def test_acceleration_status_demands_every_feature_and_a_reason_for_each_inactive_one() -> None:
