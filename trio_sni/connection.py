@@ -83,9 +83,21 @@ class ConnectionInfo:
     #: The socket's peer (the load balancer) when a PROXY header supplied ``client``.
     peer: tuple[str, int] | None = None
     mode: str | None = None
+    #: The mode this connection's rule (or ``forwarding.mode``) asked for; ``auto`` asks for
+    #: whatever the plan picked (``mode``).
+    requested_mode: str | None = None
     reason: str | None = None
     error: str | None = None
     counters: ByteCounters = attrs.Factory(ByteCounters)
+
+    @property
+    def fallback_from(self) -> str | None:
+        """The mode asked for when another one forwarded this connection, else ``None``:
+        unavailable at startup (kernel → splice → copy) or given up per connection (a socket
+        the sockhash refused, pipes that could not be created)."""
+        wanted = self.mode if self.requested_mode in (None, "auto") else self.requested_mode
+        used = self.counters.mode or self.mode
+        return wanted if used is not None and wanted is not None and used != wanted else None
 
     def access_record(self, now: float) -> dict[str, object]:
         """The JSON access-log record (one line per connection)."""
@@ -105,6 +117,7 @@ class ConnectionInfo:
             "bytes_to_client": self.counters.to_client,
             "duration": round(now - self.started, 6),
             "mode": self.counters.mode or self.mode,  # kernel can fall back to copy per connection
+            "fallback_from": self.fallback_from,
             "reason": self.reason,
             "error": self.error,
         }
@@ -142,6 +155,8 @@ class ConnectionContext:
     #: The forwarder for each mode a rule can ask for (``rules[].mode``), after fallbacks;
     #: rules without ``mode`` use ``forwarder``.
     forwarders: Mapping[str, Forwarder] = attrs.Factory(dict)
+    #: ``forwarding.mode``: what a rule without ``mode`` asks for (``forwarder`` serves it).
+    default_mode: str = "auto"
     live: dict[int, ConnectionInfo] = attrs.Factory(dict)
 
 
@@ -242,9 +257,8 @@ async def handle_connection(
             # bytes reached it; they belong to the client, before anything else.
             await stream.send_all(from_target)
             info.counters.to_client += len(from_target)
-        forwarder = ctx.forwarder
-        if route.rule.mode is not None:
-            forwarder = ctx.forwarders.get(route.rule.mode, forwarder)
+        info.requested_mode = route.rule.mode or ctx.default_mode
+        forwarder = ctx.forwarders.get(info.requested_mode, ctx.forwarder)
         info.mode = forwarder.mode
         info.reason = await forwarder.forward(
             stream, upstream, first_bytes=first_bytes, counters=info.counters

@@ -210,8 +210,10 @@ class ForwardingPlan:
         return None
 
 
-#: The order modes fall back in when one is unavailable (``fallback_mode: "auto"``).
+#: The order modes fall back in when one is unavailable (``fallback_mode: "auto"``); also
+#: the order ``auto`` prefers them in.
 FALLBACK_CHAIN = ("kernel", "splice", "copy")
+SOCKMAP_SWITCHED_OFF = "ebpf.sockmap is disabled in the config"
 
 
 def choose_forwarder(config: Config) -> ForwardingPlan:
@@ -226,17 +228,17 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
       never to ``splice``, KERNEL-FACTS fact 13); the access log's ``mode`` says which ran.
     - ``splice``: splice(2) through pipes (:mod:`trio_sni.splice_forward`), Linux only.
     - ``copy``: recv/send, always available.
-    - ``auto`` (the default): ``kernel`` when the ``ebpf.sockmap`` switch is on and the kernel
-      forwarder is available (it takes the bytes out of Python entirely: one process carries
-      many connections, with the best request latency), else ``copy``. ``auto`` does not pick
-      ``splice`` by itself: it pins two pipes (2 MiB by default) and four fds per connection
-      whether the connection is busy or idle, an unprivileged proxy gets 2-page pipes after
-      about 32 such connections (KERNEL-FACTS fact 36), and its single-stream throughput was
-      below copy's (0.90x vs 0.96x HAProxy); rules for bulk downloads ask for it by name.
+    - ``auto`` (the default): the first available of ``kernel → splice → copy``. ``kernel``
+      takes the bytes out of Python entirely (one process carries many connections, with the
+      best request latency); where it is switched off or unavailable, ``splice`` beat
+      ``copy`` on every measure of the forwarder benchmark (bulk throughput, proxy CPU per
+      GiB, latency, CPU for many paced connections; README), and its pipe memory is only
+      allocated as bytes pass; ``copy`` is left for platforms without splice(2).
 
     An unavailable mode falls back along ``kernel → splice → copy`` (``fallback_mode:
-    "auto"``), straight to ``copy`` (``"copy"``), or is an error (``"none"``); ``auto``
-    falls back to ``copy``. The reasons are in ``fallbacks`` (and ``why`` for the default).
+    "auto"``), straight to ``copy`` (``"copy"``), or is an error (``"none"``; for ``auto``
+    only when the kernel is switched on but unavailable). The reasons are in ``fallbacks``
+    (and ``why`` for the default).
 
     Raises:
         AccelerationUnavailable: when ``fallback_mode`` is ``"none"`` and a mode the config
@@ -261,7 +263,7 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
         unavailable["splice"] = splice_why
 
     if not sockmap_on:
-        unavailable["kernel"] = "ebpf.sockmap is disabled in the config"
+        unavailable["kernel"] = SOCKMAP_SWITCHED_OFF
     elif wanted & {"kernel", "auto"}:
         plane = _kernel_unavailable(config)
         if isinstance(plane, str):
@@ -310,24 +312,13 @@ def _resolve(
     wanted: bool,
 ) -> tuple[Forwarder, str]:
     """The forwarder that serves ``mode``, and why."""
-    copy = available["copy"]
-    assert copy is not None
-    if mode == "auto":
-        kernel = available.get("kernel")
-        if kernel is not None:
-            return kernel, "BPF sockhash splice, userspace copy per connection if needed"
-        why = unavailable["kernel"]
-        if why == "ebpf.sockmap is disabled in the config":
-            return copy, why
-        if wanted and config.fallback_mode == "none":
-            raise AccelerationUnavailable(
-                f"kernel forwarding unavailable: {why}; and fallback_mode is 'none': set "
-                "fallback_mode to 'auto' to forward in userspace, or disable ebpf.sockmap"
-            )
-        return copy, f"kernel forwarding unavailable: {why}; using userspace copy"
-    chain = FALLBACK_CHAIN[FALLBACK_CHAIN.index(mode):]
+    kernel = available.get("kernel")
+    if mode == "auto" and kernel is not None:
+        return kernel, "BPF sockhash splice, userspace copy per connection if needed"
+    start = "kernel" if mode == "auto" else mode
+    chain = FALLBACK_CHAIN[FALLBACK_CHAIN.index(start):]
     if config.fallback_mode == "copy":
-        chain = (mode, "copy") if mode != "copy" else ("copy",)
+        chain = (start, "copy") if start != "copy" else ("copy",)
     reasons: list[str] = []
     for candidate in chain:
         forwarder = available.get(candidate)
@@ -335,8 +326,11 @@ def _resolve(
             if not reasons:
                 return forwarder, f"forwarding.mode {mode}"
             return forwarder, "; ".join(reasons) + f"; using {candidate}"
-        reasons.append(f"{candidate} forwarding unavailable: {unavailable[candidate]}")
-        if wanted and config.fallback_mode == "none":
+        why = unavailable[candidate]
+        # ``auto`` with the kernel switched off means "the best userspace mode", not a fallback.
+        switched_off = mode == "auto" and why == SOCKMAP_SWITCHED_OFF
+        reasons.append(why if switched_off else f"{candidate} forwarding unavailable: {why}")
+        if wanted and config.fallback_mode == "none" and candidate == start and not switched_off:
             raise AccelerationUnavailable(
                 f"{reasons[-1]}; and fallback_mode is 'none': set fallback_mode to 'auto' "
                 f"to fall back along kernel → splice → copy, or choose another mode"

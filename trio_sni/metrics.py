@@ -110,6 +110,8 @@ class ProxyMetrics:
         self.bytes: dict[tuple[str, str], int] = {}
         self.rule_connections: dict[str, int] = {}
         self.rule_bytes: dict[tuple[str, str], int] = {}
+        #: (mode asked for, mode used) -> connections forwarded by a fallback mode.
+        self.fallbacks: dict[tuple[str, str], int] = {}
         self.duration = _Histogram(DURATION_BUCKETS)
         self.hello_size = _Histogram(HELLO_SIZE_BUCKETS)
         self.registry = CollectorRegistry(auto_describe=False)
@@ -125,6 +127,10 @@ class ProxyMetrics:
         key = (reason, mode)
         self.closed[key] = self.closed.get(key, 0) + 1
         self.rule_connections[rule] = self.rule_connections.get(rule, 0) + 1
+        fallback_from = record.get("fallback_from")
+        if fallback_from is not None:
+            fkey = (_label(fallback_from), mode)
+            self.fallbacks[fkey] = self.fallbacks.get(fkey, 0) + 1
         for direction in DIRECTIONS:
             value = record.get(f"bytes_{direction}")
             if isinstance(value, int) and value:
@@ -249,6 +255,27 @@ class _Collector:
         for (rule, direction), count in sorted(rule_bytes.items()):
             per_rule_bytes.add_metric([rule, direction], count)
         yield per_rule_bytes
+
+        fallbacks = CounterMetricFamily(
+            "trio_sni_forwarding_fallbacks",
+            "Finished connections forwarded by another mode than the one asked for "
+            "(unavailable at startup, or given up for that connection), by both modes.",
+            labels=["requested", "mode"],
+        )
+        for (requested, mode), count in sorted(m.fallbacks.items()):
+            fallbacks.add_metric([requested, mode], count)
+        yield fallbacks
+
+        splice = m.context.forwarders.get("splice")
+        small_pipes = getattr(splice, "small_pipes", None)
+        if small_pipes is not None:
+            family = CounterMetricFamily(
+                "trio_sni_splice_small_pipes",
+                "splice-mode pipes the kernel gave less than forwarding.pipe_size "
+                "(F_SETPIPE_SZ refused: pipe-max-size or the user's pipe-page allowance).",
+            )
+            family.add_metric([], small_pipes)
+            yield family
 
         yield from _resolver_families(m)
         status = m.acceleration_status()

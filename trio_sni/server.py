@@ -99,6 +99,7 @@ class Proxy:
             socks5=config.socks5,
             max_connections=config.max_connections,
             forwarders=plan.by_mode,
+            default_mode=config.forwarding.mode,
         )
         self._accepting: trio.CancelScope | None = None
         self._shutdown_requested = trio.Event()

@@ -456,7 +456,7 @@ async def test_idle_timeout_in_kernel_mode(
 # Fallbacks: switched off, and BPF unavailable (capabilities dropped in a subprocess)
 
 
-async def test_sockmap_disabled_forwards_in_copy_mode(backend: Any, start_proxy: Any) -> None:
+async def test_sockmap_disabled_forwards_in_splice_mode(backend: Any, start_proxy: Any) -> None:
     async def reply(stream: trio.SocketStream) -> None:
         await stream.send_all(b"hi " + await stream.receive_some(65536))
         await stream.aclose()
@@ -465,13 +465,13 @@ async def test_sockmap_disabled_forwards_in_copy_mode(backend: Any, start_proxy:
     running = await start_proxy(
         kernel_config(b, ebpf={"sockmap": {"enabled": False}}, fallback_mode="auto")
     )
-    assert running.proxy.context.forwarder.mode == "copy"
+    assert running.proxy.context.forwarder.mode == "splice"  # auto's choice without kernel
     client = await trio.open_tcp_stream("127.0.0.1", running.port)
     await client.send_all(HELLO)
     assert await drain(client) == b"hi " + HELLO
     await client.aclose()
     await wait_for(lambda: len(running.access_log) == 1)
-    assert running.access_log[0]["mode"] == "copy"
+    assert running.access_log[0]["mode"] == "splice"
 
 
 SETPRIV = shutil.which("setpriv")
@@ -533,16 +533,16 @@ trio.run(main)
 
 
 @pytest.mark.skipif(SETPRIV is None, reason="needs setpriv (util-linux)")
-def test_without_bpf_capabilities_copy_mode_works_and_says_why_once(tmp_path: Path) -> None:
+def test_without_bpf_capabilities_userspace_mode_works_and_says_why_once(tmp_path: Path) -> None:
     config = kernel_config(Backend("127.0.0.1", 9), fallback_mode="auto")
     config["hello"] = HELLO.hex()
     result = _run_without_capabilities(config, tmp_path, _CLIENT_SCRIPT)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == ["copy", "copy", "copy"]
+    assert json.loads(result.stdout) == ["splice", "splice", "splice"]
     reasons = [line for line in result.stderr.splitlines() if "forwarding mode" in line]
     assert reasons == [
-        "INFO forwarding mode: copy (kernel forwarding unavailable: missing CAP_BPF and "
-        "CAP_NET_ADMIN (root without them); using userspace copy)"
+        "INFO forwarding mode: splice (kernel forwarding unavailable: missing CAP_BPF and "
+        "CAP_NET_ADMIN (root without them); using splice)"
     ]
 
 

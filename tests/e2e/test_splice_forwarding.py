@@ -287,11 +287,18 @@ def plan_for(**overrides: Any) -> Any:
     return choose_forwarder(load_config(data))
 
 
-def test_existing_configs_keep_their_mode() -> None:
+def test_auto_without_the_sockmap_switch_uses_splice(monkeypatch: pytest.MonkeyPatch) -> None:
     plan = plan_for()
-    assert isinstance(plan.forwarder, CopyForwarder)  # auto without the sockmap switch
-    assert plan.why == "ebpf.sockmap is disabled in the config"
+    assert isinstance(plan.forwarder, SpliceForwarder)
+    assert plan.why == "ebpf.sockmap is disabled in the config; using splice"
     assert plan.fallbacks == ()
+    monkeypatch.setattr("trio_sni.splice_forward.splice_unavailable", lambda: "no splice here")
+    plan = plan_for(fallback_mode="none")  # not a fallback: auto takes the best it has
+    assert isinstance(plan.forwarder, CopyForwarder)
+    assert plan.why == (
+        "ebpf.sockmap is disabled in the config; "
+        "splice forwarding unavailable: no splice here; using copy"
+    )
     assert load_config({"listen_addr": "127.0.0.1:1"}).forwarding.mode == "auto"
     assert load_config({"listen_addr": "127.0.0.1:1"}).forwarding.pipe_size == MiB
 
@@ -338,11 +345,11 @@ def test_fallback_mode_none_refuses_an_unavailable_mode(monkeypatch: pytest.Monk
             rules=[{"match": "a.test", "mode": "splice"}], fallback_mode="none"
         )
     # a mode nobody asks for may be unavailable
-    assert plan_for(fallback_mode="none").forwarder.mode == "copy"
+    assert plan_for(fallback_mode="none", forwarding={"mode": "copy"}).forwarder.mode == "copy"
 
 
 def test_rule_fallbacks_are_listed_for_the_log(caplog: pytest.LogCaptureFixture) -> None:
-    plan = plan_for(rules=[{"match": "a.test", "mode": "kernel"}])
+    plan = plan_for(rules=[{"match": "a.test", "mode": "kernel"}], forwarding={"mode": "copy"})
     assert plan.forwarder.mode == "copy"
     assert plan.for_mode("kernel").mode == "splice"
     assert plan.for_mode(None) is plan.forwarder
@@ -351,11 +358,12 @@ def test_rule_fallbacks_are_listed_for_the_log(caplog: pytest.LogCaptureFixture)
 
     with caplog.at_level(logging.INFO, logger="trio_sni"):
         Proxy(load_config({"listen_addr": "127.0.0.1:8443", "ebpf": {"sockmap": {"enabled": False}},
+                           "forwarding": {"mode": "copy"},
                            "rules": [{"match": "a.test", "mode": "kernel"}]}),
               access_log=lambda r: None)
     lines = [r.getMessage() for r in caplog.records if "forwarding mode" in r.getMessage()]
     assert lines == [
-        "forwarding mode: copy (ebpf.sockmap is disabled in the config)",
+        "forwarding mode: copy (forwarding.mode copy)",
         "forwarding mode kernel (asked by rules): splice (kernel forwarding unavailable: "
         "ebpf.sockmap is disabled in the config; using splice)",
     ]
@@ -393,7 +401,45 @@ async def test_out_of_fds_for_pipes_copies_the_connection(
         await client.aclose()
     await wait_for(lambda: len(running.access_log) == 2)
     assert [r["mode"] for r in running.access_log] == ["copy", "copy"]
+    assert [r["fallback_from"] for r in running.access_log] == ["splice", "splice"]
     assert running.proxy.context.forwarder.fallbacks == 2
+    assert running.proxy.metrics.fallbacks == {("splice", "copy"): 2}
+
+
+async def test_a_rule_whose_mode_is_unavailable_is_logged_and_counted_per_connection(
+    backend: Any, start_proxy: Any
+) -> None:
+    from prometheus_client import generate_latest
+
+    port = await backend(echo)
+    data = config(port, mode="auto", fallback_mode="auto")
+    data["rules"] = [{"match": HELLO_NAME, "allow_private": True, "mode": "kernel"}]
+    running = await start_proxy(data)  # sockmap switched off: kernel falls back to splice
+    client = await trio.open_tcp_stream("127.0.0.1", running.port)
+    await client.send_all(HELLO)
+    assert await receive_exactly(client, len(HELLO)) == HELLO
+    await client.aclose()
+    await wait_for(lambda: len(running.access_log) == 1)
+    [record] = running.access_log
+    assert (record["mode"], record["fallback_from"]) == ("splice", "kernel")
+    text = generate_latest(running.proxy.metrics.registry).decode()
+    assert 'trio_sni_forwarding_fallbacks_total{mode="splice",requested="kernel"} 1.0' in text
+    assert "trio_sni_splice_small_pipes_total 0.0" in text
+
+
+def test_fallback_from_names_the_mode_asked_for_only_when_another_ran() -> None:
+    from trio_sni.connection import ConnectionInfo
+
+    def info(requested: str | None, planned: str | None, used: str | None) -> Any:
+        i = ConnectionInfo(client=("192.0.2.1", 1), listener="l", started=0.0, started_wall=0.0)
+        i.requested_mode, i.mode, i.counters.mode = requested, planned, used
+        return i.fallback_from
+
+    assert info("auto", "kernel", "kernel") is None
+    assert info("auto", "kernel", "copy") == "kernel"  # the sockhash refused a socket
+    assert info("kernel", "splice", "splice") == "kernel"  # unavailable at startup
+    assert info("splice", "splice", "copy") == "splice"  # no pipes for this one
+    assert info(None, None, None) is None  # refused before forwarding
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])

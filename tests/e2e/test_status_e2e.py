@@ -28,8 +28,8 @@ KERNEL = probe().sockmap
 
 
 def COPY_MODE(config: dict[str, Any]) -> dict[str, Any]:
-    """``config`` with kernel forwarding switched off (byte counts per chunk, mode "copy")."""
-    return {**config, "ebpf": {"sockmap": {"enabled": False}}}
+    """``config`` with kernel forwarding switched off and mode "copy" (byte counts per chunk)."""
+    return {**config, "forwarding": {"mode": "copy"}, "ebpf": {"sockmap": {"enabled": False}}}
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
 

@@ -132,6 +132,11 @@ def test_validator_messages_carry_paths() -> None:
         ({"listen_addr": "0.0.0.0:1", "status": {"listen": "x"}}, [
             "status.listen: 'x': expected 'host:port'"
         ]),
+        ({"listen_addr": "0.0.0.0:1", "forwarding": {"pipe_size": 8388608}}, [
+            "(top level): forwarding.pipe_size (8388608) exceeds ebpf.sockmap.max_in_flight "
+            "(4194304), the per-connection bound on bytes in flight in every mode: lower "
+            "pipe_size or raise max_in_flight"
+        ]),
     ],
 )
 def test_bad_configs(data: Any, expected: list[str]) -> None:

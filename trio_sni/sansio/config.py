@@ -305,7 +305,8 @@ class Forwarding:
     #: ``mode`` overrides it). See :func:`trio_sni.forward.choose_forwarder`.
     mode: ForwardingMode = "auto"
     #: ``splice`` mode: the size asked for each of the two pipes of a connection (the
-    #: kernel's default size is kept when F_SETPIPE_SZ is refused).
+    #: kernel's default size is kept when F_SETPIPE_SZ is refused). At most
+    #: ``ebpf.sockmap.max_in_flight``: a pipe holds a direction's bytes in flight.
     pipe_size: int = attrs.field(default=1048576)
 
     @buffer_size.validator
@@ -461,6 +462,14 @@ class Config:
                         f"rules[{i}]: \"via\": \"socks5\" needs a top-level \"socks5\" "
                         "section with the SOCKS5 server's address"
                     )
+        if self.forwarding.pipe_size > self.ebpf.sockmap.max_in_flight:
+            # One bound on the bytes a connection holds in flight per direction, in every mode.
+            raise ValueError(
+                f"forwarding.pipe_size ({self.forwarding.pipe_size}) exceeds "
+                f"ebpf.sockmap.max_in_flight ({self.ebpf.sockmap.max_in_flight}), the "
+                "per-connection bound on bytes in flight in every mode: lower pipe_size or "
+                "raise max_in_flight"
+            )
         if self.listen_addr is not None and self.listeners:
             raise ValueError("give either 'listen_addr' or 'listeners', not both")
         if self.listen_addr is None and not self.listeners:
