@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -39,3 +39,25 @@ async def echo(stream: trio.SocketStream) -> None:
     except trio.BrokenResourceError:
         pass
     await stream.aclose()
+
+
+async def serve_tcp(
+    nursery: trio.Nursery,
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    host: str = "127.0.0.1",
+) -> int:
+    """Serve ``handler`` on a fresh port of ``host`` until ``nursery`` is cancelled (the
+    listeners are closed then, also when cancelled); returns the port."""
+    listeners = await trio.open_tcp_listeners(0, host=host)
+
+    async def serve() -> None:
+        try:
+            await trio.serve_listeners(handler, listeners)
+        finally:
+            with trio.CancelScope(shield=True):
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+
+    nursery.start_soon(serve)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port

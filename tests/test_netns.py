@@ -4,7 +4,6 @@ import socket
 import subprocess
 
 import pytest
-
 from netns import veth_namespace
 
 pytestmark = pytest.mark.root

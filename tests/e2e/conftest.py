@@ -13,6 +13,7 @@ import attrs
 import pytest
 import trio
 import trustme
+from proxytest import serve_tcp
 
 from trio_sni.sansio.config_load import load_config
 from trio_sni.server import Proxy
@@ -85,9 +86,7 @@ async def _serve_tls(
 
 @pytest.fixture
 async def tls_backend(nursery: trio.Nursery, server_context: ssl.SSLContext) -> Backend:
-    backend_listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    backend = Backend(port=backend_listeners[0].socket.getsockname()[1])
-    names: list[str | None] = backend.server_names
+    names: list[str | None] = []
 
     def remember_name(obj: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
         names.append(name)
@@ -99,20 +98,8 @@ async def tls_backend(nursery: trio.Nursery, server_context: ssl.SSLContext) -> 
         backend.connections += 1
         await _serve_tls(stream, ctx, backend)
 
-    nursery.start_soon(serve_until_cancelled, handler, backend_listeners)
+    backend = Backend(port=await serve_tcp(nursery, handler), server_names=names)
     return backend
-
-
-async def serve_until_cancelled(
-    handler: Callable[[trio.SocketStream], Any], listeners: list[trio.SocketListener]
-) -> None:
-    """trio.serve_listeners, closing the listeners when the test's nursery is cancelled."""
-    try:
-        await trio.serve_listeners(handler, listeners)
-    finally:
-        with trio.CancelScope(shield=True):
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
 
 
 @pytest.fixture
@@ -141,6 +128,31 @@ def proxy_config() -> Callable[..., dict[str, Any]]:
         }
         config.update(overrides)
         return config
+
+    return build
+
+
+@pytest.fixture(params=[pytest.param("kernel", marks=pytest.mark.bpf), "splice", "copy"])
+def forwarding_mode(request: pytest.FixtureRequest) -> str:
+    """Every forwarding mode, for suites whose upstream is set up in a special way (SOCKS5,
+    PROXY protocol, plain HTTP): after the set-up it is an ordinary TCP socket, so each mode
+    must take it exactly as in direct mode. ``kernel`` needs root (a failure, not a skip, in
+    CI)."""
+    mode: str = request.param
+    return mode
+
+
+@pytest.fixture
+def proxy_config_in_mode(
+    proxy_config: Callable[..., dict[str, Any]], forwarding_mode: str
+) -> Callable[..., dict[str, Any]]:
+    """:func:`proxy_config` forwarding in ``forwarding_mode`` and nothing else (no fallback)."""
+
+    def build(backend_port: int, **overrides: Any) -> dict[str, Any]:
+        overrides.setdefault("ebpf", {"sockmap": {"enabled": forwarding_mode == "kernel"}})
+        overrides.setdefault("forwarding", {"mode": forwarding_mode})
+        overrides.setdefault("fallback_mode", "none")
+        return proxy_config(backend_port, **overrides)
 
     return build
 

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from proxytest import drain, echo, receive_exactly, wait_for
+from proxytest import drain, echo, receive_exactly, serve_tcp, wait_for
 
 HELLO = (Path(__file__).parent.parent / "data" / "hellos" / "curl.bin").read_bytes()
 HELLO_NAME = "x.test"  # the SNI inside HELLO
@@ -43,19 +43,7 @@ Handler = Callable[[trio.SocketStream], Awaitable[None]]
 @pytest.fixture
 def raw_backend(nursery: trio.Nursery) -> Callable[..., Awaitable[RawBackend]]:
     async def start(handler: Handler, host: str = "127.0.0.1") -> RawBackend:
-        listeners = await trio.open_tcp_listeners(0, host=host)
-        backend = RawBackend(host, listeners[0].socket.getsockname()[1])
-
-        async def serve() -> None:
-            try:
-                await trio.serve_listeners(handler, listeners)
-            finally:
-                with trio.CancelScope(shield=True):
-                    for listener in listeners:
-                        await trio.aclose_forcefully(listener)
-
-        nursery.start_soon(serve)
-        return backend
+        return RawBackend(host, await serve_tcp(nursery, handler, host))
 
     return start
 

@@ -16,31 +16,16 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from proxytest import drain, wait_for
+from proxytest import drain, serve_tcp, wait_for
 
 BODY = b"hello over plain http\n"
 
 
-@pytest.fixture(params=[pytest.param("kernel", marks=pytest.mark.bpf), "copy"])
-def forwarding_mode(request: pytest.FixtureRequest) -> str:
-    """Both forwarding modes: the BPF sockhash splice (root; a failure, not a skip, in CI)
-    and the userspace copy. After the handshake the upstream is an ordinary TCP socket, so
-    the kernel path must take it exactly as in direct mode."""
-    mode: str = request.param
-    return mode
-
-
 @pytest.fixture
 def proxy_config(
-    proxy_config: Callable[..., dict[str, Any]], forwarding_mode: str
+    proxy_config_in_mode: Callable[..., dict[str, Any]],
 ) -> Callable[..., dict[str, Any]]:
-    def build(backend_port: int, **overrides: Any) -> dict[str, Any]:
-        overrides.setdefault("ebpf", {"sockmap": {"enabled": forwarding_mode == "kernel"}})
-        # kernel mode must be the kernel's, not a silent fallback to copy
-        overrides.setdefault("fallback_mode", "none" if forwarding_mode == "kernel" else "auto")
-        return proxy_config(backend_port, **overrides)
-
-    return build
+    return proxy_config_in_mode  # every test here runs in each forwarding mode
 
 
 class EchoHandler(http.server.BaseHTTPRequestHandler):
@@ -136,22 +121,11 @@ async def test_request_bytes_arrive_unchanged(
         b"POST /upload HTTP/1.1\r\nHost: BENCH.test.\r\nX-Odd:   spaced  \r\n"
         b"Content-Length: 4\r\n\r\nbodyGET /pipelined HTTP/1.1\r\nHost: other.test\r\n\r\n"
     )
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-
     async def record(stream: trio.SocketStream) -> None:
         received.append(await drain(stream))
         await trio.aclose_forcefully(stream)
 
-    async def serve() -> None:
-        try:
-            await trio.serve_listeners(record, listeners)
-        finally:
-            with trio.CancelScope(shield=True):
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
-
-    nursery.start_soon(serve)
-    running = await start_proxy(http_config(listeners[0].socket.getsockname()[1]))
+    running = await start_proxy(http_config(await serve_tcp(nursery, record)))
     stream = await trio.open_tcp_stream("127.0.0.1", running.port)
     try:
         for i in range(0, len(request), 7):  # in small pieces: the reader must not care

@@ -26,7 +26,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from proxytest import drain, wait_for
+from proxytest import drain, serve_tcp, wait_for
 
 HELLO = (Path(__file__).parent.parent / "data" / "hellos" / "python-ssl.bin").read_bytes()
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
@@ -95,8 +95,7 @@ class EchoBackend:
 
 @pytest.fixture
 async def echo_backend(nursery: trio.Nursery, server_context: ssl.SSLContext) -> EchoBackend:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    backend = EchoBackend(port=listeners[0].socket.getsockname()[1])
+    closed_at: list[float] = []
 
     async def echo(stream: trio.SocketStream) -> None:
         # https_compatible: the proxy closes without close_notify; that is an EOF here.
@@ -105,22 +104,13 @@ async def echo_backend(nursery: trio.Nursery, server_context: ssl.SSLContext) ->
             await tls.do_handshake()
             while data := await tls.receive_some(65536):
                 await tls.send_all(data)
-            backend.closed_at.append(trio.current_time())
+            closed_at.append(trio.current_time())
         except (trio.BrokenResourceError, ssl.SSLError):
             pass
         finally:
             await trio.aclose_forcefully(tls)
 
-    async def serve() -> None:
-        try:
-            await trio.serve_listeners(echo, listeners)
-        finally:
-            with trio.CancelScope(shield=True):
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
-
-    nursery.start_soon(serve)
-    return backend
+    return EchoBackend(port=await serve_tcp(nursery, echo), closed_at=closed_at)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 from daemons import free_port, require, running_daemon
-from proxytest import drain, wait_for
+from proxytest import drain, serve_tcp, wait_for
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
 BODY = b"hello from the backend\n"
@@ -64,26 +64,11 @@ backend proxy
 """
 
 
-@pytest.fixture(params=[pytest.param("kernel", marks=pytest.mark.bpf), "copy"])
-def forwarding_mode(request: pytest.FixtureRequest) -> str:
-    """Both forwarding modes: the BPF sockhash splice (root; a failure, not a skip, in CI)
-    and the userspace copy. After the handshake the upstream is an ordinary TCP socket, so
-    the kernel path must take it exactly as in direct mode."""
-    mode: str = request.param
-    return mode
-
-
 @pytest.fixture
 def proxy_config(
-    proxy_config: Callable[..., dict[str, Any]], forwarding_mode: str
+    proxy_config_in_mode: Callable[..., dict[str, Any]],
 ) -> Callable[..., dict[str, Any]]:
-    def build(backend_port: int, **overrides: Any) -> dict[str, Any]:
-        overrides.setdefault("ebpf", {"sockmap": {"enabled": forwarding_mode == "kernel"}})
-        # kernel mode must be the kernel's, not a silent fallback to copy
-        overrides.setdefault("fallback_mode", "none" if forwarding_mode == "kernel" else "auto")
-        return proxy_config(backend_port, **overrides)
-
-    return build
+    return proxy_config_in_mode  # every test here runs in each forwarding mode
 
 
 @pytest.fixture
@@ -121,17 +106,6 @@ def start_haproxy(stack: ExitStack, tmp_path: Path, target: int, send: str) -> i
     return port
 
 
-async def serve_until_cancelled(
-    handler: Callable[[trio.SocketStream], Any], listeners: list[trio.SocketListener]
-) -> None:
-    try:
-        await trio.serve_listeners(handler, listeners)
-    finally:
-        with trio.CancelScope(shield=True):
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
-
-
 async def recording_backend(
     nursery: trio.Nursery,
     received: list[bytes],
@@ -139,7 +113,6 @@ async def recording_backend(
     host: str = "127.0.0.1",
 ) -> int:
     """A raw TCP backend: keeps what each connection sends until ``done(data)``, then closes."""
-    listeners = await trio.open_tcp_listeners(0, host=host)
 
     async def handler(stream: trio.SocketStream) -> None:
         data = b""
@@ -152,9 +125,7 @@ async def recording_backend(
         received.append(data)
         await trio.aclose_forcefully(stream)
 
-    nursery.start_soon(serve_until_cancelled, handler, listeners)
-    port: int = listeners[0].socket.getsockname()[1]
-    return port
+    return await serve_tcp(nursery, handler, host)
 
 
 async def connect_from(host: str, port: int) -> trio.SocketStream:

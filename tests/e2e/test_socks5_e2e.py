@@ -26,7 +26,7 @@ import trio
 import trio.testing
 from daemons import free_port, require, running_daemon
 from dnsserver import DNSServer
-from proxytest import drain, wait_for
+from proxytest import drain, serve_tcp, wait_for
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
 BODY = b"hello from the backend\n"
@@ -55,26 +55,11 @@ socks pass {{
 """
 
 
-@pytest.fixture(params=[pytest.param("kernel", marks=pytest.mark.bpf), "copy"])
-def forwarding_mode(request: pytest.FixtureRequest) -> str:
-    """Both forwarding modes: the BPF sockhash splice (root; a failure, not a skip, in CI)
-    and the userspace copy. After the handshake the upstream is an ordinary TCP socket, so
-    the kernel path must take it exactly as in direct mode."""
-    mode: str = request.param
-    return mode
-
-
 @pytest.fixture
 def proxy_config(
-    proxy_config: Callable[..., dict[str, Any]], forwarding_mode: str
+    proxy_config_in_mode: Callable[..., dict[str, Any]],
 ) -> Callable[..., dict[str, Any]]:
-    def build(backend_port: int, **overrides: Any) -> dict[str, Any]:
-        overrides.setdefault("ebpf", {"sockmap": {"enabled": forwarding_mode == "kernel"}})
-        # kernel mode must be the kernel's, not a silent fallback to copy
-        overrides.setdefault("fallback_mode", "none" if forwarding_mode == "kernel" else "auto")
-        return proxy_config(backend_port, **overrides)
-
-    return build
+    return proxy_config_in_mode  # every test here runs in each forwarding mode
 
 
 @attrs.frozen
@@ -309,7 +294,6 @@ async def test_socks_server_down_and_per_rule_direct(
 
 async def fake_socks_server(nursery: trio.Nursery, answer: bytes | None) -> int:
     """Accepts, reads the greeting, then sends ``answer`` (or nothing, ever) and waits."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
 
     async def handler(stream: trio.SocketStream) -> None:
         try:
@@ -322,17 +306,7 @@ async def fake_socks_server(nursery: trio.Nursery, answer: bytes | None) -> int:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def serve() -> None:
-        try:
-            await trio.serve_listeners(handler, listeners)
-        finally:
-            with trio.CancelScope(shield=True):
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
-
-    nursery.start_soon(serve)
-    port: int = listeners[0].socket.getsockname()[1]
-    return port
+    return await serve_tcp(nursery, handler)
 
 
 def python_hello(name: str) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from proxytest import drain, echo, receive_exactly, wait_for
+from proxytest import drain, echo, receive_exactly, serve_tcp, wait_for
 
 from trio_sni.errors import AccelerationUnavailable
 from trio_sni.forward import CopyForwarder, choose_forwarder
@@ -36,19 +36,7 @@ Handler = Callable[[trio.SocketStream], Awaitable[None]]
 @pytest.fixture
 def backend(nursery: trio.Nursery) -> Callable[..., Awaitable[int]]:
     async def start(handler: Handler, host: str = "127.0.0.1") -> int:
-        listeners = await trio.open_tcp_listeners(0, host=host)
-
-        async def serve() -> None:
-            try:
-                await trio.serve_listeners(handler, listeners)
-            finally:
-                with trio.CancelScope(shield=True):
-                    for listener in listeners:
-                        await trio.aclose_forcefully(listener)
-
-        nursery.start_soon(serve)
-        port: int = listeners[0].socket.getsockname()[1]
-        return port
+        return await serve_tcp(nursery, handler, host)
 
     return start
 
