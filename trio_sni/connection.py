@@ -33,7 +33,7 @@ from .sansio.clienthello import NEED_DATA, ClientHello, ClientHelloReader
 from .sansio.config import Listener, Socks5
 from .sansio.errors import MalformedHelloError
 from .sansio.http_request import HttpRequest, HttpRequestError, HttpRequestReader
-from .sansio.policy import ClientLimiter, Deny, Policy, Route
+from .sansio.policy import ClientLimiter, Deny, Policy, Route, check_proxy_sender
 from .sansio.proxy_protocol import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
 from .upstream import connect_to_addresses, connect_via_socks5
 
@@ -201,6 +201,9 @@ async def handle_connection(
                         f"for their PROXY header (max_connections = {ctx.max_connections})",
                     )
                 )
+            deny = check_proxy_sender(listener, client_ip)
+            if deny is not None:
+                raise Refused(deny)
             # The header comes before the client checks: its address is the client's.
             header, early = await _read_proxy_header(stream, deadline, ctx.hello_timeout)
             if header.source is not None and header.destination is not None:

@@ -83,6 +83,13 @@ class Proxy:
         for asked, used, why in plan.fallbacks:
             if asked != config.forwarding.mode:  # the default's reason is in the line above
                 log.warning("forwarding mode %s (asked by rules): %s (%s)", asked, used, why)
+        for spec in config.effective_listeners:
+            if spec.accept_proxy_protocol and not spec.proxy_protocol_from:
+                log.warning(
+                    "listener %s accepts PROXY headers from anyone who reaches it, who can "
+                    "then claim any client address: set its proxy_protocol_from to your load "
+                    "balancers' networks", spec.label,
+                )
         self._forwarding_why = plan.why  # for /ebpf/status: why sockmap is not active
         self._plan = plan  # closed when serve() ends: the kernel forwarder holds BPF objects
         self._access_log = AccessLog(config.log.access_log) if access_log is None else None

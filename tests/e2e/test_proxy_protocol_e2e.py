@@ -9,6 +9,7 @@ and haproxy (``send-proxy`` / ``send-proxy-v2``) in front of the proxy. The real
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -446,3 +447,48 @@ async def test_connections_waiting_for_a_header_count_against_max_connections(
     finally:
         for stream in silent:
             await trio.aclose_forcefully(stream)
+
+
+async def test_only_listed_load_balancers_may_send_headers(
+    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = proxy_config(tls_backend.port)
+    config["listeners"][0].update(accept_proxy_protocol=True, proxy_protocol_from=["127.0.0.2/32"])
+    running = await start_proxy(config)
+    header = b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 443\r\n"
+    trusted = await trio.open_tcp_stream("127.0.0.1", running.port, local_address="127.0.0.2")
+    await trusted.send_all(header)
+    assert (await tls_get_over(trusted, "bench.test", client_context)).endswith(BODY)
+    untrusted = await trio.open_tcp_stream("127.0.0.1", running.port)
+    try:
+        await untrusted.send_all(header)
+        with contextlib.suppress(trio.BrokenResourceError):  # unread header: maybe a reset
+            assert await drain(untrusted) == b""
+    finally:
+        await trio.aclose_forcefully(untrusted)
+    await wait_for(lambda: len(running.access_log) == 2)
+    ok, refused = running.access_log
+    assert (ok["client"], ok["reason"]) == ("203.0.113.7:40001", "normal")
+    assert refused["reason"] == "untrusted_proxy"
+    assert str(refused["client"]).startswith("127.0.0.1:")  # its header was never read
+    assert refused["error"] == (
+        "127.0.0.1 may not send PROXY headers to 127.0.0.1:0: it is not in the listener's "
+        "proxy_protocol_from"
+    )
+    assert tls_backend.connections == 1
+    assert "accepts PROXY headers from anyone" not in caplog.text
+
+
+async def test_a_listener_open_to_any_sender_is_warned_about(
+    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = proxy_config(tls_backend.port)
+    config["listeners"][0]["accept_proxy_protocol"] = True
+    await start_proxy(config)
+    assert (
+        "listener 127.0.0.1:0 accepts PROXY headers from anyone who reaches it, who can then "
+        "claim any client address: set its proxy_protocol_from to your load balancers' "
+        "networks" in caplog.text
+    )

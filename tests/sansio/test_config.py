@@ -132,6 +132,9 @@ def test_validator_messages_carry_paths() -> None:
         ({"listen_addr": "0.0.0.0:1", "status": {"listen": "x"}}, [
             "status.listen: 'x': expected 'host:port'"
         ]),
+        ({"listeners": [{"host": "::", "port": 1, "proxy_protocol_from": ["lb"]}]}, [
+            "listeners[0].proxy_protocol_from[0]: 'lb' is not an IP network (CIDR)"
+        ]),
         ({"listen_addr": "0.0.0.0:1", "forwarding": {"pipe_size": 8388608}}, [
             "(top level): forwarding.pipe_size (8388608) exceeds ebpf.sockmap.max_in_flight "
             "(4194304), the per-connection bound on bytes in flight in every mode: lower "

@@ -311,3 +311,23 @@ def test_names_below_the_base_match_wildcard_and_suffix(base: str, below: str) -
     assert allowed_by(make_policy(suffix), f"{below}.{base}") is suffix
     assert allowed_by(make_policy(suffix), base) is suffix
     assert allowed_by(make_policy(wildcard), base) is None
+
+
+def test_only_listed_networks_may_send_proxy_headers() -> None:
+    from trio_sni.sansio.config import Listener
+    from trio_sni.sansio.policy import check_proxy_sender
+
+    open_to_all = Listener("0.0.0.0", 443, accept_proxy_protocol=True)
+    assert check_proxy_sender(open_to_all, client("192.0.2.1")) is None
+    behind_lb = Listener(
+        "::", 443, accept_proxy_protocol=True, proxy_protocol_from=("10.1.0.0/16", "2001:db8::/32")
+    )
+    assert check_proxy_sender(behind_lb, client("10.1.2.3")) is None
+    assert check_proxy_sender(behind_lb, client("::ffff:10.1.2.3")) is None  # dual stack
+    assert check_proxy_sender(behind_lb, client("2001:db8::5")) is None
+    deny = check_proxy_sender(behind_lb, client("::ffff:10.2.0.1"))
+    assert deny is not None and deny.reason == "untrusted_proxy"
+    assert deny.detail == (
+        "10.2.0.1 may not send PROXY headers to [::]:443: it is not in the listener's "
+        "proxy_protocol_from"
+    )

@@ -104,6 +104,9 @@ class Listener:
     defaults to 443 or 80 accordingly. ``accept_proxy_protocol`` makes the listener expect a
     PROXY protocol v1 or v2 header first (behind a load balancer) and use the client address
     it carries for policy, limits and logs; a connection without one is refused.
+    ``proxy_protocol_from`` lists the networks (CIDR) of the load balancers allowed to send
+    such headers; a connection from anywhere else is refused before its header is read (empty:
+    anyone who reaches the listener may claim any client address; a warning says so).
     """
 
     host: str = attrs.field(validator=_ip_address)
@@ -119,6 +122,7 @@ class Listener:
     )
     name: str = ""
     accept_proxy_protocol: bool = False
+    proxy_protocol_from: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
 
     @port.validator
     def _check_port(self, attribute: attrs.Attribute[int], value: int) -> None:

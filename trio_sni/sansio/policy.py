@@ -36,6 +36,7 @@ token bucket arithmetic is exact in tests. Its memory is bounded, see :class:`Cl
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -44,7 +45,7 @@ from typing import Final, Literal, TypeAlias
 import attrs
 
 from .addresses import IPAddress, unwrap_mapped
-from .config import Clients, Config, Limits, Rule, parse_host_port
+from .config import Clients, Config, Limits, Listener, Rule, parse_host_port
 
 __all__ = [
     "DEFAULT_MAX_CLIENTS",
@@ -53,6 +54,7 @@ __all__ = [
     "DenyReason",
     "Policy",
     "Route",
+    "check_proxy_sender",
 ]
 
 #: Stable tokens for access logs and metric labels (a bounded set, unlike ``detail``).
@@ -62,6 +64,7 @@ DenyReason: TypeAlias = Literal[
     "rate_limited",
     "too_many_connections",
     "max_connections",
+    "untrusted_proxy",
 ]
 
 _IPV4_MAPPED: Final = ipaddress.IPv6Network("::ffff:0:0/96")
@@ -143,6 +146,30 @@ class _CidrSet:
 
     def __bool__(self) -> bool:
         return bool(self._v4 or self._v6)
+
+
+@functools.lru_cache(maxsize=64)
+def _cidr_set(texts: tuple[str, ...]) -> _CidrSet:
+    return _CidrSet.from_texts(texts)
+
+
+def check_proxy_sender(listener: Listener, ip: IPAddress) -> Deny | None:
+    """May ``ip``, the socket's peer, send PROXY headers to ``listener``?
+
+    Only the networks in its ``proxy_protocol_from`` may, when that list is set: otherwise
+    anyone who reaches the listener could claim any client address and walk past
+    ``clients.allow`` and the per-client limits.
+    """
+    if not listener.proxy_protocol_from:
+        return None
+    ip = unwrap_mapped(ip)
+    if _cidr_set(listener.proxy_protocol_from).find(ip) is None:
+        return Deny(
+            "untrusted_proxy",
+            f"{ip} may not send PROXY headers to {listener.label}: it is not in the "
+            "listener's proxy_protocol_from",
+        )
+    return None
 
 
 def _by_length(
