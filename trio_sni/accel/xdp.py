@@ -80,6 +80,7 @@ class XdpStatus:
     mode: str  # "native" or "generic"
     allow_entries: int
     deny_entries: int
+    list_capacity: int  # networks per list and address family
     ports: tuple[int, ...]
     counters: dict[str, int]
 
@@ -205,7 +206,8 @@ class XdpGuard:
     def status(self) -> XdpStatus:
         return XdpStatus(
             interface=self.interface, mode=self.mode, allow_entries=len(self._allow),
-            deny_entries=len(self._deny), ports=self.ports, counters=self.counters(),
+            deny_entries=len(self._deny), list_capacity=self.maps["allow_v4"].spec.max_entries,
+            ports=self.ports, counters=self.counters(),
         )
 
     def link_info(self) -> loader.links.LinkInfo | None:
