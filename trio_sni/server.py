@@ -226,6 +226,8 @@ class Proxy:
         ctx.max_connections = config.max_connections
         if self.edge_guard is not None:
             self.edge_guard.reload(config)
+        elif config.ebpf.xdp.enabled and not self.config.ebpf.xdp.enabled:
+            log.warning("reload: ebpf.xdp.enabled takes effect only after a restart")
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 

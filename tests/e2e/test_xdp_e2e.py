@@ -205,8 +205,8 @@ async def test_reload_changes_the_lists_without_detaching(
         assert await handshake_fails(ns, v4(ns, 3), proxy)
         await tls_get_from(ns, ns.peer_v4, proxy, client_context)
 
-        second = guarded_config(ns, tls_backend.port,
-                                clients={"allow": [f"{v4(ns, 3)}/32"], "deny": [f"{ns.peer_v4}/32"]})
+        swapped = {"allow": [f"{v4(ns, 3)}/32"], "deny": [f"{ns.peer_v4}/32"]}
+        second = guarded_config(ns, tls_backend.port, clients=swapped)
         proxy.reload(load_config(second))
         assert (await tls_get_from(ns, v4(ns, 3), proxy, client_context)).endswith(
             b"hello from the backend\n")
@@ -220,7 +220,8 @@ async def test_reload_changes_the_lists_without_detaching(
 # child process, so this process's Trio loop keeps serving the other client meanwhile).
 FLOOD_SCRIPT = r"""
 import socket, struct, sys, time
-src, dst, port, count, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+src, dst = sys.argv[1], sys.argv[2]
+port, count, seconds = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 def csum(data):
     total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
     while total >> 16:
@@ -339,7 +340,8 @@ async def test_no_such_interface_is_a_logged_degradation(
         await trio.aclose_forcefully(tls)
         doc = ebpf_status_document(proxy)
         assert doc["features"]["xdp"] == "unavailable"  # type: ignore[index]
-        assert "no network interface named 'tsni-none0'" in doc["reasons"]["xdp"]  # type: ignore[index]
+        reason = doc["reasons"]["xdp"]  # type: ignore[index]
+        assert "no network interface named 'tsni-none0'" in reason
         proxy.shutdown()
     warnings = [r.getMessage() for r in caplog.records if r.name == "trio_sni.xdp"]
     assert len(warnings) == 1 and "tsni-none0" in warnings[0]

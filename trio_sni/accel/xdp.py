@@ -88,7 +88,9 @@ class XdpStatus:
 class XdpGuard:
     """A loaded and attached guard. Start with :meth:`start`; :meth:`close` detaches."""
 
-    def __init__(self, collection: loader.Collection, interface: str, ports: tuple[int, ...]) -> None:
+    def __init__(
+        self, collection: loader.Collection, interface: str, ports: tuple[int, ...]
+    ) -> None:
         self._collection = collection
         self._link: loader.Link | None = None
         self.interface = interface

@@ -77,7 +77,11 @@ def gcra(rate: float, burst: int) -> tuple[int, int]:
     return interval, interval * burst
 
 
-def guard_settings(clients: Clients, flood_guard: FloodGuard, *, reject_quic: bool) -> GuardSettings:
+def guard_settings(
+    clients: Clients, flood_guard: FloodGuard, *, reject_quic: bool
+) -> GuardSettings:
+    """The settings for ``clients`` (only whether ``allow`` is empty matters here) and the
+    flood guard."""
     flags = (FLAG_ALLOW_LIST if clients.allow else 0) | (FLAG_REJECT_QUIC if reject_quic else 0)
     syn = gcra(flood_guard.per_source_rate, flood_guard.per_source_burst)
     total = gcra(flood_guard.global_rate, flood_guard.global_burst)
