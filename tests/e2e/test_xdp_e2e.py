@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
 import ssl
 import subprocess
@@ -345,3 +346,41 @@ async def test_no_such_interface_is_a_logged_degradation(
         proxy.shutdown()
     warnings = [r.getMessage() for r in caplog.records if r.name == "trio_sni.xdp"]
     assert len(warnings) == 1 and "tsni-none0" in warnings[0]
+
+
+WITHOUT_PRIVILEGE_SCRIPT = r"""
+import json, logging, sys
+import trio
+from trio_sni.sansio.config_load import load_config
+from trio_sni.server import Proxy
+from trio_sni.status import ebpf_status_document
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+
+async def main():
+    proxy = Proxy(load_config(json.loads(sys.argv[1])), access_log=lambda record: None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        doc = ebpf_status_document(proxy)
+        proxy.shutdown()
+    print(json.dumps([doc["features"]["xdp"], doc["reasons"].get("xdp")]))
+
+trio.run(main)
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_without_privilege_the_proxy_starts_and_says_why_once(ns: VethNamespace) -> None:
+    config = guarded_config(ns, 9, clients={"deny": ["192.0.2.0/24"]})
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--",
+         sys.executable, "-c", WITHOUT_PRIVILEGE_SCRIPT, json.dumps(config)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    state, reason = json.loads(result.stdout)
+    assert state == "unavailable"
+    assert ns.host_if in reason and "CAP_BPF" in reason, reason
+    warnings = [line for line in result.stderr.splitlines() if "trio_sni.xdp" in line]
+    assert len(warnings) == 1 and reason in warnings[0], result.stderr
+    assert xdp_prog_on(ns.host_if) is None

@@ -47,6 +47,7 @@ def test_duplicates_collapse() -> None:
     (100, 200, (10_000_000, 2_000_000_000)),
     (0.5, 3, (2_000_000_000, 6_000_000_000)),
     (1e12, 1, (1, 1)),  # faster than 1 per ns is 1 per ns
+    (1e-12, 10**6, (1 << 62, 1 << 62)),  # slower than "never" fits in a u64 still
 ])
 def test_gcra(rate: float, burst: int, expected: tuple[int, int]) -> None:
     assert gcra(rate, burst) == expected

@@ -24,6 +24,9 @@ FLAG_REJECT_QUIC = 2
 
 _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _NS_PER_S = 1_000_000_000
+#: Bucket sizes are capped so that ``now + interval`` cannot wrap a u64 in the program (a rate
+#: that slow means "about never" anyway: 2^62 ns is 146 years).
+_NS_MAX = 1 << 62
 
 
 @attrs.frozen
@@ -73,8 +76,8 @@ def gcra(rate: float, burst: int) -> tuple[int, int]:
     ``(0, 0)`` (no limit) for a rate of 0."""
     if rate <= 0:
         return 0, 0
-    interval = max(1, round(_NS_PER_S / rate))
-    return interval, interval * burst
+    interval = min(max(1, round(_NS_PER_S / rate)), _NS_MAX)
+    return interval, min(interval * burst, _NS_MAX)
 
 
 def guard_settings(
