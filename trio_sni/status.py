@@ -11,7 +11,8 @@ Endpoints (``GET`` and ``HEAD``; any other method is 405 with an ``Allow`` heade
                     scraper asks for it in ``Accept``)
 ``/ebpf/status``    JSON in the design's shape: ``ebpf_enabled``, ``features``, ``reasons``,
                     ``kernel_version``, ``maps``; plus ``details`` (per feature, e.g. the XDP
-                    interface and attach mode), ``forwarding_mode`` and ``resolver_cache``
+                    interface and attach mode), ``counters`` (the kernel counters, summed over
+                    CPUs), ``forwarding_mode`` and ``resolver_cache``
 ==================  =========================================================================
 
 Theory of operation
@@ -286,6 +287,7 @@ def ebpf_status_document(source: StatusSource) -> dict[str, object]:
         "kernel_version": os.uname().release,
         "maps": {name: m.to_json() for name, m in accel.maps.items()},
         "details": {name: dict(d) for name, d in accel.details.items()},
+        "counters": dict(accel.counters),
         "forwarding_mode": source.context.forwarder.mode,
         "resolver_cache": {
             "entries": stats.entries,

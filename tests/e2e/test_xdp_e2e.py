@@ -167,10 +167,10 @@ async def test_blocked_clients_never_reach_accept_and_allowed_ones_work(
     clients = {"allow": [f"{ns.peer_v4}/32", f"{denied4}/31", f"{ns.peer_v6}/128"],
                "deny": [f"{denied4}/32"]}
     async with running_proxy(guarded_config(ns, tls_backend.port, clients=clients), ns) as proxy:
-        doc = ebpf_status_document(proxy)
-        assert doc["features"]["xdp"] == "active"  # type: ignore[index]
-        assert doc["details"]["xdp"]["mode"] == "native"  # type: ignore[index]  # veth has it
-        assert doc["details"]["xdp"]["interface"] == ns.host_if  # type: ignore[index]
+        status: Any = ebpf_status_document(proxy)
+        assert status["features"]["xdp"] == "active"
+        assert status["details"]["xdp"]["mode"] == "native"  # veth has a native XDP driver
+        assert status["details"]["xdp"]["interface"] == ns.host_if
         for source in (unlisted4, unlisted6, denied4):
             assert await handshake_fails(ns, source, proxy), source
         assert accepted(proxy) == 0
@@ -183,6 +183,10 @@ async def test_blocked_clients_never_reach_accept_and_allowed_ones_work(
         assert metric("trio_sni_ebpf_xdp_dropped_total", reason="denied") >= 1
         assert metric("trio_sni_ebpf_xdp_passed_total") >= 10  # two whole TLS exchanges
         assert metric("trio_sni_ebpf_feature_state", feature="xdp", state="active") == 1
+        doc: Any = ebpf_status_document(proxy)
+        denied = metric("trio_sni_ebpf_xdp_dropped_total", reason="denied")
+        assert doc["counters"]["xdp_dropped_denied"] == denied
+        assert doc["maps"]["xdp_allow"] == {"entries": 3, "max_entries": 65536}
         # Other traffic on the interface passes: blocked sources reach another port.
         for source, host in ((unlisted4, ns.host_v4), (unlisted6, ns.host_v6)):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -303,7 +307,8 @@ async def test_quic_gets_a_port_unreachable_at_once(
 async def quic_is_refused(config: dict[str, Any], ns: VethNamespace) -> None:
     mode = config["ebpf"]["xdp"]["mode"]
     async with running_proxy(config, ns) as proxy:
-        assert ebpf_status_document(proxy)["details"]["xdp"]["mode"] == mode  # type: ignore[index]
+        status: Any = ebpf_status_document(proxy)
+        assert status["details"]["xdp"]["mode"] == mode
         for family, host in ((socket.AF_INET, ns.host_v4), (socket.AF_INET6, ns.host_v6)):
             sock = trio.socket.from_stdlib_socket(ns.socket(family, socket.SOCK_DGRAM))
             with sock:
@@ -339,9 +344,9 @@ async def test_no_such_interface_is_a_logged_degradation(
         await tls.send_all(REQUEST)
         assert (await drain(tls)).endswith(b"hello from the backend\n")
         await trio.aclose_forcefully(tls)
-        doc = ebpf_status_document(proxy)
-        assert doc["features"]["xdp"] == "unavailable"  # type: ignore[index]
-        reason = doc["reasons"]["xdp"]  # type: ignore[index]
+        doc: Any = ebpf_status_document(proxy)
+        assert doc["features"]["xdp"] == "unavailable"
+        reason = doc["reasons"]["xdp"]
         assert "no network interface named 'tsni-none0'" in reason
         proxy.shutdown()
     warnings = [r.getMessage() for r in caplog.records if r.name == "trio_sni.xdp"]
