@@ -8,7 +8,8 @@ test fails.
 
 :meth:`VethNamespace.socket` makes a socket *inside* the namespace (``setns`` in a short-lived
 thread changes only that thread's namespace; the socket stays there), so a test can drive a
-client in the namespace from Trio in this process.
+client in the namespace from Trio in this process; :meth:`VethNamespace.call` runs any function
+there (e.g. attaching a BPF program to the far end).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import attrs
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _serial = itertools.count()
+T = TypeVar("T")
 
 
 def ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -54,19 +57,24 @@ class VethNamespace:
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
         """A new socket that belongs to the namespace."""
-        result: list[socket.socket | BaseException] = []
+        return self.call(socket.socket, family, type)
 
-        def make() -> None:
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a short-lived thread inside the namespace (interface names and
+        indexes are the namespace's there; sockets made there stay in it)."""
+        result: list[T | BaseException] = []
+
+        def run() -> None:
             try:
                 with open(f"/var/run/netns/{self.name}") as f:
                     if _libc.setns(f.fileno(), CLONE_NEWNET) != 0:
                         err = ctypes.get_errno()
                         raise OSError(err, f"setns({self.name}): {os.strerror(err)}")
-                result.append(socket.socket(family, type))
+                result.append(fn(*args))
             except BaseException as exc:  # handed to the caller's thread
                 result.append(exc)
 
-        thread = threading.Thread(target=make)
+        thread = threading.Thread(target=run)
         thread.start()
         thread.join()
         if isinstance(result[0], BaseException):

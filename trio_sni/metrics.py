@@ -317,22 +317,23 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
         feature.add_metric([name, state], 1)
     yield feature
     # One metric per counter, except that a "_to_upstream"/"_to_client" pair becomes one
-    # metric with a ``direction`` label (labels, not one name per case).
+    # metric with a ``direction`` label, and "xdp_dropped_<reason>" one with a ``reason``
+    # label (labels, not one name per case).
     grouped: dict[str, list[tuple[str | None, int]]] = {}
     for key, value in status.counters.items():
-        stem, direction = _split_direction(key)
-        grouped.setdefault(stem, []).append((direction, value))
+        stem, label = _split_label(key)
+        grouped.setdefault(stem, []).append((label, value))
     for stem, values in sorted(grouped.items()):
-        labelled = all(direction is not None for direction, _ in values)
+        labelled = all(label is not None for label, _ in values)
         family = CounterMetricFamily(
             f"trio_sni_ebpf_{stem}",
             _EBPF_HELP.get(stem, f"eBPF data-plane counter {stem}") + ", summed across CPUs.",
-            labels=["direction"] if labelled else None,
+            labels=[_LABEL_NAMES.get(stem, "direction")] if labelled else None,
         )
-        for direction, value in sorted(values, key=lambda item: item[0] or ""):
+        for label, value in sorted(values, key=lambda item: item[0] or ""):
             if labelled:
-                assert direction is not None
-                family.add_metric([direction], value)
+                assert label is not None
+                family.add_metric([label], value)
             else:
                 family.add_metric([], value)
         yield family
@@ -350,10 +351,23 @@ _EBPF_HELP = {
     "sockmap_passed_bytes": "Bytes passed to userspace instead of redirected",
     "sockmap_fallbacks": "Connections that fell back from kernel to copy forwarding",
     "sockmap_userspace_directions": "Directions moved to userspace by the in-flight bound",
+    "xdp_passed": "Packets the XDP guard passed to the stack",
+    "xdp_dropped": "Packets the XDP guard dropped, by reason (not_allowed, denied, syn_flood, "
+    "syn_flood_global, quic)",
+    "xdp_quic_answered": "QUIC packets the XDP guard answered with ICMP port unreachable",
+    "xdp_syn_offenders": "Sources (as the guard tracks them) that went over the SYN limit",
+    "xdp_aborted": "Packets the XDP guard aborted on an internal error",
 }
 
+#: Counter-name stems whose label is not ``direction``.
+_LABEL_NAMES = {"xdp_dropped": "reason"}
 
-def _split_direction(key: str) -> tuple[str, str | None]:
+
+def _split_label(key: str) -> tuple[str, str | None]:
+    """``("sockmap_bytes", "to_client")``, ``("xdp_dropped", "denied")`` or ``(key, None)``."""
+    for stem in _LABEL_NAMES:
+        if key.startswith(stem + "_"):
+            return stem, key[len(stem) + 1 :]
     for direction in DIRECTIONS:
         if key.endswith("_" + direction):
             return key[: -len(direction) - 1], direction

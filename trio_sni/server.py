@@ -24,6 +24,7 @@ from typing import TextIO
 import trio
 
 from .connection import ConnectionContext, handle_connection
+from .edge_guard import EdgeGuard
 from .forward import choose_forwarder
 from .metrics import ProxyMetrics
 from .resolver import Resolver
@@ -118,6 +119,8 @@ class Proxy:
         #: feature name (``dns_cache``, ``xdp``, ``tc``) -> how that running feature reports
         #: itself to ``/ebpf/status`` and the metrics; filled by whatever starts the feature.
         self.feature_reporters: dict[str, Callable[[], FeatureReport]] = {}
+        #: The XDP guard, started once the listeners are bound (their ports are guarded).
+        self.edge_guard: EdgeGuard | None = None
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
@@ -138,6 +141,8 @@ class Proxy:
                 status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
         finally:
             self._plan.close()  # the kernel forwarder's BPF objects, on every path
+            if self.edge_guard is not None:
+                self.edge_guard.close()  # detaches the XDP program
             if self._access_log is not None:
                 self._access_log.close()  # also when the status port was busy (idempotent)
 
@@ -154,6 +159,9 @@ class Proxy:
                         pairs = await _open_listeners(self.config.effective_listeners)
                         self.listeners = [listener for listener, _ in pairs]
                         self.context.own_addresses = _own_addresses(self.listeners)
+                        if self.config.ebpf.enabled and self.config.ebpf.xdp.enabled:
+                            self.edge_guard = EdgeGuard.start(self.config, pairs)
+                            self.feature_reporters["xdp"] = self.edge_guard.report
                         for listener, spec in pairs:
                             accepting.start_soon(self._accept_loop, listener, spec, connections)
                         task_status.started(self.listeners)
@@ -224,6 +232,10 @@ class Proxy:
         ctx.connect_timeout = config.timeouts.connect
         ctx.socks5 = config.socks5
         ctx.max_connections = config.max_connections
+        if self.edge_guard is not None:
+            self.edge_guard.reload(config)
+        elif config.ebpf.xdp.enabled and not self.config.ebpf.xdp.enabled:
+            log.warning("reload: ebpf.xdp.enabled takes effect only after a restart")
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 

@@ -10,8 +10,9 @@ Endpoints (``GET`` and ``HEAD``; any other method is 405 with an ``Allow`` heade
 ``/metrics``        Prometheus text exposition of the proxy's own registry (OpenMetrics if the
                     scraper asks for it in ``Accept``)
 ``/ebpf/status``    JSON in the design's shape: ``ebpf_enabled``, ``features``, ``reasons``,
-                    ``kernel_version``, ``maps``; plus ``forwarding_mode`` and
-                    ``resolver_cache``
+                    ``kernel_version``, ``maps``; plus ``details`` (per feature, e.g. the XDP
+                    interface and attach mode), ``counters`` (the kernel counters, summed over
+                    CPUs), ``forwarding_mode`` and ``resolver_cache``
 ==================  =========================================================================
 
 Theory of operation
@@ -134,6 +135,9 @@ class FeatureReport:
     reason: str | None = None
     maps: Mapping[str, MapStatus] = attrs.field(factory=dict)
     counters: Mapping[str, int] = attrs.field(factory=dict)
+    #: JSON-able facts about how the feature runs (XDP: interface, attach mode, ports), shown
+    #: under ``details`` in ``/ebpf/status``.
+    details: Mapping[str, object] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -151,6 +155,8 @@ class AccelerationStatus:
     reasons: Mapping[str, str]
     maps: Mapping[str, MapStatus] = attrs.field(factory=dict)
     counters: Mapping[str, int] = attrs.field(factory=dict)
+    #: feature -> :attr:`FeatureReport.details`, for the features that report any.
+    details: Mapping[str, Mapping[str, object]] = attrs.field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         missing = [f for f in FEATURES if f not in self.features]
@@ -241,11 +247,16 @@ def acceleration_from_config(
             entries=sockets // 2, max_entries=config.ebpf.sockmap.max_entries
         )
         counters = {f"sockmap_{name}": value for name, value in kernel_counters.items()}
+    details: dict[str, Mapping[str, object]] = {}
     if ebpf.enabled:
-        for report in reports.values():
+        for name, report in reports.items():
             maps.update(report.maps)
             counters.update(report.counters)
-    return AccelerationStatus(features=features, reasons=reasons, maps=maps, counters=counters)
+            if report.details:
+                details[name] = report.details
+    return AccelerationStatus(
+        features=features, reasons=reasons, maps=maps, counters=counters, details=details
+    )
 
 
 class StatusSource(Protocol):
@@ -275,6 +286,8 @@ def ebpf_status_document(source: StatusSource) -> dict[str, object]:
         "reasons": {f: r for f, r in accel.reasons.items() if accel.features.get(f) != "active"},
         "kernel_version": os.uname().release,
         "maps": {name: m.to_json() for name, m in accel.maps.items()},
+        "details": {name: dict(d) for name, d in accel.details.items()},
+        "counters": dict(accel.counters),
         "forwarding_mode": source.context.forwarder.mode,
         "resolver_cache": {
             "entries": stats.entries,

@@ -30,8 +30,32 @@ SOCKHASH_MAPS = {
 }
 
 
+XDP_GUARD_MAPS = {
+    "allow_v4": MapSpec("allow_v4", MapType.LPM_TRIE, 8, 1, 65536, flags=1),
+    "allow_v6": MapSpec("allow_v6", MapType.LPM_TRIE, 20, 1, 65536, flags=1),
+    "deny_v4": MapSpec("deny_v4", MapType.LPM_TRIE, 8, 1, 65536, flags=1),
+    "deny_v6": MapSpec("deny_v6", MapType.LPM_TRIE, 20, 1, 65536, flags=1),
+    "ports": MapSpec("ports", MapType.HASH, 2, 1, 256),
+    "config": MapSpec("config", MapType.ARRAY, 4, 40, 1),
+    "syn_sources": MapSpec("syn_sources", MapType.LRU_HASH, 16, 16, 65536),
+    "syn_global": MapSpec("syn_global", MapType.ARRAY, 4, 8, 1),
+    "counters": MapSpec("counters", MapType.PERCPU_ARRAY, 4, 8, 9),
+}
+
+
 def test_prebuilt_objects_are_exactly_these() -> None:
-    assert sorted(p.name for p in PREBUILT.glob("*.bpf.o")) == ["sockhash.bpf.o"]
+    assert sorted(p.name for p in PREBUILT.glob("*.bpf.o")) == ["sockhash.bpf.o",
+                                                               "xdp_guard.bpf.o"]
+
+
+def test_xdp_guard_spec() -> None:
+    spec = loader.load_collection_spec(PREBUILT / "xdp_guard.bpf.o")
+    assert spec.license == "GPL"
+    assert dict(spec.maps) == XDP_GUARD_MAPS
+    assert list(spec.programs) == ["xdp_guard"]
+    guard = spec.programs["xdp_guard"]
+    assert (guard.section, guard.type, guard.attach_type) == ("xdp", ProgType.XDP, AttachType.XDP)
+    assert {r.map for r in guard.references} == set(XDP_GUARD_MAPS)
 
 
 def test_sockhash_spec() -> None:
@@ -55,7 +79,8 @@ def test_buildinfo_names_the_pinned_toolchain() -> None:
     assert lines[1].startswith("cflags: -O2 -g -Wall -Werror -target bpfel -mcpu=v3 ")
     assert "-ffile-prefix-map=<dir>/=" in lines[1]
     assert lines[2].startswith("headers: libbpf-dev ")
-    assert [line.split()[1] for line in lines[3:]] == ["shared.h", "sockhash.bpf.c"]
+    assert [line.split()[1] for line in lines[3:]] == ["shared.h", "sockhash.bpf.c",
+                                                       "xdp_guard.bpf.c"]
 
 
 @pytest.mark.skipif(

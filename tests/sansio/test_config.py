@@ -37,6 +37,9 @@ def test_design_example_loads_with_defaults() -> None:
     assert config.effective_listeners == (Listener(host="0.0.0.0", port=8443, target_port=443),)
     assert config.ebpf.sockmap.max_entries == 65536
     assert config.ebpf.xdp.interface == "eth0"
+    assert (config.ebpf.xdp.mode, config.ebpf.xdp.reject_quic) == ("auto", False)
+    assert config.ebpf.xdp.flood_guard.per_source_rate == 100.0
+    assert config.ebpf.xdp.flood_guard.global_rate == 0.0  # off unless asked for
     assert config.fallback_mode == "auto"
     assert config.rules == ()  # default deny
     assert config.timeouts.client_hello == 10.0
@@ -140,6 +143,16 @@ def test_validator_messages_carry_paths() -> None:
             "(top level): forwarding.pipe_size (8388608) exceeds ebpf.sockmap.max_in_flight "
             "(4194304), the per-connection bound on bytes in flight in every mode: lower "
             "pipe_size or raise max_in_flight"
+        ]),
+        ({"listen_addr": "0.0.0.0:1", "ebpf": {"xdp": {"mode": "turbo", "reject_quic": "no"}}}, [
+            'ebpf.xdp.mode: expected one of "auto", "native", "generic", got "turbo"',
+            "ebpf.xdp.reject_quic: expected true or false, got string",
+        ]),
+        ({"listen_addr": "0.0.0.0:1", "ebpf": {"xdp": {"flood_guard": {
+            "per_source_rate": 10, "per_source_burst": 0, "global_rate": -1}}}}, [
+            "ebpf.xdp.flood_guard.per_source_burst: must be at least 1 when per_source_rate "
+            "is set",
+            "ebpf.xdp.flood_guard.global_rate: must not be negative, got -1.0",
         ]),
     ],
 )

@@ -1,7 +1,8 @@
 """Kernel acceleration: the only part of trio_sni that uses the BPF loader.
 
 :func:`probe` says whether the kernel data plane (BPF sockhash splice) can be used here, and
-if not, why, in words an operator can act on. :class:`SockhashSplice` is the data plane itself.
+if not, why, in words an operator can act on. :class:`SockhashSplice` is the data plane itself;
+:class:`XdpGuard` the XDP edge guard (client address lists and SYN buckets on an interface).
 
 The sockmap gate is a version table, not a probe (STYLE rule 12's one exception): the defect it
 guards against (``sk_psock_backlog`` resending from offset 0, fixed by commit 3b4f14b7 "bpf,
@@ -24,6 +25,7 @@ from loader import LoaderError as LoaderError
 from .sockhash import SockhashSplice as SockhashSplice
 from .sockhash import Splice as Splice
 from .sockhash import socket_cookie as socket_cookie
+from .xdp import XdpGuard as XdpGuard
 
 #: Stable series that got the duplicated-data fix, and the first fixed release in each.
 SOCKMAP_FIXED_IN: dict[tuple[int, int], int] = {

@@ -366,10 +366,48 @@ class DnsCacheConfig:
     max_entries: int = attrs.field(default=10000, validator=_positive)
 
 
+XdpMode = Literal["auto", "native", "generic"]
+
+
+@attrs.frozen
+class FloodGuard:
+    """The XDP guard's SYN limits for the listening ports (token buckets; a rate of 0 turns
+    that limit off).
+
+    A source may send ``per_source_burst`` SYNs at once and ``per_source_rate`` per second
+    after that; ``global_rate``/``global_burst`` cap all sources together. Retransmitted SYNs
+    count too, so keep the per-source limit well above ``limits.per_client_rate``.
+    ``tracked_sources`` is how many sources the kernel remembers (least recently seen ones
+    are forgotten first).
+    """
+
+    per_source_rate: float = attrs.field(default=100.0, validator=_non_negative)
+    per_source_burst: int = attrs.field(default=200, validator=_non_negative)
+    global_rate: float = attrs.field(default=0.0, validator=_non_negative)
+    global_burst: int = attrs.field(default=0, validator=_non_negative)
+    tracked_sources: int = attrs.field(default=65536, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        for scope in ("per_source", "global"):
+            if getattr(self, f"{scope}_rate") > 0 and getattr(self, f"{scope}_burst") < 1:
+                raise ValueError(f"{scope}_burst: must be at least 1 when {scope}_rate is set")
+
+
 @attrs.frozen
 class XdpConfig:
+    """The XDP edge guard on ``interface``: ``clients.allow``/``clients.deny`` and the SYN
+    flood guard applied to the listening ports before the TCP stack sees a packet.
+
+    ``mode``: ``auto`` (native if the driver supports it, else generic), ``native`` or
+    ``generic``. ``reject_quic`` answers UDP to port 443 and to the listening ports with an
+    ICMP port unreachable, so browsers fall back to TCP at once.
+    """
+
     enabled: bool = False
     interface: str = "eth0"
+    mode: XdpMode = "auto"
+    reject_quic: bool = False
+    flood_guard: FloodGuard = FloodGuard()
 
 
 @attrs.frozen
