@@ -30,6 +30,7 @@ vocabularies, ``rule`` is a configured rule's label (``"none"`` when no rule mat
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -292,7 +293,12 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
     # One metric per counter, except that a "_to_upstream"/"_to_client" pair becomes one
     # metric with a ``direction`` label (labels, not one name per case).
     grouped: dict[str, list[tuple[str | None, int]]] = {}
+    tc: dict[str, list[tuple[str, str, int]]] = {}
     for key, value in status.counters.items():
+        tc_match = _TC_COUNTER.match(key)
+        if tc_match:
+            tc.setdefault(tc_match[1], []).append((tc_match[2], tc_match[3], value))
+            continue
         stem, direction = _split_direction(key)
         grouped.setdefault(stem, []).append((direction, value))
     for stem, values in sorted(grouped.items()):
@@ -309,6 +315,15 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
             else:
                 family.add_metric([], value)
         yield family
+    for stem, rows in sorted(tc.items()):
+        family = CounterMetricFamily(
+            f"trio_sni_ebpf_{stem}",
+            _EBPF_HELP[stem] + ", summed across CPUs.",
+            labels=["verdict", "class"],
+        )
+        for verdict, qos_class, value in sorted(rows):
+            family.add_metric([verdict, qos_class], value)
+        yield family
 
 
 #: HELP texts for the kernel forwarder's counters (``AccelerationStatus.counters`` keys,
@@ -323,7 +338,13 @@ _EBPF_HELP = {
     "sockmap_passed_bytes": "Bytes passed to userspace instead of redirected",
     "sockmap_fallbacks": "Connections that fell back from kernel to copy forwarding",
     "sockmap_userspace_directions": "Directions moved to userspace by the in-flight bound",
+    "tc_packets": "Packets the TC shaper passed or dropped toward clients, by QoS class "
+    "(exempt: clients in ebpf.tc.exempt; other: not the proxy's traffic to a client)",
+    "tc_bytes": "Bytes the TC shaper passed or dropped toward clients, by QoS class",
 }
+#: The TC shaper's counters (``tc_<packets|bytes>_<passed|dropped>_<class>``, from
+#: ``accel.tc.TcShaper.counters``) become one family each with ``verdict`` and ``class``.
+_TC_COUNTER = re.compile(r"^(tc_(?:packets|bytes))_(passed|dropped)_(\w+)$")
 
 
 def _split_direction(key: str) -> tuple[str, str | None]:

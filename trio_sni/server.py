@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import trio
 
@@ -29,7 +29,16 @@ from .metrics import ProxyMetrics
 from .resolver import Resolver
 from .sansio.config import Config, Listener, parse_host_port
 from .sansio.policy import ClientLimiter, Policy
-from .status import AccelerationStatus, FeatureReport, acceleration_from_config, serve_status
+from .status import (
+    AccelerationStatus,
+    FeatureReport,
+    MapStatus,
+    acceleration_from_config,
+    serve_status,
+)
+
+if TYPE_CHECKING:
+    from .accel import TcShaper
 
 log = logging.getLogger("trio_sni")
 
@@ -110,6 +119,7 @@ class Proxy:
         #: feature name (``dns_cache``, ``xdp``, ``tc``) -> how that running feature reports
         #: itself to ``/ebpf/status`` and the metrics; filled by whatever starts the feature.
         self.feature_reporters: dict[str, Callable[[], FeatureReport]] = {}
+        self._tc: TcShaper | None = None  # started once the listening ports are known
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
@@ -130,6 +140,8 @@ class Proxy:
                 status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
         finally:
             self._plan.close()  # the kernel forwarder's BPF objects, on every path
+            if self._tc is not None:
+                self._tc.close()  # detaches the TC shaper
             if self._access_log is not None:
                 self._access_log.close()  # also when the status port was busy (idempotent)
 
@@ -146,6 +158,7 @@ class Proxy:
                         pairs = await _open_listeners(self.config.effective_listeners)
                         self.listeners = [listener for listener, _ in pairs]
                         self.context.own_addresses = _own_addresses(self.listeners)
+                        self._start_tc()
                         for listener, spec in pairs:
                             accepting.start_soon(self._accept_loop, listener, spec, connections)
                         task_status.started(self.listeners)
@@ -197,6 +210,43 @@ class Proxy:
             reports={name: report() for name, report in self.feature_reporters.items()},
         )
 
+    def _start_tc(self) -> None:
+        """Attach the TC shaper (``ebpf.tc``) for the bound listening ports, or say once why
+        not; a shaper that cannot start never stops the proxy."""
+        tc = self.config.ebpf.tc
+        if not (self.config.ebpf.enabled and tc.enabled) or self._tc is not None:
+            return
+        ports = {listener.socket.getsockname()[1] for listener in self.listeners}
+        try:
+            from .accel import LoaderError, TcShaper
+        except ImportError as exc:  # e.g. cffi missing on this platform
+            self._tc_unavailable(f"cannot import the BPF loader: {exc}")
+            return
+        try:
+            self._tc = TcShaper.start(tc, ports)
+        except (OSError, LoaderError) as exc:
+            self._tc_unavailable(f"attaching tc_shaper.bpf.o to {tc.interface} failed: {exc}")
+            return
+        log.info(
+            "TC shaper on %s egress: %s bit/s per client (high %s, bulk %s), burst %d bytes",
+            tc.interface, tc.per_client_bps or "no cap", tc.high_bps or "no cap",
+            tc.bulk_bps or "no cap", tc.burst_bytes,
+        )
+        self.feature_reporters["tc"] = self._tc_report
+
+    def _tc_unavailable(self, reason: str) -> None:
+        log.warning("TC shaping unavailable: %s", reason)
+        self.feature_reporters["tc"] = lambda: FeatureReport("unavailable", reason)
+
+    def _tc_report(self) -> FeatureReport:
+        assert self._tc is not None
+        buckets = self._tc.buckets.spec.max_entries
+        return FeatureReport(
+            "active",
+            maps={"tc_buckets": MapStatus(entries=self._tc.bucket_count(), max_entries=buckets)},
+            counters=self._tc.counters(),
+        )
+
     def reload(self, config: Config) -> None:
         """Apply a new, already validated config to new connections.
 
@@ -216,6 +266,11 @@ class Proxy:
         ctx.connect_timeout = config.timeouts.connect
         ctx.socks5 = config.socks5
         ctx.max_connections = config.max_connections
+        if self._tc is not None:
+            new, old = config.ebpf.tc, self.config.ebpf.tc
+            if (new.enabled, new.interface) != (old.enabled, old.interface):
+                log.warning("reload: ebpf.tc.enabled and interface take effect only after a restart")
+            self._tc.configure(new)  # rates, burst and exempt list, live
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 

@@ -245,7 +245,7 @@ def test_default_config_features_are_unavailable_or_disabled_with_reasons() -> N
         "sockmap": NOT_IMPLEMENTED,
         "dns_cache": NOT_IMPLEMENTED,
         "xdp": "ebpf.xdp.enabled is false",
-        "tc": f"no TC shaping is configured ({NOT_IMPLEMENTED})",
+        "tc": "ebpf.tc.enabled is false",
         "stats": "the per-CPU counters belong to the kernel data plane, which is not running",
     }
     assert not status.enabled

@@ -28,6 +28,14 @@ Action = Literal["allow", "deny"]
 ListenerProtocol = Literal["tls", "http"]
 Via = Literal["direct", "socks5"]
 ProxyProtocolVersion = Literal["v1", "v2"]
+QosClass = Literal["high", "normal", "bulk"]
+
+#: The socket priority (``SO_PRIORITY``) the proxy gives a client socket for its rule's QoS
+#: class; the kernel copies it into every packet the socket sends, and the TC shaper
+#: (``bpf/tc_shaper.bpf.c``: ``PRIO_HIGH``, ``PRIO_BULK``) classifies by it. The values are
+#: Linux's TC_PRIO_INTERACTIVE and TC_PRIO_BULK, which an unprivileged socket may set (0..6)
+#: and which a ``prio`` or HTB qdisc understands too.
+QOS_PRIORITY: dict[str, int] = {"high": 6, "normal": 0, "bulk": 2}
 
 
 def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
@@ -164,7 +172,8 @@ class Rule:
     section exists, direct otherwise). ``proxy_protocol`` (``"v1"``/``"v2"``) sends a PROXY
     protocol header to the target first, so that it sees the real client address.
     ``mode`` (``"auto"``, ``"kernel"``, ``"splice"``, ``"copy"``) overrides
-    ``forwarding.mode`` for this rule.
+    ``forwarding.mode`` for this rule. ``qos`` (``"high"``, ``"normal"``, ``"bulk"``) is the
+    class the TC shaper (``ebpf.tc``) gives the traffic toward the client.
     """
 
     match: str | None = None
@@ -178,6 +187,8 @@ class Rule:
     proxy_protocol: ProxyProtocolVersion | None = None
     #: The forwarding mode for this rule's connections; ``null``: ``forwarding.mode``.
     mode: ForwardingMode | None = None
+    #: The QoS class of this rule's connections toward the client (``ebpf.tc``).
+    qos: QosClass = "normal"
 
     def __attrs_post_init__(self) -> None:
         given = [k for k in ("match", "suffix", "regex") if getattr(self, k) is not None]
@@ -367,6 +378,66 @@ class XdpConfig:
     interface: str = "eth0"
 
 
+#: Smallest token-bucket burst. Egress packets are GSO skbs of 20-64 KiB: a 64 KiB burst held
+#: a 10 Mbit/s cap to 0.4 Mbit/s, 256 KiB kept the flow at its rate (KERNEL-FACTS).
+TC_MIN_BURST = 256 * 1024
+#: Largest burst: the shaper multiplies the refill time (at most the time to fill the bucket)
+#: by the rate in 64 bits, which stays exact up to 2^30 bytes.
+TC_MAX_BURST = 1 << 30
+#: Smallest non-zero cap, bit/s: the kernel counts whole bytes per second, and below 1 KB/s a
+#: TCP connection spends its time in retransmit backoff.
+TC_MIN_BPS = 8000
+#: Interface names are at most IFNAMSIZ - 1 bytes.
+IFNAMSIZ = 16
+
+
+def _bps(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value != 0 and value < TC_MIN_BPS:
+        raise ValueError(
+            f"{attribute.name}: must be 0 (no cap) or at least {TC_MIN_BPS} bit/s, got {value}"
+        )
+
+
+def _interface(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value or len(value.encode()) >= IFNAMSIZ or "/" in value or any(c.isspace() for c in value):
+        raise ValueError(
+            f"{attribute.name}: {value!r} is not a network interface name "
+            f"(1 to {IFNAMSIZ - 1} bytes, no '/' or spaces)"
+        )
+
+
+@attrs.frozen
+class TcConfig:
+    """The TC shaper: a per-client bandwidth cap per QoS class on traffic toward clients.
+
+    Attached to the egress of ``interface`` (the one the clients are behind). Each client IP
+    gets a token bucket per class: ``per_client_bps`` for rules with ``qos: "normal"`` (the
+    default), ``high_bps`` and ``bulk_bps`` for the others; 0 means not capped (by default
+    ``high`` is not, so streaming goes first). Buckets hold ``burst_bytes``. Clients in
+    ``exempt`` (CIDRs) are never capped. Rates and lists are updated on reload.
+    """
+
+    enabled: bool = False
+    interface: str = attrs.field(default="eth0", validator=_interface)
+    per_client_bps: int = attrs.field(default=10_000_000, validator=_bps)
+    high_bps: int = attrs.field(default=0, validator=_bps)
+    bulk_bps: int = attrs.field(default=2_000_000, validator=_bps)
+    burst_bytes: int = attrs.field(default=TC_MIN_BURST)
+    exempt: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
+
+    @burst_bytes.validator
+    def _check_burst(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if not TC_MIN_BURST <= value <= TC_MAX_BURST:
+            raise ValueError(
+                f"burst_bytes: must be from {TC_MIN_BURST} (GSO packets are up to 64 KiB; a "
+                f"smaller bucket starves them) to {TC_MAX_BURST}, got {value}"
+            )
+
+    def class_bps(self) -> dict[str, int]:
+        """The per-client cap of each QoS class, bit/s (0: not capped)."""
+        return {"high": self.high_bps, "normal": self.per_client_bps, "bulk": self.bulk_bps}
+
+
 @attrs.frozen
 class StatsConfig:
     enabled: bool = True
@@ -381,6 +452,7 @@ class EbpfConfig:
     sockmap: SockmapConfig = SockmapConfig()
     dns_cache: DnsCacheConfig = DnsCacheConfig()
     xdp: XdpConfig = XdpConfig()
+    tc: TcConfig = TcConfig()
     stats: StatsConfig = StatsConfig()
 
 
