@@ -13,10 +13,12 @@
  *
  * Cap: a token bucket per (client address, class) in an LRU hash, refilled at the class's
  * rate up to its burst (`rates`); a packet that finds fewer tokens than its length is dropped,
- * and TCP retransmits it later (there is no `fq` qdisc to pace with EDT on the test kernel,
- * KERNEL-FACTS fact 19). GSO skbs are up to 64 KiB, so the burst must be well above that
- * (>= 256 KiB, KERNEL-FACTS: a 64 KiB burst gave 0.4 Mbit/s on egress). A class with rate 0 is
- * not capped. Clients in `exempt` (an LPM trie) are never capped.
+ * and TCP sends it again later (there is no `fq` qdisc to pace with EDT on the test kernel,
+ * KERNEL-FACTS fact 19). A drop at egress is refused to the socket, not lost: TCP keeps the
+ * packet and, once nothing is in flight, waits for its probe timer (>= 200 ms) to try again.
+ * So a bucket must hold more than 200 ms of its rate (Python sizes it for 250 ms) and more
+ * than a GSO skb (up to 64 KiB: >= 256 KiB, KERNEL-FACTS), or the flow idles below its cap.
+ * A class with rate 0 is not capped. Clients in `exempt` (an LPM trie) are never capped.
  *
  * Concurrency: bpf_spin_lock is not allowed in LRU_HASH values (KERNEL-FACTS), so the bucket
  * uses atomics: the CPU that wins a compare-and-swap on `last_ns` adds the refill for the
@@ -183,8 +185,8 @@ static __always_inline int take(struct bucket *b, const struct class_rate *rate,
 	if (now > last && __sync_val_compare_and_swap(&b->last_ns, last, now) == last) {
 		__u64 elapsed = now - last;
 
-		/* Capped at the time to fill the bucket, so elapsed * rate cannot overflow
-		 * (the config bounds burst to 1 GiB: 2^30 * 1e9 < 2^64). */
+		/* Capped at the time to fill the bucket, so elapsed * rate <= burst * 1e9 cannot
+		 * overflow (the config keeps buckets under 2^32 bytes: 2^32 * 1e9 < 2^64). */
 		if (elapsed > rate->fill_ns)
 			elapsed = rate->fill_ns;
 		__sync_fetch_and_add(&b->tokens, elapsed * rate->bytes_per_sec / NSEC_PER_SEC);

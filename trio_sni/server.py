@@ -119,7 +119,8 @@ class Proxy:
         #: feature name (``dns_cache``, ``xdp``, ``tc``) -> how that running feature reports
         #: itself to ``/ebpf/status`` and the metrics; filled by whatever starts the feature.
         self.feature_reporters: dict[str, Callable[[], FeatureReport]] = {}
-        self._tc: TcShaper | None = None  # started once the listening ports are known
+        #: The running TC shaper (``ebpf.tc``), started once the listening ports are known.
+        self.tc_shaper: TcShaper | None = None
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
@@ -140,8 +141,8 @@ class Proxy:
                 status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
         finally:
             self._plan.close()  # the kernel forwarder's BPF objects, on every path
-            if self._tc is not None:
-                self._tc.close()  # detaches the TC shaper
+            if self.tc_shaper is not None:
+                self.tc_shaper.close()  # detaches the TC shaper
             if self._access_log is not None:
                 self._access_log.close()  # also when the status port was busy (idempotent)
 
@@ -214,7 +215,7 @@ class Proxy:
         """Attach the TC shaper (``ebpf.tc``) for the bound listening ports, or say once why
         not; a shaper that cannot start never stops the proxy."""
         tc = self.config.ebpf.tc
-        if not (self.config.ebpf.enabled and tc.enabled) or self._tc is not None:
+        if not (self.config.ebpf.enabled and tc.enabled) or self.tc_shaper is not None:
             return
         ports = {listener.socket.getsockname()[1] for listener in self.listeners}
         try:
@@ -223,7 +224,7 @@ class Proxy:
             self._tc_unavailable(f"cannot import the BPF loader: {exc}")
             return
         try:
-            self._tc = TcShaper.start(tc, ports)
+            self.tc_shaper = TcShaper.start(tc, ports)
         except (OSError, LoaderError) as exc:
             self._tc_unavailable(f"attaching tc_shaper.bpf.o to {tc.interface} failed: {exc}")
             return
@@ -239,12 +240,12 @@ class Proxy:
         self.feature_reporters["tc"] = lambda: FeatureReport("unavailable", reason)
 
     def _tc_report(self) -> FeatureReport:
-        assert self._tc is not None
-        buckets = self._tc.buckets.spec.max_entries
+        assert self.tc_shaper is not None
+        buckets = self.tc_shaper.buckets.spec.max_entries
         return FeatureReport(
             "active",
-            maps={"tc_buckets": MapStatus(entries=self._tc.bucket_count(), max_entries=buckets)},
-            counters=self._tc.counters(),
+            maps={"tc_buckets": MapStatus(entries=self.tc_shaper.bucket_count(), max_entries=buckets)},
+            counters=self.tc_shaper.counters(),
         )
 
     def reload(self, config: Config) -> None:
@@ -266,11 +267,11 @@ class Proxy:
         ctx.connect_timeout = config.timeouts.connect
         ctx.socks5 = config.socks5
         ctx.max_connections = config.max_connections
-        if self._tc is not None:
+        if self.tc_shaper is not None:
             new, old = config.ebpf.tc, self.config.ebpf.tc
             if (new.enabled, new.interface) != (old.enabled, old.interface):
                 log.warning("reload: ebpf.tc.enabled and interface take effect only after a restart")
-            self._tc.configure(new)  # rates, burst and exempt list, live
+            self.tc_shaper.configure(new)  # rates, burst and exempt list, live
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 

@@ -119,6 +119,11 @@ class TcShaper:
         self._link = loader.attach_tcx(self.program, self.interface, "egress")
 
     @property
+    def link(self) -> loader.Link | None:
+        """The TCX link while attached."""
+        return self._link
+
+    @property
     def program(self) -> loader.Program:
         return self._collection.programs[TC_PROGRAM]
 
@@ -128,7 +133,8 @@ class TcShaper:
         Buckets keep their tokens; a bucket above the new burst is cut down on its next packet.
         """
         for index, name in enumerate(CLASSES):
-            self.rates.update(index, class_rate(config.class_bps()[name], config.burst_bytes))
+            bps = config.class_bps()[name]
+            self.rates.update(index, class_rate(bps, config.class_burst(bps)))
         wanted = {lpm_key(network) for network in config.exempt}
         for key in list(self.exempt.keys()):
             if key not in wanted:
