@@ -264,6 +264,18 @@ def test_switches_off_make_features_disabled() -> None:
     assert set(off.reasons.values()) == {"ebpf.enabled is false"}
 
 
+def test_tc_is_unavailable_when_enabled_until_the_shaper_reports() -> None:
+    config = load_config({**CONFIG, "ebpf": {"tc": {"enabled": True, "interface": "veth9"}}})
+    status = acceleration_from_config(config)
+    assert status.features["tc"] == "unavailable"
+    assert status.reasons["tc"] == "the TC shaper is not running"
+    running = acceleration_from_config(config, reports={"tc": FeatureReport(
+        "active", maps={"tc_buckets": MapStatus(entries=2, max_entries=65536)},
+        counters={"tc_bytes_dropped_normal": 7})})
+    assert running.features["tc"] == "active" and "tc" not in running.reasons
+    assert running.counters == {"tc_bytes_dropped_normal": 7}
+
+
 def test_sockmap_follows_the_chosen_forwarder() -> None:
     config = load_config(CONFIG)
     kernel = acceleration_from_config(
@@ -413,10 +425,17 @@ def test_kernel_counters_from_the_provider_are_exported_summed() -> None:
             "sockmap_bytes_to_client": 2000,
             "sockmap_redirect_failures": 1,
             "dns_cache_evictions": 2,
+            "tc_bytes_dropped_normal": 3000,
+            "tc_bytes_passed_high": 5000,
+            "tc_packets_passed_other": 4,
         },
     )
     proxy.metrics._acceleration = proxy.acceleration_status
     s = scrape(proxy)
+    # The TC shaper's counters carry the verdict and the QoS class as labels.
+    assert sample(s, "trio_sni_ebpf_tc_bytes_total", verdict="dropped", **{"class": "normal"}) == 3000
+    assert sample(s, "trio_sni_ebpf_tc_bytes_total", verdict="passed", **{"class": "high"}) == 5000
+    assert sample(s, "trio_sni_ebpf_tc_packets_total", verdict="passed", **{"class": "other"}) == 4
     # A direction pair is one metric with a direction label; the rest keep their names.
     assert sample(s, "trio_sni_ebpf_sockmap_bytes_total", direction="to_upstream") == 100
     assert sample(s, "trio_sni_ebpf_sockmap_bytes_total", direction="to_client") == 2000
