@@ -241,12 +241,9 @@ class Proxy:
 
     def _tc_report(self) -> FeatureReport:
         assert self.tc_shaper is not None
-        buckets = self.tc_shaper.buckets.spec.max_entries
-        return FeatureReport(
-            "active",
-            maps={"tc_buckets": MapStatus(entries=self.tc_shaper.bucket_count(), max_entries=buckets)},
-            counters=self.tc_shaper.counters(),
-        )
+        shaper = self.tc_shaper
+        buckets = MapStatus(shaper.bucket_count(), shaper.buckets.spec.max_entries)
+        return FeatureReport("active", maps={"tc_buckets": buckets}, counters=shaper.counters())
 
     def reload(self, config: Config) -> None:
         """Apply a new, already validated config to new connections.
@@ -270,7 +267,7 @@ class Proxy:
         if self.tc_shaper is not None:
             new, old = config.ebpf.tc, self.config.ebpf.tc
             if (new.enabled, new.interface) != (old.enabled, old.interface):
-                log.warning("reload: ebpf.tc.enabled and interface take effect only after a restart")
+                log.warning("reload: ebpf.tc.enabled and .interface take effect after a restart")
             self.tc_shaper.configure(new)  # rates, burst and exempt list, live
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")

@@ -110,7 +110,8 @@ async def download(ns: VethNamespace, proxy: Proxy, name: str, family: int) -> f
         started = time.monotonic()
         data = await drain(stream)
         elapsed = time.monotonic() - started
-    assert len(data) == len(PAYLOAD) and hashlib.sha256(data).hexdigest() == DIGEST
+    assert len(data) == len(PAYLOAD)
+    assert hashlib.sha256(data).hexdigest() == DIGEST
     return len(data) * 8 / elapsed
 
 
@@ -120,7 +121,8 @@ def tc_counters(proxy: Proxy) -> dict[str, int]:
 
 def attached_link(proxy: Proxy, ns: VethNamespace) -> int:
     """The id of the shaper's TCX link, checked to be on the egress of the host end."""
-    assert proxy.tc_shaper is not None and proxy.tc_shaper.link is not None
+    assert proxy.tc_shaper is not None
+    assert proxy.tc_shaper.link is not None
     info = proxy.tc_shaper.link.info()
     assert (info.target, info.attach_type) == (
         socket.if_nametoindex(ns.host_if), loader.AttachType.TCX_EGRESS)

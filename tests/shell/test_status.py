@@ -272,7 +272,8 @@ def test_tc_is_unavailable_when_enabled_until_the_shaper_reports() -> None:
     running = acceleration_from_config(config, reports={"tc": FeatureReport(
         "active", maps={"tc_buckets": MapStatus(entries=2, max_entries=65536)},
         counters={"tc_bytes_dropped_normal": 7})})
-    assert running.features["tc"] == "active" and "tc" not in running.reasons
+    assert running.features["tc"] == "active"
+    assert "tc" not in running.reasons
     assert running.counters == {"tc_bytes_dropped_normal": 7}
 
 
@@ -433,9 +434,10 @@ def test_kernel_counters_from_the_provider_are_exported_summed() -> None:
     proxy.metrics._acceleration = proxy.acceleration_status
     s = scrape(proxy)
     # The TC shaper's counters carry the verdict and the QoS class as labels.
-    assert sample(s, "trio_sni_ebpf_tc_bytes_total", verdict="dropped", **{"class": "normal"}) == 3000
-    assert sample(s, "trio_sni_ebpf_tc_bytes_total", verdict="passed", **{"class": "high"}) == 5000
-    assert sample(s, "trio_sni_ebpf_tc_packets_total", verdict="passed", **{"class": "other"}) == 4
+    tc_bytes, tc_packets = "trio_sni_ebpf_tc_bytes_total", "trio_sni_ebpf_tc_packets_total"
+    assert sample(s, tc_bytes, verdict="dropped", **{"class": "normal"}) == 3000
+    assert sample(s, tc_bytes, verdict="passed", **{"class": "high"}) == 5000
+    assert sample(s, tc_packets, verdict="passed", **{"class": "other"}) == 4
     # A direction pair is one metric with a direction label; the rest keep their names.
     assert sample(s, "trio_sni_ebpf_sockmap_bytes_total", direction="to_upstream") == 100
     assert sample(s, "trio_sni_ebpf_sockmap_bytes_total", direction="to_client") == 2000

@@ -147,9 +147,10 @@ class TcShaper:
         summed over CPUs (one syscall per slot: read at scrape time, not per packet)."""
         out: dict[str, int] = {}
         for index, slot in enumerate(SLOTS):
-            per_cpu = self.counters_map.lookup(index) or []
-            totals = [sum(column) for column in zip(*(TC_STATS.unpack(v) for v in per_cpu))]
-            passed_packets, passed_bytes, dropped_packets, dropped_bytes = totals or [0] * 4
+            totals = [0, 0, 0, 0]
+            for value in self.counters_map.lookup(index) or []:  # one value per possible CPU
+                totals = [t + v for t, v in zip(totals, TC_STATS.unpack(value), strict=True)]
+            passed_packets, passed_bytes, dropped_packets, dropped_bytes = totals
             out[f"tc_packets_passed_{slot}"] = passed_packets
             out[f"tc_bytes_passed_{slot}"] = passed_bytes
             out[f"tc_packets_dropped_{slot}"] = dropped_packets

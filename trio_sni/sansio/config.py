@@ -409,7 +409,8 @@ def _bps(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
 
 
 def _interface(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if not value or len(value.encode()) >= IFNAMSIZ or "/" in value or any(c.isspace() for c in value):
+    bad = "/" in value or any(c.isspace() for c in value)
+    if not value or len(value.encode()) >= IFNAMSIZ or bad:
         raise ValueError(
             f"{attribute.name}: {value!r} is not a network interface name "
             f"(1 to {IFNAMSIZ - 1} bytes, no '/' or spaces)"
