@@ -196,6 +196,14 @@ def test_lpm_keys_map_ipv4_into_ipv6() -> None:
         "<I16s", 32, ipaddress.IPv6Address("2001:db8::").packed)
 
 
+def test_the_ports_map_grows_with_the_listeners() -> None:
+    ports = range(20000, 20100)
+    with TcShaper.load(config(), ports) as shaper:
+        assert sorted(shaper.ports.keys()) == list(ports)
+        assert run(shaper, ipv4(tcp(sport=20099))) == NEXT
+        assert shaper.counters()["tc_packets_passed_normal"] == 1
+
+
 def test_a_missing_interface_is_a_loader_error_and_leaves_nothing_open() -> None:
     with pytest.raises(loader.LoaderError, match="no network interface named 'unused0'"):
         TcShaper.start(config(), [LISTEN_PORT])

@@ -148,6 +148,9 @@ async def test_the_cap_holds_for_a_normal_client_while_high_runs_free(
         rates[name] = await download(ns, proxy, name, socket.AF_INET)
 
     with trio.fail_after(15):
+        # The proxy's first connection pays one-time costs (lazy imports, first connect) that
+        # would weigh on the short uncapped download: warm it up first.
+        await download(ns, proxy, "fast.test", socket.AF_INET)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(fetch, "capped.test")
             nursery.start_soon(fetch, "fast.test")  # the same client address, class high
@@ -157,7 +160,7 @@ async def test_the_cap_holds_for_a_normal_client_while_high_runs_free(
     # TCP made up for the drops (the payload arrived intact above).
     assert counters["tc_packets_dropped_normal"] > 0, counters
     assert counters["tc_bytes_passed_normal"] >= CAPPED_SIZE
-    assert counters["tc_bytes_passed_high"] >= CAPPED_SIZE
+    assert counters["tc_bytes_passed_high"] >= 2 * CAPPED_SIZE
     assert counters["tc_packets_dropped_high"] == 0
     status = proxy.acceleration_status()
     assert status.features["tc"] == "active"

@@ -89,9 +89,14 @@ class TcShaper:
     def load(cls, config: TcConfig, ports: Iterable[int]) -> TcShaper:
         """Load the program and fill its maps for ``config`` and the listening ``ports``,
         without attaching it (:meth:`attach`; tests run it with ``BPF_PROG_TEST_RUN``)."""
-        shaper = cls(loader.Collection.load(tc_shaper_spec()), config.interface)
+        ports = sorted(set(ports))
+        spec = tc_shaper_spec()
+        if len(ports) > spec.maps["ports"].max_entries:  # a proxy with very many listeners
+            spec = spec.copy(maps={**spec.maps, "ports": spec.maps["ports"].copy(
+                max_entries=len(ports))})
+        shaper = cls(loader.Collection.load(spec), config.interface)
         try:
-            for port in sorted(set(ports)):
+            for port in ports:
                 shaper.ports.update(port, 1)
             shaper.configure(config)
         except BaseException:
