@@ -264,11 +264,14 @@ class Proxy:
         ctx.connect_timeout = config.timeouts.connect
         ctx.socks5 = config.socks5
         ctx.max_connections = config.max_connections
+        new_tc, old_tc = config.ebpf.tc, self.config.ebpf.tc
+        if (new_tc.enabled, new_tc.interface) != (old_tc.enabled, old_tc.interface):
+            log.warning("reload: ebpf.tc.enabled and .interface take effect after a restart")
         if self.tc_shaper is not None:
-            new, old = config.ebpf.tc, self.config.ebpf.tc
-            if (new.enabled, new.interface) != (old.enabled, old.interface):
-                log.warning("reload: ebpf.tc.enabled and .interface take effect after a restart")
-            self.tc_shaper.configure(new)  # rates, burst and exempt list, live
+            try:
+                self.tc_shaper.configure(new_tc)  # rates, burst and exempt list, live
+            except OSError as exc:  # a BPF map update refused: the old caps may stay in part
+                log.error("reload: updating the TC shaper's maps failed: %s", exc)
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 

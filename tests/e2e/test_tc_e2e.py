@@ -24,6 +24,7 @@ from prometheus_client import generate_latest
 from proxytest import client_hello, drain, receive_exactly, wait_for
 
 import loader
+from trio_sni.accel import TcShaper
 from trio_sni.sansio.config_load import load_config
 from trio_sni.server import Proxy
 
@@ -217,6 +218,23 @@ async def test_the_shaper_is_detached_when_the_proxy_stops(
         link = attached_link(proxy, ns)
         proxy.shutdown()
     assert link not in link_ids()
+
+
+async def test_a_kernel_without_tcx_is_named_in_the_reason(
+    ns: VethNamespace, backend_port: int, start_proxy: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_tcx(*args: object) -> None:
+        raise loader.NotSupportedError("BPF_LINK_CREATE tcx", "6.6")
+
+    monkeypatch.setattr(TcShaper, "start", no_tcx)
+    running = await start_proxy(tc_config(ns, backend_port))
+    status = running.proxy.acceleration_status()
+    assert status.features["tc"] == "unavailable"
+    assert status.reasons["tc"] == (
+        f"attaching tc_shaper.bpf.o to {ns.host_if} failed: BPF_LINK_CREATE tcx is not "
+        "supported by this kernel (needs Linux 6.6 or newer)"
+    )
 
 
 async def test_a_shaper_that_cannot_attach_is_reported_and_the_proxy_serves(

@@ -234,3 +234,6 @@ def test_tc_problems_are_all_reported_with_paths() -> None:
         "bucket starves them) to 1073741824, got 65536",
         "ebpf.tc.exempt[1]: 'nope' is not an IP network (CIDR)",
     ]
+    assert problems({"listen_addr": "0.0.0.0:1", "ebpf": {"tc": {"exempt": ["::/0"] * 1025}}}) == [
+        "ebpf.tc.exempt: at most 1024 networks, got 1025"
+    ]

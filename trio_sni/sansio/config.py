@@ -396,6 +396,8 @@ TC_MAX_BPS = 100_000_000_000
 #: less time overflows during that wait, and the flow gets burst / 200 ms instead of its rate
 #: (measured: 10.0 Mbit/s under a 20 Mbit/s cap with a 256 KiB bucket).
 TC_BURST_SECONDS = 0.25
+#: Size of the shaper's ``exempt`` LPM trie (``bpf/tc_shaper.bpf.c``).
+TC_MAX_EXEMPT = 1024
 #: Interface names are at most IFNAMSIZ - 1 bytes.
 IFNAMSIZ = 16
 
@@ -436,6 +438,13 @@ class TcConfig:
     bulk_bps: int = attrs.field(default=2_000_000, validator=_bps)
     burst_bytes: int = attrs.field(default=TC_MIN_BURST)
     exempt: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
+
+    @exempt.validator
+    def _check_exempt_size(
+        self, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+    ) -> None:
+        if len(value) > TC_MAX_EXEMPT:
+            raise ValueError(f"exempt: at most {TC_MAX_EXEMPT} networks, got {len(value)}")
 
     @burst_bytes.validator
     def _check_burst(self, attribute: attrs.Attribute[int], value: int) -> None:
