@@ -93,6 +93,15 @@ def tc_config(ns: VethNamespace, backend_port: int, **tc: Any) -> dict[str, Any]
     }
 
 
+def forwarding(config: dict[str, Any], mode: str) -> dict[str, Any]:
+    """``config`` forwarding in ``mode`` only (no fallback). Kernel mode without the in-flight
+    bound: every byte toward the client is then sent by the sockhash redirect worker."""
+    config["ebpf"]["sockmap"] = {"enabled": mode == "kernel", "max_in_flight": 1 << 40}
+    config["forwarding"] = {"mode": mode}
+    config["fallback_mode"] = "none"
+    return config
+
+
 def listen_port(proxy: Proxy, family: int) -> int:
     port: int = next(
         lst.socket.getsockname()[1] for lst in proxy.listeners if lst.socket.family == family
@@ -138,10 +147,11 @@ def link_ids() -> set[int]:
     return {link["id"] for link in json.loads(out or "[]")}
 
 
+@pytest.mark.parametrize("mode", ["copy", "splice", "kernel"])
 async def test_the_cap_holds_for_a_normal_client_while_high_runs_free(
-    ns: VethNamespace, backend_port: int, start_proxy: Callable[..., Any]
+    ns: VethNamespace, backend_port: int, start_proxy: Callable[..., Any], mode: str
 ) -> None:
-    running = await start_proxy(tc_config(ns, backend_port))
+    running = await start_proxy(forwarding(tc_config(ns, backend_port), mode))
     proxy: Proxy = running.proxy
     rates: dict[str, float] = {}
 
@@ -191,11 +201,7 @@ async def test_the_class_is_on_the_packets_in_every_forwarding_mode(
     ns: VethNamespace, backend_port: int, start_proxy: Callable[..., Any], mode: str
 ) -> None:
     config = tc_config(ns, backend_port, bulk_bps=0)  # uncapped bulk: only the class counts
-    # Kernel mode without the in-flight bound: every byte is sent by the redirect worker.
-    config["ebpf"]["sockmap"] = {"enabled": mode == "kernel", "max_in_flight": 1 << 40}
-    config["forwarding"] = {"mode": mode}
-    config["fallback_mode"] = "none"  # the mode under test, or no proxy at all
-    running = await start_proxy(config)
+    running = await start_proxy(forwarding(config, mode))
     with trio.fail_after(15):
         await download(ns, running.proxy, "bulk.test", socket.AF_INET)
     counters = tc_counters(running.proxy)
