@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 import loader
-from trio_sni.accel.tc import CLASS_RATE, SLOTS, TcShaper, class_rate, lpm_key
+from trio_sni.accel.tc import SLOTS, TcShaper
 from trio_sni.sansio.config import QOS_PRIORITY, TcConfig
 
 pytestmark = pytest.mark.bpf
@@ -181,19 +181,6 @@ def test_the_kernel_refuses_to_test_run_a_truncated_ip_header(
     # bounds checks for those cases are covered by the truncated TCP headers above.
     with pytest.raises(loader.BPFSyscallError, match="EINVAL"):
         run(shaper, packet)
-
-
-def test_class_rates_are_bytes_per_second_with_the_time_to_fill() -> None:
-    assert CLASS_RATE.unpack(class_rate(0, 262144)) == (0, 262144, 0)
-    assert CLASS_RATE.unpack(class_rate(20_000_000, 262144)) == (2_500_000, 262144, 104857600)
-    assert CLASS_RATE.unpack(class_rate(8000, 1 << 30))[2] == (1 << 30) * 1_000_000
-
-
-def test_lpm_keys_map_ipv4_into_ipv6() -> None:
-    assert lpm_key("198.51.100.7/24") == struct.pack(
-        "<I16s", 120, bytes(10) + b"\xff\xff" + bytes([198, 51, 100, 0]))
-    assert lpm_key("2001:db8::/32") == struct.pack(
-        "<I16s", 32, ipaddress.IPv6Address("2001:db8::").packed)
 
 
 def test_the_ports_map_grows_with_the_listeners() -> None:

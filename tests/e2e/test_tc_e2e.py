@@ -223,6 +223,8 @@ async def test_the_shaper_is_detached_when_the_proxy_stops(
         await nursery.start(proxy.serve)
         link = attached_link(proxy, ns)
         proxy.shutdown()
+    assert proxy.tc_shaper is not None
+    assert proxy.tc_shaper.closed
     assert link not in link_ids()
 
 
