@@ -229,9 +229,9 @@ class Proxy:
             self._tc_unavailable(f"attaching tc_shaper.bpf.o to {tc.interface} failed: {exc}")
             return
         log.info(
-            "TC shaper on %s egress: %s bit/s per client (high %s, bulk %s), burst %d bytes",
-            tc.interface, tc.per_client_bps or "no cap", tc.high_bps or "no cap",
-            tc.bulk_bps or "no cap", tc.burst_bytes,
+            "TC shaper on %s egress: %s bit/s per client (high %s, bulk %s), buckets of %d "
+            "bytes or 250 ms of their rate", tc.interface, tc.per_client_bps or "no cap",
+            tc.high_bps or "no cap", tc.bulk_bps or "no cap", tc.burst_bytes,
         )
         self.feature_reporters["tc"] = self._tc_report
 
