@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -61,3 +62,12 @@ async def serve_tcp(
     nursery.start_soon(serve)
     port: int = listeners[0].socket.getsockname()[1]
     return port
+def client_hello(name: str) -> bytes:
+    """A real ClientHello (Python's ssl) asking for ``name``: the first flight, nothing more."""
+    out = ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return out.read()
+    raise AssertionError("a TLS client finished its handshake without a server")

@@ -17,6 +17,7 @@ import contextlib
 import http
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Collection, Mapping
 
@@ -30,7 +31,7 @@ from .sansio import http_request, proxy_protocol
 from .sansio.addresses import IPAddress, refusal_reason
 from .sansio.alerts import Alert, alert_record
 from .sansio.clienthello import NEED_DATA, ClientHello, ClientHelloReader
-from .sansio.config import Listener, Socks5
+from .sansio.config import QOS_PRIORITY, Listener, Socks5
 from .sansio.errors import MalformedHelloError
 from .sansio.http_request import HttpRequest, HttpRequestError, HttpRequestReader
 from .sansio.policy import ClientLimiter, Deny, Policy, Route, check_proxy_sender
@@ -234,6 +235,7 @@ async def handle_connection(
         route: Route = decision
         info.rule = route.rule.label
         info.decision = "allow"
+        _set_qos_class(stream, route.rule.qos)
 
         socks5 = ctx.socks5
         via = route.rule.via or ("socks5" if socks5 is not None else "direct")
@@ -295,6 +297,22 @@ async def handle_connection(
             await trio.aclose_forcefully(stream)
         del ctx.live[id(info)]
         ctx.write_access_log(info.access_record(trio.current_time()))
+
+
+def _set_qos_class(stream: trio.SocketStream, qos: str) -> None:
+    """Give the client socket its rule's QoS class as its priority (``SO_PRIORITY``).
+
+    The kernel copies a socket's priority into every packet it sends, whichever forwarder
+    produced the bytes (copy, splice, or the sockhash redirect worker, which sends through
+    this socket too), so the TC shaper can classify the traffic toward the client by it.
+    Normal is the kernel's default, 0: nothing to set. Best effort: where the option does not
+    exist, the class has no effect.
+    """
+    priority = QOS_PRIORITY[qos]
+    option = getattr(socket, "SO_PRIORITY", None)
+    if priority and option is not None:
+        with contextlib.suppress(OSError):
+            stream.socket.setsockopt(socket.SOL_SOCKET, option, priority)
 
 
 def _endpoint(

@@ -30,6 +30,7 @@ vocabularies, ``rule`` is a configured rule's label (``"none"`` when no rule mat
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -320,7 +321,12 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
     # metric with a ``direction`` label, and "xdp_dropped_<reason>" one with a ``reason``
     # label (labels, not one name per case).
     grouped: dict[str, list[tuple[str | None, int]]] = {}
+    tc: dict[str, list[tuple[str, str, int]]] = {}
     for key, value in status.counters.items():
+        tc_match = _TC_COUNTER.match(key)
+        if tc_match:
+            tc.setdefault(tc_match[1], []).append((tc_match[2], tc_match[3], value))
+            continue
         stem, label = _split_label(key)
         grouped.setdefault(stem, []).append((label, value))
     for stem, values in sorted(grouped.items()):
@@ -336,6 +342,15 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
                 family.add_metric([label], value)
             else:
                 family.add_metric([], value)
+        yield family
+    for stem, rows in sorted(tc.items()):
+        family = CounterMetricFamily(
+            f"trio_sni_ebpf_{stem}",
+            _EBPF_HELP[stem] + ", summed across CPUs.",
+            labels=["verdict", "class"],
+        )
+        for verdict, qos_class, value in sorted(rows):
+            family.add_metric([verdict, qos_class], value)
         yield family
 
 
@@ -357,7 +372,13 @@ _EBPF_HELP = {
     "xdp_quic_answered": "QUIC packets the XDP guard answered with ICMP port unreachable",
     "xdp_syn_offenders": "Sources (as the guard tracks them) that went over the SYN limit",
     "xdp_aborted": "Packets the XDP guard aborted on an internal error",
+    "tc_packets": "Packets the TC shaper passed or dropped toward clients, by QoS class "
+    "(exempt: clients in ebpf.tc.exempt; other: not the proxy's traffic to a client)",
+    "tc_bytes": "Bytes the TC shaper passed or dropped toward clients, by QoS class",
 }
+#: The TC shaper's counters (``tc_<packets|bytes>_<passed|dropped>_<class>``, from
+#: ``accel.tc.TcShaper.counters``) become one family each with ``verdict`` and ``class``.
+_TC_COUNTER = re.compile(r"^(tc_(?:packets|bytes))_(passed|dropped)_(\w+)$")
 
 #: Counter-name stems whose label is not ``direction``.
 _LABEL_NAMES = {"xdp_dropped": "reason"}

@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import trio
 
@@ -30,7 +30,16 @@ from .metrics import ProxyMetrics
 from .resolver import Resolver
 from .sansio.config import Config, Listener, parse_host_port
 from .sansio.policy import ClientLimiter, Policy
-from .status import AccelerationStatus, FeatureReport, acceleration_from_config, serve_status
+from .status import (
+    AccelerationStatus,
+    FeatureReport,
+    MapStatus,
+    acceleration_from_config,
+    serve_status,
+)
+
+if TYPE_CHECKING:
+    from .accel import TcShaper
 
 log = logging.getLogger("trio_sni")
 
@@ -121,6 +130,8 @@ class Proxy:
         self.feature_reporters: dict[str, Callable[[], FeatureReport]] = {}
         #: The XDP guard, started once the listeners are bound (their ports are guarded).
         self.edge_guard: EdgeGuard | None = None
+        #: The running TC shaper (``ebpf.tc``), started once the listening ports are known.
+        self.tc_shaper: TcShaper | None = None
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
@@ -143,6 +154,8 @@ class Proxy:
             self._plan.close()  # the kernel forwarder's BPF objects, on every path
             if self.edge_guard is not None:
                 self.edge_guard.close()  # detaches the XDP program
+            if self.tc_shaper is not None:
+                self.tc_shaper.close()  # detaches the TC shaper
             if self._access_log is not None:
                 self._access_log.close()  # also when the status port was busy (idempotent)
 
@@ -162,6 +175,7 @@ class Proxy:
                         if self.config.ebpf.enabled and self.config.ebpf.xdp.enabled:
                             self.edge_guard = EdgeGuard.start(self.config, pairs)
                             self.feature_reporters["xdp"] = self.edge_guard.report
+                        self._start_tc()
                         for listener, spec in pairs:
                             accepting.start_soon(self._accept_loop, listener, spec, connections)
                         task_status.started(self.listeners)
@@ -213,6 +227,40 @@ class Proxy:
             reports={name: report() for name, report in self.feature_reporters.items()},
         )
 
+    def _start_tc(self) -> None:
+        """Attach the TC shaper (``ebpf.tc``) for the bound listening ports, or say once why
+        not; a shaper that cannot start never stops the proxy."""
+        tc = self.config.ebpf.tc
+        if not (self.config.ebpf.enabled and tc.enabled) or self.tc_shaper is not None:
+            return
+        ports = {listener.socket.getsockname()[1] for listener in self.listeners}
+        try:
+            from .accel import LoaderError, TcShaper
+        except ImportError as exc:  # e.g. cffi missing on this platform
+            self._tc_unavailable(f"cannot import the BPF loader: {exc}")
+            return
+        try:
+            self.tc_shaper = TcShaper.start(tc, ports)
+        except (OSError, LoaderError) as exc:
+            self._tc_unavailable(f"attaching tc_shaper.bpf.o to {tc.interface} failed: {exc}")
+            return
+        log.info(
+            "TC shaper on %s egress: %s bit/s per client (high %s, bulk %s), buckets of %d "
+            "bytes or 250 ms of their rate", tc.interface, tc.per_client_bps or "no cap",
+            tc.high_bps or "no cap", tc.bulk_bps or "no cap", tc.burst_bytes,
+        )
+        self.feature_reporters["tc"] = self._tc_report
+
+    def _tc_unavailable(self, reason: str) -> None:
+        log.warning("TC shaping unavailable: %s", reason)
+        self.feature_reporters["tc"] = lambda: FeatureReport("unavailable", reason)
+
+    def _tc_report(self) -> FeatureReport:
+        assert self.tc_shaper is not None
+        shaper = self.tc_shaper
+        buckets = MapStatus(shaper.bucket_count(), shaper.buckets.spec.max_entries)
+        return FeatureReport("active", maps={"tc_buckets": buckets}, counters=shaper.counters())
+
     def reload(self, config: Config) -> None:
         """Apply a new, already validated config to new connections.
 
@@ -236,6 +284,14 @@ class Proxy:
             self.edge_guard.reload(config)
         elif config.ebpf.xdp.enabled and not self.config.ebpf.xdp.enabled:
             log.warning("reload: ebpf.xdp.enabled takes effect only after a restart")
+        new_tc, old_tc = config.ebpf.tc, self.config.ebpf.tc
+        if (new_tc.enabled, new_tc.interface) != (old_tc.enabled, old_tc.interface):
+            log.warning("reload: ebpf.tc.enabled and .interface take effect after a restart")
+        if self.tc_shaper is not None:
+            try:
+                self.tc_shaper.configure(new_tc)  # rates, burst and exempt list, live
+            except OSError as exc:  # a BPF map update refused: the old caps may stay in part
+                log.error("reload: updating the TC shaper's maps failed: %s", exc)
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 

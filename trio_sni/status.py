@@ -210,6 +210,7 @@ def acceleration_from_config(
         "sockmap": ebpf.sockmap.enabled,
         "dns_cache": ebpf.dns_cache.enabled,
         "xdp": ebpf.xdp.enabled,
+        "tc": ebpf.tc.enabled,
         "stats": ebpf.stats.enabled,
     }
     for feature in FEATURES:
@@ -220,9 +221,6 @@ def acceleration_from_config(
             features[feature] = report.state
             if report.reason is not None:
                 reasons[feature] = report.reason
-        elif feature == "tc":
-            features[feature] = "disabled"
-            reasons[feature] = f"no TC shaping is configured ({NOT_IMPLEMENTED})"
         elif feature == "sockmap" and forwarding_mode == "kernel":
             features[feature] = "active"
         elif not switches[feature]:
@@ -237,6 +235,8 @@ def acceleration_from_config(
             reasons[feature] = (
                 "the per-CPU counters belong to the kernel data plane, which is not running"
             )
+        elif feature == "tc":
+            features[feature], reasons[feature] = "unavailable", "the TC shaper is not running"
         else:
             features[feature], reasons[feature] = "unavailable", NOT_IMPLEMENTED
     maps: dict[str, MapStatus] = {}

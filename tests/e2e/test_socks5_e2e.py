@@ -26,7 +26,7 @@ import trio
 import trio.testing
 from daemons import free_port, require, running_daemon
 from dnsserver import DNSServer
-from proxytest import drain, serve_tcp, wait_for
+from proxytest import client_hello, drain, serve_tcp, wait_for
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
 BODY = b"hello from the backend\n"
@@ -309,15 +309,6 @@ async def fake_socks_server(nursery: trio.Nursery, answer: bytes | None) -> int:
     return await serve_tcp(nursery, handler)
 
 
-def python_hello(name: str) -> bytes:
-    ctx = ssl.create_default_context()
-    out = ssl.MemoryBIO()
-    tls = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return out.read()
-
-
 async def test_silent_socks_server_fails_exactly_at_the_connect_timeout(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery,
     start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
@@ -328,7 +319,7 @@ async def test_silent_socks_server_fails_exactly_at_the_connect_timeout(
     )
     stream = await trio.open_tcp_stream("127.0.0.1", running.port)
     try:
-        await stream.send_all(python_hello("bench.test"))
+        await stream.send_all(client_hello("bench.test"))
         started = trio.current_time()
         with trio.fail_after(60):
             assert await drain(stream) == b""
@@ -353,7 +344,7 @@ async def test_a_server_that_is_not_socks5(
     )
     stream = await trio.open_tcp_stream("127.0.0.1", running.port)
     try:
-        await stream.send_all(python_hello("bench.test"))
+        await stream.send_all(client_hello("bench.test"))
         assert await drain(stream) == b""
     finally:
         await trio.aclose_forcefully(stream)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import loader
-from loader import AttachType, MapSpec, MapType, ProgType
+from loader import AttachType, MapFlag, MapSpec, MapType, ProgType
 
 from .conftest import PREBUILT  # type: ignore[import-not-found]
 
@@ -43,8 +43,18 @@ XDP_GUARD_MAPS = {
 }
 
 
+TC_SHAPER_MAPS = {
+    "buckets": MapSpec("buckets", MapType.LRU_HASH, 20, 16, 65536),
+    "rates": MapSpec("rates", MapType.ARRAY, 4, 24, 3),
+    "ports": MapSpec("ports", MapType.HASH, 2, 1, 64),
+    "exempt": MapSpec("exempt", MapType.LPM_TRIE, 20, 1, 1024, flags=MapFlag.NO_PREALLOC),
+    "counters": MapSpec("counters", MapType.PERCPU_ARRAY, 4, 32, 5),
+}
+
+
 def test_prebuilt_objects_are_exactly_these() -> None:
     assert sorted(p.name for p in PREBUILT.glob("*.bpf.o")) == ["sockhash.bpf.o",
+                                                               "tc_shaper.bpf.o",
                                                                "xdp_guard.bpf.o"]
 
 
@@ -72,6 +82,17 @@ def test_sockhash_spec() -> None:
     assert all(r.kind == "map" for r in verdict.references)
 
 
+def test_tc_shaper_spec() -> None:
+    spec = loader.load_collection_spec(PREBUILT / "tc_shaper.bpf.o")
+    assert spec.license == "GPL"
+    assert dict(spec.maps) == TC_SHAPER_MAPS
+    assert list(spec.programs) == ["tc_shaper"]
+    shaper = spec.programs["tc_shaper"]
+    assert shaper.section == "tcx/egress"
+    assert (shaper.type, shaper.attach_type) == (ProgType.SCHED_CLS, AttachType.TCX_EGRESS)
+    assert {r.map for r in shaper.references} == set(TC_SHAPER_MAPS)
+
+
 def test_buildinfo_names_the_pinned_toolchain() -> None:
     info = (PREBUILT / "BUILDINFO").read_text()
     lines = info.splitlines()
@@ -80,7 +101,7 @@ def test_buildinfo_names_the_pinned_toolchain() -> None:
     assert "-ffile-prefix-map=<dir>/=" in lines[1]
     assert lines[2].startswith("headers: libbpf-dev ")
     assert [line.split()[1] for line in lines[3:]] == ["shared.h", "sockhash.bpf.c",
-                                                       "xdp_guard.bpf.c"]
+                                                       "xdp_guard.bpf.c", "tc_shaper.bpf.c"]
 
 
 @pytest.mark.skipif(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from trio_sni.defaults import default_config_text
-from trio_sni.sansio.config import Listener, Rule, parse_host_port
+from trio_sni.sansio.config import QOS_PRIORITY, Listener, Rule, TcConfig, parse_host_port
 from trio_sni.sansio.config_load import dump_config, load_config, load_config_text
 from trio_sni.sansio.errors import ConfigError
 
@@ -206,3 +206,56 @@ def test_parse_host_port(text: str, expected: tuple[str, int]) -> None:
 def test_parse_host_port_errors(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_host_port(text)
+
+
+def test_tc_defaults_and_qos_classes() -> None:
+    config = load_config(
+        {**DESIGN_EXAMPLE, "rules": [{"suffix": "video.example", "qos": "high"}, {"match": "a.b"}]}
+    )
+    tc = config.ebpf.tc
+    assert (tc.enabled, tc.interface, tc.burst_bytes, tc.exempt) == (False, "eth0", 262144, ())
+    assert tc.class_bps() == {"high": 0, "normal": 10_000_000, "bulk": 2_000_000}
+    assert [rule.qos for rule in config.rules] == ["high", "normal"]
+    assert QOS_PRIORITY == {"high": 6, "normal": 0, "bulk": 2}  # bpf/tc_shaper.bpf.c PRIO_*
+    assert load_config(dump_config(config)) == config
+
+
+def test_tc_buckets_hold_at_least_a_quarter_second_of_their_rate() -> None:
+    tc = TcConfig(per_client_bps=100_000_000)
+    assert tc.class_burst(10_000_000) == 312_500  # 0.25 s at 10 Mbit/s, above 256 KiB
+    assert tc.class_burst(1_000_000) == tc.burst_bytes == 262144
+    assert tc.class_burst(0) == 262144
+
+
+def test_tc_problems_are_all_reported_with_paths() -> None:
+    assert problems(
+        {
+            "listen_addr": "0.0.0.0:1",
+            "rules": [{"match": "a.test", "qos": "urgent"}],
+            "ebpf": {
+                "tc": {
+                    "interface": "eth 0",
+                    "per_client_bps": 1000,
+                    "high_bps": 10**12,
+                    "burst_bytes": 65536,
+                    "exempt": ["10.0.0.0/8", "nope"],
+                    "rate": 1,
+                }
+            },
+        }
+    ) == [
+        'rules[0].qos: expected one of "high", "normal", "bulk", got "urgent"',
+        "ebpf.tc.rate: unknown key (allowed: enabled, interface, per_client_bps, high_bps, "
+        "bulk_bps, burst_bytes, exempt)",
+        "ebpf.tc.interface: 'eth 0' is not a network interface name "
+        "(1 to 15 bytes, no '/' or spaces)",
+        "ebpf.tc.per_client_bps: must be 0 (no cap) or from 8000 to 100000000000 bit/s, got 1000",
+        "ebpf.tc.high_bps: must be 0 (no cap) or from 8000 to 100000000000 bit/s, "
+        "got 1000000000000",
+        "ebpf.tc.burst_bytes: must be from 262144 (GSO packets are up to 64 KiB; a smaller "
+        "bucket starves them) to 1073741824, got 65536",
+        "ebpf.tc.exempt[1]: 'nope' is not an IP network (CIDR)",
+    ]
+    assert problems({"listen_addr": "0.0.0.0:1", "ebpf": {"tc": {"exempt": ["::/0"] * 1025}}}) == [
+        "ebpf.tc.exempt: at most 1024 networks, got 1025"
+    ]

@@ -245,7 +245,7 @@ def test_default_config_features_are_unavailable_or_disabled_with_reasons() -> N
         "sockmap": NOT_IMPLEMENTED,
         "dns_cache": NOT_IMPLEMENTED,
         "xdp": "ebpf.xdp.enabled is false",
-        "tc": f"no TC shaping is configured ({NOT_IMPLEMENTED})",
+        "tc": "ebpf.tc.enabled is false",
         "stats": "the per-CPU counters belong to the kernel data plane, which is not running",
     }
     assert not status.enabled
@@ -262,6 +262,19 @@ def test_switches_off_make_features_disabled() -> None:
     off = acceleration_from_config(load_config({**CONFIG, "ebpf": {"enabled": False}}))
     assert set(off.features.values()) == {"disabled"}
     assert set(off.reasons.values()) == {"ebpf.enabled is false"}
+
+
+def test_tc_is_unavailable_when_enabled_until_the_shaper_reports() -> None:
+    config = load_config({**CONFIG, "ebpf": {"tc": {"enabled": True, "interface": "veth9"}}})
+    status = acceleration_from_config(config)
+    assert status.features["tc"] == "unavailable"
+    assert status.reasons["tc"] == "the TC shaper is not running"
+    running = acceleration_from_config(config, reports={"tc": FeatureReport(
+        "active", maps={"tc_buckets": MapStatus(entries=2, max_entries=65536)},
+        counters={"tc_bytes_dropped_normal": 7})})
+    assert running.features["tc"] == "active"
+    assert "tc" not in running.reasons
+    assert running.counters == {"tc_bytes_dropped_normal": 7}
 
 
 def test_sockmap_follows_the_chosen_forwarder() -> None:
@@ -413,10 +426,18 @@ def test_kernel_counters_from_the_provider_are_exported_summed() -> None:
             "sockmap_bytes_to_client": 2000,
             "sockmap_redirect_failures": 1,
             "dns_cache_evictions": 2,
+            "tc_bytes_dropped_normal": 3000,
+            "tc_bytes_passed_high": 5000,
+            "tc_packets_passed_other": 4,
         },
     )
     proxy.metrics._acceleration = proxy.acceleration_status
     s = scrape(proxy)
+    # The TC shaper's counters carry the verdict and the QoS class as labels.
+    tc_bytes, tc_packets = "trio_sni_ebpf_tc_bytes_total", "trio_sni_ebpf_tc_packets_total"
+    assert sample(s, tc_bytes, verdict="dropped", **{"class": "normal"}) == 3000
+    assert sample(s, tc_bytes, verdict="passed", **{"class": "high"}) == 5000
+    assert sample(s, tc_packets, verdict="passed", **{"class": "other"}) == 4
     # A direction pair is one metric with a direction label; the rest keep their names.
     assert sample(s, "trio_sni_ebpf_sockmap_bytes_total", direction="to_upstream") == 100
     assert sample(s, "trio_sni_ebpf_sockmap_bytes_total", direction="to_client") == 2000

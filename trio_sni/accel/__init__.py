@@ -26,6 +26,7 @@ from .sockhash import SockhashSplice as SockhashSplice
 from .sockhash import Splice as Splice
 from .sockhash import socket_cookie as socket_cookie
 from .xdp import XdpGuard as XdpGuard
+from .tc import TcShaper as TcShaper
 
 #: Stable series that got the duplicated-data fix, and the first fixed release in each.
 SOCKMAP_FIXED_IN: dict[tuple[int, int], int] = {

@@ -49,3 +49,21 @@ def sockhash_spec() -> loader.CollectionSpec:
     if missing:
         raise loader.LoaderError(f"sockhash.bpf.o lacks {', '.join(missing)}")
     return spec
+
+
+def tc_shaper_spec() -> loader.CollectionSpec:
+    """The spec of ``tc_shaper.bpf.o``, checked to have the maps and program the shaper uses.
+
+    Raises:
+        FileNotFoundError: the object is missing.
+        loader.LoaderError: it does not parse, or lacks a map or the program.
+    """
+    from .tc import TC_MAPS, TC_PROGRAM
+
+    spec = loader.load_collection_spec(object_bytes("tc_shaper.bpf.o"))
+    missing = [m for m in TC_MAPS if m not in spec.maps]
+    if TC_PROGRAM not in spec.programs:
+        missing.append(TC_PROGRAM)
+    if missing:
+        raise loader.LoaderError(f"tc_shaper.bpf.o lacks {', '.join(missing)}")
+    return spec

@@ -28,6 +28,14 @@ Action = Literal["allow", "deny"]
 ListenerProtocol = Literal["tls", "http"]
 Via = Literal["direct", "socks5"]
 ProxyProtocolVersion = Literal["v1", "v2"]
+QosClass = Literal["high", "normal", "bulk"]
+
+#: The socket priority (``SO_PRIORITY``) the proxy gives a client socket for its rule's QoS
+#: class; the kernel copies it into every packet the socket sends, and the TC shaper
+#: (``bpf/tc_shaper.bpf.c``: ``PRIO_HIGH``, ``PRIO_BULK``) classifies by it. The values are
+#: Linux's TC_PRIO_INTERACTIVE and TC_PRIO_BULK, which an unprivileged socket may set (0..6)
+#: and which a ``prio`` or HTB qdisc understands too.
+QOS_PRIORITY: dict[str, int] = {"high": 6, "normal": 0, "bulk": 2}
 
 
 def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
@@ -168,7 +176,8 @@ class Rule:
     section exists, direct otherwise). ``proxy_protocol`` (``"v1"``/``"v2"``) sends a PROXY
     protocol header to the target first, so that it sees the real client address.
     ``mode`` (``"auto"``, ``"kernel"``, ``"splice"``, ``"copy"``) overrides
-    ``forwarding.mode`` for this rule.
+    ``forwarding.mode`` for this rule. ``qos`` (``"high"``, ``"normal"``, ``"bulk"``) is the
+    class the TC shaper (``ebpf.tc``) gives the traffic toward the client.
     """
 
     match: str | None = None
@@ -182,6 +191,8 @@ class Rule:
     proxy_protocol: ProxyProtocolVersion | None = None
     #: The forwarding mode for this rule's connections; ``null``: ``forwarding.mode``.
     mode: ForwardingMode | None = None
+    #: The QoS class of this rule's connections toward the client (``ebpf.tc``).
+    qos: QosClass = "normal"
 
     def __attrs_post_init__(self) -> None:
         given = [k for k in ("match", "suffix", "regex") if getattr(self, k) is not None]
@@ -410,6 +421,92 @@ class XdpConfig:
     flood_guard: FloodGuard = FloodGuard()
 
 
+#: Smallest token-bucket burst. Egress packets are GSO skbs of 20-64 KiB: a 64 KiB burst held
+#: a 10 Mbit/s cap to 0.4 Mbit/s, 256 KiB kept the flow at its rate (KERNEL-FACTS).
+TC_MIN_BURST = 256 * 1024
+#: Largest configured burst. The shaper multiplies the refill time (at most the time to fill
+#: the bucket) by the rate in 64 bits: exact while a bucket stays under 2^32 bytes, which this
+#: and :data:`TC_MAX_BPS` (with :data:`TC_BURST_SECONDS`) guarantee.
+TC_MAX_BURST = 1 << 30
+#: Smallest non-zero cap, bit/s: the kernel counts whole bytes per second, and below 1 KB/s a
+#: TCP connection spends its time in retransmit backoff.
+TC_MIN_BPS = 8000
+#: Largest cap, bit/s (100 Gbit/s).
+TC_MAX_BPS = 100_000_000_000
+#: Every bucket holds at least this many seconds of its rate. A packet dropped at egress is
+#: not lost to TCP but refused: the socket keeps it and, once nothing is in flight, waits for
+#: its probe timer (at least TCP_RTO_MIN, 200 ms) before sending again. A bucket that fills in
+#: less time overflows during that wait, and the flow gets burst / 200 ms instead of its rate
+#: (measured: 10.0 Mbit/s under a 20 Mbit/s cap with a 256 KiB bucket).
+TC_BURST_SECONDS = 0.25
+#: Size of the shaper's ``exempt`` LPM trie (``bpf/tc_shaper.bpf.c``).
+TC_MAX_EXEMPT = 1024
+#: Interface names are at most IFNAMSIZ - 1 bytes.
+IFNAMSIZ = 16
+
+
+def _bps(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value != 0 and not TC_MIN_BPS <= value <= TC_MAX_BPS:
+        raise ValueError(
+            f"{attribute.name}: must be 0 (no cap) or from {TC_MIN_BPS} to {TC_MAX_BPS} bit/s, "
+            f"got {value}"
+        )
+
+
+def _interface(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    bad = "/" in value or any(c.isspace() for c in value)
+    if not value or len(value.encode()) >= IFNAMSIZ or bad:
+        raise ValueError(
+            f"{attribute.name}: {value!r} is not a network interface name "
+            f"(1 to {IFNAMSIZ - 1} bytes, no '/' or spaces)"
+        )
+
+
+@attrs.frozen
+class TcConfig:
+    """The TC shaper: a per-client bandwidth cap per QoS class on traffic toward clients.
+
+    Attached to the egress of ``interface`` (the one the clients are behind). Each client IP
+    gets a token bucket per class: ``per_client_bps`` for rules with ``qos: "normal"`` (the
+    default), ``high_bps`` and ``bulk_bps`` for the others; 0 means not capped (by default
+    ``high`` is not, so streaming goes first). Buckets hold ``burst_bytes``, or
+    :data:`TC_BURST_SECONDS` of their rate if that is more (:meth:`class_burst`). Clients in
+    ``exempt`` (CIDRs) are never capped. Rates and lists are updated on reload.
+    """
+
+    enabled: bool = False
+    interface: str = attrs.field(default="eth0", validator=_interface)
+    per_client_bps: int = attrs.field(default=10_000_000, validator=_bps)
+    high_bps: int = attrs.field(default=0, validator=_bps)
+    bulk_bps: int = attrs.field(default=2_000_000, validator=_bps)
+    burst_bytes: int = attrs.field(default=TC_MIN_BURST)
+    exempt: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
+
+    @exempt.validator
+    def _check_exempt_size(
+        self, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+    ) -> None:
+        if len(value) > TC_MAX_EXEMPT:
+            raise ValueError(f"exempt: at most {TC_MAX_EXEMPT} networks, got {len(value)}")
+
+    @burst_bytes.validator
+    def _check_burst(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if not TC_MIN_BURST <= value <= TC_MAX_BURST:
+            raise ValueError(
+                f"burst_bytes: must be from {TC_MIN_BURST} (GSO packets are up to 64 KiB; a "
+                f"smaller bucket starves them) to {TC_MAX_BURST}, got {value}"
+            )
+
+    def class_bps(self) -> dict[str, int]:
+        """The per-client cap of each QoS class, bit/s (0: not capped)."""
+        return {"high": self.high_bps, "normal": self.per_client_bps, "bulk": self.bulk_bps}
+
+    def class_burst(self, bps: int) -> int:
+        """The bucket size, bytes, for a cap of ``bps``: ``burst_bytes`` or
+        :data:`TC_BURST_SECONDS` of the rate, whichever is more."""
+        return max(self.burst_bytes, int(bps / 8 * TC_BURST_SECONDS))
+
+
 @attrs.frozen
 class StatsConfig:
     enabled: bool = True
@@ -424,6 +521,7 @@ class EbpfConfig:
     sockmap: SockmapConfig = SockmapConfig()
     dns_cache: DnsCacheConfig = DnsCacheConfig()
     xdp: XdpConfig = XdpConfig()
+    tc: TcConfig = TcConfig()
     stats: StatsConfig = StatsConfig()
 
 
