@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
+
+import loader
 
 
 async def wait_for(predicate: Callable[[], bool], *, timeout: float = 5.0) -> None:
@@ -71,3 +73,10 @@ def client_hello(name: str) -> bytes:
     except ssl.SSLWantReadError:
         return out.read()
     raise AssertionError("a TLS client finished its handshake without a server")
+
+
+def loader_fds_opened_since(before: Mapping[int, str]) -> dict[int, str]:
+    """Loader-owned fds open now that were not open (from the same place) in ``before``, a
+    ``loader.live_fds()`` snapshot. Fds closed meanwhile, e.g. by the garbage collector
+    finishing an earlier test's objects, are not a leak."""
+    return {fd: where for fd, where in loader.live_fds().items() if before.get(fd) != where}

@@ -13,6 +13,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from proxytest import loader_fds_opened_since
 
 import loader
 from loader.btf import Kind, parse_btf
@@ -96,7 +97,7 @@ def guard() -> Iterator[XdpGuard]:
     before = loader.live_fds()
     with load() as g:
         yield g
-    assert loader.live_fds() == before
+    assert not loader_fds_opened_since(before)
 
 
 def run(guard: XdpGuard, frame: bytes) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from proxytest import loader_fds_opened_since
 
 import loader
 from loader._sys import bpf as _bpf
@@ -25,7 +26,7 @@ def no_fd_leaks() -> Iterator[None]:
     """Fail the test if it leaves a loader-owned fd open (cilium's testmain)."""
     before = loader.live_fds()
     yield
-    leaked = {fd: where for fd, where in loader.live_fds().items() if fd not in before}
+    leaked = loader_fds_opened_since(before)
     assert not leaked, f"leaked fds: {leaked}"
 
 
