@@ -299,7 +299,8 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
         labelled = all(direction is not None for direction, _ in values)
         family = CounterMetricFamily(
             f"trio_sni_ebpf_{stem}",
-            _EBPF_HELP.get(stem, f"eBPF data-plane counter {stem}") + ", summed across CPUs.",
+            _EBPF_HELP.get(stem, f"eBPF data-plane counter {stem}")
+            + (", summed across CPUs." if stem.startswith("sockmap_") else "."),
             labels=["direction"] if labelled else None,
         )
         for direction, value in sorted(values, key=lambda item: item[0] or ""):
@@ -323,6 +324,13 @@ _EBPF_HELP = {
     "sockmap_passed_bytes": "Bytes passed to userspace instead of redirected",
     "sockmap_fallbacks": "Connections that fell back from kernel to copy forwarding",
     "sockmap_userspace_directions": "Directions moved to userspace by the in-flight bound",
+    "dns_cache_hits": "Lookups in the shared DNS cache map that found a live entry (this process)",
+    "dns_cache_misses": "Lookups in the shared DNS cache map that found none, an expired one or "
+    "one lacking an address family (this process)",
+    "dns_cache_evictions": "Entries the kernel evicted from the shared DNS cache map, host-wide "
+    "(inserts - deletes - entries; every process on the host reports the same number)",
+    "dns_cache_corrupt": "Undecodable shared DNS cache entries this process deleted",
+    "dns_cache_errors": "Failed operations on the shared DNS cache map (this process)",
 }
 
 
