@@ -172,6 +172,11 @@ class SharedDnsCache:
                 f"CAP_SYS_ADMIN to mount bpffs; uid {os.geteuid()})") from None
         except OSError as exc:
             raise SharedCacheUnavailable(f"no bpffs for {pin_path}: {exc}") from None
+        filesystem = _filesystem_of(pin_path)
+        if filesystem != "bpf":
+            raise SharedCacheUnavailable(
+                f"{pin_path} is on {filesystem}, not on a bpffs (mount -t bpf bpf /sys/fs/bpf, "
+                "or point ebpf.dns_cache.pin_path into one)")
         try:
             with _locked(pin_path):
                 replaced = _discard_unusable(spec, pin_path)
@@ -191,8 +196,14 @@ class SharedDnsCache:
         return cls(collection, pin_path=pin_path, replaced=replaced, clock=clock)
 
     def close(self) -> None:
-        """Close this process's fds; the pinned maps stay for the other processes."""
+        """Close this process's fds (idempotent); the pinned maps stay for the others."""
         self._collection.close()
+
+    def __enter__(self) -> SharedDnsCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- the cache ----------------------------------------------------------------------
 
@@ -312,6 +323,22 @@ class SharedDnsCache:
             misses=self.misses, evictions=self._evictions, corrupt=self.corrupt,
             errors=self.errors,
         )
+
+
+def _filesystem_of(path: str) -> str:
+    """The type of the filesystem ``path`` is on (its longest mount point prefix)."""
+    real = os.path.realpath(path)
+    best, kind = "", "an unknown filesystem"
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            parts = line.split()
+            if len(parts) < 3:
+                continue
+            point = parts[1].replace("\\040", " ")
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, kind = point, parts[2]
+    return kind
 
 
 def _read_u64(stats: loader.Map, stat: Stat) -> int:

@@ -165,7 +165,7 @@ def unpack_value(data: bytes) -> DnsRecord:
     expires_ns, families, n_v6, n_v4 = _HEADER.unpack_from(data)
     if data[_HEADER.size - 5 : _HEADER.size] != bytes(5):
         raise RecordError("padding is not zero")
-    if families & ~(Families.IPV4 | Families.IPV6) or not families:
+    if families & ~int(Families.IPV4 | Families.IPV6) or not families:
         raise RecordError(f"family bits {families:#x} are not IPv4/IPv6")
     if n_v6 > MAX_V6 or n_v4 > MAX_V4:
         raise RecordError(f"{n_v6} IPv6 / {n_v4} IPv4 addresses exceed the {MAX_V6}/{MAX_V4} slots")
