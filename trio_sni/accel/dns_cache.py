@@ -168,10 +168,10 @@ class SharedDnsCache:
             loader.ensure_bpffs(pin_path)
         except PermissionError as exc:
             raise SharedCacheUnavailable(
-                f"cannot create {pin_path}: {exc.strerror} (needs root or CAP_BPF and "
+                f"cannot create {pin_path}: {exc.strerror} (needs root or CAP_BPF, and "
                 f"CAP_SYS_ADMIN to mount bpffs; uid {os.geteuid()})") from None
         except OSError as exc:
-            raise SharedCacheUnavailable(f"no bpffs for {pin_path}: {exc}") from None
+            raise SharedCacheUnavailable(f"cannot create {pin_path}: {exc}") from None
         filesystem = _filesystem_of(pin_path)
         if filesystem != "bpf":
             raise SharedCacheUnavailable(
