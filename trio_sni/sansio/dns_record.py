@@ -57,6 +57,10 @@ class Families(enum.IntFlag):
     IPV6 = 2
 
 
+#: The valid ``families`` bytes (IntFlag construction is slow; a lookup is not).
+_FAMILIES = {int(f): f for f in (Families.IPV4, Families.IPV6, Families.IPV4 | Families.IPV6)}
+
+
 class Stat(enum.IntEnum):
     """Slots of the stats map (``enum dns_stat``)."""
 
@@ -163,9 +167,10 @@ def unpack_value(data: bytes) -> DnsRecord:
     if len(data) != VALUE_SIZE:
         raise RecordError(f"value is {len(data)} bytes, expected {VALUE_SIZE}")
     expires_ns, families, n_v6, n_v4 = _HEADER.unpack_from(data)
-    if data[_HEADER.size - 5 : _HEADER.size] != bytes(5):
+    if data[_HEADER.size - 5 : _HEADER.size].strip(b"\0"):
         raise RecordError("padding is not zero")
-    if families & ~int(Families.IPV4 | Families.IPV6) or not families:
+    asked = _FAMILIES.get(families)
+    if asked is None:
         raise RecordError(f"family bits {families:#x} are not IPv4/IPv6")
     if n_v6 > MAX_V6 or n_v4 > MAX_V4:
         raise RecordError(f"{n_v6} IPv6 / {n_v4} IPv4 addresses exceed the {MAX_V6}/{MAX_V4} slots")
@@ -181,6 +186,6 @@ def unpack_value(data: bytes) -> DnsRecord:
     v4 = tuple(
         ipaddress.IPv4Address(data[v4_at + 4 * i : v4_at + 4 * (i + 1)]) for i in range(n_v4)
     )
-    if any(data[v6_at + 16 * n_v6 : v4_at]) or any(data[v4_at + 4 * n_v4 :]):
+    if data[v6_at + 16 * n_v6 : v4_at].strip(b"\0") or data[v4_at + 4 * n_v4 :].strip(b"\0"):
         raise RecordError("unused address slots are not zero")
-    return DnsRecord(v6=v6, v4=v4, families=Families(families), expires_ns=expires_ns)
+    return DnsRecord(v6=v6, v4=v4, families=asked, expires_ns=expires_ns)
