@@ -61,7 +61,8 @@ def test_answers_are_shared_between_openers_and_survive_a_close(
     with_close = SharedDnsCache.open(pin_dir, 100, clock=clock)
     other = SharedDnsCache.open(pin_dir, 100, clock=clock)
     try:
-        assert with_close.replaced is None and other.replaced is None
+        assert with_close.replaced is None
+        assert other.replaced is None
         assert sorted(os.listdir(pin_dir)) == ["dns_cache", "dns_cache_stats"]
         with_close.put("a.test", (AAAA1, A1), 30, BOTH)
         found = other.get("a.test", BOTH)
@@ -87,7 +88,8 @@ def test_entries_expire_at_their_ttl_on_the_shared_clock(pin_dir: str, clock: Fa
         cache.put("a.test", (A1,), 2.5, Families.IPV4)
         clock.now += int(2.4 * SECOND)
         found = cache.get("a.test", Families.IPV4)
-        assert found is not None and round(found[1], 6) == 0.1
+        assert found is not None
+        assert round(found[1], 6) == 0.1
         clock.now += SECOND // 10  # exactly at the expiry: gone
         assert cache.get("a.test", Families.IPV4) is None
         cache.put("a.test", (A1,), 10, Families.IPV4)  # a refresh overwrites the expired entry
@@ -131,7 +133,8 @@ def test_evictions_are_counted_host_wide(pin_dir: str, clock: FakeClock) -> None
         for i in range(290, 300):  # refreshes of names still there are not inserts
             first.put(f"n{i}.test", (A1,), 60, BOTH)
         a, b = first.statistics(), second.statistics()
-        assert 0 < a.entries <= 64 and a.entries == b.entries
+        assert 0 < a.entries <= 64
+        assert a.entries == b.entries
         assert dns_cache._read_u64(first._stats, dns_record.Stat.INSERTS) == 300
         # Every name entered the map once and none was deleted: the rest were evicted.
         assert a.evictions == b.evictions == 300 - a.entries

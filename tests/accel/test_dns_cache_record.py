@@ -66,14 +66,17 @@ def test_the_bytes_of_one_record() -> None:
                        expires_ns=0x0102030405060708)
     data = dns_record.pack_value(record)
     assert data[:16] == bytes.fromhex("0807060504030201" "03" "01" "01" "0000000000")
-    assert data[16:32] == V6.packed and data[32:144] == bytes(112)
-    assert data[144:148] == V4.packed and data[148:] == bytes(28)
+    assert data[16:32] == V6.packed
+    assert data[32:144] == bytes(112)
+    assert data[144:148] == V4.packed
+    assert data[148:] == bytes(28)
 
 
 def test_from_addresses_splits_by_family_and_keeps_eight_of_each() -> None:
     v4 = tuple(ipaddress.IPv4Address(f"192.0.2.{i}") for i in range(1, 11))
     record = DnsRecord.from_addresses((V6, *v4), Families.IPV4 | Families.IPV6, 5)
-    assert record.v6 == (V6,) and record.v4 == v4[:8]
+    assert record.v6 == (V6,)
+    assert record.v4 == v4[:8]
 
 
 def test_covers() -> None:

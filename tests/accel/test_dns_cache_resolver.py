@@ -39,9 +39,11 @@ def pin_dir() -> Iterator[str]:
 @pytest.fixture
 def shared_pair(pin_dir: str) -> Iterator[tuple[SharedDnsCache, SharedDnsCache]]:
     """Two openers of one pinned map, as two proxy processes would have."""
-    with SharedDnsCache.open(pin_dir, 100, clock=trio_clock_ns) as first:
-        with SharedDnsCache.open(pin_dir, 100, clock=trio_clock_ns) as second:
-            yield first, second
+    with (
+        SharedDnsCache.open(pin_dir, 100, clock=trio_clock_ns) as first,
+        SharedDnsCache.open(pin_dir, 100, clock=trio_clock_ns) as second,
+    ):
+        yield first, second
 
 
 def resolver(dns_server: DNSServer, shared: SharedDnsCache, **settings: object) -> Resolver:
@@ -64,12 +66,14 @@ async def test_the_second_process_answers_from_the_map_without_dns(
     await trio.sleep(20)
     assert await two.resolve("A.test.") == addresses
     assert dns_server.query_count("a.test") == 2  # no new query
-    assert shared_pair[1].hits == 1 and shared_pair[0].misses == 1
+    assert shared_pair[1].hits == 1
+    assert shared_pair[0].misses == 1
     # Now in two's own tier for the 40 s left: no map lookup either.
     await trio.sleep(39.999)
     assert await two.resolve("a.test") == addresses
     assert shared_pair[1].hits == 1
-    assert two.statistics().hits == 2 and two.statistics().misses == 0
+    assert two.statistics().hits == 2
+    assert two.statistics().misses == 0
     await trio.sleep(0.001)  # 60 s after the answer: expired in both tiers
     assert await two.resolve("a.test") == addresses
     assert dns_server.query_count("a.test") == 4
@@ -134,7 +138,8 @@ async def test_reload_clears_only_the_local_tier(
     one = resolver(dns_server, shared_pair[0], family="ipv4")
     await one.resolve("a.test")
     one.reconfigure(dns_server.resolver_settings(family="ipv4"))
-    assert isinstance(one._cache, TieredAddressCache) and len(one._cache) == 0
+    assert isinstance(one._cache, TieredAddressCache)
+    assert len(one._cache) == 0
     await one.resolve("a.test")
     assert dns_server.query_count("a.test") == 1  # answered from the map after the reload
     one.use_shared_cache(None)  # the proxy stopped using the map
