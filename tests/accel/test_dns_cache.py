@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -263,3 +264,28 @@ def test_without_capabilities_it_is_unavailable_with_the_reason(pin_dir: str) ->
     assert result.stdout.startswith("not permitted: "), result.stdout
     assert "CAP_BPF" in result.stdout
     assert os.listdir(pin_dir) == []
+
+
+def test_processes_starting_together_end_up_on_one_map(pin_dir: str) -> None:
+    """The flock serialises creation: eight openers at once, one map pair, one creator."""
+    opened: list[SharedDnsCache] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            opened.append(SharedDnsCache.open(pin_dir, 100))
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        assert len({cache._cache.info().id for cache in opened}) == 1
+        assert all(cache.replaced is None for cache in opened)
+    finally:
+        for cache in opened:
+            cache.close()
