@@ -174,6 +174,7 @@ class Proxy:
 
     def _close_dns_cache(self) -> None:
         if self._dns_cache is not None:
+            self.feature_reporters.pop("dns_cache", None)  # its maps are closed: not serving
             self.context.resolver.use_shared_cache(None)
             self._dns_cache.close()
             self._dns_cache = None

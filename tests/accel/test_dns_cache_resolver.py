@@ -63,18 +63,18 @@ async def test_the_second_process_answers_from_the_map_without_dns(
     addresses = await one.resolve("a.test")
     assert [str(a) for a in addresses] == ["2001:db8::1", "192.0.2.1"]
     assert dns_server.query_count("a.test") == 2
-    await trio.sleep(20)
+    await trio.sleep_until(20)
     assert await two.resolve("A.test.") == addresses
     assert dns_server.query_count("a.test") == 2  # no new query
     assert shared_pair[1].hits == 1
     assert shared_pair[0].misses == 1
     # Now in two's own tier for the 40 s left: no map lookup either.
-    await trio.sleep(39.999)
+    await trio.sleep_until(59.999)
     assert await two.resolve("a.test") == addresses
     assert shared_pair[1].hits == 1
     assert two.statistics().hits == 2
     assert two.statistics().misses == 0
-    await trio.sleep(0.001)  # 60 s after the answer: expired in both tiers
+    await trio.sleep_until(60)  # the answer's TTL is over in both tiers
     assert await two.resolve("a.test") == addresses
     assert dns_server.query_count("a.test") == 4
     assert shared_pair[1].misses == 1
@@ -91,7 +91,7 @@ async def test_max_ttl_of_the_reader_caps_a_shared_entry(
     await one.resolve("a.test")
     await two.resolve("a.test")  # from the map, kept locally for 10 s, not 600
     assert dns_server.query_count("a.test") == 1
-    await trio.sleep(10)
+    await trio.sleep_until(10)
     shared_hits = shared_pair[1].hits
     await two.resolve("a.test")  # local entry gone: the map again (still live there)
     assert shared_pair[1].hits == shared_hits + 1
