@@ -45,6 +45,7 @@ from .maps import RAW as RAW
 from .maps import Int as Int
 from .maps import Map as Map
 from .maps import Struct as Struct
+from .maps import ensure_bpffs as ensure_bpffs
 from .maps import possible_cpus as possible_cpus
 from .programs import Program as Program
 from .programs import TestRunResult as TestRunResult

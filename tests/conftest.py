@@ -8,12 +8,18 @@ test is turned into a failure, so CI cannot go green by skipping the kernel test
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 import trio
 from dnsserver import DNSServer
+
+from trio_sni.accel import dns_cache
 
 REQUIRE_BPF = os.environ.get("TRIO_SNI_REQUIRE_BPF") == "1"
 PRIVILEGED_MARKERS = ("bpf", "root")
@@ -52,3 +58,35 @@ async def dns_server(nursery: trio.Nursery) -> DNSServer:
     """
     server: DNSServer = await nursery.start(DNSServer().serve)
     return server
+
+
+@pytest.fixture(autouse=True)
+def private_dns_cache_pins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A proxy in this process that would pin the shared DNS cache at the host's default path
+    pins it in a directory of this test instead (removed afterwards), so tests neither share
+    answers with each other nor leave maps on the host."""
+    opened: list[str] = []
+    real_open = dns_cache.SharedDnsCache.open
+
+    def open_private(pin_path: str = dns_cache.DEFAULT_PIN_PATH, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if pin_path == dns_cache.DEFAULT_PIN_PATH and have_root_on_linux():
+            pin_path = tempfile.mkdtemp(prefix="trio-sni-test-", dir="/sys/fs/bpf")
+            opened.append(pin_path)
+        return real_open(pin_path, *args, **kwargs)
+
+    monkeypatch.setattr(dns_cache.SharedDnsCache, "open", open_private)
+    yield
+    for path in opened:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_dns_cache_left_at_the_default_path() -> Iterator[None]:
+    """Proxy subprocesses (``python -m trio_sni``) pin the shared DNS cache at the default
+    path; remove it at the end of the session unless it was there before."""
+    existed = os.path.exists(dns_cache.DEFAULT_PIN_PATH)
+    yield
+    if not existed and have_root_on_linux():
+        shutil.rmtree(dns_cache.DEFAULT_PIN_PATH, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(dns_cache.DEFAULT_PIN_PATH))  # only if empty

@@ -333,7 +333,8 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
         labelled = all(label is not None for label, _ in values)
         family = CounterMetricFamily(
             f"trio_sni_ebpf_{stem}",
-            _EBPF_HELP.get(stem, f"eBPF data-plane counter {stem}") + ", summed across CPUs.",
+            _EBPF_HELP.get(stem, f"eBPF data-plane counter {stem}")
+            + ("." if stem.startswith("dns_cache_") else ", summed across CPUs."),
             labels=[_LABEL_NAMES.get(stem, "direction")] if labelled else None,
         )
         for label, value in sorted(values, key=lambda item: item[0] or ""):
@@ -375,6 +376,13 @@ _EBPF_HELP = {
     "tc_packets": "Packets the TC shaper passed or dropped toward clients, by QoS class "
     "(exempt: clients in ebpf.tc.exempt; other: not the proxy's traffic to a client)",
     "tc_bytes": "Bytes the TC shaper passed or dropped toward clients, by QoS class",
+    "dns_cache_hits": "Lookups in the shared DNS cache map that found a live entry (this process)",
+    "dns_cache_misses": "Lookups in the shared DNS cache map that found none, an expired one or "
+    "one lacking an address family (this process)",
+    "dns_cache_evictions": "Entries the kernel evicted from the shared DNS cache map, host-wide "
+    "(inserts - deletes - entries; every process on the host reports the same number)",
+    "dns_cache_corrupt": "Undecodable shared DNS cache entries this process deleted",
+    "dns_cache_errors": "Failed operations on the shared DNS cache map (this process)",
 }
 #: The TC shaper's counters (``tc_<packets|bytes>_<passed|dropped>_<class>``, from
 #: ``accel.tc.TcShaper.counters``) become one family each with ``verdict`` and ``class``.

@@ -32,9 +32,14 @@ IPv6 (RFC 8305 section 4), ``prefer_*`` puts the preferred family first, ``ipv4`
 query and return only that family. The connector (:mod:`.upstream`) then tries them in this
 order.
 
-The cache is a small class behind the :class:`AddressCache` protocol, so that a second tier
-(a pinned BPF LRU map shared between workers) can later slot in behind it without touching
-the lookup logic.
+The cache is a small class behind the :class:`AddressCache` protocol. With a shared tier
+(:meth:`Resolver.use_shared_cache`: the pinned BPF LRU map every proxy on the host shares,
+:mod:`trio_sni.accel.dns_cache`), it is a :class:`TieredAddressCache`: the in-process dict
+first (tens of nanoseconds), then the shared map (one ``bpf()`` syscall, about a
+microsecond), then DNS; a DNS answer is written to both, and an answer from the shared map is
+copied into the in-process tier for its remaining TTL. Only positive answers are shared:
+failures stay in the process, so a flood of random names cannot push other processes' good
+answers out of the shared map.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -57,6 +63,7 @@ import trio
 from .errors import ResolveError
 from .sansio import config
 from .sansio.config import parse_host_port
+from .sansio.dns_record import DnsRecord, Families, families_for
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -152,6 +159,90 @@ class LruAddressCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class SharedCache(Protocol):
+    """A cache shared with other processes (:class:`trio_sni.accel.dns_cache.SharedDnsCache`).
+
+    Its time is its own (seconds left, not ``trio.current_time()`` values): processes do not
+    share a trio clock.
+    """
+
+    def get(self, name: str, needed: Families) -> tuple[DnsRecord, float] | None:
+        """The record for ``name`` and its seconds left, if live and asked for ``needed``."""
+        ...
+
+    def put(
+        self, name: str, addresses: tuple[IPAddress, ...], ttl: float, families: Families
+    ) -> None:
+        """Share ``addresses`` for ``ttl`` seconds; ``families`` were asked for."""
+        ...
+
+
+class TieredAddressCache:
+    """The in-process cache in front of a shared one (lookup order: local, shared, DNS).
+
+    Args:
+        local: the in-process tier; it alone holds negative entries.
+        shared: the tier shared with the other processes on the host.
+        family: ``resolver.family``: which families a shared entry must cover, and how its
+            addresses are ordered for this process.
+        max_ttl: ``resolver.max_ttl``: a shared entry lives no longer than this here, whatever
+            another process wrote.
+        clock: ``trio.current_time``, to turn ``expires_at`` into a TTL for the shared tier.
+    """
+
+    def __init__(
+        self,
+        local: AddressCache,
+        shared: SharedCache,
+        *,
+        family: config.Family,
+        max_ttl: float,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.local = local
+        self.shared = shared
+        self._family = family
+        self._needed = families_for(family)
+        self._max_ttl = max_ttl
+        self._clock = clock
+
+    def get(self, name: str, now: float) -> CacheEntry | None:
+        """From the local tier, else from the shared one (then kept locally too)."""
+        entry = self.local.get(name, now)
+        if entry is not None:
+            return entry
+        found = self.shared.get(name, self._needed)
+        if found is None:
+            return None
+        record, left = found
+        addresses = order_addresses(record.v6, record.v4, self._family)
+        if not addresses:
+            return None  # e.g. only IPv4 shared, IPv6 wanted: DNS says what this means here
+        expires_at = now + min(left, self._max_ttl)
+        self.local.put(name, addresses, expires_at)
+        return CacheEntry(addresses, expires_at)
+
+    def put(
+        self,
+        name: str,
+        addresses: tuple[IPAddress, ...],
+        expires_at: float,
+        *,
+        error: str | None = None,
+    ) -> None:
+        """Store locally; share positive answers."""
+        self.local.put(name, addresses, expires_at, error=error)
+        if error is None and addresses:
+            self.shared.put(name, addresses, expires_at - self._clock(), self._needed)
+
+    def clear(self) -> None:
+        """Forget the local tier only: the shared one belongs to every proxy on the host."""
+        self.local.clear()
+
+    def __len__(self) -> int:
+        return len(self.local)
 
 
 @attrs.frozen
@@ -272,6 +363,7 @@ class Resolver:
 
     def __init__(self, settings: config.Resolver, *, timeout: float) -> None:
         self._timeout = timeout
+        self._shared: SharedCache | None = None
         self._backend = dns.asyncbackend.get_backend("trio")
         self._hits = 0
         self._misses = 0
@@ -303,9 +395,25 @@ class Resolver:
         self._dns, self._nameservers_text = dns_resolver, nameservers_text
         if timeout is not None:
             self._timeout = timeout
-        self._cache: AddressCache = LruAddressCache(settings.cache_size)
+        self._cache = self._make_cache()
         self._inflight: dict[str, _Flight] = {}
         self._generation = getattr(self, "_generation", 0) + 1
+
+    def use_shared_cache(self, shared: SharedCache | None) -> None:
+        """Put ``shared`` behind the in-process cache (None: the in-process tier alone).
+
+        The in-process tier starts empty, as after a reload.
+        """
+        self._shared = shared
+        self._cache = self._make_cache()
+
+    def _make_cache(self) -> AddressCache:
+        local = LruAddressCache(self._settings.cache_size)
+        if self._shared is None:
+            return local
+        return TieredAddressCache(
+            local, self._shared, family=self._settings.family, max_ttl=self._settings.max_ttl
+        )
 
     @staticmethod
     def _make_dns_resolver(settings: config.Resolver) -> tuple[dns.asyncresolver.Resolver, str]:

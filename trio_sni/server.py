@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import trio
 
+from .accel.dns_cache import SharedCacheUnavailable, SharedDnsCache
 from .connection import ConnectionContext, handle_connection
 from .edge_guard import EdgeGuard
 from .forward import choose_forwarder
@@ -132,6 +133,7 @@ class Proxy:
         self.edge_guard: EdgeGuard | None = None
         #: The running TC shaper (``ebpf.tc``), started once the listening ports are known.
         self.tc_shaper: TcShaper | None = None
+        self._dns_cache: SharedDnsCache | None = None
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
@@ -142,6 +144,7 @@ class Proxy:
         say "not ready" until the listeners are bound) and runs until the proxy has drained.
         """
         try:
+            self._open_dns_cache()
             if self.config.status.listen is None:
                 await self._serve_proxy(task_status=task_status)
                 return
@@ -151,6 +154,7 @@ class Proxy:
                 await self._serve_proxy(task_status=task_status)
                 status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
         finally:
+            self._close_dns_cache()
             self._plan.close()  # the kernel forwarder's BPF objects, on every path
             if self.edge_guard is not None:
                 self.edge_guard.close()  # detaches the XDP program
@@ -158,6 +162,42 @@ class Proxy:
                 self.tc_shaper.close()  # detaches the TC shaper
             if self._access_log is not None:
                 self._access_log.close()  # also when the status port was busy (idempotent)
+
+    def _open_dns_cache(self) -> None:
+        """Put the pinned BPF map behind the resolver's cache, or say once why not.
+
+        Whatever happens is what ``/ebpf/status`` reports for ``dns_cache``.
+        """
+        ebpf = self.config.ebpf
+        settings = ebpf.dns_cache
+        if not ebpf.enabled or not settings.enabled:
+            why = "ebpf.enabled is false" if not ebpf.enabled else "ebpf.dns_cache.enabled is false"
+            log.info("DNS cache: in-process tier only (%s)", why)
+            self.feature_reporters["dns_cache"] = lambda: FeatureReport("disabled", why)
+            return
+        try:
+            cache = SharedDnsCache.open(settings.pin_path, settings.max_entries)
+        except SharedCacheUnavailable as exc:
+            reason = str(exc)
+            log.warning("DNS cache: in-process tier only; the shared BPF map is unavailable: %s",
+                        reason)
+            self.feature_reporters["dns_cache"] = lambda: FeatureReport("unavailable", reason)
+            return
+        if cache.replaced is not None:
+            log.warning("DNS cache: replaced incompatible pinned state at %s (%s)",
+                        cache.pin_path, cache.replaced)
+        log.info("DNS cache: in-process tier, then the BPF map pinned at %s (max %d names)",
+                 cache.pin_path, cache.max_entries)
+        self._dns_cache = cache
+        self.context.resolver.use_shared_cache(cache)
+        self.feature_reporters["dns_cache"] = lambda: _dns_cache_report(cache)
+
+    def _close_dns_cache(self) -> None:
+        if self._dns_cache is not None:
+            self.feature_reporters.pop("dns_cache", None)  # its maps are closed: not serving
+            self.context.resolver.use_shared_cache(None)
+            self._dns_cache.close()
+            self._dns_cache = None
 
     async def _serve_proxy(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
@@ -313,6 +353,28 @@ class Proxy:
                     continue
                 raise
             connections.start_soon(handle_connection, stream, spec, self.context)
+
+
+def _dns_cache_report(cache: SharedDnsCache) -> FeatureReport:
+    """The shared DNS cache's state, map fill and counters (reads the map: scrape time only)."""
+    stats = cache.statistics()
+    notes = []
+    if cache.replaced is not None:
+        notes.append(f"replaced incompatible pinned state at {cache.pin_path}: {cache.replaced}")
+    if cache.last_error is not None:
+        notes.append(f"{stats.errors} map operation(s) failed, last: {cache.last_error}")
+    return FeatureReport(
+        "active",
+        "; ".join(notes) or None,
+        maps={"dns_cache": MapStatus(stats.entries, stats.max_entries, stats.hit_rate)},
+        counters={
+            "dns_cache_hits": stats.hits,
+            "dns_cache_misses": stats.misses,
+            "dns_cache_evictions": stats.evictions,
+            "dns_cache_corrupt": stats.corrupt,
+            "dns_cache_errors": stats.errors,
+        },
+    )
 
 
 async def _open_listeners(

@@ -237,6 +237,9 @@ def acceleration_from_config(
             )
         elif feature == "tc":
             features[feature], reasons[feature] = "unavailable", "the TC shaper is not running"
+        elif feature == "dns_cache":
+            # The proxy reports what really happened once it serves (Proxy._open_dns_cache).
+            features[feature], reasons[feature] = "unavailable", "the proxy is not serving yet"
         else:
             features[feature], reasons[feature] = "unavailable", NOT_IMPLEMENTED
     maps: dict[str, MapStatus] = {}
@@ -284,6 +287,8 @@ def ebpf_status_document(source: StatusSource) -> dict[str, object]:
         "ebpf_enabled": source.config.ebpf.enabled and accel.enabled,
         "features": dict(accel.features),
         "reasons": {f: r for f, r in accel.reasons.items() if accel.features.get(f) != "active"},
+        # What an active feature wants known (e.g. the DNS cache replaced incompatible state).
+        "notes": {f: r for f, r in accel.reasons.items() if accel.features.get(f) == "active"},
         "kernel_version": os.uname().release,
         "maps": {name: m.to_json() for name, m in accel.maps.items()},
         "details": {name: dict(d) for name, d in accel.details.items()},

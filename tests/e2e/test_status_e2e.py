@@ -25,6 +25,8 @@ from trio_sni.status import serve_status
 
 #: Whether the default config forwards in kernel mode here.
 KERNEL = probe().sockmap
+#: Whether the shared DNS cache (a pinned BPF map) can be opened here.
+ROOT = os.geteuid() == 0
 
 
 def COPY_MODE(config: dict[str, Any]) -> dict[str, Any]:
@@ -325,22 +327,24 @@ async def test_ebpf_status_has_the_designs_shape(
     assert doc["ebpf_enabled"] is KERNEL
     assert doc["features"] == {
         "sockmap": "active" if KERNEL else "unavailable",
-        "dns_cache": "unavailable",
+        "dns_cache": "active" if ROOT else "unavailable",  # pinned in this test's directory
         "xdp": "disabled",
         "tc": "disabled",
         "stats": "active" if KERNEL else "unavailable",  # the data plane's per-CPU counters
     }
     # Every feature that is not active says why.
-    active = {"sockmap", "stats"} if KERNEL else set()
+    active = ({"sockmap", "stats"} if KERNEL else set()) | ({"dns_cache"} if ROOT else set())
     assert set(doc["reasons"]) == set(doc["features"]) - active
     if not KERNEL:
         assert doc["reasons"]["sockmap"].startswith("kernel forwarding unavailable: ")
     assert doc["reasons"]["xdp"] == "ebpf.xdp.enabled is false"
     assert doc["kernel_version"] == os.uname().release
+    # No lookup yet: no hit rate.
+    dns_cache = {"dns_cache": {"entries": 0, "max_entries": 10000}} if ROOT else {}
     if KERNEL:  # entries: connections in the sockhash now
-        assert doc["maps"] == {"sockmap": {"entries": 0, "max_entries": 65536}}
+        assert doc["maps"] == {"sockmap": {"entries": 0, "max_entries": 65536}, **dns_cache}
     else:
-        assert doc["maps"] == {}
+        assert doc["maps"] == dns_cache
     assert doc["forwarding_mode"] == ("kernel" if KERNEL else "copy")
     assert doc["resolver_cache"] == {"entries": 0, "max_entries": 10000, "hit_rate": None}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import loader
-from loader import AttachType, MapFlag, MapSpec, MapType, ProgType
+from loader import AttachType, MapFlag, MapSpec, MapType, PinType, ProgType
 
 from .conftest import PREBUILT  # type: ignore[import-not-found]
 
@@ -52,10 +52,17 @@ TC_SHAPER_MAPS = {
 }
 
 
+DNS_CACHE_MAPS = {
+    "dns_cache": MapSpec("dns_cache", MapType.LRU_HASH, 256, 176, 10000, pinning=PinType.BY_NAME),
+    "dns_cache_stats": MapSpec("dns_cache_stats", MapType.ARRAY, 4, 8, 3,
+                               pinning=PinType.BY_NAME),
+}
+
+
 def test_prebuilt_objects_are_exactly_these() -> None:
-    assert sorted(p.name for p in PREBUILT.glob("*.bpf.o")) == ["sockhash.bpf.o",
-                                                               "tc_shaper.bpf.o",
-                                                               "xdp_guard.bpf.o"]
+    assert sorted(p.name for p in PREBUILT.glob("*.bpf.o")) == [
+        "dns_cache.bpf.o", "sockhash.bpf.o", "tc_shaper.bpf.o", "xdp_guard.bpf.o"
+    ]
 
 
 def test_xdp_guard_spec() -> None:
@@ -66,6 +73,16 @@ def test_xdp_guard_spec() -> None:
     guard = spec.programs["xdp_guard"]
     assert (guard.section, guard.type, guard.attach_type) == ("xdp", ProgType.XDP, AttachType.XDP)
     assert {r.map for r in guard.references} == set(XDP_GUARD_MAPS)
+
+
+def test_dns_cache_spec() -> None:
+    spec = loader.load_collection_spec(PREBUILT / "dns_cache.bpf.o")
+    assert spec.license == "GPL"
+    assert dict(spec.maps) == DNS_CACHE_MAPS
+    assert list(spec.programs) == ["dns_stat_add"]
+    counter = spec.programs["dns_stat_add"]
+    assert (counter.section, counter.type) == ("socket", ProgType.SOCKET_FILTER)
+    assert {(r.map, r.kind) for r in counter.references} == {("dns_cache_stats", "map")}
 
 
 def test_sockhash_spec() -> None:
@@ -101,7 +118,8 @@ def test_buildinfo_names_the_pinned_toolchain() -> None:
     assert "-ffile-prefix-map=<dir>/=" in lines[1]
     assert lines[2].startswith("headers: libbpf-dev ")
     assert [line.split()[1] for line in lines[3:]] == ["shared.h", "sockhash.bpf.c",
-                                                       "xdp_guard.bpf.c", "tc_shaper.bpf.c"]
+                                                       "xdp_guard.bpf.c", "tc_shaper.bpf.c",
+                                                       "dns_cache.bpf.c"]
 
 
 @pytest.mark.skipif(

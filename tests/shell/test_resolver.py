@@ -26,6 +26,7 @@ from trio_sni.resolver import (
     order_addresses,
 )
 from trio_sni.sansio import config
+from trio_sni.sansio.dns_record import DnsRecord, Families
 
 
 def ips(*texts: str) -> tuple[IPAddress, ...]:
@@ -520,3 +521,56 @@ async def test_reconfigure_can_change_the_timeout(
     with pytest.raises(ResolveError, match=r"DNS timed out after 1\.5 s"):
         await resolver.resolve("x.test")
     assert trio.current_time() == 1.5
+
+
+# -- a shared tier behind the in-process cache (no kernel: a dict stands in for the map) --
+
+
+@attrs.define
+class DictSharedCache:
+    """The SharedCache protocol over a dict, expiring on trio's clock."""
+
+    entries: dict[str, tuple[DnsRecord, float]] = attrs.Factory(dict)
+    lookups: int = 0
+
+    def get(self, name: str, needed: Families) -> tuple[DnsRecord, float] | None:
+        self.lookups += 1
+        found = self.entries.get(name)
+        if found is None or not found[0].covers(needed):
+            return None
+        left = found[1] - trio.current_time()
+        return (found[0], left) if left > 0 else None
+
+    def put(
+        self, name: str, addresses: tuple[IPAddress, ...], ttl: float, families: Families
+    ) -> None:
+        record = DnsRecord.from_addresses(addresses, families, 0)
+        self.entries[name] = (record, trio.current_time() + ttl)
+
+
+async def test_lookup_order_is_local_then_shared_then_dns(
+    dns_server: DNSServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    dual_stack(dns_server, "a.test", ttl=60)
+    shared = DictSharedCache()
+    one = Resolver(dns_server.resolver_settings(), timeout=5.0)
+    two = Resolver(dns_server.resolver_settings(family="prefer_ipv4"), timeout=5.0)
+    one.use_shared_cache(shared)
+    two.use_shared_cache(shared)
+    await one.resolve("a.test")
+    assert dns_server.query_count("a.test") == 2
+    assert set(shared.entries) == {"a.test"}  # written to both tiers
+    await trio.sleep_until(30)
+    assert await two.resolve("a.test") == ips("192.0.2.1", "192.0.2.2", "2001:db8::1",
+                                              "2001:db8::2")  # ordered for two's family
+    assert dns_server.query_count("a.test") == 2
+    lookups = shared.lookups
+    await trio.sleep_until(59.999)
+    await two.resolve("a.test")  # its own tier until the shared entry's expiry
+    assert shared.lookups == lookups
+    await trio.sleep_until(60)  # the answer's TTL is over in both tiers
+    await two.resolve("a.test")
+    assert dns_server.query_count("a.test") == 4
+    with pytest.raises(ResolveError, match="NXDOMAIN"):
+        await one.resolve("missing.test")
+    assert set(shared.entries) == {"a.test"}  # failures stay in the process

@@ -243,7 +243,7 @@ def test_default_config_features_are_unavailable_or_disabled_with_reasons() -> N
     }
     assert dict(status.reasons) == {
         "sockmap": NOT_IMPLEMENTED,
-        "dns_cache": NOT_IMPLEMENTED,
+        "dns_cache": "the proxy is not serving yet",
         "xdp": "ebpf.xdp.enabled is false",
         "tc": "ebpf.tc.enabled is false",
         "stats": "the per-CPU counters belong to the kernel data plane, which is not running",

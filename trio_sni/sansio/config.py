@@ -371,10 +371,21 @@ class SockmapConfig:
     max_in_flight: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
 
 
+def _absolute_path(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value.startswith("/"):
+        raise ValueError(f"{attribute.name}: must be an absolute path, got {value!r}")
+
+
 @attrs.frozen
 class DnsCacheConfig:
+    """The DNS cache shared by every proxy on the host: a pinned BPF LRU map of
+    ``max_entries`` names in the bpffs directory ``pin_path`` (behind the in-process cache,
+    ``resolver.cache_size``). Every process sharing it must use the same ``max_entries``: a
+    pinned map of another size is replaced."""
+
     enabled: bool = True
     max_entries: int = attrs.field(default=10000, validator=_positive)
+    pin_path: str = attrs.field(default="/sys/fs/bpf/trio_sni/dns_cache", validator=_absolute_path)
 
 
 XdpMode = Literal["auto", "native", "generic"]
