@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from proxytest import loader_fds_opened_since
 
 import loader
 from trio_sni.accel import dns_cache
@@ -59,6 +60,7 @@ def clock() -> FakeClock:
 def test_answers_are_shared_between_openers_and_survive_a_close(
     pin_dir: str, clock: FakeClock
 ) -> None:
+    before = loader.live_fds()
     with_close = SharedDnsCache.open(pin_dir, 100, clock=clock)
     other = SharedDnsCache.open(pin_dir, 100, clock=clock)
     try:
@@ -81,7 +83,7 @@ def test_answers_are_shared_between_openers_and_survive_a_close(
     finally:
         reopened.close()
         other.close()
-    assert loader.live_fds() == {}
+    assert not loader_fds_opened_since(before)
 
 
 def test_entries_expire_at_their_ttl_on_the_shared_clock(pin_dir: str, clock: FakeClock) -> None:
@@ -228,6 +230,7 @@ def test_another_layout_version_or_size_is_replaced(pin_dir: str, clock: FakeClo
 def test_a_held_lock_makes_it_unavailable(
     pin_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    before = loader.live_fds()
     monkeypatch.setattr(dns_cache, "LOCK_TIMEOUT", 0.05)
     fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -237,13 +240,14 @@ def test_a_held_lock_makes_it_unavailable(
     finally:
         os.close(fd)
     assert os.listdir(pin_dir) == []
-    assert loader.live_fds() == {}
+    assert not loader_fds_opened_since(before)
 
 
 def test_not_a_bpffs_path_is_unavailable_with_the_reason(tmp_path: os.PathLike[str]) -> None:
+    before = loader.live_fds()
     with pytest.raises(SharedCacheUnavailable, match=r"pins is on \w+, not on a bpffs"):
         SharedDnsCache.open(os.path.join(str(tmp_path), "pins"), 100)
-    assert loader.live_fds() == {}
+    assert not loader_fds_opened_since(before)
 
 
 def test_without_capabilities_it_is_unavailable_with_the_reason(pin_dir: str) -> None:
