@@ -100,6 +100,11 @@ FeatureState = Literal["active", "disabled", "unavailable"]
 #: The kernel features ``/ebpf/status`` reports, in the design's order plus ``tc``.
 FEATURES = ("sockmap", "dns_cache", "xdp", "tc", "stats")
 NOT_IMPLEMENTED = "not implemented in this build"
+#: Why a switched-on feature is not active before the proxy has started it.
+NOT_STARTED = "not started: the proxy starts it when it serves"
+#: Features besides ``sockmap`` whose programs count in per-CPU maps; ``ebpf.stats.enabled:
+#: false`` leaves those counters out of ``/ebpf/status`` and ``/metrics``.
+PER_CPU_FEATURES = ("xdp", "tc")
 
 
 # ------------------------------------------------------------------------------------------
@@ -213,6 +218,10 @@ def acceleration_from_config(
         "tc": ebpf.tc.enabled,
         "stats": ebpf.stats.enabled,
     }
+    #: The kernel programs that keep per-CPU counters (what ``ebpf.stats`` is about).
+    per_cpu = [f for f in PER_CPU_FEATURES if f in reports and reports[f].state == "active"]
+    if sockmap_report is not None:
+        per_cpu.insert(0, "sockmap")
     for feature in FEATURES:
         if not ebpf.enabled:
             features[feature], reasons[feature] = "disabled", "ebpf.enabled is false"
@@ -228,20 +237,16 @@ def acceleration_from_config(
             reasons[feature] = f"ebpf.{feature}.enabled is false"
         elif feature == "sockmap":
             features[feature], reasons[feature] = "unavailable", forwarding_why
-        elif feature == "stats" and sockmap_report is not None:
-            features[feature] = "active"  # the data plane's per-CPU counters, read at scrape
+        elif feature == "stats" and per_cpu:
+            features[feature] = "active"  # the programs' per-CPU counters, read at scrape
         elif feature == "stats":
             features[feature] = "unavailable"
             reasons[feature] = (
-                "the per-CPU counters belong to the kernel data plane, which is not running"
+                "no kernel program with per-CPU counters (sockmap, xdp, tc) is running"
             )
-        elif feature == "tc":
-            features[feature], reasons[feature] = "unavailable", "the TC shaper is not running"
-        elif feature == "dns_cache":
-            # The proxy reports what really happened once it serves (Proxy._open_dns_cache).
-            features[feature], reasons[feature] = "unavailable", "the proxy is not serving yet"
         else:
-            features[feature], reasons[feature] = "unavailable", NOT_IMPLEMENTED
+            # dns_cache, xdp, tc: the proxy reports what really happened once it serves.
+            features[feature], reasons[feature] = "unavailable", NOT_STARTED
     maps: dict[str, MapStatus] = {}
     counters: dict[str, int] = {}
     if sockmap_report is not None:
@@ -249,12 +254,14 @@ def acceleration_from_config(
         maps["sockmap"] = MapStatus(
             entries=sockets // 2, max_entries=config.ebpf.sockmap.max_entries
         )
-        counters = {f"sockmap_{name}": value for name, value in kernel_counters.items()}
+        if ebpf.stats.enabled:
+            counters = {f"sockmap_{name}": value for name, value in kernel_counters.items()}
     details: dict[str, Mapping[str, object]] = {}
     if ebpf.enabled:
         for name, report in reports.items():
             maps.update(report.maps)
-            counters.update(report.counters)
+            if ebpf.stats.enabled or name not in PER_CPU_FEATURES:
+                counters.update(report.counters)
             if report.details:
                 details[name] = report.details
     return AccelerationStatus(

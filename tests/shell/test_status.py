@@ -23,6 +23,7 @@ from trio_sni.status import (
     ERROR_SEND_TIMEOUT,
     FEATURES,
     NOT_IMPLEMENTED,
+    NOT_STARTED,
     REQUEST_TIMEOUT,
     AccelerationStatus,
     FeatureState,
@@ -243,10 +244,10 @@ def test_default_config_features_are_unavailable_or_disabled_with_reasons() -> N
     }
     assert dict(status.reasons) == {
         "sockmap": NOT_IMPLEMENTED,
-        "dns_cache": "the proxy is not serving yet",
+        "dns_cache": NOT_STARTED,
         "xdp": "ebpf.xdp.enabled is false",
         "tc": "ebpf.tc.enabled is false",
-        "stats": "the per-CPU counters belong to the kernel data plane, which is not running",
+        "stats": "no kernel program with per-CPU counters (sockmap, xdp, tc) is running",
     }
     assert not status.enabled
 
@@ -268,7 +269,7 @@ def test_tc_is_unavailable_when_enabled_until_the_shaper_reports() -> None:
     config = load_config({**CONFIG, "ebpf": {"tc": {"enabled": True, "interface": "veth9"}}})
     status = acceleration_from_config(config)
     assert status.features["tc"] == "unavailable"
-    assert status.reasons["tc"] == "the TC shaper is not running"
+    assert status.reasons["tc"] == NOT_STARTED
     running = acceleration_from_config(config, reports={"tc": FeatureReport(
         "active", maps={"tc_buckets": MapStatus(entries=2, max_entries=65536)},
         counters={"tc_bytes_dropped_normal": 7})})
@@ -457,3 +458,26 @@ def test_a_reload_that_moves_the_status_endpoint_says_it_needs_a_restart(
     with caplog.at_level("WARNING", logger="trio_sni"):
         proxy.reload(load_config({**config, "status": {"listen": "127.0.0.1:9091"}}))
     assert caplog.messages == []
+
+
+def test_the_stats_switch_leaves_the_per_cpu_counters_out() -> None:
+    reports = {
+        "xdp": FeatureReport("active", counters={"xdp_passed": 5}),
+        "dns_cache": FeatureReport("active", counters={"dns_cache_hits": 3}),
+    }
+    on = acceleration_from_config(
+        load_config({**CONFIG, "ebpf": {"xdp": {"enabled": True}}}),
+        sockmap_report=(2, {"redirect_failures": 1}), reports=reports,
+    )
+    assert on.features["stats"] == "active"
+    assert on.counters == {"sockmap_redirect_failures": 1, "xdp_passed": 5, "dns_cache_hits": 3}
+    off = acceleration_from_config(
+        load_config({**CONFIG, "ebpf": {"xdp": {"enabled": True}, "stats": {"enabled": False}}}),
+        sockmap_report=(2, {"redirect_failures": 1}), reports=reports,
+    )
+    assert off.features["stats"] == "disabled"
+    assert off.counters == {"dns_cache_hits": 3}  # a process counter, not a per-CPU map
+    # XDP alone is enough for per-CPU counters to exist
+    assert acceleration_from_config(load_config(CONFIG), reports=reports).features["stats"] == (
+        "active"
+    )
