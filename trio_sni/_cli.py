@@ -375,11 +375,24 @@ def render_status(base: str, documents: dict[str, object]) -> str:
 
     features = _as_dict(ebpf.get("features") or {})
     reasons = _as_dict(ebpf.get("reasons") or {})
+    notes = _as_dict(ebpf.get("notes") or {})  # what an active feature wants known
+    details = _as_dict(ebpf.get("details") or {})
     lines += ["", f"eBPF: {'on' if ebpf.get('ebpf_enabled') else 'off'} "
               f"(kernel {ebpf.get('kernel_version')})"]
     lines += _table(
-        ("FEATURE", "STATE", "REASON"),
-        [(name, str(state), str(reasons.get(name, ""))) for name, state in features.items()],
+        ("FEATURE", "STATE", "REASON OR NOTE", "DETAILS"),
+        [
+            (
+                name,
+                str(state),
+                str(reasons.get(name) or notes.get(name) or ""),
+                " ".join(
+                    f"{key}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                    for key, v in _as_dict(details.get(name) or {}).items()
+                ),
+            )
+            for name, state in features.items()
+        ],
     )
     maps = _as_dict(ebpf.get("maps") or {})
     if maps:
@@ -389,8 +402,8 @@ def render_status(base: str, documents: dict[str, object]) -> str:
             rate = m.get("hit_rate")
             rows.append((
                 name,
-                str(m.get("entries")),
-                str(m.get("max_entries")),
+                "-" if m.get("entries") is None else str(m.get("entries")),
+                "-" if m.get("max_entries") is None else str(m.get("max_entries")),
                 f"{float(rate) * 100:.1f} %" if isinstance(rate, (int, float)) else "-",
             ))
         lines.append("")

@@ -196,3 +196,26 @@ def test_status_rejects_a_non_http_url_and_serving_options() -> None:
     mixed = run_cli("--config", "x.json", "status")
     assert mixed.returncode == 2
     assert "status reads a running proxy" in mixed.stderr
+
+
+def test_status_shows_notes_and_details_of_active_features() -> None:
+    from trio_sni._cli import render_status
+
+    ebpf = {
+        "ebpf_enabled": True, "kernel_version": "6.18",
+        "features": {"dns_cache": "active", "xdp": "active", "tc": "unavailable"},
+        "reasons": {"tc": "no such interface eth9"},
+        "notes": {"dns_cache": "replaced an incompatible pinned map"},
+        "details": {"xdp": {"interface": "eth0", "mode": "generic", "ports": [443, 8443]}},
+        "maps": {"xdp_syn_sources": {"entries": None, "max_entries": 65536}},
+    }
+    documents = {"ready": True, "readiness": "ready", "ebpf": ebpf, "metrics": [],
+                 "connections": {"connections": []}}
+    lines = render_status("http://x", documents).splitlines()
+    rows = {line.split()[0]: line for line in lines if line.split()}
+    assert rows["dns_cache"].split()[1:] == ["active", "replaced", "an", "incompatible",
+                                             "pinned", "map"]
+    assert rows["xdp"].split()[1:] == ["active", "interface=eth0", "mode=generic",
+                                       "ports=443,8443"]
+    assert rows["tc"].split()[1:] == ["unavailable", "no", "such", "interface", "eth9"]
+    assert rows["xdp_syn_sources"].split()[1:] == ["-", "65536", "-"]
