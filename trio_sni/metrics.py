@@ -317,41 +317,23 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
     for name, state in status.features.items():
         feature.add_metric([name, state], 1)
     yield feature
-    # One metric per counter, except that a "_to_upstream"/"_to_client" pair becomes one
-    # metric with a ``direction`` label, and "xdp_dropped_<reason>" one with a ``reason``
-    # label (labels, not one name per case).
-    grouped: dict[str, list[tuple[str | None, int]]] = {}
-    tc: dict[str, list[tuple[str, str, int]]] = {}
+    # One family per counter stem, its variants as labels (labels, not one name per case).
+    families: dict[str, tuple[tuple[str, ...], list[tuple[tuple[str, ...], int]]]] = {}
     for key, value in status.counters.items():
-        tc_match = _TC_COUNTER.match(key)
-        if tc_match:
-            tc.setdefault(tc_match[1], []).append((tc_match[2], tc_match[3], value))
-            continue
-        stem, label = _split_label(key)
-        grouped.setdefault(stem, []).append((label, value))
-    for stem, values in sorted(grouped.items()):
-        labelled = all(label is not None for label, _ in values)
+        stem, names, values = _counter_shape(key)
+        known_names, rows = families.setdefault(stem, (names, []))
+        if known_names != names:
+            raise ValueError(f"counter {key}: labels {names} differ from {stem}'s {known_names}")
+        rows.append((values, value))
+    for stem, (names, rows) in sorted(families.items()):
         family = CounterMetricFamily(
             f"trio_sni_ebpf_{stem}",
-            _EBPF_HELP.get(stem, f"eBPF data-plane counter {stem}")
+            _EBPF_HELP.get(stem, f"eBPF counter {stem}")
             + ("." if stem.startswith("dns_cache_") else ", summed across CPUs."),
-            labels=[_LABEL_NAMES.get(stem, "direction")] if labelled else None,
+            labels=list(names) or None,
         )
-        for label, value in sorted(values, key=lambda item: item[0] or ""):
-            if labelled:
-                assert label is not None
-                family.add_metric([label], value)
-            else:
-                family.add_metric([], value)
-        yield family
-    for stem, rows in sorted(tc.items()):
-        family = CounterMetricFamily(
-            f"trio_sni_ebpf_{stem}",
-            _EBPF_HELP[stem] + ", summed across CPUs.",
-            labels=["verdict", "class"],
-        )
-        for verdict, qos_class, value in sorted(rows):
-            family.add_metric([verdict, qos_class], value)
+        for values, value in sorted(rows):
+            family.add_metric(list(values), value)
         yield family
 
 
@@ -384,20 +366,24 @@ _EBPF_HELP = {
     "dns_cache_corrupt": "Undecodable shared DNS cache entries this process deleted",
     "dns_cache_errors": "Failed operations on the shared DNS cache map (this process)",
 }
-#: The TC shaper's counters (``tc_<packets|bytes>_<passed|dropped>_<class>``, from
-#: ``accel.tc.TcShaper.counters``) become one family each with ``verdict`` and ``class``.
-_TC_COUNTER = re.compile(r"^(tc_(?:packets|bytes))_(passed|dropped)_(\w+)$")
+#: How a flat counter name (``AccelerationStatus.counters``) becomes a family and labels; the
+#: first pattern that matches wins, a name that matches none is a family without labels.
+_COUNTER_SHAPES = (
+    # accel.tc.TcShaper.counters: tc_<packets|bytes>_<verdict>_<class>
+    re.compile(r"^(?P<stem>tc_(?:packets|bytes))_(?P<verdict>passed|dropped)_(?P<class>\w+)$"),
+    # accel.xdp: xdp_dropped_<reason>
+    re.compile(r"^(?P<stem>xdp_dropped)_(?P<reason>\w+)$"),
+    # the kernel forwarder: <counter>_to_upstream / _to_client
+    re.compile(r"^(?P<stem>\w+?)_(?P<direction>to_upstream|to_client)$"),
+)
 
-#: Counter-name stems whose label is not ``direction``.
-_LABEL_NAMES = {"xdp_dropped": "reason"}
 
-
-def _split_label(key: str) -> tuple[str, str | None]:
-    """``("sockmap_bytes", "to_client")``, ``("xdp_dropped", "denied")`` or ``(key, None)``."""
-    for stem in _LABEL_NAMES:
-        if key.startswith(stem + "_"):
-            return stem, key[len(stem) + 1 :]
-    for direction in DIRECTIONS:
-        if key.endswith("_" + direction):
-            return key[: -len(direction) - 1], direction
-    return key, None
+def _counter_shape(key: str) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """``(family stem, label names, label values)`` of counter ``key``:
+    ``("sockmap_bytes", ("direction",), ("to_client",))``."""
+    for shape in _COUNTER_SHAPES:
+        match = shape.match(key)
+        if match:
+            labels = {k: v for k, v in match.groupdict().items() if k != "stem"}
+            return match["stem"], tuple(labels), tuple(labels.values())
+    return key, (), ()
