@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -33,23 +32,13 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # netns.py: the namespace helper the tests use
+sys.path.insert(0, str(HERE.parent / "tests"))  # the namespace and ClientHello helpers of the tests
 
 from netns import VethNamespace, veth_namespace  # noqa: E402
+from proxytest import client_hello  # noqa: E402
 
 MiB = 1024 * 1024
 NAMES = {"capped.test": "normal", "fast.test": "high"}
-
-
-def client_hello(name: str) -> bytes:
-    """A real ClientHello (Python's ssl) for ``name``: the first flight only."""
-    out = ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        return out.read()
-    raise AssertionError("handshake finished without a server")
 
 
 def download(ns: VethNamespace, port: int, name: str, size: int, out: dict[str, float]) -> None:

@@ -61,14 +61,18 @@ def test_probe_explains_a_missing_capability(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_prebuilt_object_is_found_and_checked() -> None:
-    spec = objects.sockhash_spec()
+    spec = objects.prebuilt_spec(
+        "sockhash.bpf.o", layout.SOCKHASH_MAPS, [layout.SOCKHASH_PROGRAM]
+    )
     assert set(layout.SOCKHASH_MAPS) <= set(spec.maps)
     assert layout.SOCKHASH_PROGRAM in spec.programs
+    with pytest.raises(loader.LoaderError, match="sockhash.bpf.o lacks no_such_map, no_such_pro"):
+        objects.prebuilt_spec("sockhash.bpf.o", ["no_such_map"], ["no_such_program"])
 
 
 def test_layout_matches_the_btf() -> None:
     """accel/layout.py mirrors bpf/shared.h: sizes and member offsets from the object's BTF."""
-    spec = objects.sockhash_spec()
+    spec = objects.prebuilt_spec("sockhash.bpf.o", layout.SOCKHASH_MAPS, [])
     assert spec.btf is not None
     btf = parse_btf(spec.btf)
     expected = {

@@ -8,11 +8,20 @@ import struct
 
 from loader.btf import Kind, parse_btf
 from trio_sni.accel import objects
-from trio_sni.accel.tc import CLASS_RATE, CLASSES, LPM_KEY, SLOTS, TC_STATS, class_rate, lpm_key
+from trio_sni.accel.tc import (
+    CLASS_RATE,
+    CLASSES,
+    LPM_KEY,
+    SLOTS,
+    TC_MAPS,
+    TC_STATS,
+    class_rate,
+    lpm_key,
+)
 
 
 def test_the_struct_mirrors_match_the_btf() -> None:
-    spec = objects.tc_shaper_spec()
+    spec = objects.prebuilt_spec("tc_shaper.bpf.o", TC_MAPS, [])
     assert spec.btf is not None
     btf = parse_btf(spec.btf)
     expected = {

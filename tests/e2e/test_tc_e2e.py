@@ -21,7 +21,7 @@ import pytest
 import trio
 from netns import VethNamespace, veth_namespace
 from prometheus_client import generate_latest
-from proxytest import client_hello, drain, receive_exactly, wait_for
+from proxytest import client_hello, drain, receive_exactly, serve_tcp, wait_for
 
 import loader
 from trio_sni.accel import TcShaper
@@ -60,19 +60,7 @@ async def send_payload(stream: trio.SocketStream) -> None:
 
 @pytest.fixture
 async def backend_port(nursery: trio.Nursery) -> int:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-
-    async def serve() -> None:
-        try:
-            await trio.serve_listeners(send_payload, listeners)
-        finally:
-            with trio.CancelScope(shield=True):
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
-
-    nursery.start_soon(serve)
-    port: int = listeners[0].socket.getsockname()[1]
-    return port
+    return await serve_tcp(nursery, send_payload)
 
 
 def tc_config(ns: VethNamespace, backend_port: int, **tc: Any) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from loader import LoaderError as LoaderError
 from .sockhash import SockhashSplice as SockhashSplice
 from .sockhash import Splice as Splice
 from .sockhash import socket_cookie as socket_cookie
-from .xdp import XdpGuard as XdpGuard
 from .tc import TcShaper as TcShaper
+from .xdp import XdpGuard as XdpGuard
 
 #: Stable series that got the duplicated-data fix, and the first fixed release in each.
 SOCKMAP_FIXED_IN: dict[tuple[int, int], int] = {

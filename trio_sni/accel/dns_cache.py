@@ -55,7 +55,7 @@ import loader
 
 from ..sansio import dns_record
 from ..sansio.dns_record import DnsRecord, Families, RecordError, Stat
-from .objects import object_bytes
+from .objects import prebuilt_spec
 
 DEFAULT_PIN_PATH = "/sys/fs/bpf/trio_sni/dns_cache"
 CACHE_MAP = "dns_cache"
@@ -159,7 +159,7 @@ class SharedDnsCache:
         if sys.platform != "linux":
             raise SharedCacheUnavailable(f"needs Linux (this is {sys.platform})")
         try:
-            spec = loader.load_collection_spec(object_bytes("dns_cache.bpf.o"))
+            spec = prebuilt_spec("dns_cache.bpf.o", (CACHE_MAP, STATS_MAP), [STAT_PROGRAM])
         except (OSError, loader.LoaderError) as exc:
             raise SharedCacheUnavailable(f"cannot read dns_cache.bpf.o: {exc}") from None
         spec = spec.copy(maps={**spec.maps,

@@ -7,11 +7,10 @@ install or a checkout has no such package, so the repository's ``prebuilt/`` is 
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Iterable
 from pathlib import Path
 
 import loader
-
-from .layout import SOCKHASH_MAPS, SOCKHASH_PROGRAM
 
 _REPO_PREBUILT = Path(__file__).resolve().parents[2] / "prebuilt"
 
@@ -35,35 +34,19 @@ def object_bytes(name: str) -> bytes:
     return path.read_bytes()
 
 
-def sockhash_spec() -> loader.CollectionSpec:
-    """The spec of ``sockhash.bpf.o``, checked to have the maps and program we use.
+def prebuilt_spec(
+    name: str, maps: Iterable[str], programs: Iterable[str]
+) -> loader.CollectionSpec:
+    """The spec of prebuilt object ``name``, checked to have the ``maps`` and ``programs`` its
+    user needs (a stale or foreign object fails here, with what it lacks, not later).
 
     Raises:
         FileNotFoundError: the object is missing.
-        loader.LoaderError: it does not parse, or lacks a map or the program.
+        loader.LoaderError: it does not parse, or lacks a map or a program.
     """
-    spec = loader.load_collection_spec(object_bytes("sockhash.bpf.o"))
-    missing = [m for m in SOCKHASH_MAPS if m not in spec.maps]
-    if SOCKHASH_PROGRAM not in spec.programs:
-        missing.append(SOCKHASH_PROGRAM)
+    spec = loader.load_collection_spec(object_bytes(name))
+    missing = [m for m in maps if m not in spec.maps]
+    missing += [p for p in programs if p not in spec.programs]
     if missing:
-        raise loader.LoaderError(f"sockhash.bpf.o lacks {', '.join(missing)}")
-    return spec
-
-
-def tc_shaper_spec() -> loader.CollectionSpec:
-    """The spec of ``tc_shaper.bpf.o``, checked to have the maps and program the shaper uses.
-
-    Raises:
-        FileNotFoundError: the object is missing.
-        loader.LoaderError: it does not parse, or lacks a map or the program.
-    """
-    from .tc import TC_MAPS, TC_PROGRAM
-
-    spec = loader.load_collection_spec(object_bytes("tc_shaper.bpf.o"))
-    missing = [m for m in TC_MAPS if m not in spec.maps]
-    if TC_PROGRAM not in spec.programs:
-        missing.append(TC_PROGRAM)
-    if missing:
-        raise loader.LoaderError(f"tc_shaper.bpf.o lacks {', '.join(missing)}")
+        raise loader.LoaderError(f"{name} lacks {', '.join(missing)}")
     return spec

@@ -31,8 +31,8 @@ import attrs
 import loader
 
 from .counters import read_counters
-from .layout import PEER_INFO, PROGRESS, SOCKHASH_PROGRAM, Direction
-from .objects import sockhash_spec
+from .layout import PEER_INFO, PROGRESS, SOCKHASH_MAPS, SOCKHASH_PROGRAM, Direction
+from .objects import prebuilt_spec
 
 #: ``SO_COOKIE`` (not in Python's socket module): the socket's 64-bit cookie.
 SO_COOKIE = 57
@@ -102,7 +102,7 @@ class SockhashSplice:
 
     @classmethod
     def load(cls, *, max_entries: int = 65536) -> SockhashSplice:
-        spec = sockhash_spec()
+        spec = prebuilt_spec("sockhash.bpf.o", SOCKHASH_MAPS, [SOCKHASH_PROGRAM])
         # Two sockets per connection in each sockhash, two entries per connection in each hash.
         maps = {
             name: (m.copy(max_entries=2 * max_entries) if name != "counters" else m)

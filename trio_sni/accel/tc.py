@@ -26,7 +26,7 @@ from types import TracebackType
 import loader
 
 from ..sansio.config import TcConfig
-from .objects import tc_shaper_spec
+from .objects import prebuilt_spec
 
 #: ``enum tc_slot``: the classes (which also index ``rates``), then exempt clients' traffic
 #: and traffic that is not the proxy's toward a client.
@@ -90,7 +90,7 @@ class TcShaper:
         """Load the program and fill its maps for ``config`` and the listening ``ports``,
         without attaching it (:meth:`attach`; tests run it with ``BPF_PROG_TEST_RUN``)."""
         ports = sorted(set(ports))
-        spec = tc_shaper_spec()
+        spec = prebuilt_spec("tc_shaper.bpf.o", TC_MAPS, [TC_PROGRAM])
         if len(ports) > spec.maps["ports"].max_entries:  # a proxy with very many listeners
             spec = spec.copy(maps={**spec.maps, "ports": spec.maps["ports"].copy(
                 max_entries=len(ports))})

@@ -31,7 +31,7 @@ import loader
 from ..sansio.config import Clients, XdpConfig
 from ..sansio.xdp_tables import GuardSettings, LpmKeys, guard_settings, lpm_keys
 from .counters import read_counters
-from .objects import object_bytes
+from .objects import prebuilt_spec
 
 log = logging.getLogger("trio_sni.accel.xdp")
 
@@ -124,10 +124,7 @@ class XdpGuard:
     def load(cls, config: XdpConfig, clients: Clients, ports: Iterable[int]) -> XdpGuard:
         """Load and fill the guard without attaching it (:meth:`start` attaches; tests
         ``test_run`` the :attr:`program` as it is)."""
-        spec = loader.load_collection_spec(object_bytes(OBJECT))
-        missing = [m for m in MAPS if m not in spec.maps]
-        if PROGRAM not in spec.programs or missing:
-            raise loader.LoaderError(f"{OBJECT} lacks {', '.join(missing or [PROGRAM])}")
+        spec = prebuilt_spec(OBJECT, MAPS, [PROGRAM])
         maps = dict(spec.maps)
         maps["syn_sources"] = maps["syn_sources"].copy(
             max_entries=config.flood_guard.tracked_sources
