@@ -18,7 +18,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+
+from bench_maps import per_op  # this folder is on sys.path when a script here runs
 
 from trio_sni.accel.dns_cache import SharedDnsCache
 from trio_sni.resolver import LruAddressCache, TieredAddressCache
@@ -29,17 +30,6 @@ BOTH = Families.IPV4 | Families.IPV6
 ADDRESSES = (ipaddress.ip_address("2001:db8::1"), ipaddress.ip_address("192.0.2.1"))
 NAMES = [f"host{i}.example.test" for i in range(1024)]
 MAX_ENTRIES = 10_000
-
-
-def per_op(n: int, fn: Callable[[int], object]) -> float:
-    """Best of five rounds, nanoseconds per call."""
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter_ns()
-        for i in range(n):
-            fn(i)
-        best = min(best, (time.perf_counter_ns() - start) / n)
-    return best
 
 
 def main(argv: list[str]) -> None:
