@@ -376,25 +376,38 @@ class Map(ClosesOnExit):
         Not atomic: entries added or removed during the walk may or may not be seen.
         """
         ksize, vsize = self.spec.key_size, self._value_len
+        result = []
+        for count, keys, values in self._batches(batch_size):
+            kbuf = bytes(ffi.buffer(keys, ksize * count))
+            vbuf = bytes(ffi.buffer(values, vsize * count))
+            for i in range(count):
+                result.append((self.key_codec.decode(kbuf[i * ksize : (i + 1) * ksize]),
+                               self._decode_value(vbuf[i * vsize : (i + 1) * vsize])))
+        return result
+
+    def count_batch(self, batch_size: int = 256) -> int:
+        """How many entries the map holds, by the walk :meth:`lookup_batch` makes but
+        without decoding them (the kernel has no entry count for hash maps)."""
+        return sum(count for count, _keys, _values in self._batches(batch_size))
+
+    def _batches(self, batch_size: int) -> Iterator[tuple[int, Any, Any]]:
+        """``(count, keys buffer, values buffer)`` per ``BPF_MAP_LOOKUP_BATCH`` call; the
+        buffers are reused, so read them before the next item."""
+        ksize, vsize = self.spec.key_size, self._value_len
         # Hash maps use a 4-byte bucket token; arrays use a key-sized one (KERNEL-FACTS 23).
         token = max(ksize, 4)
         keys = ffi.new("char[]", ksize * batch_size)
         values = ffi.new("char[]", vsize * batch_size)
         out_batch = ffi.new("char[]", token)
         in_batch = ffi.new("char[]", token)
-        result = []
         first = True
         while True:
             count, done = bpf.map_lookup_batch(
                 self.fd, ffi.NULL if first else in_batch, out_batch, keys, values, batch_size
             )
-            kbuf = bytes(ffi.buffer(keys, ksize * count))
-            vbuf = bytes(ffi.buffer(values, vsize * count))
-            for i in range(count):
-                result.append((self.key_codec.decode(kbuf[i * ksize : (i + 1) * ksize]),
-                               self._decode_value(vbuf[i * vsize : (i + 1) * vsize])))
+            yield count, keys, values
             if done:
-                return result
+                return
             ffi.memmove(in_batch, out_batch, token)
             first = False
 

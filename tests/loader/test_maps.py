@@ -85,9 +85,13 @@ def test_batch_lookup_reads_everything() -> None:
             m[i] = i * 3
         entries = m.lookup_batch(batch_size=64)
         assert sorted(entries) == [(i, i * 3) for i in range(700)]
+        assert m.count_batch(batch_size=64) == 700
+        del m[5]
+        assert m.count_batch() == 699
     with Map.create(MapSpec("batcharr", MapType.ARRAY, 4, 4, 10), key=Int(), value=Int()) as a:
         a[3] = 9
         assert dict(a.lookup_batch(batch_size=4)) == {i: (9 if i == 3 else 0) for i in range(10)}
+        assert a.count_batch(batch_size=4) == 10  # an array always has all its slots
 
 
 def test_percpu_values() -> None:

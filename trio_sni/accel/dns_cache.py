@@ -304,7 +304,7 @@ class SharedDnsCache:
 
     def count_entries(self) -> int:
         """Names in the map now (one BPF_MAP_LOOKUP_BATCH per 512 entries)."""
-        return len(self._cache.lookup_batch(_COUNT_BATCH))
+        return self._cache.count_batch(_COUNT_BATCH)
 
     def statistics(self) -> SharedCacheStatistics:
         """The numbers for ``/metrics`` and ``/ebpf/status``; reads the map, so call it at
