@@ -541,8 +541,8 @@ def test_without_bpf_capabilities_copy_mode_works_and_says_why_once(tmp_path: Pa
     assert json.loads(result.stdout) == ["copy", "copy", "copy"]
     reasons = [line for line in result.stderr.splitlines() if "forwarding mode" in line]
     assert reasons == [
-        "INFO forwarding mode: copy (kernel forwarding unavailable: missing CAP_BPF and "
-        "CAP_NET_ADMIN (root without them); using userspace copy)"
+        "INFO forwarding mode: copy (kernel forwarding unavailable: missing CAP_BPF, "
+        "CAP_NET_ADMIN and CAP_PERFMON (root without them); using userspace copy)"
     ]
 
 
@@ -557,6 +557,6 @@ def test_fallback_mode_none_without_bpf_refuses_to_start(tmp_path: Path) -> None
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1
-    assert "missing CAP_BPF and CAP_NET_ADMIN" in result.stderr
+    assert "missing CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON" in result.stderr
     assert "fallback_mode is 'none'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -25,7 +25,7 @@ SOCKHASH_MAPS = {
     "sock_hash": MapSpec("sock_hash", MapType.SOCKHASH, 8, 8, 65536),
     "targets": MapSpec("targets", MapType.SOCKHASH, 8, 8, 65536),
     "peer": MapSpec("peer", MapType.HASH, 8, 24, 65536),
-    "progress": MapSpec("progress", MapType.HASH, 8, 16, 65536),
+    "progress": MapSpec("progress", MapType.HASH, 8, 24, 65536),
     "counters": MapSpec("counters", MapType.PERCPU_ARRAY, 4, 8, 9),
 }
 
