@@ -23,6 +23,9 @@ struct progress {
 	__u32 _pad;
 };
 
+/* Bytes in the `stops` ring buffer (a power of two, whole pages): 256 records of a cookie. */
+#define STOPS_RING_SIZE 4096
+
 enum direction {
 	DIR_TO_UPSTREAM = 0,
 	DIR_TO_CLIENT = 1,

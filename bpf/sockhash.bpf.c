@@ -7,6 +7,7 @@
  *   peer       HASH     cookie -> struct peer_info (peer cookie, limit, direction)
  *   progress   HASH     cookie -> struct progress (bytes redirected, stopped flag)
  *   counters   PERCPU_ARRAY of u64, indexed by enum counter
+ *   stops      RINGBUF  the cookie of every socket the program stops (wakes Python's epoll)
  *
  * Verdicts (KERNEL-FACTS facts 1, 8 and the bare-FIN row):
  *   len == 0          SK_DROP   a bare FIN arrives as a 0-byte skb; redirecting it makes the
@@ -30,7 +31,8 @@
  * tcp_sock write_seq since the first verdict: only redirected bytes are written to the peer
  * while this socket is spliced) is what the peer's psock holds for it; over `bound`, stop.
  * write_seq is read through bpf_skc_to_tcp_sock with a CO-RE relocation (the kernel applies
- * it at load time), which needs CAP_PERFMON.
+ * it at load time), which needs CAP_PERFMON. A stop is announced in the `stops` ring buffer,
+ * whose fd Python watches with epoll: no polling while nothing stops.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -68,6 +70,11 @@ struct {
 	__type(key, __u64);
 	__type(value, struct progress);
 } progress SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, STOPS_RING_SIZE);
+} stops SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -138,6 +145,8 @@ int stream_verdict(struct __sk_buff *skb)
 			in_flight = (__u32)prog->redirected - (seq - prog->peer_seq0);
 			if (in_flight + len > info->bound) {
 				prog->stopped = 1;
+				/* If the ring is full, Python's sweep still finds the stopped flag. */
+				bpf_ringbuf_output(&stops, &cookie, sizeof(cookie), 0);
 				count(CNT_BUDGET_STOPS, 1);
 				count(CNT_PASSED_BYTES, len);
 				return SK_PASS;

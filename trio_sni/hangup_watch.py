@@ -1,4 +1,4 @@
-"""One epoll instance for many sockets' hang-ups, watched by one Trio task.
+"""One epoll instance for many sockets' hang-ups (and a few other fds), watched by one Trio task.
 
 Why not one per connection (or Trio's own ``wait_readable`` on each socket): a spliced socket
 must be watched for ``EPOLLRDHUP`` only (``POLLIN`` spins while the kernel forwards, see
@@ -51,10 +51,13 @@ class HangupWatch:
         return self._token is not None
 
     @contextlib.contextmanager
-    def watch(self, fd: int, callback: Callable[[int], None]) -> Iterator[None]:
-        """Watch ``fd`` (edge-triggered hang-up and errors) for the ``with`` block."""
+    def watch(
+        self, fd: int, callback: Callable[[int], None], events: int = HANGUP
+    ) -> Iterator[None]:
+        """Watch ``fd`` for the ``with`` block: edge-triggered hang-up and errors, or other
+        ``events`` (e.g. level-triggered ``EPOLLIN`` on a BPF ring buffer)."""
         epoll = self._start()
-        epoll.register(fd, HANGUP)
+        epoll.register(fd, events)
         self._callbacks[fd] = callback
         try:
             yield

@@ -21,9 +21,9 @@ plus one periodic job for the whole forwarder) tells it that something happened.
   bytes redirected that its peer has not taken into its send queue (it reads the peer's
   ``write_seq``). A socket over the bound is *stopped* by the program: from that skb on, its
   bytes are SK_PASSed into its own receive queue (charged to its receive buffer, so TCP's
-  window closes on the sender). The periodic job polls the program's ``budget_stops`` counter
-  (one lookup every :data:`STOP_POLL`) and, when it moved, finds the stopped sockets in one
-  batch read. That direction waits until the peer has sent every byte redirected before the
+  window closes on the sender) and its cookie is written to the program's ``stops`` ring
+  buffer, whose fd is in the shared epoll instance: Python learns of a stop at once, without
+  polling. That direction waits until the peer has sent every byte redirected before the
   stop, and is copied by Python (``recv``/``send``) for the rest of the connection. Nothing is
   lost or reordered: the bytes before the stop are all in the peer's send queue before Python
   sends the first byte after it. The cost: a direction that ever has more than ``bound`` bytes
@@ -71,9 +71,6 @@ _TCP_CLOSE = 7
 #: at least this often, at most MAX_DRAIN_POLL, adapted to the rate the queue drains at.
 DRAIN_POLL = 0.002
 MAX_DRAIN_POLL = 0.05
-#: How often the periodic job looks at the program's budget_stops counter (seconds): a
-#: stopped direction waits at most this long (its sender paused by TCP) before Python copies it.
-STOP_POLL = 0.02
 #: Slowest sweep of the redirected-byte counts (idle timeout, live byte counts), seconds; never
 #: slower than a twentieth of the idle timeout (its precision).
 MAX_SWEEP = 5.0
@@ -222,8 +219,8 @@ class KernelForwarder:
         self._watch = HangupWatch(self._periodic)
         self._watchers: set[_Watcher] = set()
         self._live: dict[int, tuple[_Watcher, _Direction]] = {}  # src cookie -> kernel direction
-        self._stops_seen = 0
         self._next_sweep = 0.0
+        self._watching_stops = contextlib.ExitStack()
 
     def close(self) -> None:
         """Detach the verdict program and close the maps (idempotent)."""
@@ -304,16 +301,38 @@ class KernelForwarder:
                 self.registered -= 1
                 watcher.update_counters()
 
+    def _join(self, watcher: _Watcher) -> None:
+        if not self._watchers:
+            self._watching_stops.enter_context(
+                self._watch.watch(self.plane.stops.fd, self._on_stops, select.EPOLLIN)
+            )
+            self._next_sweep = trio.current_time() + self._sweep_interval()
+        self._watchers.add(watcher)
+
+    def _leave(self, watcher: _Watcher) -> None:
+        self._watchers.discard(watcher)
+        if not self._watchers:
+            self._watching_stops.close()
+
+    def _on_stops(self, _events: int) -> None:
+        """The program stopped some sockets: copy their directions from now on."""
+        for cookie in self.plane.stopped_cookies():
+            watcher, d = self._live.get(cookie, (None, None))
+            if watcher is not None and d is not None and d.state in ("kernel", "draining"):
+                watcher.on_stop(d)
+
+    def _sweep_interval(self) -> float:
+        return min(MAX_SWEEP, self._idle_timeout / 20)
+
     def _periodic(self) -> float:
-        """The shared periodic job: stopped directions, then (less often) the sweep."""
-        if self.plane.closed or not self._watchers:
-            return STOP_POLL
-        stops = self.plane.budget_stops()
+        """The sweep: who was active (idle timeout), live byte counts, stops the ring missed.
+
+        Returns when to sweep again: every :meth:`_sweep_interval`, or at the earliest idle
+        deadline if that comes first.
+        """
         now = trio.current_time()
-        sweep = now >= self._next_sweep
-        if stops == self._stops_seen and not sweep:
-            return STOP_POLL
-        self._stops_seen = stops
+        if self.plane.closed or not self._watchers or now < self._next_sweep:
+            return max(0.0, self._next_sweep - now) or self._sweep_interval()
         progress = self.plane.all_progress()
         for cookie, (watcher, d) in list(self._live.items()):
             redirected, stopped = progress.get(cookie, (d.redirected, False))
@@ -321,18 +340,16 @@ class KernelForwarder:
                 d.redirected = redirected
                 watcher.last_activity = now
             if stopped and d.state in ("kernel", "draining"):
-                watcher.on_stop(d)
-        if sweep:
-            interval = min(MAX_SWEEP, self._idle_timeout / 20)
-            self._next_sweep = now + interval
-            for watcher in list(self._watchers):
-                deadline = watcher.last_activity + self._idle_timeout
-                if now >= deadline:
-                    watcher.end("idle_timeout")
-                else:
-                    watcher.live_counters()
-                    self._next_sweep = min(self._next_sweep, deadline)
-        return max(0.0, min(STOP_POLL, self._next_sweep - now))
+                watcher.on_stop(d)  # its ring record was lost (ring full)
+        self._next_sweep = now + self._sweep_interval()
+        for watcher in list(self._watchers):
+            deadline = watcher.last_activity + self._idle_timeout
+            if now >= deadline:
+                watcher.end("idle_timeout")
+            else:
+                watcher.live_counters()
+                self._next_sweep = min(self._next_sweep, deadline)
+        return self._next_sweep - now
 
 
 class _Watcher:
@@ -388,8 +405,8 @@ class _Watcher:
     async def run(self) -> str:
         live = self.fwd._live
         with contextlib.ExitStack() as watching:
-            self.fwd._watchers.add(self)
-            watching.callback(self.fwd._watchers.discard, self)
+            self.fwd._join(self)
+            watching.callback(self.fwd._leave, self)
             for d in self.dirs:
                 watching.enter_context(
                     self.fwd._watch.watch(d.src_fd, lambda mask, d=d: self._on_event(d, mask))

@@ -175,7 +175,9 @@ def test_over_the_bound_the_program_stops_and_keeps_the_bytes(
             while not splice.progress("client")[1]:  # outside_upstream reads nothing yet
                 assert time.monotonic() < deadline, "never stopped"
                 time.sleep(0.01)
-            assert plane.budget_stops() == 1
+            assert plane.counters()["budget_stops"] == 1
+            assert plane.stopped_cookies() == [splice.client_cookie]
+            assert plane.stopped_cookies() == []  # read once
             redirected, _ = splice.progress("client")
             assert redirected < MiB  # the bound plus the peer's (small) socket buffers
             assert plane.all_progress()[splice.client_cookie] == (redirected, True)

@@ -40,5 +40,5 @@ class Counter(enum.IntEnum):
 COUNTER_MAX = len(Counter)
 
 #: Map and program names the forwarder needs from ``sockhash.bpf.o``.
-SOCKHASH_MAPS = ("sock_hash", "targets", "peer", "progress", "counters")
+SOCKHASH_MAPS = ("sock_hash", "targets", "peer", "progress", "counters", "stops")
 SOCKHASH_PROGRAM = "stream_verdict"

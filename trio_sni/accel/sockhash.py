@@ -15,9 +15,10 @@ only the bookkeeping:
   then would lose bytes: the first socket may have redirected some already, and they wait in
   the peer's psock, which is purged when the peer leaves ``targets``.
 * The in-flight bound is enforced by the verdict program itself (it reads the peer's
-  ``write_seq``), so nothing needs to be refreshed from Python; Python learns about a stop
-  from the ``budget_stops`` counter (:meth:`SockhashSplice.budget_stops`, one lookup) and
-  finds the stopped sockets with one batch read (:meth:`SockhashSplice.all_progress`).
+  ``write_seq``), so nothing needs to be refreshed from Python. The program announces each
+  stopped socket's cookie in the ``stops`` ring buffer (:attr:`SockhashSplice.stops`, whose fd
+  is epoll-readable while records wait); :meth:`SockhashSplice.all_progress` reads every
+  socket's progress in one batch.
 * Removal on every exit path: the ``with`` block deletes every entry it made, with plain
   syscalls (no checkpoint), so cancellation cannot skip it.
 
@@ -38,8 +39,9 @@ import attrs
 import loader
 
 from .counters import read_counters
-from .layout import PEER_INFO, PROGRESS, SOCKHASH_PROGRAM, Counter, Direction
+from .layout import PEER_INFO, PROGRESS, SOCKHASH_PROGRAM, Direction
 from .objects import sockhash_spec
+from .ringbuf import RingReader
 
 #: ``SO_COOKIE`` (not in Python's socket module): the socket's 64-bit cookie.
 SO_COOKIE = 57
@@ -111,13 +113,16 @@ class SockhashSplice:
             m.key_codec = loader.Int()
         self.counters_map.key_codec = loader.Int()
         self.counters_map.value_codec = loader.Int()
+        #: Cookies of the sockets the program stopped (8 bytes each, little-endian).
+        self.stops = RingReader(maps["stops"])
 
     @classmethod
     def load(cls, *, max_entries: int = 65536) -> SockhashSplice:
         spec = sockhash_spec()
         # Two sockets per connection in each sockhash, two entries per connection in each hash.
         maps = {
-            name: (m.copy(max_entries=2 * max_entries) if name != "counters" else m)
+            name: (m.copy(max_entries=2 * max_entries) if name not in ("counters", "stops")
+                   else m)
             for name, m in spec.maps.items()
         }
         spec = spec.copy(maps=maps)
@@ -129,7 +134,12 @@ class SockhashSplice:
         except BaseException:
             collection.close()
             raise
-        return cls(collection, link)
+        try:
+            return cls(collection, link)
+        except BaseException:
+            link.close()
+            collection.close()
+            raise
 
     @property
     def closed(self) -> bool:
@@ -137,6 +147,8 @@ class SockhashSplice:
 
     def close(self) -> None:
         """Detach and close every fd; idempotent."""
+        if not self._closed:
+            self.stops.close()
         self._closed = True
         self._link.close()
         self._collection.close()
@@ -152,9 +164,9 @@ class SockhashSplice:
     def counters(self) -> dict[str, int]:
         return read_counters(self.counters_map)
 
-    def budget_stops(self) -> int:
-        """How many sockets the program has stopped so far (one lookup: cheap to poll)."""
-        return sum(int(v) for v in self.counters_map.lookup(int(Counter.BUDGET_STOPS)) or [])
+    def stopped_cookies(self) -> list[int]:
+        """Cookies of the sockets stopped since the last call (from the ``stops`` ring)."""
+        return [int.from_bytes(record[:8], "little") for record in self.stops.read()]
 
     def all_progress(self) -> dict[int, tuple[int, bool]]:
         """``{cookie: (bytes redirected, stopped?)}`` for every registered socket, read in one
