@@ -396,7 +396,7 @@ def _parse_btf_ext(data: bytes, btf: BTF) -> BTFExt:
 
     f_size, f_raw = records(func_off, func_len, 8, "func_info")
     l_size, l_raw = records(line_off, line_len, 16, "line_info")
-    c_size, c_raw = 16, {}
+    c_size, c_raw = 16, dict[str, list[bytes]]()
     if hdr_len >= 32:  # the header has core_relo_off/len
         core_off, core_len = struct.unpack_from("<II", data, 24)
         c_size, c_raw = records(core_off, core_len, 16, "core_relo")

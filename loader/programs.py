@@ -107,7 +107,7 @@ class Program(ClosesOnExit):
                 line_info=_pack(spec.line_info, "<IIII", line_info_rec_size),
                 line_info_rec_size=line_info_rec_size,
             )
-        if spec.core_relos:
+        if spec.core_relos and btf_fd is not None:  # (checked above)
             kwargs.update(
                 btf_fd=btf_fd.raw,
                 core_relos=_pack(spec.core_relos, "<IIII", core_relo_rec_size),

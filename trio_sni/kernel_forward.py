@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import math
 import select
@@ -409,7 +410,7 @@ class _Watcher:
             watching.callback(self.fwd._leave, self)
             for d in self.dirs:
                 watching.enter_context(
-                    self.fwd._watch.watch(d.src_fd, lambda mask, d=d: self._on_event(d, mask))
+                    self.fwd._watch.watch(d.src_fd, functools.partial(self._on_event, d))
                 )
                 if d.state == "kernel":
                     cookie = self.splice.cookie(d.src_side)

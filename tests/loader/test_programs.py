@@ -127,7 +127,8 @@ def test_core_relocations_are_passed_to_the_kernel() -> None:
     spec = loader.load_collection_spec(PREBUILT / "sockhash.bpf.o")
     prog = spec.programs["stream_verdict"]
     [(insn_off, type_id, access_off, kind)] = prog.core_relos
-    assert insn_off % 8 == 0 and insn_off // 8 < prog.insn_count
+    assert insn_off % 8 == 0
+    assert insn_off // 8 < prog.insn_count
     assert kind == 0  # BPF_CORE_FIELD_BYTE_OFFSET
     assert spec.btf is not None
     btf = loader.btf.parse_btf(spec.btf)
