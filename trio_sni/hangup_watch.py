@@ -45,6 +45,7 @@ class HangupWatch:
         self._callbacks: dict[int, Callable[[int], None]] = {}
         self._epoll: select.epoll | None = None
         self._token: trio.lowlevel.TrioToken | None = None  # the run the task lives in
+        self._waiting: trio.CancelScope | None = None  # the task's current wait
 
     @property
     def running(self) -> bool:
@@ -65,6 +66,8 @@ class HangupWatch:
             del self._callbacks[fd]
             with contextlib.suppress(OSError, ValueError):
                 epoll.unregister(fd)
+            if not self._callbacks and self._waiting is not None:
+                self._waiting.cancel()  # let the task end now
 
     def errors_only(self, fd: int) -> None:
         """Stop reporting ``fd``'s hang-up (it stays visible and would be reported again on
@@ -94,13 +97,15 @@ class HangupWatch:
                 if self._periodic is not None and now >= next_job:
                     next_job = now + self._run_periodic()
                 timeout = max(0.0, next_job - now) if self._periodic is not None else math.inf
-                if spurious:
-                    await trio.sleep(min(timeout, SPURIOUS_BACKOFF))
-                    woke = False
-                else:
-                    with trio.move_on_after(timeout) as waiting:
+                with trio.move_on_after(
+                    min(timeout, SPURIOUS_BACKOFF) if spurious else timeout
+                ) as self._waiting:
+                    if spurious:
+                        await trio.sleep_forever()
+                    else:
                         await trio.lowlevel.wait_readable(epoll.fileno())
-                    woke = not waiting.cancelled_caught
+                woke = not spurious and not self._waiting.cancelled_caught
+                self._waiting = None
                 events = epoll.poll(0)
                 for fd, mask in events:
                     callback = self._callbacks.get(fd)
@@ -111,6 +116,7 @@ class HangupWatch:
             if self._epoll is epoll:
                 self._epoll = None
                 self._token = None
+                self._waiting = None
             epoll.close()
 
     def _run_periodic(self) -> float:
