@@ -3,6 +3,7 @@ on real sockets (entries always removed, a half-closed socket refused)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -256,3 +257,39 @@ def test_a_first_insert_failing_otherwise_raises_and_leaves_nothing(
     finally:
         for s in socks:
             s.close()
+
+
+@pytest.mark.bpf
+def test_the_stop_ring_reports_every_stop_across_wrap_arounds() -> None:
+    """300 stops (the 4 KiB ring holds 256 records) read in batches of 100: each one exactly
+    once, in order; closing the plane releases the ring's mappings and fds."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+    s1, outside_client, proxy_client = _pair()
+    s2, proxy_upstream, outside_upstream = _pair()
+    socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
+    proxy_client.setblocking(False)  # a blocking recv() here sleeps out its timeout first
+
+    def receive_10() -> bytes:
+        deadline = time.monotonic() + 5
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                return proxy_client.recv(10)
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    try:
+        with accel.SockhashSplice.load(max_entries=4) as plane:
+            cookie = accel.socket_cookie(proxy_client)
+            for batch in range(3):
+                for _ in range(100):
+                    # bound 1: the first skb over it stops the socket and stays in its queue
+                    with plane.register(proxy_client, proxy_upstream, bound=1) as splice:
+                        outside_client.sendall(b"0123456789")
+                        assert receive_10() == b"0123456789"
+                        assert splice.progress("client") == (0, True)
+                assert plane.stopped_cookies() == [cookie] * 100, batch
+            assert plane.counters()["budget_stops"] == 300
+    finally:
+        for s in socks:
+            s.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
