@@ -17,12 +17,16 @@ it is a measurement script, not a test. Method:
 * Rounds alternate the modes (A B C A B C ...); the table shows the median and min-max.
 * Rows: bulk download throughput (1 and 4 streams); CPU seconds per GiB (proxy process, whole
   machine); 100-byte ping-pong round trip p50/p99; many connections: N concurrent connections
-  each receiving a paced stream (about 1 MB/s) for T seconds, proxy CPU seconds per second.
+  each receiving a paced stream (about 1 MB/s) for T seconds, proxy CPU seconds per second
+  over the whole run (opening and closing the connections included) and while streaming only
+  (the middle half of the T seconds, once every connection is open; CPU time from
+  ``/proc/<pid>/task/*/schedstat``, in nanoseconds rather than clock ticks).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -134,6 +138,15 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def proc_cpu_exact(pid: int) -> float:
+    """CPU seconds of every thread of ``pid`` (scheduler statistics, nanoseconds)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
 def machine_cpu() -> float:
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
@@ -191,8 +204,12 @@ def ping_pong(port: int, count: int) -> list[float]:
     return times
 
 
-def paced(port: int, conns: int, rate: int, seconds: int) -> int:
-    """``conns`` connections each receiving ``rate`` bytes/s for ``seconds``; bytes received."""
+def paced(
+    port: int, conns: int, rate: int, seconds: int, opened: threading.Event | None = None
+) -> int:
+    """``conns`` connections each receiving ``rate`` bytes/s for ``seconds``; bytes received.
+
+    ``opened`` is set once every connection is open (and streaming)."""
     import selectors
 
     sel = selectors.DefaultSelector()
@@ -202,6 +219,8 @@ def paced(port: int, conns: int, rate: int, seconds: int) -> int:
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ)
         socks.append(s)
+    if opened is not None:
+        opened.set()
     total, open_count = 0, conns
     buf = bytearray(1 << 20)
     while open_count:
@@ -237,12 +256,26 @@ def measure(mode: str, port: int, pid: int | None, args: argparse.Namespace) -> 
     times = sorted(ping_pong(port, args.pings))
     out["ping_p50_us"] = times[len(times) // 2] * 1e6
     out["ping_p99_us"] = times[int(len(times) * 0.99)] * 1e6
-    if args.paced_conns:
-        c0 = proc_cpu(pid) if pid else 0.0
-        t0 = time.perf_counter()
+    if args.paced_conns and pid:
+        # Whole run (connection setup and teardown included), and the steady state: the
+        # middle half of the streaming time, once every connection is open.
+        opened = threading.Event()
+        c0, t0 = proc_cpu(pid), time.perf_counter()
+        run = threading.Thread(
+            target=paced,
+            args=(port, args.paced_conns, args.paced_rate, args.paced_seconds, opened),
+        )
+        run.start()
+        opened.wait()
+        time.sleep(args.paced_seconds / 4)
+        s0, w0 = proc_cpu_exact(pid), time.perf_counter()
+        time.sleep(args.paced_seconds / 2)
+        s1, w1 = proc_cpu_exact(pid), time.perf_counter()
+        run.join()
+        out["paced_proxy_cpu_per_s"] = (proc_cpu(pid) - c0) / (time.perf_counter() - t0)
+        out["paced_steady_proxy_cpu_per_s"] = (s1 - s0) / (w1 - w0)
+    elif args.paced_conns:
         paced(port, args.paced_conns, args.paced_rate, args.paced_seconds)
-        elapsed = time.perf_counter() - t0
-        out["paced_proxy_cpu_per_s"] = ((proc_cpu(pid) if pid else 0.0) - c0) / elapsed
     return out
 
 
@@ -256,6 +289,7 @@ ROWS = [
     ("ping_p50_us", "100 B ping-pong p50 (µs)"),
     ("ping_p99_us", "100 B ping-pong p99 (µs)"),
     ("paced_proxy_cpu_per_s", "paced conns: proxy CPU (s per s)"),
+    ("paced_steady_proxy_cpu_per_s", "paced conns, streaming only: proxy CPU (s per s)"),
 ]
 
 

@@ -4,11 +4,11 @@
 #pragma once
 #include <linux/types.h>
 
-/* Per-socket splice state, key = socket cookie, in the `peer` hash. Written by Python only:
- * at registration, and when the in-flight allowance moves forward. */
+/* Per-socket splice state, key = socket cookie, in the `peer` hash. Written by Python only,
+ * at registration. */
 struct peer_info {
 	__u64 peer;       /* cookie of the socket this one's bytes are redirected to */
-	__u64 limit;      /* stop redirecting once `redirected` would exceed this (bytes) */
+	__u64 bound;      /* most bytes redirected that the peer has not taken to send yet */
 	__u32 direction;  /* DIR_TO_UPSTREAM or DIR_TO_CLIENT: which counters to bump */
 	__u32 _pad;
 };
@@ -17,8 +17,14 @@ struct peer_info {
  * then written only by the verdict program (which runs under the source socket's lock). */
 struct progress {
 	__u64 redirected; /* bytes redirected to the peer since registration */
-	__u64 stopped;    /* 1 once over the limit: every later skb is SK_PASSed to this socket */
+	__u32 stopped;    /* 1 once over the bound: every later skb is SK_PASSed to this socket */
+	__u32 started;    /* 1 once peer_seq0 is set (at the first verdict) */
+	__u32 peer_seq0;  /* the peer's write_seq at the first verdict (nothing redirected yet) */
+	__u32 _pad;
 };
+
+/* Bytes in the `stops` ring buffer (a power of two, whole pages): 256 records of a cookie. */
+#define STOPS_RING_SIZE 4096
 
 enum direction {
 	DIR_TO_UPSTREAM = 0,

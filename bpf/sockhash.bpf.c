@@ -7,6 +7,7 @@
  *   peer       HASH     cookie -> struct peer_info (peer cookie, limit, direction)
  *   progress   HASH     cookie -> struct progress (bytes redirected, stopped flag)
  *   counters   PERCPU_ARRAY of u64, indexed by enum counter
+ *   stops      RINGBUF  the cookie of every socket the program stops (wakes Python's epoll)
  *
  * Verdicts (KERNEL-FACTS facts 1, 8 and the bare-FIN row):
  *   len == 0          SK_DROP   a bare FIN arrives as a 0-byte skb; redirecting it makes the
@@ -14,7 +15,7 @@
  *   no peer entry     SK_PASS   the bytes are acknowledged already: never drop them; they go to
  *                               the socket's own queue, where only recvmsg reads them.
  *   stopped, or over  SK_PASS   backpressure: queued on this socket (charged to its receive
- *   the limit                   buffer, so TCP's window closes); Python moves the direction to
+ *   the bound                   buffer, so TCP's window closes); Python moves the direction to
  *                               userspace once everything redirected before has been sent.
  *   otherwise         redirect  bpf_sk_redirect_hash(skb, &targets, &peer, 0) (egress).
  *
@@ -24,10 +25,23 @@
  * already has a redirect target; bytes that arrive earlier wait in the socket's receive queue
  * until the "kick" (recv(MSG_DONTWAIT)). With one map, a skb arriving between the first insert
  * and the second would find no target and be stranded in the wrong queue.
+ *
+ * The in-flight bound is kept here, per skb, with no help from Python: the bytes this socket
+ * redirected minus what the peer has taken into its send queue (the growth of the peer's
+ * tcp_sock write_seq since the first verdict: only redirected bytes are written to the peer
+ * while this socket is spliced) is what the peer's psock holds for it; over `bound`, stop.
+ * write_seq is read through bpf_skc_to_tcp_sock with a CO-RE relocation (the kernel applies
+ * it at load time), which needs CAP_PERFMON. A stop is announced in the `stops` ring buffer,
+ * whose fd Python watches with epoll: no polling while nothing stops.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include "shared.h"
+
+/* The one kernel field the program reads; its offset comes from the kernel's BTF at load. */
+struct tcp_sock {
+	__u32 write_seq; /* sequence number after the last byte queued to send */
+} __attribute__((preserve_access_index));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -58,6 +72,11 @@ struct {
 } progress SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, STOPS_RING_SIZE);
+} stops SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, CNT_MAX);
 	__type(key, __u32);
@@ -72,12 +91,31 @@ static __always_inline void count(__u32 index, __u64 n)
 		*value += n; /* per-CPU: no other writer */
 }
 
+/* The peer's write_seq (a racy read without its lock: enough for a bound); 0 if it is gone. */
+static __always_inline int peer_write_seq(__u64 *peer, __u32 *seq)
+{
+	struct bpf_sock *sk = bpf_map_lookup_elem(&targets, peer);
+	struct tcp_sock *tp;
+	int found = 0;
+
+	if (!sk)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (tp) {
+		*seq = tp->write_seq;
+		found = 1;
+	}
+	bpf_sk_release(sk);
+	return found;
+}
+
 SEC("sk_skb/stream_verdict")
 int stream_verdict(struct __sk_buff *skb)
 {
 	struct peer_info *info;
 	struct progress *prog;
 	__u64 cookie, len = skb->len;
+	__u32 seq, in_flight;
 	int verdict;
 
 	if (len == 0) {
@@ -98,11 +136,21 @@ int stream_verdict(struct __sk_buff *skb)
 			count(CNT_PASSED_BYTES, len);
 			return SK_PASS;
 		}
-		if (prog->redirected + len > info->limit) {
-			prog->stopped = 1;
-			count(CNT_BUDGET_STOPS, 1);
-			count(CNT_PASSED_BYTES, len);
-			return SK_PASS;
+		if (peer_write_seq(&info->peer, &seq)) {
+			if (!prog->started) {
+				prog->peer_seq0 = seq;
+				prog->started = 1;
+			}
+			/* Modulo 2^32, like sequence numbers: in flight is far below 4 GiB. */
+			in_flight = (__u32)prog->redirected - (seq - prog->peer_seq0);
+			if (in_flight + len > info->bound) {
+				prog->stopped = 1;
+				/* If the ring is full, Python's sweep still finds the stopped flag. */
+				bpf_ringbuf_output(&stops, &cookie, sizeof(cookie), 0);
+				count(CNT_BUDGET_STOPS, 1);
+				count(CNT_PASSED_BYTES, len);
+				return SK_PASS;
+			}
 		}
 	}
 	verdict = bpf_sk_redirect_hash(skb, &targets, &info->peer, 0);

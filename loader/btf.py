@@ -27,7 +27,7 @@ import attrs
 
 from .errors import BTFError
 
-__all__ = ["BTF", "BTFExt", "BTFType", "Kind", "parse_btf", "parse_btf_ext"]
+__all__ = ["BTF", "BTFExt", "BTFType", "CoreRelo", "Kind", "parse_btf", "parse_btf_ext"]
 
 BTF_MAGIC = 0xEB9F
 
@@ -327,13 +327,25 @@ class LineInfo:
 
 
 @attrs.frozen
+class CoreRelo:
+    """A CO-RE relocation (``struct bpf_core_relo``): the kernel applies it at load time."""
+
+    insn_off: int
+    type_id: int
+    access_str_off: int
+    kind: int
+
+
+@attrs.frozen
 class BTFExt:
-    """Parsed ``.BTF.ext``: func and line info records per ELF section name."""
+    """Parsed ``.BTF.ext``: func and line info and CO-RE relocations per ELF section name."""
 
     func_info_rec_size: int
     line_info_rec_size: int
     func_info: Mapping[str, tuple[FuncInfo, ...]]
     line_info: Mapping[str, tuple[LineInfo, ...]]
+    core_relo_rec_size: int = 16
+    core_relos: Mapping[str, tuple[CoreRelo, ...]] = attrs.field(factory=dict)
 
 
 def parse_btf_ext(data: bytes, btf: BTF) -> BTFExt:
@@ -384,6 +396,10 @@ def _parse_btf_ext(data: bytes, btf: BTF) -> BTFExt:
 
     f_size, f_raw = records(func_off, func_len, 8, "func_info")
     l_size, l_raw = records(line_off, line_len, 16, "line_info")
+    c_size, c_raw = 16, dict[str, list[bytes]]()
+    if hdr_len >= 32:  # the header has core_relo_off/len
+        core_off, core_len = struct.unpack_from("<II", data, 24)
+        c_size, c_raw = records(core_off, core_len, 16, "core_relo")
     funcs = {
         sec: tuple(FuncInfo(*struct.unpack_from("<II", r)) for r in recs)
         for sec, recs in f_raw.items()
@@ -392,6 +408,11 @@ def _parse_btf_ext(data: bytes, btf: BTF) -> BTFExt:
         sec: tuple(LineInfo(*struct.unpack_from("<IIII", r)) for r in recs)
         for sec, recs in l_raw.items()
     }
+    relos = {
+        sec: tuple(CoreRelo(*struct.unpack_from("<IIII", r)) for r in recs)
+        for sec, recs in c_raw.items()
+    }
     return BTFExt(
-        func_info_rec_size=f_size, line_info_rec_size=l_size, func_info=funcs, line_info=lines
+        func_info_rec_size=f_size, line_info_rec_size=l_size, func_info=funcs, line_info=lines,
+        core_relo_rec_size=c_size, core_relos=relos,
     )

@@ -92,6 +92,7 @@ class Collection(ClosesOnExit):
                     btf_fd=btf,
                     func_info_rec_size=spec.btf_func_info_rec_size,
                     line_info_rec_size=spec.btf_line_info_rec_size,
+                    core_relo_rec_size=spec.btf_core_relo_rec_size,
                     log_level=log_level,
                 )
             if programs is not None:

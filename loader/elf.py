@@ -202,6 +202,7 @@ class _Reader:
             btf=blob,
             btf_func_info_rec_size=self.btf_ext.func_info_rec_size if self.btf_ext else 8,
             btf_line_info_rec_size=self.btf_ext.line_info_rec_size if self.btf_ext else 16,
+            btf_core_relo_rec_size=self.btf_ext.core_relo_rec_size if self.btf_ext else 16,
         )
 
     # -- simple sections -------------------------------------------------------------------
@@ -470,6 +471,7 @@ class _Reader:
 
         func_info: list[tuple[int, int]] = []
         line_info: list[tuple[int, int, int, int]] = []
+        core_relos: list[tuple[int, int, int, int]] = []
         if self.btf_ext is not None:
             for func, base in order:
                 for rec in self.btf_ext.func_info.get(func.section, ()):
@@ -479,6 +481,10 @@ class _Reader:
                     if func.start <= line.insn_off < func.end:
                         line_info.append((base + (line.insn_off - func.start) // 8,
                                           line.file_name_off, line.line_off, line.line_col))
+                for relo in self.btf_ext.core_relos.get(func.section, ()):
+                    if func.start <= relo.insn_off < func.end:
+                        core_relos.append((base * 8 + relo.insn_off - func.start,
+                                           relo.type_id, relo.access_str_off, relo.kind))
         attach = sec_def.attach_type if sec_def else None
         return ProgramSpec(
             name=entry.name,
@@ -494,6 +500,7 @@ class _Reader:
             subprograms=tuple(func.name for func, _ in order[1:]),
             func_info=tuple(func_info),
             line_info=tuple(line_info),
+            core_relos=tuple(core_relos),
         )
 
     def _target(self, sym: _Symbol, offset: int, section: str, at: int) -> tuple[str, int]:

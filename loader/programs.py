@@ -68,6 +68,7 @@ class Program(ClosesOnExit):
         btf_fd: FD | None = None,
         func_info_rec_size: int = 8,
         line_info_rec_size: int = 16,
+        core_relo_rec_size: int = 16,
         log_level: int = 0,
         log_size: int = LOG_SIZE_START,
     ) -> Program:
@@ -75,7 +76,8 @@ class Program(ClosesOnExit):
 
         Args:
             maps: the loaded maps, by name, that the program refers to.
-            btf_fd: the object's BTF; enables func/line info (source lines in verifier logs).
+            btf_fd: the object's BTF; enables func/line info (source lines in verifier logs)
+                and is required for CO-RE relocations (the kernel applies them).
             log_level: 0 logs only on failure; 1 or 2 always log (``program.log``).
 
         Raises:
@@ -87,6 +89,10 @@ class Program(ClosesOnExit):
             raise LoaderError(
                 f"program {spec.name!r}: cannot tell its type from section {spec.section!r} "
                 "(use a libbpf section name such as xdp, tc, tcx/ingress, sk_skb/stream_verdict)"
+            )
+        if spec.core_relos and btf_fd is None:
+            raise LoaderError(
+                f"program {spec.name!r} has CO-RE relocations: load it with its object's BTF"
             )
         insns = _resolve(spec, maps or {})
         kwargs: dict[str, Any] = {
@@ -100,6 +106,12 @@ class Program(ClosesOnExit):
                 func_info_rec_size=func_info_rec_size,
                 line_info=_pack(spec.line_info, "<IIII", line_info_rec_size),
                 line_info_rec_size=line_info_rec_size,
+            )
+        if spec.core_relos and btf_fd is not None:  # (checked above)
+            kwargs.update(
+                btf_fd=btf_fd.raw,
+                core_relos=_pack(spec.core_relos, "<IIII", core_relo_rec_size),
+                core_relo_rec_size=core_relo_rec_size,
             )
         license = spec.license or "GPL"
         log = ""

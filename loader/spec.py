@@ -108,7 +108,9 @@ class ProgramSpec:
     ``attach_type`` is the hook the section name implies (``None``: the caller chooses, e.g.
     ``SEC("tc")`` or ``SEC("sk_skb")``). ``expected_attach_type`` is what libbpf would pass at
     load time. ``func_info``/``line_info`` are ``(instruction index, ...)`` records from
-    ``.BTF.ext``, already relative to the linked instructions.
+    ``.BTF.ext``, already relative to the linked instructions. ``core_relos`` are CO-RE
+    relocations ``(byte offset in the linked instructions, type id, access string offset,
+    kind)``; the kernel applies them against its own BTF at load time (KERNEL-FACTS fact 30).
     """
 
     name: str
@@ -123,6 +125,9 @@ class ProgramSpec:
     subprograms: tuple[str, ...] = ()
     func_info: tuple[tuple[int, int], ...] = attrs.field(default=(), repr=False, eq=False)
     line_info: tuple[tuple[int, int, int, int], ...] = attrs.field(
+        default=(), repr=False, eq=False
+    )
+    core_relos: tuple[tuple[int, int, int, int], ...] = attrs.field(
         default=(), repr=False, eq=False
     )
 
@@ -148,6 +153,7 @@ class CollectionSpec:
     btf: bytes | None = attrs.field(default=None, repr=False, eq=False)
     btf_func_info_rec_size: int = attrs.field(default=8, repr=False, eq=False)
     btf_line_info_rec_size: int = attrs.field(default=16, repr=False, eq=False)
+    btf_core_relo_rec_size: int = attrs.field(default=16, repr=False, eq=False)
 
     def copy(self, **changes: Any) -> CollectionSpec:
         return attrs.evolve(self, **changes)

@@ -3,32 +3,37 @@
 Theory of operation. After the proxy has sent what it read from the client (the ClientHello and
 anything after it) to the target, :meth:`KernelForwarder.forward` registers both sockets with
 the data plane (:class:`trio_sni.accel.SockhashSplice`). From then on every byte either socket
-receives is redirected by the kernel to the other one's egress; Python never sees it. Python
-does four things, all from one loop per connection that sleeps on an epoll instance (itself
-watched by Trio) and on a low-rate timer:
+receives is redirected by the kernel to the other one's egress; Python never sees it, and while
+bytes flow Python does nothing per connection: each connection's task sleeps until one shared
+task (:class:`trio_sni.hangup_watch.HangupWatch`: one epoll instance for every spliced socket,
+plus one periodic job for the whole forwarder) tells it that something happened.
 
-* **End of a direction.** The epoll instance watches both sockets for ``EPOLLRDHUP`` only
-  (plus ``EPOLLERR``/``EPOLLHUP``, always reported), edge-triggered: waiting for ``POLLIN`` on
-  a spliced socket spins (KERNEL-FACTS). On a FIN from one side the peer's write side is shut
-  only once the peer has taken everything the kernel redirected to it
+* **End of a direction.** The shared epoll instance watches every spliced socket for
+  ``EPOLLRDHUP`` only (plus ``EPOLLERR``/``EPOLLHUP``, always reported), edge-triggered: waiting
+  for ``POLLIN`` on a spliced socket spins (KERNEL-FACTS). On a FIN from one side the peer's
+  write side is shut only once the peer has taken everything the kernel redirected to it
   (``tcpi_bytes_acked + SIOCOUTQ`` of the peer has grown by ``tcpi_bytes_received`` of the
-  source since registration), polled every 2 ms; shutting it at once cuts the tail.
+  source since registration), polled from 2 ms; shutting it at once cuts the tail.
 * **Resets.** ``EPOLLERR`` (``ECONNRESET``) on one side closes the other with ``SO_LINGER 0``,
   so it gets an RST too; the reason is ``client_reset`` or ``upstream_reset``.
 * **Backpressure.** The kernel has none: a stalled reader lets the redirect queue grow without
-  limit. Each socket has an allowance in the BPF ``peer`` map: it may redirect until
-  ``redirected <= sent by the peer + bound``. Python moves the allowance forward as the peer
-  sends (polled at an adaptive rate). A socket that reaches it is *stopped* by the program
-  itself: from that skb on, its bytes are SK_PASSed into its own receive queue (charged to its
-  receive buffer, so TCP's window closes on the sender). Python then waits until the peer has
-  sent every byte redirected before the stop, and moves that direction to userspace
-  ``recv``/``send`` for the rest of the connection. Nothing is lost or reordered: the bytes
-  before the stop are all in the peer's send queue before Python sends the first byte after
-  it. The cost: a direction that ever has more than ``bound`` bytes in flight (a bulk transfer
-  faster than the redirect worker, or a stalled reader) is copied by Python from then on.
-* **Idle timeout and byte counts.** ``TCP_INFO`` byte counters, read at the poll rate: the
-  idle deadline moves when either socket has received something since the last poll; the
-  access log's counts are what each socket was given to send (``bytes_acked + SIOCOUTQ``)
+  limit. The verdict program bounds it itself, per skb: a socket may have at most ``bound``
+  bytes redirected that its peer has not taken into its send queue (it reads the peer's
+  ``write_seq``). A socket over the bound is *stopped* by the program: from that skb on, its
+  bytes are SK_PASSed into its own receive queue (charged to its receive buffer, so TCP's
+  window closes on the sender) and its cookie is written to the program's ``stops`` ring
+  buffer, whose fd is in the shared epoll instance: Python learns of a stop at once, without
+  polling. That direction waits until the peer has sent every byte redirected before the
+  stop, and is copied by Python (``recv``/``send``) for the rest of the connection. Nothing is
+  lost or reordered: the bytes before the stop are all in the peer's send queue before Python
+  sends the first byte after it. The cost: a direction that ever has more than ``bound`` bytes
+  in flight (a bulk transfer faster than the redirect worker, or a stalled reader) is copied
+  by Python from then on.
+* **Idle timeout and byte counts.** Every :data:`MAX_SWEEP` (at least every twentieth of the
+  idle timeout) the periodic job reads every socket's redirected-byte count in one batch: a
+  connection whose counts moved (or whose userspace direction copied something) was active.
+  The same read keeps the live byte counts of the status page roughly current; the access
+  log's counts are exact: what each socket was given to send (``bytes_acked + SIOCOUTQ``)
   since forwarding began.
 
 Every map entry is removed when :meth:`forward` returns, raises or is cancelled (the
@@ -40,7 +45,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
+import math
 import select
 import socket
 import struct
@@ -52,6 +59,7 @@ import trio
 
 from .accel import SockhashSplice, Splice
 from .forward import ByteCounters, CopyForwarder, reset_on_close
+from .hangup_watch import HangupWatch
 
 log = logging.getLogger("trio_sni")
 
@@ -64,15 +72,9 @@ _TCP_CLOSE = 7
 #: at least this often, at most MAX_DRAIN_POLL, adapted to the rate the queue drains at.
 DRAIN_POLL = 0.002
 MAX_DRAIN_POLL = 0.05
-#: Slowest poll of the allowance, idle and byte counters (seconds); fast flows poll faster,
-#: and never slower than a twentieth of the idle timeout (its precision).
-MAX_POLL = 5.0
-#: Allowance poll of a direction that moved nothing since the last look (seconds).
-QUIET_POLL = 1.0
-#: Fastest allowance poll (seconds).
-MIN_POLL = 0.005
-#: How long to stop watching the epoll instance after a wake-up that reported nothing.
-SPURIOUS_BACKOFF = 0.02
+#: Slowest sweep of the redirected-byte counts (idle timeout, live byte counts), seconds; never
+#: slower than a twentieth of the idle timeout (its precision).
+MAX_SWEEP = 5.0
 
 
 class _Sock(Protocol):
@@ -170,9 +172,10 @@ class _Direction:
     consumed0: int  # src bytes read by the proxy before registration (+ SYN)
     written0: int  # dst's written() at registration
     state: str = "kernel"  # kernel -> draining -> done, or kernel -> user -> done
-    limit: int = 0
     fin_received: bool = False
     drain_seen: int = 0  # sent_since() at the last drain check
+    redirected: int = 0  # by the kernel, as of the last sweep
+    copied: int = 0  # by the userspace pump
 
     def sent_since(self) -> int:
         return written(self.dst.socket) - self.written0
@@ -214,6 +217,11 @@ class KernelForwarder:
         self.budget_stops = 0
         #: Connections registered in the sockhash right now.
         self.registered = 0
+        self._watch = HangupWatch(self._periodic)
+        self._watchers: set[_Watcher] = set()
+        self._live: dict[int, tuple[_Watcher, _Direction]] = {}  # src cookie -> kernel direction
+        self._next_sweep = 0.0
+        self._watching_stops = contextlib.ExitStack()
 
     def close(self) -> None:
         """Detach the verdict program and close the maps (idempotent)."""
@@ -286,8 +294,6 @@ class KernelForwarder:
                 return await self._copy.forward(
                     client, upstream, first_bytes=b"", counters=counters
                 )
-            for d in dirs:
-                d.limit = self._bound
             watcher = _Watcher(self, splice, dirs, counters, base_to_upstream, base_to_client)
             self.registered += 1
             try:
@@ -296,9 +302,60 @@ class KernelForwarder:
                 self.registered -= 1
                 watcher.update_counters()
 
+    def _join(self, watcher: _Watcher) -> None:
+        if not self._watchers:
+            self._watching_stops.enter_context(
+                self._watch.watch(self.plane.stops.fd, self._on_stops, select.EPOLLIN)
+            )
+            self._next_sweep = trio.current_time() + self._sweep_interval()
+        self._watchers.add(watcher)
+
+    def _leave(self, watcher: _Watcher) -> None:
+        self._watchers.discard(watcher)
+        if not self._watchers:
+            self._watching_stops.close()
+
+    def _on_stops(self, _events: int) -> None:
+        """The program stopped some sockets: copy their directions from now on."""
+        for cookie in self.plane.stopped_cookies():
+            watcher, d = self._live.get(cookie, (None, None))
+            if watcher is not None and d is not None and d.state in ("kernel", "draining"):
+                watcher.on_stop(d)
+
+    def _sweep_interval(self) -> float:
+        return min(MAX_SWEEP, self._idle_timeout / 20)
+
+    def _periodic(self) -> float:
+        """The sweep: who was active (idle timeout), live byte counts, stops the ring missed.
+
+        Returns when to sweep again: every :meth:`_sweep_interval`, or at the earliest idle
+        deadline if that comes first.
+        """
+        now = trio.current_time()
+        if self.plane.closed or not self._watchers or now < self._next_sweep:
+            return max(0.0, self._next_sweep - now) or self._sweep_interval()
+        progress = self.plane.all_progress()
+        for cookie, (watcher, d) in list(self._live.items()):
+            redirected, stopped = progress.get(cookie, (d.redirected, False))
+            if redirected != d.redirected:
+                d.redirected = redirected
+                watcher.last_activity = now
+            if stopped and d.state in ("kernel", "draining"):
+                watcher.on_stop(d)  # its ring record was lost (ring full)
+        self._next_sweep = now + self._sweep_interval()
+        for watcher in list(self._watchers):
+            deadline = watcher.last_activity + self._idle_timeout
+            if now >= deadline:
+                watcher.end("idle_timeout")
+            else:
+                watcher.live_counters()
+                self._next_sweep = min(self._next_sweep, deadline)
+        return self._next_sweep - now
+
 
 class _Watcher:
-    """The per-connection loop of :class:`KernelForwarder` (see the module docstring)."""
+    """One connection of :class:`KernelForwarder` (see the module docstring): sleeps until the
+    shared watch reports something, and does the end-of-connection work."""
 
     def __init__(
         self,
@@ -314,62 +371,67 @@ class _Watcher:
         self.dirs = dirs
         self.counters = counters
         self.base = {"client": base_to_upstream, "upstream": base_to_client}
+        self.counted0 = {"client": counters.to_upstream, "upstream": counters.to_client}
         self.fin_sent = {"client": False, "upstream": False}  # FIN sent on d.dst
         self.reason: str | None = None
         self._waiting: trio.CancelScope | None = None
         self.last_activity = trio.current_time()
-        self.activity = self._activity()
-        self.last_redirected = {d.src_side: 0 for d in dirs}
-        self.last_look = {d.src_side: trio.current_time() for d in dirs}
         for side in splice.stopped_at_insert:
-            d = self._dir(side)
-            d.state = "user"
+            self._dir(side).state = "user"
 
     def _dir(self, side: str) -> _Direction:
         return self.dirs[0] if side == "client" else self.dirs[1]
 
-    def _activity(self) -> int:
-        total = 0
-        for d in self.dirs:
-            with contextlib.suppress(OSError):
-                total += received(d.src.socket)
-        return total
-
     def update_counters(self) -> None:
+        """The exact byte counts: what each destination was given to send."""
         for d in self.dirs:
             try:
                 sent = written(d.dst.socket) - self.base[d.src_side]
             except OSError:
                 continue
             sent -= 1 if self.fin_sent[d.src_side] else 0
-            if d.src_side == "client":
-                self.counters.to_upstream = sent
-            else:
-                self.counters.to_client = sent
+            self._set_count(d, sent)
+
+    def live_counters(self) -> None:
+        """Cheap counts for the status page (no syscall): redirected as of the last sweep."""
+        for d in self.dirs:
+            self._set_count(d, self.counted0[d.src_side] + d.redirected + d.copied)
+
+    def _set_count(self, d: _Direction, value: int) -> None:
+        if d.src_side == "client":
+            self.counters.to_upstream = value
+        else:
+            self.counters.to_client = value
 
     async def run(self) -> str:
-        epoll = self._epoll = select.epoll()
-        try:
+        live = self.fwd._live
+        with contextlib.ExitStack() as watching:
+            self.fwd._join(self)
+            watching.callback(self.fwd._leave, self)
             for d in self.dirs:
-                epoll.register(d.src_fd, select.EPOLLRDHUP | select.EPOLLET)
+                watching.enter_context(
+                    self.fwd._watch.watch(d.src_fd, functools.partial(self._on_event, d))
+                )
+                if d.state == "kernel":
+                    cookie = self.splice.cookie(d.src_side)
+                    live[cookie] = (self, d)
+                    watching.callback(live.pop, cookie, None)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 for d in self.dirs:
                     if d.state == "user":
                         nursery.start_soon(self._userspace, d)
-                await self._loop(epoll)
+                await self._loop()
                 nursery.cancel_scope.cancel()
-        finally:
-            epoll.close()
         assert self.reason is not None
         return self.reason
 
     def _wake(self) -> None:
-        """Make the loop look again now (a userspace direction changed state)."""
+        """Make the loop look again now (a direction changed state)."""
         if self._waiting is not None:
             self._waiting.cancel()
 
-    def _end(self, reason: str) -> None:
+    def end(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
         self.nursery.cancel_scope.cancel()
@@ -378,83 +440,52 @@ class _Watcher:
         """``side`` was reset: reset the other side too and stop."""
         other = self.dirs[0].dst if side == "client" else self.dirs[1].dst
         reset_on_close(other)
-        self._end(f"{side}_reset")
+        self.end(f"{side}_reset")
 
-    async def _loop(self, epoll: select.epoll) -> None:
-        fwd = self.fwd
-        next_check = trio.current_time()  # when the byte counters are read next
-        idle_deadline = next_check + fwd._idle_timeout
-        spurious = False
+    async def _loop(self) -> None:
         while self.reason is None:
             if all(d.state == "done" for d in self.dirs):
                 self.reason = "normal"
                 return
-            now = trio.current_time()
-            if now >= next_check:
-                activity = self._activity()
-                if activity != self.activity:
-                    self.activity, self.last_activity = activity, now
-                idle_deadline = self.last_activity + fwd._idle_timeout
-                if now >= idle_deadline:
-                    self._end("idle_timeout")
-                    return
-                poll = min(MAX_POLL, fwd._idle_timeout / 20)
-                for d in self.dirs:
-                    if d.state in ("kernel", "draining"):
-                        poll = min(poll, self._check_allowance(d, now))
-                    if d.state == "draining":
-                        poll = min(poll, self._check_drained(d))
-                self.update_counters()
-                next_check = now + poll
-                if all(d.state == "done" for d in self.dirs):
-                    continue
-            timeout = max(0.0, min(next_check, idle_deadline) - now)
-            woke = False
-            if spurious:
-                # The epoll instance is woken by traffic on the spliced sockets although
-                # nothing it watches happened (nested epoll re-polls on every wake-up): look
-                # at most every SPURIOUS_BACKOFF while bytes flow, so a FIN or RST is seen at
-                # most that late.
-                with trio.move_on_after(min(timeout, SPURIOUS_BACKOFF)) as self._waiting:
-                    await trio.sleep_forever()
-                spurious = False
-            else:
-                with trio.move_on_after(timeout) as self._waiting:
-                    await trio.lowlevel.wait_readable(epoll.fileno())
-                woke = not self._waiting.cancelled_caught
+            delay = math.inf
+            for d in self.dirs:
+                if d.state == "draining":
+                    delay = min(delay, self._check_drained(d))
+            if all(d.state == "done" for d in self.dirs):
+                continue
+            with trio.move_on_after(delay) as self._waiting:
+                await trio.sleep_forever()
             self._waiting = None
-            changed = False
-            for fd, events in epoll.poll(0):
-                d = self.dirs[0] if fd == self.dirs[0].src_fd else self.dirs[1]
-                changed = self._on_event(d, events) or changed
-            spurious = woke and not changed
-            if changed:
-                next_check = trio.current_time()  # look at the counters now
 
-    def _on_event(self, d: _Direction, events: int) -> bool:
-        """Handle what epoll reported for ``d``'s source socket; whether anything changed."""
+    def _on_event(self, d: _Direction, events: int) -> None:
+        """What the shared epoll instance reported for ``d``'s source socket."""
         side = d.src_side
         if events & select.EPOLLERR or (
             events & select.EPOLLHUP and _tcp_state(d.src.socket) == _TCP_CLOSE
             and _socket_error(d.src.socket)
         ):
             self._reset(side)
-            return True
+            return
         if not events & (select.EPOLLRDHUP | select.EPOLLHUP):
-            return False
-        # The FIN stays visible (level) and would be reported again on every wake-up: from
-        # now on only errors and hang-ups, which epoll always reports.
-        with contextlib.suppress(OSError, ValueError):
-            self._epoll.modify(d.src_fd, select.EPOLLET)
+            return
+        self.fwd._watch.errors_only(d.src_fd)
         if d.fin_received:
-            return False
+            return
         d.fin_received = True
+        self.last_activity = trio.current_time()
         if d.state == "kernel":
             with _borrowed(d.src_fd) as sock, contextlib.suppress(OSError):
                 sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # process the queue
             d.state = "draining"
+            self._wake()
         # "user": its pump reads the EOF itself.
-        return True
+
+    def on_stop(self, d: _Direction) -> None:
+        """The program stopped ``d``'s source socket: copy that direction from now on."""
+        d.state = "user"
+        self.fwd.budget_stops += 1
+        self.fwd._live.pop(self.splice.cookie(d.src_side), None)
+        self.nursery.start_soon(self._userspace, d)
 
     def _shutdown_dst(self, d: _Direction) -> None:
         with contextlib.suppress(OSError):
@@ -473,46 +504,17 @@ class _Watcher:
         sent, target = d.sent_since(), d.received_since()
         if sent >= target:
             self._shutdown_dst(d)
-            return MAX_POLL
+            return math.inf
         progress = sent - d.drain_seen
         d.drain_seen = sent
         if progress <= 0:
             return DRAIN_POLL
         return max(DRAIN_POLL, min(MAX_DRAIN_POLL, DRAIN_POLL * (target - sent) / progress / 2))
 
-    def _check_allowance(self, d: _Direction, now: float) -> float:
-        """Move ``d``'s allowance forward; start userspace if the program stopped it.
-
-        Returns how soon to look again: about half the time the allowance lasts at the
-        current rate, between MIN_POLL and MAX_POLL.
-        """
-        redirected, stopped = self.splice.progress(d.src_side)
-        if stopped:
-            d.state = "user"
-            self.fwd.budget_stops += 1
-            self.nursery.start_soon(self._userspace, d)
-            return MIN_POLL
-        bound = self.fwd._bound
-        new_limit = d.sent_since() + bound
-        if new_limit - d.limit >= bound // 4:
-            d.limit = new_limit
-            self.splice.set_limit(d.src_side, new_limit)
-        moved = redirected - self.last_redirected[d.src_side]
-        elapsed = now - self.last_look[d.src_side]
-        self.last_redirected[d.src_side] = redirected
-        self.last_look[d.src_side] = now
-        if moved <= 0 or elapsed <= 0:
-            # Nothing moved: a flow that starts now at up to bound/s must not find a stale
-            # allowance (that would stop it for nothing).
-            return QUIET_POLL
-        # At the rate since the last look, the allowance left lasts this long: look again
-        # halfway there.
-        lasts = max(0, d.limit - redirected) / (moved / elapsed)
-        return max(MIN_POLL, min(MAX_POLL, lasts / 2))
-
     async def _userspace(self, d: _Direction) -> None:
         """Copy ``d`` in userspace from now on (in-flight bound reached, or no splice)."""
         redirected, _ = self.splice.progress(d.src_side)
+        d.redirected = redirected
         if d.src_side not in self.splice.stopped_at_insert:
             # Every byte redirected before the stop must be in dst's send queue before the
             # first byte copied here, or the order breaks.
@@ -522,7 +524,6 @@ class _Watcher:
                     return
                 await trio.sleep(DRAIN_POLL)
         other = "upstream" if d.src_side == "client" else "client"
-        copied = 0
         while True:
             try:
                 data = await d.src.receive_some(self.fwd._buffer_size)
@@ -534,11 +535,12 @@ class _Watcher:
                 # even if SK_PASSed skbs still wait in the psock's retry queue: believe it only
                 # when every byte received has been redirected or copied.
                 d.fin_received = True
-                if d.received_since() <= redirected + copied:
+                if d.received_since() <= redirected + d.copied:
                     break
                 await trio.sleep(DRAIN_POLL)
                 continue
-            copied += len(data)
+            d.copied += len(data)
+            self.last_activity = trio.current_time()
             try:
                 await d.dst.send_all(data)
             except trio.BrokenResourceError:

@@ -264,6 +264,8 @@ def prog_load(
     func_info_rec_size: int = 0,
     line_info: bytes = b"",
     line_info_rec_size: int = 0,
+    core_relos: bytes = b"",
+    core_relo_rec_size: int = 0,
 ) -> tuple[FD | None, int, int]:
     """``BPF_PROG_LOAD``. Returns ``(fd, 0, log_true_size)`` or ``(None, errno, log_true_size)``.
 
@@ -274,6 +276,7 @@ def prog_load(
     c_license = ffi.new("char[]", license.encode())
     c_func = ffi.from_buffer(func_info) if func_info else ffi.NULL
     c_line = ffi.from_buffer(line_info) if line_info else ffi.NULL
+    c_core = ffi.from_buffer(core_relos) if core_relos else ffi.NULL
     attr = ffi.new("struct prog_load_attr *")
     attr.prog_type = prog_type
     attr.insn_cnt = len(insns) // 8
@@ -294,6 +297,10 @@ def prog_load(
         attr.line_info_rec_size = line_info_rec_size
         attr.line_info = addr(c_line)
         attr.line_info_cnt = len(line_info) // line_info_rec_size
+    if core_relos:
+        attr.core_relo_rec_size = core_relo_rec_size
+        attr.core_relos = addr(c_core)
+        attr.core_relo_cnt = len(core_relos) // core_relo_rec_size
     size = _size("struct prog_load_attr", "log_true_size")
     for _ in range(_EAGAIN_RETRIES):
         ret = _lib.syscall(_SYS_BPF, Cmd.PROG_LOAD, attr, size)

@@ -3,9 +3,13 @@ on real sockets (entries always removed, a half-closed socket refused)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +19,8 @@ import loader
 from loader.btf import Kind, parse_btf
 from trio_sni import accel
 from trio_sni.accel import layout, objects
+
+MiB = 1024 * 1024
 
 
 @pytest.mark.parametrize(
@@ -57,7 +63,7 @@ def test_probe_explains_a_missing_capability(monkeypatch: pytest.MonkeyPatch) ->
     if accel.sockmap_kernel_gate(found.kernel_release) is not None:
         pytest.skip("the kernel gate already refuses this kernel")
     assert not found.sockmap
-    assert found.why_not("sockmap", ).startswith("missing CAP_BPF and CAP_NET_ADMIN")  # type: ignore[union-attr]
+    assert found.why_not("sockmap", ).startswith("missing CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")  # type: ignore[union-attr]
 
 
 def test_prebuilt_object_is_found_and_checked() -> None:
@@ -76,8 +82,8 @@ def test_layout_matches_the_btf() -> None:
     assert spec.btf is not None
     btf = parse_btf(spec.btf)
     expected = {
-        "peer_info": (layout.PEER_INFO, ["peer", "limit", "direction", "_pad"]),
-        "progress": (layout.PROGRESS, ["redirected", "stopped"]),
+        "peer_info": (layout.PEER_INFO, ["peer", "bound", "direction", "_pad"]),
+        "progress": (layout.PROGRESS, ["redirected", "stopped", "started", "peer_seq0", "_pad"]),
     }
     for name, (codec, members) in expected.items():
         t = btf.by_name(name, Kind.STRUCT)
@@ -157,26 +163,138 @@ def test_a_half_closed_client_is_refused_and_leaves_nothing(plane: accel.Sockhas
 
 
 @pytest.mark.bpf
-def test_over_the_limit_the_program_stops_and_keeps_the_bytes(
+def test_over_the_bound_the_program_stops_and_keeps_the_bytes(
     plane: accel.SockhashSplice,
 ) -> None:
-    """A socket over its allowance is stopped: later bytes wait in its own queue, in order."""
+    """The program bounds what the peer has not taken yet by itself: with the upstream reader
+    stalled, the client socket is stopped and later bytes wait in its own queue, in order."""
     s1, outside_client, proxy_client = _pair()
     s2, proxy_upstream, outside_upstream = _pair()
     socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
+    payload = os.urandom(4 * MiB)
+    proxy_upstream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sender = threading.Thread(target=outside_client.sendall, args=(payload,))
     try:
-        with plane.register(proxy_client, proxy_upstream, bound=3000) as splice:
+        with plane.register(proxy_client, proxy_upstream, bound=64 * 1024) as splice:
+            sender.start()
+            deadline = time.monotonic() + 10
+            while not splice.progress("client")[1]:  # outside_upstream reads nothing yet
+                assert time.monotonic() < deadline, "never stopped"
+                time.sleep(0.01)
+            assert plane.counters()["budget_stops"] == 1
+            assert plane.stopped_cookies() == [splice.client_cookie]
+            assert plane.stopped_cookies() == []  # read once
+            redirected, _ = splice.progress("client")
+            assert redirected < MiB  # the bound plus the peer's (small) socket buffers
+            assert plane.all_progress()[splice.client_cookie] == (redirected, True)
             outside_upstream.settimeout(5)
             proxy_client.settimeout(5)
-            outside_client.sendall(b"a" * 2000)
-            assert outside_upstream.recv(4000) == b"a" * 2000
-            outside_client.sendall(b"b" * 2000)  # 4000 > 3000: stopped, kept here
-            got = b""
-            while len(got) < 2000:
-                got += proxy_client.recv(4000)
-            assert got == b"b" * 2000
-            assert splice.progress("client") == (2000, True)
-            assert plane.counters()["budget_stops"] >= 1
+            got = _recv_exactly(outside_upstream, redirected) + _recv_exactly(
+                proxy_client, len(payload) - redirected
+            )
+            assert got == payload
+        sender.join()
     finally:
         for s in socks:
             s.close()
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk
+        data += chunk
+    return bytes(data)
+
+
+@pytest.mark.bpf
+def test_a_second_insert_failing_otherwise_leaves_that_side_to_userspace(
+    plane: accel.SockhashSplice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the client socket is spliced, a failure of the upstream insert (any errno) does not
+    abort the registration (the client may have redirected bytes already): the upstream side
+    is left to userspace, and every entry still goes at the end."""
+    s1, outside_client, proxy_client = _pair()
+    s2, proxy_upstream, outside_upstream = _pair()
+    socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
+    real_insert = plane.sock_hash.insert_socket
+
+    def insert(cookie: int, sock: socket.socket) -> None:
+        if sock is proxy_upstream:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        real_insert(cookie, sock)
+
+    monkeypatch.setattr(plane.sock_hash, "insert_socket", insert)
+    try:
+        with plane.register(proxy_client, proxy_upstream, bound=1 << 20) as splice:
+            assert splice.stopped_at_insert == ("upstream",)
+            assert plane.entries() == {"sock_hash": 1, "targets": 2, "peer": 2, "progress": 2}
+            outside_client.sendall(b"up" * 1000)
+            outside_upstream.settimeout(5)
+            assert _recv_exactly(outside_upstream, 2000) == b"up" * 1000  # by the kernel
+            outside_upstream.sendall(b"down" * 1000)
+            proxy_upstream.settimeout(5)
+            assert _recv_exactly(proxy_upstream, 4000) == b"down" * 1000  # for userspace
+            assert splice.progress("upstream") == (0, True)
+        assert plane.entries() == {"sock_hash": 0, "targets": 0, "peer": 0, "progress": 0}
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.bpf
+def test_a_first_insert_failing_otherwise_raises_and_leaves_nothing(
+    plane: accel.SockhashSplice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s1, outside_client, proxy_client = _pair()
+    s2, proxy_upstream, outside_upstream = _pair()
+    socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
+
+    def insert(cookie: int, sock: socket.socket) -> None:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(plane.sock_hash, "insert_socket", insert)
+    try:
+        with pytest.raises(OSError, match="Cannot allocate"):
+            plane.register(proxy_client, proxy_upstream, bound=1 << 20).__enter__()
+        assert plane.entries() == {"sock_hash": 0, "targets": 0, "peer": 0, "progress": 0}
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.bpf
+def test_the_stop_ring_reports_every_stop_across_wrap_arounds() -> None:
+    """300 stops (the 4 KiB ring holds 256 records) read in batches of 100: each one exactly
+    once, in order; closing the plane releases the ring's mappings and fds."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+    s1, outside_client, proxy_client = _pair()
+    s2, proxy_upstream, outside_upstream = _pair()
+    socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
+    proxy_client.setblocking(False)  # a blocking recv() here sleeps out its timeout first
+
+    def receive_10() -> bytes:
+        deadline = time.monotonic() + 5
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                return proxy_client.recv(10)
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    try:
+        with accel.SockhashSplice.load(max_entries=4) as plane:
+            cookie = accel.socket_cookie(proxy_client)
+            for batch in range(3):
+                for _ in range(100):
+                    # bound 1: the first skb over it stops the socket and stays in its queue
+                    with plane.register(proxy_client, proxy_upstream, bound=1) as splice:
+                        outside_client.sendall(b"0123456789")
+                        assert receive_10() == b"0123456789"
+                        assert splice.progress("client") == (0, True)
+                assert plane.stopped_cookies() == [cookie] * 100, batch
+            assert plane.counters()["budget_stops"] == 300
+    finally:
+        for s in socks:
+            s.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before

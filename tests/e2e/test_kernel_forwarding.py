@@ -9,6 +9,7 @@ fallbacks when the kernel path cannot be used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -248,6 +249,53 @@ async def test_hand_off_with_early_data_hundreds_of_times(
     modes = {r["mode"] for r in running.access_log}
     assert "kernel" in modes  # (a client whose FIN beat the splice is copied: also exact)
     assert {r["reason"] for r in running.access_log} == {"normal"}
+    await stop(running)
+    assert witness.entries[-1] == EMPTY
+
+
+async def test_a_failed_second_insert_copies_that_direction_and_loses_nothing(
+    backend: Any, start_proxy: Any, witness: Witness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream socket cannot enter the sockhash after the client's did (any errno; here
+    ENOMEM, made to happen on every second insert): the client's bytes stay in the kernel and
+    the upstream's are copied by Python. Exact bytes both ways, exact counts, no entry left."""
+    banner = os.urandom(100_000)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.send_all(banner)  # upstream -> client: the copied direction
+        got = await drain(stream)
+        await stream.send_all(hashlib.sha256(got).digest())
+        await stream.aclose()
+
+    b = await backend(handler)
+    running = await start_proxy(kernel_config(b))
+    plane = plane_of(running).plane
+    real_insert = plane.sock_hash.insert_socket
+    inserts = 0
+
+    def insert(cookie: int, sock: Any) -> None:
+        nonlocal inserts
+        inserts += 1
+        if inserts % 2 == 0:
+            raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        real_insert(cookie, sock)
+
+    monkeypatch.setattr(plane.sock_hash, "insert_socket", insert)
+    for _ in range(10):
+        tail = os.urandom(MiB)
+        client = await trio.open_tcp_stream("127.0.0.1", running.port)
+        async with client:
+            await client.send_all(HELLO + tail)  # client -> upstream: in the kernel
+            assert await receive_exactly(client, len(banner)) == banner
+            await trio.sleep(0.1)  # a FIN before the registration would make it copy
+            await client.send_eof()
+            assert await drain(client) == hashlib.sha256(HELLO + tail).digest()
+    await wait_for(lambda: len(running.access_log) == 10, timeout=30)
+    for record in running.access_log:
+        assert (record["reason"], record["mode"]) == ("normal", "kernel")
+        assert record["bytes_to_upstream"] == len(HELLO) + MiB
+        assert record["bytes_to_client"] == len(banner) + 32
+    assert plane.counters()["bytes_to_client"] == 0  # never redirected: copied
     await stop(running)
     assert witness.entries[-1] == EMPTY
 
@@ -541,8 +589,8 @@ def test_without_bpf_capabilities_userspace_mode_works_and_says_why_once(tmp_pat
     assert json.loads(result.stdout) == ["splice", "splice", "splice"]
     reasons = [line for line in result.stderr.splitlines() if "forwarding mode" in line]
     assert reasons == [
-        "INFO forwarding mode: splice (kernel forwarding unavailable: missing CAP_BPF and "
-        "CAP_NET_ADMIN (root without them); using splice)"
+        "INFO forwarding mode: splice (kernel forwarding unavailable: missing CAP_BPF, "
+        "CAP_NET_ADMIN and CAP_PERFMON (root without them); using splice)"
     ]
 
 
@@ -557,6 +605,6 @@ def test_fallback_mode_none_without_bpf_refuses_to_start(tmp_path: Path) -> None
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1
-    assert "missing CAP_BPF and CAP_NET_ADMIN" in result.stderr
+    assert "missing CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON" in result.stderr
     assert "fallback_mode is 'none'" in result.stderr
     assert "Traceback" not in result.stderr

@@ -25,8 +25,9 @@ SOCKHASH_MAPS = {
     "sock_hash": MapSpec("sock_hash", MapType.SOCKHASH, 8, 8, 65536),
     "targets": MapSpec("targets", MapType.SOCKHASH, 8, 8, 65536),
     "peer": MapSpec("peer", MapType.HASH, 8, 24, 65536),
-    "progress": MapSpec("progress", MapType.HASH, 8, 16, 65536),
+    "progress": MapSpec("progress", MapType.HASH, 8, 24, 65536),
     "counters": MapSpec("counters", MapType.PERCPU_ARRAY, 4, 8, 9),
+    "stops": MapSpec("stops", MapType.RINGBUF, 0, 0, 4096),
 }
 
 
@@ -94,8 +95,8 @@ def test_sockhash_spec() -> None:
     assert verdict.section == "sk_skb/stream_verdict"
     assert (verdict.type, verdict.attach_type, verdict.expected_attach_type) == (
         ProgType.SK_SKB, AttachType.SK_SKB_STREAM_VERDICT, 5)
-    assert {r.map for r in verdict.references} == {"sock_hash", "targets", "peer", "progress",
-                                                    "counters"} - {"sock_hash"}
+    assert {r.map for r in verdict.references} == {"targets", "peer", "progress", "counters",
+                                                    "stops"}
     assert all(r.kind == "map" for r in verdict.references)
 
 

@@ -116,3 +116,26 @@ def test_unknown_section_is_refused_before_the_kernel() -> None:
     odd = spec.programs["tc_two"].copy(type=ProgType.UNSPEC, section="weird")
     with pytest.raises(loader.LoaderError, match="section 'weird'"):
         Program.load(odd)
+
+
+def test_core_relocations_are_passed_to_the_kernel() -> None:
+    """``.BTF.ext`` CO-RE records go to BPF_PROG_LOAD as they are (byte offsets in the linked
+    program) and the kernel resolves them against its own BTF: the product's verdict program
+    reads ``struct tcp_sock``'s ``write_seq`` through one."""
+    from .conftest import PREBUILT  # type: ignore[import-not-found]
+
+    spec = loader.load_collection_spec(PREBUILT / "sockhash.bpf.o")
+    prog = spec.programs["stream_verdict"]
+    [(insn_off, type_id, access_off, kind)] = prog.core_relos
+    assert insn_off % 8 == 0
+    assert insn_off // 8 < prog.insn_count
+    assert kind == 0  # BPF_CORE_FIELD_BYTE_OFFSET
+    assert spec.btf is not None
+    btf = loader.btf.parse_btf(spec.btf)
+    assert btf.types[type_id].name == "tcp_sock"
+    assert btf.string(access_off) == "0:0"  # first member of the local struct: write_seq
+    with Collection.load(spec, programs=["stream_verdict"]) as coll:
+        assert coll.programs["stream_verdict"].info().id > 0
+    # Without the object's BTF the records cannot be resolved: say so instead of failing late.
+    with pytest.raises(loader.LoaderError, match="CO-RE relocations"):
+        Program.load(prog)

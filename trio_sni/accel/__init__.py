@@ -44,6 +44,7 @@ SOCKMAP_KICK_MIN = (6, 4)
 
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
+CAP_PERFMON = 38
 CAP_BPF = 39
 
 
@@ -91,6 +92,8 @@ def missing_capabilities() -> list[str]:
         missing.append("CAP_BPF")
     if not caps & (1 << CAP_NET_ADMIN | 1 << CAP_SYS_ADMIN):
         missing.append("CAP_NET_ADMIN")
+    if not caps & (1 << CAP_PERFMON | 1 << CAP_SYS_ADMIN):
+        missing.append("CAP_PERFMON")  # the verdict program reads the peer's tcp_sock
     return missing
 
 
@@ -113,8 +116,8 @@ class Acceleration:
 def probe() -> Acceleration:
     """Check whether the sockhash data plane can run here; never raises.
 
-    The checks, first failure wins: Linux; the kernel version gate; CAP_BPF and
-    CAP_NET_ADMIN; the loader's probes for SOCKHASH maps and SK_SKB programs.
+    The checks, first failure wins: Linux; the kernel version gate; CAP_BPF, CAP_NET_ADMIN
+    and CAP_PERFMON; the loader's probes for SOCKHASH maps and SK_SKB programs.
     """
     release = platform.release()
     return Acceleration(kernel_release=release, reasons={"sockmap": _sockmap_reason(release)})
@@ -129,7 +132,8 @@ def _sockmap_reason(release: str) -> str | None:
     missing = missing_capabilities()
     if missing:
         who = "root without them" if os.geteuid() == 0 else f"uid {os.geteuid()}"
-        return f"missing {' and '.join(missing)} ({who})"
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if missing[:-1] else missing)
+        return f"missing {names} ({who})"
     try:
         loader.have_map_type(loader.MapType.SOCKHASH)
         loader.have_prog_type(loader.ProgType.SK_SKB)

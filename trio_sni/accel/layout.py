@@ -9,10 +9,10 @@ from __future__ import annotations
 import enum
 import struct
 
-#: ``struct peer_info {u64 peer; u64 limit; u32 direction; u32 _pad;}``
+#: ``struct peer_info {u64 peer; u64 bound; u32 direction; u32 _pad;}``
 PEER_INFO = struct.Struct("<QQII")
-#: ``struct progress {u64 redirected; u64 stopped;}``
-PROGRESS = struct.Struct("<QQ")
+#: ``struct progress {u64 redirected; u32 stopped; u32 started; u32 peer_seq0; u32 _pad;}``
+PROGRESS = struct.Struct("<QIIII")
 
 
 class Direction(enum.IntEnum):
@@ -40,5 +40,5 @@ class Counter(enum.IntEnum):
 COUNTER_MAX = len(Counter)
 
 #: Map and program names the forwarder needs from ``sockhash.bpf.o``.
-SOCKHASH_MAPS = ("sock_hash", "targets", "peer", "progress", "counters")
+SOCKHASH_MAPS = ("sock_hash", "targets", "peer", "progress", "counters", "stops")
 SOCKHASH_PROGRAM = "stream_verdict"

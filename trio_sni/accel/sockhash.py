@@ -9,8 +9,16 @@ only the bookkeeping:
   program, so their receive path is unchanged), the ``progress`` and ``peer`` entries, then the
   sockets into ``sock_hash`` (the verdict program), then a ``recv(MSG_DONTWAIT)`` "kick" on each
   so bytes that arrived before the insert are forwarded now rather than on the next segment.
-* A socket whose ``sock_hash`` insert fails (its peer half-closed or reset in the meantime) is
-  left out: its direction is marked ``stopped`` and is forwarded in userspace by the caller.
+* A socket whose ``sock_hash`` insert fails (its peer half-closed or reset in the meantime,
+  or any other error once the first socket is in) is left out: its direction is marked
+  ``stopped`` and is forwarded in userspace by the caller. Giving up the whole registration
+  then would lose bytes: the first socket may have redirected some already, and they wait in
+  the peer's psock, which is purged when the peer leaves ``targets``.
+* The in-flight bound is enforced by the verdict program itself (it reads the peer's
+  ``write_seq``), so nothing needs to be refreshed from Python. The program announces each
+  stopped socket's cookie in the ``stops`` ring buffer (:attr:`SockhashSplice.stops`, whose fd
+  is epoll-readable while records wait); :meth:`SockhashSplice.all_progress` reads every
+  socket's progress in one batch.
 * Removal on every exit path: the ``with`` block deletes every entry it made, with plain
   syscalls (no checkpoint), so cancellation cannot skip it.
 
@@ -33,6 +41,7 @@ import loader
 from .counters import read_counters
 from .layout import PEER_INFO, PROGRESS, SOCKHASH_MAPS, SOCKHASH_PROGRAM, Direction
 from .objects import prebuilt_spec
+from .ringbuf import RingReader
 
 #: ``SO_COOKIE`` (not in Python's socket module): the socket's 64-bit cookie.
 SO_COOKIE = 57
@@ -67,14 +76,19 @@ class Splice:
         raw = self.plane.progress_map.lookup(self.cookie(side))
         if raw is None:
             return 0, True
-        redirected, stopped = PROGRESS.unpack(raw)
-        return redirected, bool(stopped)
+        return _progress(raw)
 
-    def set_limit(self, side: str, limit: int) -> None:
-        """Let ``side``'s socket redirect until ``limit`` bytes in total (the in-flight bound)."""
+    def _set_peer(self, side: str) -> None:
         peer = self.upstream_cookie if side == "client" else self.client_cookie
         direction = Direction.TO_UPSTREAM if side == "client" else Direction.TO_CLIENT
-        self.plane.peer_map.update(self.cookie(side), PEER_INFO.pack(peer, limit, direction, 0))
+        self.plane.peer_map.update(
+            self.cookie(side), PEER_INFO.pack(peer, self.bound, direction, 0)
+        )
+
+
+def _progress(raw: bytes) -> tuple[int, bool]:
+    redirected, stopped, _started, _seq0, _pad = PROGRESS.unpack(raw)
+    return redirected, bool(stopped)
 
 
 class SockhashSplice:
@@ -99,13 +113,16 @@ class SockhashSplice:
             m.key_codec = loader.Int()
         self.counters_map.key_codec = loader.Int()
         self.counters_map.value_codec = loader.Int()
+        #: Cookies of the sockets the program stopped (8 bytes each, little-endian).
+        self.stops = RingReader(maps["stops"])
 
     @classmethod
     def load(cls, *, max_entries: int = 65536) -> SockhashSplice:
         spec = prebuilt_spec("sockhash.bpf.o", SOCKHASH_MAPS, [SOCKHASH_PROGRAM])
         # Two sockets per connection in each sockhash, two entries per connection in each hash.
         maps = {
-            name: (m.copy(max_entries=2 * max_entries) if name != "counters" else m)
+            name: (m.copy(max_entries=2 * max_entries) if name not in ("counters", "stops")
+                   else m)
             for name, m in spec.maps.items()
         }
         spec = spec.copy(maps=maps)
@@ -117,7 +134,12 @@ class SockhashSplice:
         except BaseException:
             collection.close()
             raise
-        return cls(collection, link)
+        try:
+            return cls(collection, link)
+        except BaseException:
+            link.close()
+            collection.close()
+            raise
 
     @property
     def closed(self) -> bool:
@@ -125,6 +147,8 @@ class SockhashSplice:
 
     def close(self) -> None:
         """Detach and close every fd; idempotent."""
+        if not self._closed:
+            self.stops.close()
         self._closed = True
         self._link.close()
         self._collection.close()
@@ -139,6 +163,15 @@ class SockhashSplice:
 
     def counters(self) -> dict[str, int]:
         return read_counters(self.counters_map)
+
+    def stopped_cookies(self) -> list[int]:
+        """Cookies of the sockets stopped since the last call (from the ``stops`` ring)."""
+        return [int.from_bytes(record[:8], "little") for record in self.stops.read()]
+
+    def all_progress(self) -> dict[int, tuple[int, bool]]:
+        """``{cookie: (bytes redirected, stopped?)}`` for every registered socket, read in one
+        batch (about 0.1 µs per entry, KERNEL-FACTS: poll in batches)."""
+        return {cookie: _progress(raw) for cookie, raw in self.progress_map.lookup_batch()}
 
     def entries(self) -> dict[str, int]:
         """Entries in each per-connection map (all zero when no connection is registered)."""
@@ -159,33 +192,36 @@ class SockhashSplice:
         """Splice ``client`` and ``upstream`` in the kernel for the ``with`` block.
 
         Send whatever the proxy already read from the client to ``upstream`` *before* this
-        (KERNEL-FACTS fact 7). ``bound`` is the first in-flight allowance per direction.
+        (KERNEL-FACTS fact 7). ``bound`` is the in-flight bound per direction: the most bytes
+        one socket may have redirected that the other has not taken into its send queue.
 
         Raises:
             OSError: a socket could not be added to ``targets`` (e.g. ``EOPNOTSUPP``: it is not
-                ESTABLISHED any more, the client already half-closed) or a map is full. Nothing
-                was redirected then and no entry is left: copy in userspace instead.
+                ESTABLISHED any more, the client already half-closed), a map is full, or the
+                first ``sock_hash`` insert failed with another error. Nothing was redirected
+                then and no entry is left: copy in userspace instead.
         """
         c, u = socket_cookie(client), socket_cookie(upstream)
         made: list[tuple[loader.Map, int]] = []
         try:
             for cookie in (c, u):
-                self.progress_map.update(cookie, PROGRESS.pack(0, 0))
+                self.progress_map.update(cookie, PROGRESS.pack(0, 0, 0, 0, 0))
                 made.append((self.progress_map, cookie))
             for cookie, sock in ((c, client), (u, upstream)):
                 self.targets.insert_socket(cookie, sock)
                 made.append((self.targets, cookie))
             splice = Splice(self, c, u, bound)
             for side, cookie in (("client", c), ("upstream", u)):
-                splice.set_limit(side, bound)
+                splice._set_peer(side)
                 made.append((self.peer_map, cookie))
             stopped: list[str] = []
             for side, cookie, sock in (("client", c, client), ("upstream", u, upstream)):
                 try:
                     self.sock_hash.insert_socket(cookie, sock)
                 except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
-                        raise
+                    spliced = any(m is self.sock_hash for m, _ in made)
+                    if not spliced and exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                        raise  # nothing redirected yet: the caller copies the connection
                     stopped.append(side)  # its bytes stay in its own queue: userspace
                 else:
                     made.append((self.sock_hash, cookie))

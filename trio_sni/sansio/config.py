@@ -362,8 +362,9 @@ class SockmapConfig:
     """Kernel forwarding (BPF sockhash).
 
     ``max_in_flight`` bounds, per connection and direction, the bytes the kernel has taken from
-    one socket but the other has not sent yet (the kernel itself has no backpressure there); a
-    direction that reaches it is copied in userspace from then on.
+    one socket but the other has not yet taken into its send queue (the kernel itself has no
+    backpressure there; the BPF program enforces it); a direction that reaches it is copied in
+    userspace from then on.
     """
 
     enabled: bool = True
