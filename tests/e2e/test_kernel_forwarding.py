@@ -24,7 +24,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from proxytest import drain, receive_exactly, wait_for
+from proxytest import drain, loader_fds_opened_since, receive_exactly, serve_tcp, wait_for
 
 import loader
 from trio_sni.kernel_forward import KernelForwarder
@@ -49,18 +49,7 @@ def backend(nursery: trio.Nursery) -> Callable[..., Any]:
     async def start(
         handler: Callable[[trio.SocketStream], Any], host: str = "127.0.0.1"
     ) -> Backend:
-        listeners = await trio.open_tcp_listeners(0, host=host)
-
-        async def serve() -> None:
-            try:
-                await trio.serve_listeners(handler, listeners)
-            finally:
-                with trio.CancelScope(shield=True):
-                    for listener in listeners:
-                        await trio.aclose_forcefully(listener)
-
-        nursery.start_soon(serve)
-        return Backend(host, listeners[0].socket.getsockname()[1])
+        return Backend(host, await serve_tcp(nursery, handler, host))
 
     return start
 
@@ -104,7 +93,7 @@ def witness(monkeypatch: pytest.MonkeyPatch) -> Iterator[Witness]:
     monkeypatch.setattr(KernelForwarder, "close", close)
     before = loader.live_fds()
     yield seen
-    assert loader.live_fds() == before
+    assert not loader_fds_opened_since(before)
 
 
 EMPTY = {"sock_hash": 0, "targets": 0, "peer": 0, "progress": 0}
