@@ -7,7 +7,8 @@ connection ended. ``copy`` is here; ``kernel`` (BPF sockhash splice) is in
 :mod:`trio_sni.kernel_forward`, ``splice`` (splice(2) through pipes) in
 :mod:`trio_sni.splice_forward`.
 
-:func:`choose_forwarder` is the single place that decides the forwarding mode, and says why.
+:func:`trio_sni.forwarding_modes.choose_forwarder` is the single place that decides which
+forwarder a connection gets, and says why.
 
 Termination reasons (the ``reason`` in access logs and metrics) returned here:
 ``normal`` (both sides closed cleanly), ``idle_timeout``, ``client_reset``, ``upstream_reset``.
@@ -18,18 +19,13 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-import weakref
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
 import trio
 
-from .errors import AccelerationUnavailable
-from .sansio.config import Config
-
 if TYPE_CHECKING:
-    from .accel import SockhashSplice
+    pass
 
 log = logging.getLogger("trio_sni")
 
@@ -116,14 +112,14 @@ class CopyForwarder:
                     try:
                         data = await src.receive_some(self._buffer_size)
                     except trio.BrokenResourceError:
-                        reason = _end_with_reset(side, client, upstream, nursery)
+                        reason = end_with_reset(side, client, upstream, nursery)
                         return
                     if not data:
                         break
                     try:
                         await dst.send_all(data)
                     except trio.BrokenResourceError:
-                        reason = _end_with_reset(other, client, upstream, nursery)
+                        reason = end_with_reset(other, client, upstream, nursery)
                         return
                     if side == "client":
                         counters.to_upstream += len(data)
@@ -151,7 +147,7 @@ class CopyForwarder:
         return reason
 
 
-def _end_with_reset(
+def end_with_reset(
     reset_side: str,
     client: trio.SocketStream,
     upstream: trio.SocketStream,
@@ -161,193 +157,3 @@ def _end_with_reset(
     reset_on_close(client if reset_side == "upstream" else upstream)
     nursery.cancel_scope.cancel()
     return f"{reset_side}_reset"
-
-
-@attrs.frozen
-class ForwardingPlan:
-    """The outcome of :func:`choose_forwarder`: the forwarders and why they were chosen.
-
-    ``forwarder`` is the default (``forwarding.mode`` resolved); ``by_mode`` maps every mode a
-    rule can ask for (``auto``, ``kernel``, ``splice``, ``copy``) to the forwarder that serves
-    it here, after the fallback chain. ``fallbacks`` lists ``(asked, used, why)`` for every
-    mode that had to fall back (the caller logs each once).
-
-    Call :meth:`close` when the proxy stops: a kernel forwarder holds the BPF maps and the
-    attached verdict program.
-    """
-
-    forwarder: Forwarder
-    why: str
-    by_mode: Mapping[str, Forwarder] = attrs.field(factory=dict)
-    fallbacks: tuple[tuple[str, str, str], ...] = ()
-
-    def for_mode(self, mode: str | None) -> Forwarder:
-        """The forwarder for a rule's ``mode`` (``None``: the default)."""
-        if mode is None:
-            return self.forwarder
-        return self.by_mode.get(mode, self.forwarder)
-
-    def _distinct(self) -> list[Forwarder]:
-        seen: list[Forwarder] = [self.forwarder]
-        for f in self.by_mode.values():
-            if all(f is not g for g in seen):
-                seen.append(f)
-        return seen
-
-    def close(self) -> None:
-        for forwarder in self._distinct():
-            close = getattr(forwarder, "close", None)
-            if close is not None:
-                close()
-
-    def kernel_status(self) -> tuple[int, dict[str, int]] | None:
-        """``(sockhash entries, data-plane counters)`` with a kernel forwarder, else ``None``."""
-        for forwarder in self._distinct():
-            status = getattr(forwarder, "status", None)
-            if status is not None:
-                result: tuple[int, dict[str, int]] = status()
-                return result
-        return None
-
-
-#: The order modes fall back in when one is unavailable (``fallback_mode: "auto"``); also
-#: the order ``auto`` prefers them in.
-FALLBACK_CHAIN = ("kernel", "splice", "copy")
-SOCKMAP_SWITCHED_OFF = "ebpf.sockmap is disabled in the config"
-
-
-def choose_forwarder(config: Config) -> ForwardingPlan:
-    """Decide how connections forward bytes. The only place that does.
-
-    Modes (``forwarding.mode``, overridden per rule by ``rules[].mode``):
-
-    - ``kernel``: BPF sockhash splice (:mod:`trio_sni.kernel_forward`); needs
-      ``ebpf.enabled`` and ``ebpf.sockmap.enabled``, and :func:`trio_sni.accel.probe` must
-      find the kernel, capabilities and BPF features, and the prebuilt object must load.
-      Per connection it can still fall back to ``copy`` (a socket that cannot be inserted:
-      never to ``splice``, KERNEL-FACTS fact 13); the access log's ``mode`` says which ran.
-    - ``splice``: splice(2) through pipes (:mod:`trio_sni.splice_forward`), Linux only.
-    - ``copy``: recv/send, always available.
-    - ``auto`` (the default): the first available of ``kernel → splice → copy``. ``kernel``
-      takes the bytes out of Python entirely (one process carries many connections, with the
-      best request latency); where it is switched off or unavailable, ``splice`` beat
-      ``copy`` on every measure of the forwarder benchmark (bulk throughput, proxy CPU per
-      GiB, latency, CPU for many paced connections; README), and its pipe memory is only
-      allocated as bytes pass; ``copy`` is left for platforms without splice(2).
-
-    An unavailable mode falls back along ``kernel → splice → copy`` (``fallback_mode:
-    "auto"``), straight to ``copy`` (``"copy"``), or is an error (``"none"``; for ``auto``
-    only when the kernel is switched on but unavailable). The reasons are in ``fallbacks``
-    (and ``why`` for the default).
-
-    Raises:
-        AccelerationUnavailable: when ``fallback_mode`` is ``"none"`` and a mode the config
-            asks for cannot be provided.
-    """
-    from .splice_forward import SpliceForwarder, splice_unavailable
-
-    copy = CopyForwarder(
-        buffer_size=config.forwarding.buffer_size, idle_timeout=config.timeouts.idle
-    )
-    sockmap_on = config.ebpf.enabled and config.ebpf.sockmap.enabled
-    wanted = {config.forwarding.mode} | {r.mode for r in config.rules if r.mode is not None}
-    available: dict[str, Forwarder | None] = {"copy": copy}
-    unavailable: dict[str, str] = {}
-
-    splice_why = splice_unavailable()  # cheap; a reload may bring rules that ask for splice
-    if splice_why is None:
-        available["splice"] = SpliceForwarder(
-            pipe_size=config.forwarding.pipe_size, idle_timeout=config.timeouts.idle, copy=copy
-        )
-    else:
-        unavailable["splice"] = splice_why
-
-    if not sockmap_on:
-        unavailable["kernel"] = SOCKMAP_SWITCHED_OFF
-    elif wanted & {"kernel", "auto"}:
-        plane = _kernel_unavailable(config)
-        if isinstance(plane, str):
-            unavailable["kernel"] = plane
-        else:
-            from .kernel_forward import KernelForwarder
-
-            kernel = KernelForwarder(
-                plane,
-                copy=copy,
-                idle_timeout=config.timeouts.idle,
-                bound=config.ebpf.sockmap.max_in_flight,
-                buffer_size=config.forwarding.buffer_size,
-            )
-            # A Proxy that is built but never served still releases the BPF objects once the
-            # forwarder is collected (the finalizer holds the data plane, not the forwarder).
-            weakref.finalize(kernel, plane.close)
-            available["kernel"] = kernel
-    else:
-        unavailable["kernel"] = "no rule and not forwarding.mode asks for it"
-
-    by_mode: dict[str, Forwarder] = {}
-    whys: dict[str, str] = {}
-    fallbacks: list[tuple[str, str, str]] = []
-    try:
-        for mode in ("auto", "kernel", "splice", "copy"):
-            forwarder, why = _resolve(mode, config, available, unavailable, mode in wanted)
-            by_mode[mode] = forwarder
-            whys[mode] = why
-            if mode in wanted and mode != "auto" and forwarder.mode != mode:
-                fallbacks.append((mode, forwarder.mode, why))
-    except AccelerationUnavailable:
-        kernel_fwd = available.get("kernel")
-        if kernel_fwd is not None:
-            kernel_fwd.close()  # type: ignore[attr-defined]
-        raise
-    default = config.forwarding.mode
-    return ForwardingPlan(by_mode[default], whys[default], by_mode, tuple(fallbacks))
-
-
-def _resolve(
-    mode: str,
-    config: Config,
-    available: Mapping[str, Forwarder | None],
-    unavailable: Mapping[str, str],
-    wanted: bool,
-) -> tuple[Forwarder, str]:
-    """The forwarder that serves ``mode``, and why."""
-    kernel = available.get("kernel")
-    if mode == "auto" and kernel is not None:
-        return kernel, "BPF sockhash splice, userspace copy per connection if needed"
-    start = "kernel" if mode == "auto" else mode
-    chain = FALLBACK_CHAIN[FALLBACK_CHAIN.index(start):]
-    if config.fallback_mode == "copy":
-        chain = (start, "copy") if start != "copy" else ("copy",)
-    reasons: list[str] = []
-    for candidate in chain:
-        forwarder = available.get(candidate)
-        if forwarder is not None:
-            if not reasons:
-                return forwarder, f"forwarding.mode {mode}"
-            return forwarder, "; ".join(reasons) + f"; using {candidate}"
-        why = unavailable[candidate]
-        # ``auto`` with the kernel switched off means "the best userspace mode", not a fallback.
-        switched_off = mode == "auto" and why == SOCKMAP_SWITCHED_OFF
-        reasons.append(why if switched_off else f"{candidate} forwarding unavailable: {why}")
-        if wanted and config.fallback_mode == "none" and candidate == start and not switched_off:
-            raise AccelerationUnavailable(
-                f"{reasons[-1]}; and fallback_mode is 'none': set fallback_mode to 'auto' "
-                f"to fall back along kernel → splice → copy, or choose another mode"
-            )
-    raise AssertionError("copy is always available")
-
-
-def _kernel_unavailable(config: Config) -> str | SockhashSplice:
-    """The loaded data plane, or why there is none."""
-    try:
-        from . import accel
-    except ImportError as exc:  # e.g. cffi missing on this platform
-        return f"cannot import the BPF loader: {exc}"
-    found = accel.probe()
-    if not found.sockmap:
-        return found.why_not("sockmap") or "unknown"
-    try:
-        return accel.SockhashSplice.load(max_entries=config.ebpf.sockmap.max_entries)
-    except (OSError, accel.LoaderError) as exc:
-        return f"loading sockhash.bpf.o failed: {exc}"

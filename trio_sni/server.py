@@ -26,7 +26,7 @@ import trio
 from .accel.dns_cache import SharedCacheUnavailable, SharedDnsCache
 from .connection import ConnectionContext, handle_connection
 from .edge_guard import EdgeGuard
-from .forward import choose_forwarder
+from .forwarding_modes import choose_forwarder
 from .metrics import ProxyMetrics
 from .resolver import Resolver
 from .sansio.config import Config, Listener, parse_host_port

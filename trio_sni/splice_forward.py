@@ -31,7 +31,7 @@ import socket
 
 import trio
 
-from .forward import ByteCounters, CopyForwarder, _end_with_reset, reset_on_close
+from .forward import ByteCounters, CopyForwarder, end_with_reset, reset_on_close
 
 log = logging.getLogger("trio_sni")
 
@@ -179,7 +179,7 @@ class SpliceForwarder:
                             pass
                         except OSError as exc:
                             if exc.errno in _RESETS:
-                                reason = _end_with_reset(side, client, upstream, nursery)
+                                reason = end_with_reset(side, client, upstream, nursery)
                                 return
                             raise
                         else:
@@ -194,7 +194,7 @@ class SpliceForwarder:
                             pass
                         except OSError as exc:
                             if exc.errno in _RESETS:
-                                reason = _end_with_reset(other, client, upstream, nursery)
+                                reason = end_with_reset(other, client, upstream, nursery)
                                 return
                             raise
                         else:

@@ -3,7 +3,7 @@
 Churn and cancellation leave no fd open (the autouse ``no_fd_leaks`` fixture checks every
 test; the tests here also look while the proxy still runs, for the pipes), a stalled reader
 holds at most the pipe and the socket buffers, the idle timeout, the per-rule ``mode``, and
-:func:`trio_sni.forward.choose_forwarder`'s fallback chain.
+:func:`trio_sni.forwarding_modes.choose_forwarder`'s fallback chain.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import trio.testing
 from proxytest import drain, echo, receive_exactly, serve_tcp, wait_for
 
 from trio_sni.errors import AccelerationUnavailable
-from trio_sni.forward import CopyForwarder, choose_forwarder
+from trio_sni.forward import CopyForwarder
+from trio_sni.forwarding_modes import choose_forwarder
 from trio_sni.sansio.config_load import load_config
 from trio_sni.splice_forward import SpliceForwarder, open_pipe, splice_unavailable
 
@@ -280,7 +281,7 @@ def test_auto_without_the_sockmap_switch_uses_splice(monkeypatch: pytest.MonkeyP
     assert isinstance(plan.forwarder, SpliceForwarder)
     assert plan.why == "ebpf.sockmap is disabled in the config; using splice"
     assert plan.fallbacks == ()
-    monkeypatch.setattr("trio_sni.splice_forward.splice_unavailable", lambda: "no splice here")
+    monkeypatch.setattr("trio_sni.forwarding_modes.splice_unavailable", lambda: "no splice here")
     plan = plan_for(fallback_mode="none")  # not a fallback: auto takes the best it has
     assert isinstance(plan.forwarder, CopyForwarder)
     assert plan.why == (
@@ -306,7 +307,7 @@ def test_kernel_falls_back_to_splice_then_copy(monkeypatch: pytest.MonkeyPatch) 
         "kernel forwarding unavailable: ebpf.sockmap is disabled in the config; using splice"
     )
     assert plan.fallbacks == (("kernel", "splice", plan.why),)
-    monkeypatch.setattr("trio_sni.splice_forward.splice_unavailable", lambda: "no splice here")
+    monkeypatch.setattr("trio_sni.forwarding_modes.splice_unavailable", lambda: "no splice here")
     plan = plan_for(forwarding={"mode": "kernel"})
     assert isinstance(plan.forwarder, CopyForwarder)
     assert plan.why == (
@@ -327,7 +328,7 @@ def test_fallback_mode_copy_skips_splice() -> None:
 def test_fallback_mode_none_refuses_an_unavailable_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(AccelerationUnavailable, match="kernel forwarding unavailable"):
         plan_for(forwarding={"mode": "kernel"}, fallback_mode="none")
-    monkeypatch.setattr("trio_sni.splice_forward.splice_unavailable", lambda: "no splice here")
+    monkeypatch.setattr("trio_sni.forwarding_modes.splice_unavailable", lambda: "no splice here")
     with pytest.raises(AccelerationUnavailable, match="splice forwarding unavailable"):
         plan_for(
             rules=[{"match": "a.test", "mode": "splice"}], fallback_mode="none"
