@@ -49,6 +49,7 @@ from .maps import ensure_bpffs as ensure_bpffs
 from .maps import possible_cpus as possible_cpus
 from .programs import Program as Program
 from .programs import TestRunResult as TestRunResult
+from .ringbuf import RingReader as RingReader
 from .spec import CollectionSpec as CollectionSpec
 from .spec import MapSpec as MapSpec
 from .spec import PinType as PinType

@@ -41,7 +41,6 @@ import loader
 from .counters import read_counters
 from .layout import PEER_INFO, PROGRESS, SOCKHASH_MAPS, SOCKHASH_PROGRAM, Direction
 from .objects import prebuilt_spec
-from .ringbuf import RingReader
 
 #: ``SO_COOKIE`` (not in Python's socket module): the socket's 64-bit cookie.
 SO_COOKIE = 57
@@ -114,7 +113,7 @@ class SockhashSplice:
         self.counters_map.key_codec = loader.Int()
         self.counters_map.value_codec = loader.Int()
         #: Cookies of the sockets the program stopped (8 bytes each, little-endian).
-        self.stops = RingReader(maps["stops"])
+        self.stops = loader.RingReader(maps["stops"])
 
     @classmethod
     def load(cls, *, max_entries: int = 65536) -> SockhashSplice:

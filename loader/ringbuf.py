@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 import struct
 
-import loader
+from .maps import Map
 
 _HEADER = 8
 _BUSY = 1 << 31
@@ -24,7 +24,7 @@ _U32 = struct.Struct("<I")
 class RingReader:
     """The consumer side of one ring buffer map; :meth:`close` it before the map."""
 
-    def __init__(self, ring: loader.Map) -> None:
+    def __init__(self, ring: Map) -> None:
         size = ring.spec.max_entries
         page = mmap.PAGESIZE
         self.fd = ring.fd
