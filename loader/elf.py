@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import io
 import os
-import struct
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -537,7 +536,3 @@ class _Reader:
 
 def _is_data_section(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in (".rodata", ".data", ".bss"))
-
-
-def _unused(*_: object) -> None:  # pragma: no cover - keeps struct import for type checkers
-    struct.calcsize("<I")
