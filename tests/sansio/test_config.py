@@ -136,6 +136,11 @@ def test_validator_messages_carry_paths() -> None:
         ({"listen_addr": "0.0.0.0:1", "status": {"listen": "x"}}, [
             "status.listen: 'x': expected 'host:port'"
         ]),
+        ({"listen_addr": "0.0.0.0:1", "rules": [
+            {"match": "a.test", "target": "a:b"}, {"match": "b.test", "target": "[::1"}]}, [
+            "rules[0].target: 'a:b': port must be a number from 1 to 65535",
+            "rules[1].target: '[::1': missing ']' after an IPv6 address",
+        ]),
         ({"listeners": [{"host": "::", "port": 1, "proxy_protocol_from": ["lb"]}]}, [
             "listeners[0].proxy_protocol_from[0]: 'lb' is not an IP network (CIDR)"
         ]),

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_sni.sansio.config import Action, Clients, Config, Rule
+from trio_sni.sansio.config_load import load_config
 from trio_sni.sansio.policy import Deny, Policy, Route
 
 
@@ -331,3 +332,14 @@ def test_only_listed_networks_may_send_proxy_headers() -> None:
         "10.2.0.1 may not send PROXY headers to [::]:443: it is not in the listener's "
         "proxy_protocol_from"
     )
+
+
+def test_a_fixed_target_without_a_port_uses_the_listeners_target_port() -> None:
+    config = load_config({"listen_addr": "127.0.0.1:1", "rules": [
+        {"match": "a.test", "target": "192.0.2.7"}, {"match": "b.test", "target": "::1"},
+        {"match": "c.test", "target": "[2001:db8::1]:8443"}]})
+    policy = Policy.from_config(config)
+    routes = [policy.decide(name, 443) for name in ("a.test", "b.test", "c.test")]
+    assert [(r.host, r.port) for r in routes] == [  # type: ignore[union-attr]
+        ("192.0.2.7", 443), ("::1", 443), ("2001:db8::1", 8443)
+    ]

@@ -149,7 +149,11 @@ class Listener:
 def _check_target(instance: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
     if value is None:
         return
-    host, _port_number = parse_host_port(value)
+    try:
+        # No port: the listener's target_port (policy.Policy resolves it per connection).
+        host, _port_number = parse_host_port(value, default_port=0)
+    except ValueError as exc:
+        raise ValueError(f"target: {exc}") from None
     try:
         ipaddress.ip_address(host)
     except ValueError:
