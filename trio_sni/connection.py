@@ -543,8 +543,6 @@ def _guard_destinations(
 async def _send_alert(stream: trio.SocketStream, alert: Alert) -> None:
     """Tell the client why, in TLS terms, before closing; best effort."""
     with trio.move_on_after(1.0):
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(alert_record(alert))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
