@@ -41,6 +41,7 @@ from .links import Link as Link
 from .links import attach_sk_skb as attach_sk_skb
 from .links import attach_tcx as attach_tcx
 from .links import attach_xdp as attach_xdp
+from .maps import DEFAULT_PIN_ROOT as DEFAULT_PIN_ROOT
 from .maps import RAW as RAW
 from .maps import Int as Int
 from .maps import Map as Map

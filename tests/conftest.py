@@ -19,6 +19,7 @@ import pytest
 import trio
 from dnsserver import DNSServer
 
+import loader
 from trio_sni.accel import dns_cache
 
 REQUIRE_BPF = os.environ.get("TRIO_SNI_REQUIRE_BPF") == "1"
@@ -60,6 +61,17 @@ async def dns_server(nursery: trio.Nursery) -> DNSServer:
     return server
 
 
+@pytest.fixture
+def pin_dir() -> Iterator[str]:
+    """A unique directory on the bpffs (mounted if missing), removed with its pins afterwards."""
+    loader.ensure_bpffs(loader.DEFAULT_PIN_ROOT)
+    path = tempfile.mkdtemp(prefix="trio-sni-test-", dir=loader.DEFAULT_PIN_ROOT)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def private_dns_cache_pins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A proxy in this process that would pin the shared DNS cache at the host's default path
@@ -70,7 +82,7 @@ def private_dns_cache_pins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     def open_private(pin_path: str = dns_cache.DEFAULT_PIN_PATH, *args, **kwargs):  # type: ignore[no-untyped-def]
         if pin_path == dns_cache.DEFAULT_PIN_PATH and have_root_on_linux():
-            pin_path = tempfile.mkdtemp(prefix="trio-sni-test-", dir="/sys/fs/bpf")
+            pin_path = tempfile.mkdtemp(prefix="trio-sni-test-", dir=loader.DEFAULT_PIN_ROOT)
             opened.append(pin_path)
         return real_open(pin_path, *args, **kwargs)
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 
 import pytest
 from proxytest import loader_fds_opened_since
@@ -41,15 +38,6 @@ class FakeClock:
 
     def __call__(self) -> int:
         return self.now
-
-
-@pytest.fixture
-def pin_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="trio-sni-dns-", dir="/sys/fs/bpf")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

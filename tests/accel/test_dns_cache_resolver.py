@@ -7,8 +7,6 @@ nanosecond without waiting.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -25,15 +23,6 @@ pytestmark = pytest.mark.bpf
 
 def trio_clock_ns() -> int:
     return round(trio.current_time() * 1e9)
-
-
-@pytest.fixture
-def pin_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="trio-sni-dns-", dir="/sys/fs/bpf")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -31,8 +31,8 @@ import pytest
 import trustme
 
 import trio_sni
-from trio_sni.defaults import default_config_text
 from trio_sni.accel import probe
+from trio_sni.defaults import default_config_text
 from trio_sni.sansio import Config, dump_config, load_config
 
 #: What the default config forwards with here: ``kernel`` where the BPF data plane can run.

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +73,6 @@ class ProxyProcess:
             with trio.fail_after(STARTUP_TIMEOUT):
                 await self.proc.wait()
         assert self.proc.returncode == 0, self.log
-
-
-@pytest.fixture
-def pin_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="trio-sni-dns-e2e-", dir="/sys/fs/bpf")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 Spawn = Callable[..., Awaitable[ProxyProcess]]

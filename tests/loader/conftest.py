@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -15,7 +13,6 @@ import pytest
 from proxytest import loader_fds_opened_since
 
 import loader
-from loader._sys import bpf as _bpf
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "bpf"
 PREBUILT = Path(__file__).resolve().parents[2] / "prebuilt"
@@ -39,20 +36,6 @@ def bpftool(*args: str) -> object:
     """Run ``bpftool -j ARGS`` (the independent witness) and parse its JSON."""
     out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True)
     return json.loads(out.stdout or "null")
-
-
-@pytest.fixture
-def pin_dir() -> Iterator[str]:
-    """A unique directory on bpffs (mounted if missing), removed with its pins afterwards."""
-    root = "/sys/fs/bpf"
-    if not _bpf.is_bpffs(root):
-        _bpf.mount_bpffs(root)
-    path = os.path.join(root, f"loader-test-{uuid.uuid4().hex[:12]}")
-    os.makedirs(path)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _ip(*args: str) -> None:

@@ -14,8 +14,8 @@ import attrs
 import pytest
 import trio
 import trio.testing
-
 from dnsserver import DNSServer
+
 from trio_sni.errors import ResolveError
 from trio_sni.resolver import (
     RESOLUTION_DELAY,

@@ -26,10 +26,10 @@ from trio_sni.status import (
     NOT_STARTED,
     REQUEST_TIMEOUT,
     AccelerationStatus,
+    FeatureReport,
     FeatureState,
     MapStatus,
     _accept_loop,
-    FeatureReport,
     acceleration_from_config,
     handle_status_connection,
 )
