@@ -32,7 +32,9 @@ TLS), and forwards bytes. With no --config it runs on the embedded default confi
 EPILOG = """\
 signals: SIGTERM/SIGINT stop accepting and drain live connections (timeouts.drain); a second
 SIGINT stops at once. SIGHUP re-reads --config and applies policy, limits, resolver settings
-and timeouts to new connections; a bad new config is reported and the old one stays.
+and timeouts to new connections, and the XDP lists and TC rates in place (listeners,
+forwarding mode and which kernel features run need a restart); a bad new config is reported
+and the old one stays.
 
 examples:
   python -m trio_sni --print-default-config > trio-sni.json
