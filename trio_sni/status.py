@@ -41,10 +41,10 @@ and gets 400 (or h11's ``error_status_hint``), an unknown path 404 with the list
 ones, and a bug in a handler is logged with its traceback and answered with 500; none of
 them affects the proxy.
 
-The acceleration part of ``/ebpf/status`` comes from :class:`AccelerationStatus`. Until the
-kernel layer (``trio_sni.accel``) reports real feature states, :func:`acceleration_from_config`
-derives them from the config: a feature switched off is ``disabled``, one switched on is
-``unavailable`` ("not implemented in this build").
+The acceleration part of ``/ebpf/status`` comes from :class:`AccelerationStatus`, which
+:func:`acceleration_from_config` builds from the config's switches (off: ``disabled``), the
+forwarding mode the proxy chose, and what each running feature reports about itself
+(:class:`FeatureReport`: ``active``, or ``unavailable`` with the reason it could not start).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ ALLOWED_METHODS = "GET, HEAD"
 FeatureState = Literal["active", "disabled", "unavailable"]
 #: The kernel features ``/ebpf/status`` reports, in the design's order plus ``tc``.
 FEATURES = ("sockmap", "dns_cache", "xdp", "tc", "stats")
-NOT_IMPLEMENTED = "not implemented in this build"
+NOT_CHOSEN = "no forwarding mode was chosen"
 #: Why a switched-on feature is not active before the proxy has started it.
 NOT_STARTED = "not started: the proxy starts it when it serves"
 #: Features besides ``sockmap`` whose programs count in per-CPU maps; ``ebpf.stats.enabled:
@@ -183,7 +183,7 @@ def acceleration_from_config(
     config: Config,
     *,
     forwarding_mode: str = "copy",
-    forwarding_why: str = NOT_IMPLEMENTED,
+    forwarding_why: str = NOT_CHOSEN,
     sockmap_report: tuple[int, Mapping[str, int]] | None = None,
     reports: Mapping[str, FeatureReport] | None = None,
 ) -> AccelerationStatus:

@@ -22,7 +22,7 @@ from trio_sni.server import Proxy
 from trio_sni.status import (
     ERROR_SEND_TIMEOUT,
     FEATURES,
-    NOT_IMPLEMENTED,
+    NOT_CHOSEN,
     NOT_STARTED,
     REQUEST_TIMEOUT,
     AccelerationStatus,
@@ -243,7 +243,7 @@ def test_default_config_features_are_unavailable_or_disabled_with_reasons() -> N
         "stats": "unavailable",
     }
     assert dict(status.reasons) == {
-        "sockmap": NOT_IMPLEMENTED,
+        "sockmap": NOT_CHOSEN,
         "dns_cache": NOT_STARTED,
         "xdp": "ebpf.xdp.enabled is false",
         "tc": "ebpf.tc.enabled is false",
