@@ -16,18 +16,15 @@ Termination reasons (the ``reason`` in access logs and metrics) returned here:
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import socket
 import struct
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import attrs
 import trio
 
-if TYPE_CHECKING:
-    pass
-
-log = logging.getLogger("trio_sni")
 
 @attrs.define(eq=False)
 class ByteCounters:
@@ -98,62 +95,111 @@ class CopyForwarder:
         first_bytes: bytes,
         counters: ByteCounters,
     ) -> str:
-        if counters.mode is None:
-            counters.mode = self.mode
-        for stream in (client, upstream):
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        reason = "normal"
-        with trio.CancelScope(deadline=trio.current_time() + self._idle_timeout) as idle:
+        return await pump_both_ways(
+            self.mode, client, upstream, first_bytes=first_bytes, counters=counters,
+            idle_timeout=self._idle_timeout, pump=self._pump,
+        )
 
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream, side: str) -> None:
-                nonlocal reason
-                other = "upstream" if side == "client" else "client"
-                while True:
-                    try:
-                        data = await src.receive_some(self._buffer_size)
-                    except trio.BrokenResourceError:
-                        reason = end_with_reset(side, client, upstream, nursery)
-                        return
-                    if not data:
-                        break
-                    try:
-                        await dst.send_all(data)
-                    except trio.BrokenResourceError:
-                        reason = end_with_reset(other, client, upstream, nursery)
-                        return
-                    if side == "client":
-                        counters.to_upstream += len(data)
-                    else:
-                        counters.to_client += len(data)
-                    idle.deadline = trio.current_time() + self._idle_timeout
-                try:
-                    await dst.send_eof()
-                except (trio.BrokenResourceError, OSError):
-                    # The other side is gone already; its own direction reports how.
-                    pass
-
-            async with trio.open_nursery() as nursery:
-                if first_bytes:
-                    try:
-                        await upstream.send_all(first_bytes)
-                    except trio.BrokenResourceError:
-                        reset_on_close(client)
-                        return "upstream_reset"
-                    counters.to_upstream += len(first_bytes)
-                nursery.start_soon(pump, client, upstream, "client")
-                nursery.start_soon(pump, upstream, client, "upstream")
-        if idle.cancelled_caught:
-            return "idle_timeout"
-        return reason
+    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, side: Side) -> bool:
+        while True:
+            try:
+                data = await src.receive_some(self._buffer_size)
+            except trio.BrokenResourceError:
+                side.reset(side.name)
+                return False
+            if not data:
+                return True
+            try:
+                await dst.send_all(data)
+            except trio.BrokenResourceError:
+                side.reset(side.other)
+                return False
+            side.moved(len(data))
 
 
-def end_with_reset(
-    reset_side: str,
+@attrs.define(eq=False)
+class Side:
+    """One direction of a connection, as its pump sees it (``name``: where bytes come from,
+    ``client`` or ``upstream``): it reports bytes moved and resets to the shared frame."""
+
+    name: str
+    _pair: _Pair
+
+    @property
+    def other(self) -> str:
+        return "upstream" if self.name == "client" else "client"
+
+    def moved(self, n: int) -> None:
+        """``n`` bytes were handed to the destination: count them, push the idle deadline."""
+        if self.name == "client":
+            self._pair.counters.to_upstream += n
+        else:
+            self._pair.counters.to_client += n
+        self._pair.idle.deadline = trio.current_time() + self._pair.idle_timeout
+
+    def reset(self, reset_side: str) -> None:
+        """``reset_side`` reset the connection: reset the other side too, stop both ways."""
+        pair = self._pair
+        reset_on_close(pair.client if reset_side == "upstream" else pair.upstream)
+        pair.reason = f"{reset_side}_reset"
+        pair.stop.cancel()
+
+
+@attrs.define(eq=False)
+class _Pair:
+    client: trio.SocketStream
+    upstream: trio.SocketStream
+    counters: ByteCounters
+    idle: trio.CancelScope
+    idle_timeout: float
+    stop: trio.CancelScope
+    reason: str = "normal"
+
+
+#: A userspace forwarder's loop for one direction: move bytes from ``src`` to ``dst`` until
+#: EOF (return True: the frame passes the FIN on) or a reset (report it, return False).
+Pump = Callable[[trio.SocketStream, trio.SocketStream, Side], Awaitable[bool]]
+
+
+async def pump_both_ways(
+    mode: str,
     client: trio.SocketStream,
     upstream: trio.SocketStream,
-    nursery: trio.Nursery,
+    *,
+    first_bytes: bytes,
+    counters: ByteCounters,
+    idle_timeout: float,
+    pump: Pump,
 ) -> str:
-    """One side reset: reset the other one too and stop both directions."""
-    reset_on_close(client if reset_side == "upstream" else upstream)
-    nursery.cancel_scope.cancel()
-    return f"{reset_side}_reset"
+    """The frame the userspace forwarders (copy, splice) share; returns the termination reason.
+
+    Sends ``first_bytes``, runs ``pump`` in each direction in one nursery under one idle
+    deadline (pushed by every chunk either way), passes a FIN on once a direction's pump has
+    emptied it, and turns a reset on either side into a reset of the other.
+    """
+    if counters.mode is None:
+        counters.mode = mode
+    for stream in (client, upstream):
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
+        async with trio.open_nursery() as nursery:
+            pair = _Pair(client, upstream, counters, idle, idle_timeout, nursery.cancel_scope)
+
+            async def direction(src: trio.SocketStream, dst: trio.SocketStream, name: str) -> None:
+                if await pump(src, dst, Side(name, pair)):
+                    # If the other side is gone already, its own direction reports how.
+                    with contextlib.suppress(trio.BrokenResourceError, OSError):
+                        await dst.send_eof()
+
+            if first_bytes:
+                try:
+                    await upstream.send_all(first_bytes)
+                except trio.BrokenResourceError:
+                    reset_on_close(client)
+                    return "upstream_reset"
+                counters.to_upstream += len(first_bytes)
+            nursery.start_soon(direction, client, upstream, "client")
+            nursery.start_soon(direction, upstream, client, "upstream")
+    if idle.cancelled_caught:
+        return "idle_timeout"
+    return pair.reason

@@ -4,7 +4,8 @@ The bytes go socket → pipe → socket inside the kernel and never enter Python
 only decides when to call splice(2), waiting for readiness with
 :func:`trio.lowlevel.wait_readable` / :func:`trio.lowlevel.wait_writable` on the sockets.
 
-Behaviour is the same as :class:`~trio_sni.forward.CopyForwarder`'s: half-close (splice
+Behaviour is the same as :class:`~trio_sni.forward.CopyForwarder`'s (both run in
+:func:`~trio_sni.forward.pump_both_ways`): half-close (splice
 returns 0 → what is still in the pipe goes to the other side, then ``shutdown(SHUT_WR)``),
 a reset on either side resets the other (SO_LINGER 0) and ends both directions, byte counts
 are bytes handed to the destination socket, and the idle timeout is one deadline on the pair
@@ -22,7 +23,6 @@ not to this forwarder, for that reason.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -31,7 +31,7 @@ import socket
 
 import trio
 
-from .forward import ByteCounters, CopyForwarder, end_with_reset, reset_on_close
+from .forward import ByteCounters, CopyForwarder, Side, pump_both_ways
 
 log = logging.getLogger("trio_sni")
 
@@ -117,10 +117,6 @@ class SpliceForwarder:
         first_bytes: bytes,
         counters: ByteCounters,
     ) -> str:
-        if counters.mode is None:
-            counters.mode = self.mode
-        for stream in (client, upstream):
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         fds: list[int] = []
         try:
             pipes = []
@@ -142,92 +138,65 @@ class SpliceForwarder:
                 return await self._copy.forward(
                     client, upstream, first_bytes=first_bytes, counters=counters
                 )
-            return await self._run(client, upstream, first_bytes, counters, pipes)
+            pipe_of = {"client": pipes[0], "upstream": pipes[1]}
+
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream, side: Side) -> bool:
+                return await _splice_through(pipe_of[side.name], src, dst, side)
+
+            return await pump_both_ways(
+                self.mode, client, upstream, first_bytes=first_bytes, counters=counters,
+                idle_timeout=self._idle_timeout, pump=pump,
+            )
         finally:
             for fd in fds:
                 os.close(fd)
 
-    async def _run(
-        self,
-        client: trio.SocketStream,
-        upstream: trio.SocketStream,
-        first_bytes: bytes,
-        counters: ByteCounters,
-        pipes: list[tuple[int, int, int]],
-    ) -> str:
-        reason = "normal"
-        with trio.CancelScope(deadline=trio.current_time() + self._idle_timeout) as idle:
 
-            async def pump(
-                src: trio.SocketStream,
-                dst: trio.SocketStream,
-                side: str,
-                pipe: tuple[int, int, int],
-            ) -> None:
-                nonlocal reason
-                other = "upstream" if side == "client" else "client"
-                rfd, wfd, capacity = pipe
-                sfd, dfd = src.socket.fileno(), dst.socket.fileno()
-                in_pipe = 0
-                eof = False
-                while True:
-                    progressed = False
-                    if not eof and in_pipe < capacity:
-                        try:
-                            n = os.splice(sfd, wfd, capacity - in_pipe, flags=_FLAGS)
-                        except BlockingIOError:
-                            pass
-                        except OSError as exc:
-                            if exc.errno in _RESETS:
-                                reason = end_with_reset(side, client, upstream, nursery)
-                                return
-                            raise
-                        else:
-                            if n == 0:
-                                eof = True
-                            in_pipe += n
-                            progressed = True
-                    if in_pipe:
-                        try:
-                            m = os.splice(rfd, dfd, in_pipe, flags=_FLAGS)
-                        except BlockingIOError:
-                            pass
-                        except OSError as exc:
-                            if exc.errno in _RESETS:
-                                reason = end_with_reset(other, client, upstream, nursery)
-                                return
-                            raise
-                        else:
-                            in_pipe -= m
-                            if side == "client":
-                                counters.to_upstream += m
-                            else:
-                                counters.to_client += m
-                            idle.deadline = trio.current_time() + self._idle_timeout
-                            progressed = progressed or m > 0
-                    if eof and not in_pipe:
-                        break
-                    if progressed:
-                        await trio.lowlevel.checkpoint()
-                    elif in_pipe:
-                        # The destination is full (or the pipe is, and only draining helps).
-                        await trio.lowlevel.wait_writable(dfd)
-                    else:
-                        await trio.lowlevel.wait_readable(sfd)
-                # If the other side is gone already, its own direction reports how.
-                with contextlib.suppress(trio.BrokenResourceError, OSError):
-                    await dst.send_eof()
-
-            async with trio.open_nursery() as nursery:
-                if first_bytes:
-                    try:
-                        await upstream.send_all(first_bytes)
-                    except trio.BrokenResourceError:
-                        reset_on_close(client)
-                        return "upstream_reset"
-                    counters.to_upstream += len(first_bytes)
-                nursery.start_soon(pump, client, upstream, "client", pipes[0])
-                nursery.start_soon(pump, upstream, client, "upstream", pipes[1])
-        if idle.cancelled_caught:
-            return "idle_timeout"
-        return reason
+async def _splice_through(
+    pipe: tuple[int, int, int], src: trio.SocketStream, dst: trio.SocketStream, side: Side
+) -> bool:
+    """One direction: socket -> pipe -> socket until EOF (True) or a reset (False)."""
+    rfd, wfd, capacity = pipe
+    sfd, dfd = src.socket.fileno(), dst.socket.fileno()
+    in_pipe = 0
+    eof = False
+    while True:
+        progressed = False
+        if not eof and in_pipe < capacity:
+            try:
+                n = os.splice(sfd, wfd, capacity - in_pipe, flags=_FLAGS)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno in _RESETS:
+                    side.reset(side.name)
+                    return False
+                raise
+            else:
+                if n == 0:
+                    eof = True
+                in_pipe += n
+                progressed = True
+        if in_pipe:
+            try:
+                m = os.splice(rfd, dfd, in_pipe, flags=_FLAGS)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno in _RESETS:
+                    side.reset(side.other)
+                    return False
+                raise
+            else:
+                in_pipe -= m
+                side.moved(m)
+                progressed = progressed or m > 0
+        if eof and not in_pipe:
+            return True
+        if progressed:
+            await trio.lowlevel.checkpoint()
+        elif in_pipe:
+            # The destination is full (or the pipe is, and only draining helps).
+            await trio.lowlevel.wait_writable(dfd)
+        else:
+            await trio.lowlevel.wait_readable(sfd)
