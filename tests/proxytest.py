@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
+import attrs
 import trio
 
 import loader
@@ -80,3 +83,58 @@ def loader_fds_opened_since(before: Mapping[int, str]) -> dict[int, str]:
     ``loader.live_fds()`` snapshot. Fds closed meanwhile, e.g. by the garbage collector
     finishing an earlier test's objects, are not a leak."""
     return {fd: where for fd, where in loader.live_fds().items() if before.get(fd) != where}
+
+
+@attrs.define(eq=False)
+class StalledTransfer:
+    """A client pushing ``total`` bytes (numbered 1 MiB chunks after ``hello``) to a backend
+    that reads ``hello`` and then stops reading until :attr:`resume` is set; the backend
+    hashes everything it got, so :meth:`delivered_exactly` can check every byte arrived."""
+
+    hello: bytes
+    total: int
+    seed: bytes = attrs.Factory(lambda: os.urandom(1024 * 1024))
+    resume: trio.Event = attrs.Factory(trio.Event)
+    digests: list[str] = attrs.Factory(list)
+    #: Bytes the client has handed to its socket so far (the ``hello`` not counted).
+    sent: int = 0
+
+    def chunks(self) -> Iterator[bytes]:
+        for i in range(self.total // len(self.seed)):
+            yield i.to_bytes(8, "little") + self.seed[8:]
+
+    async def backend(self, stream: trio.SocketStream) -> None:
+        """The backend handler."""
+        first = await stream.receive_some(len(self.hello))  # a little, then stall
+        await self.resume.wait()
+        digest = hashlib.sha256(first)
+        while chunk := await stream.receive_some(4 * 1024 * 1024):
+            digest.update(chunk)
+        self.digests.append(digest.hexdigest())
+        await stream.aclose()
+
+    async def push(self, client: trio.SocketStream) -> None:
+        """The client: the hello, everything, then EOF."""
+        await client.send_all(self.hello)
+        for chunk in self.chunks():
+            await client.send_all(chunk)
+            self.sent += len(chunk)
+        await client.send_eof()
+
+    async def until_stalled(self, on_tick: Callable[[], object] = lambda: None) -> None:
+        """Return once :attr:`sent` has not moved for a second (``on_tick`` every 0.1 s)."""
+        last, still = -1, 0
+        with trio.fail_after(60):
+            while still < 10:
+                await trio.sleep(0.1)
+                on_tick()
+                still = still + 1 if self.sent == last else 0
+                last = self.sent
+
+    async def delivered_exactly(self) -> bool:
+        """Wait for the backend's digest; True if it is that of everything pushed, in order."""
+        expected = hashlib.sha256(self.hello)
+        for chunk in self.chunks():
+            expected.update(chunk)
+        await wait_for(lambda: len(self.digests) == 1, timeout=60)
+        return self.digests == [expected.hexdigest()]

@@ -24,7 +24,14 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from proxytest import drain, loader_fds_opened_since, receive_exactly, serve_tcp, wait_for
+from proxytest import (
+    StalledTransfer,
+    drain,
+    loader_fds_opened_since,
+    receive_exactly,
+    serve_tcp,
+    wait_for,
+)
 
 import loader
 from trio_sni.kernel_forward import KernelForwarder
@@ -385,66 +392,34 @@ async def test_stalled_reader_is_bounded_and_loses_nothing(
     queues it all (KERNEL-FACTS: GBs in seconds); with it, available memory drops by at most
     the bound plus slack (socket buffers). Then the backend reads everything, in order."""
     bound = 4 * MiB
-    total = 1024 * MiB
     slack = 192 * MiB  # socket buffers on four sockets, page cache noise from other processes
-    payload_seed = os.urandom(MiB)
-    resume = trio.Event()
-    digest: list[str] = []
-
-    def chunks() -> Iterator[bytes]:
-        for i in range(total // MiB):
-            yield i.to_bytes(8, "little") + payload_seed[8:]
-
-    async def handler(stream: trio.SocketStream) -> None:
-        first = await stream.receive_some(len(HELLO))  # a little, then stall
-        await resume.wait()
-        h = hashlib.sha256(first)
-        while chunk := await stream.receive_some(4 * MiB):
-            h.update(chunk)
-        digest.append(h.hexdigest())
-        await stream.aclose()
-
-    b = await backend(handler)
+    transfer = StalledTransfer(HELLO, total=1024 * MiB)
+    b = await backend(transfer.backend)
     running = await start_proxy(kernel_config(b, ebpf={"sockmap": {"max_in_flight": bound}}))
     forwarder = plane_of(running)
-    sent = 0
     client = await trio.open_tcp_stream("127.0.0.1", running.port)
     before = mem_available()
     lowest = before
 
-    async def push() -> None:
-        nonlocal sent
-        await client.send_all(HELLO)
-        for chunk in chunks():
-            await client.send_all(chunk)
-            sent += len(chunk)
-        await client.send_eof()
+    def note_memory() -> None:
+        nonlocal lowest
+        lowest = min(lowest, mem_available())
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(push)
+        nursery.start_soon(transfer.push, client)
         # Wait until the pushing stalls: the bound stopped the splice and TCP's windows closed.
-        last, still = -1, 0
-        with trio.fail_after(60):
-            while still < 10:
-                await trio.sleep(0.1)
-                lowest = min(lowest, mem_available())
-                still = still + 1 if sent == last else 0
-                last = sent
-        assert sent < total // 2  # it really stalled
+        await transfer.until_stalled(note_memory)
+        assert transfer.sent < transfer.total // 2  # it really stalled
         assert forwarder.budget_stops >= 1
         drop = before - lowest
         assert drop <= bound + slack, f"available memory dropped by {drop / MiB:.0f} MiB"
-        resume.set()
-    h = hashlib.sha256(HELLO)
-    for chunk in chunks():
-        h.update(chunk)
+        transfer.resume.set()
     await client.aclose()
-    await wait_for(lambda: len(digest) == 1, timeout=60)
-    assert digest == [h.hexdigest()]
+    assert await transfer.delivered_exactly()
     await wait_for(lambda: len(running.access_log) == 1, timeout=30)
     [record] = running.access_log
     assert (record["reason"], record["mode"]) == ("normal", "kernel")
-    assert record["bytes_to_upstream"] == len(HELLO) + total
+    assert record["bytes_to_upstream"] == len(HELLO) + transfer.total
     await stop(running)
     assert witness.entries[-1] == EMPTY
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from proxytest import drain, echo, receive_exactly, serve_tcp, wait_for
+from proxytest import StalledTransfer, drain, echo, receive_exactly, serve_tcp, wait_for
 
 from trio_sni.errors import AccelerationUnavailable
 from trio_sni.forward import CopyForwarder
@@ -181,61 +181,26 @@ async def test_stalled_reader_is_bounded_by_pipes_and_socket_buffers(
     """The backend stops reading while the client pushes 256 MiB: what leaves the client is
     at most the pipe plus the four socket buffers on the way. Then everything arrives."""
     pipe = 256 * 1024
-    total = 256 * MiB
     bound = pipe + 2 * _max("/proc/sys/net/ipv4/tcp_rmem") + 2 * _max(
         "/proc/sys/net/ipv4/tcp_wmem")
-    seed = os.urandom(MiB)
-    resume = trio.Event()
-    digest: list[str] = []
-
-    def chunks() -> Iterator[bytes]:
-        for i in range(total // MiB):
-            yield i.to_bytes(8, "little") + seed[8:]
-
-    async def handler(stream: trio.SocketStream) -> None:
-        first = await stream.receive_some(len(HELLO))
-        await resume.wait()
-        h = hashlib.sha256(first)
-        while chunk := await stream.receive_some(4 * MiB):
-            h.update(chunk)
-        digest.append(h.hexdigest())
-        await stream.aclose()
-
-    port = await backend(handler)
+    transfer = StalledTransfer(HELLO, total=256 * MiB)
+    port = await backend(transfer.backend)
     running = await start_proxy(config(port, forwarding={"mode": "splice", "pipe_size": pipe}))
-    sent = 0
     client = await trio.open_tcp_stream("127.0.0.1", running.port)
-
-    async def push() -> None:
-        nonlocal sent
-        await client.send_all(HELLO)
-        for chunk in chunks():
-            await client.send_all(chunk)
-            sent += len(chunk)
-        await client.send_eof()
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(push)
-        last, still = -1, 0
-        with trio.fail_after(60):
-            while still < 10:
-                await trio.sleep(0.1)
-                still = still + 1 if sent == last else 0
-                last = sent
+        nursery.start_soon(transfer.push, client)
+        await transfer.until_stalled()
+        sent = transfer.sent
         assert sent <= bound, f"{sent / MiB:.1f} MiB left the client, bound {bound / MiB:.1f}"
         [info] = running.proxy.context.live.values()
         assert info.counters.to_upstream <= bound
-        resume.set()
-    h = hashlib.sha256(HELLO)
-    for chunk in chunks():
-        h.update(chunk)
+        transfer.resume.set()
     await client.aclose()
-    await wait_for(lambda: len(digest) == 1, timeout=60)
-    assert digest == [h.hexdigest()]
+    assert await transfer.delivered_exactly()
     await wait_for(lambda: len(running.access_log) == 1, timeout=30)
     [record] = running.access_log
     assert (record["reason"], record["mode"]) == ("normal", "splice")
-    assert record["bytes_to_upstream"] == len(HELLO) + total
+    assert record["bytes_to_upstream"] == len(HELLO) + transfer.total
 
 
 # ------------------------------------------------------------------------------------------
