@@ -42,7 +42,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from .status import AccelerationStatus, live_mode
+from .status import PER_CPU_FEATURES, AccelerationStatus, live_mode
 
 if TYPE_CHECKING:
     from .connection import ConnectionContext
@@ -329,7 +329,7 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
         family = CounterMetricFamily(
             f"trio_sni_ebpf_{stem}",
             _EBPF_HELP.get(stem, f"eBPF counter {stem}")
-            + ("." if stem.startswith("dns_cache_") else ", summed across CPUs."),
+            + (", summed across CPUs." if stem.split("_", 1)[0] in PER_CPU_PREFIXES else "."),
             labels=list(names) or None,
         )
         for values, value in sorted(rows):
@@ -366,6 +366,9 @@ _EBPF_HELP = {
     "dns_cache_corrupt": "Undecodable shared DNS cache entries this process deleted",
     "dns_cache_errors": "Failed operations on the shared DNS cache map (this process)",
 }
+#: Counter-name prefixes of the programs whose counters live in per-CPU maps.
+PER_CPU_PREFIXES = ("sockmap", *PER_CPU_FEATURES)
+
 #: How a flat counter name (``AccelerationStatus.counters``) becomes a family and labels; the
 #: first pattern that matches wins, a name that matches none is a family without labels.
 _COUNTER_SHAPES = (
