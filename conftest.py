@@ -18,7 +18,9 @@ from pathlib import Path
 from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-_DATABASE = DirectoryBasedExampleDatabase(Path(__file__).resolve().parent / ".hypothesis" / "examples")
+_DATABASE = DirectoryBasedExampleDatabase(
+    Path(__file__).resolve().parent / ".hypothesis" / "examples"
+)
 
 # 200 examples per target keeps each one around a second (byte-by-byte feeding included).
 settings.register_profile("ci", max_examples=200, deadline=None, database=_DATABASE)

@@ -42,32 +42,65 @@ def main(argv: list[str]) -> None:
             for name in NAMES:
                 local.put(name, ADDRESSES, 1e9)
                 shared.put(name, ADDRESSES, 3600, BOTH)
-            tiered = TieredAddressCache(local, shared, family="any", max_ttl=3600,
-                                        clock=time.monotonic)
-            rows.append(("in-process hit (LruAddressCache.get)",
-                         per_op(n, lambda i: local.get(NAMES[i & 1023], 0.0))))
-            rows.append(("in-process hit via TieredAddressCache.get",
-                         per_op(n, lambda i: tiered.get(NAMES[i & 1023], 0.0))))
-            rows.append(("shared hit (SharedDnsCache.get: syscall + decode)",
-                         per_op(n, lambda i: shared.get(NAMES[i & 1023], BOTH))))
+            tiered = TieredAddressCache(
+                local, shared, family="any", max_ttl=3600, clock=time.monotonic
+            )
+            rows.append(
+                (
+                    "in-process hit (LruAddressCache.get)",
+                    per_op(n, lambda i: local.get(NAMES[i & 1023], 0.0)),
+                )
+            )
+            rows.append(
+                (
+                    "in-process hit via TieredAddressCache.get",
+                    per_op(n, lambda i: tiered.get(NAMES[i & 1023], 0.0)),
+                )
+            )
+            rows.append(
+                (
+                    "shared hit (SharedDnsCache.get: syscall + decode)",
+                    per_op(n, lambda i: shared.get(NAMES[i & 1023], BOTH)),
+                )
+            )
             keys = [dns_record.pack_key(name) for name in NAMES]
             cache_map = shared._cache
-            rows.append(("  of which Map.lookup (the syscall)",
-                         per_op(n, lambda i: cache_map.lookup(keys[i & 1023]))))
-            rows.append(("shared miss (absent name)",
-                         per_op(n, lambda i: shared.get("absent.example.test", BOTH))))
-            rows.append(("shared refresh (put of a name already there)",
-                         per_op(n // 10, lambda i: shared.put(NAMES[i & 1023], ADDRESSES,
-                                                              3600, BOTH))))
+            rows.append(
+                (
+                    "  of which Map.lookup (the syscall)",
+                    per_op(n, lambda i: cache_map.lookup(keys[i & 1023])),
+                )
+            )
+            rows.append(
+                (
+                    "shared miss (absent name)",
+                    per_op(n, lambda i: shared.get("absent.example.test", BOTH)),
+                )
+            )
+            rows.append(
+                (
+                    "shared refresh (put of a name already there)",
+                    per_op(n // 10, lambda i: shared.put(NAMES[i & 1023], ADDRESSES, 3600, BOTH)),
+                )
+            )
             fresh = iter(range(10**9))
-            rows.append(("shared insert (put of a new name: + counting program)",
-                         per_op(1000, lambda i: shared.put(f"new{next(fresh)}.test",
-                                                           ADDRESSES, 3600, BOTH))))
+            rows.append(
+                (
+                    "shared insert (put of a new name: + counting program)",
+                    per_op(
+                        1000, lambda i: shared.put(f"new{next(fresh)}.test", ADDRESSES, 3600, BOTH)
+                    ),
+                )
+            )
             for i in range(MAX_ENTRIES):
                 shared.put(f"fill{i}.test", ADDRESSES, 3600, BOTH)
             entries = shared.statistics().entries
-            rows.append((f"scrape: statistics() of a full map ({entries} entries)",
-                         per_op(5, lambda i: shared.statistics())))
+            rows.append(
+                (
+                    f"scrape: statistics() of a full map ({entries} entries)",
+                    per_op(5, lambda i: shared.statistics()),
+                )
+            )
     finally:
         shutil.rmtree(pin_dir, ignore_errors=True)
     width = max(len(label) for label, _ in rows)

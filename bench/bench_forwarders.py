@@ -113,8 +113,12 @@ def start_proxy(mode: str, backend_port: int, tmp: Path) -> tuple[subprocess.Pop
         "limits": {"per_client_rate": 0, "per_client_connections": 0},
         "log": {"access_log": None, "level": "warning"},
         "fallback_mode": "none" if mode != "copy" else "auto",
-        "ebpf": {"sockmap": {"enabled": mode.startswith("kernel"),
-                             **({"max_in_flight": 1 << 40} if mode == "kernel-unbounded" else {})}},
+        "ebpf": {
+            "sockmap": {
+                "enabled": mode.startswith("kernel"),
+                **({"max_in_flight": 1 << 40} if mode == "kernel-unbounded" else {}),
+            }
+        },
         # splice: splice(2) through a 1 MiB pipe per direction (the default pipe_size)
         "forwarding": {"mode": "splice" if mode == "splice" else "auto"},
     }
@@ -297,7 +301,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-backend", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--bulk-mib", type=int, default=1024, help="per bulk run (split over streams)")
+    parser.add_argument(
+        "--bulk-mib", type=int, default=1024, help="per bulk run (split over streams)"
+    )
     parser.add_argument("--pings", type=int, default=2000)
     parser.add_argument("--paced-conns", type=int, default=1000)
     parser.add_argument("--paced-rate", type=int, default=1_000_000, help="bytes/s per connection")
@@ -336,9 +342,11 @@ def main() -> None:
     finally:
         backend.kill()
         backend.wait()
-    print(f"\n{args.rounds} rounds, alternating; median (min-max). bulk {args.bulk_mib} MiB; "
-          f"{args.pings} pings; {args.paced_conns} paced connections x "
-          f"{args.paced_rate / 1e6:g} MB/s x {args.paced_seconds} s\n")
+    print(
+        f"\n{args.rounds} rounds, alternating; median (min-max). bulk {args.bulk_mib} MiB; "
+        f"{args.pings} pings; {args.paced_conns} paced connections x "
+        f"{args.paced_rate / 1e6:g} MB/s x {args.paced_seconds} s\n"
+    )
     print("| measure | " + " | ".join(modes) + " |")
     print("|---|" + "---|" * len(modes))
     for key, label in ROWS:

@@ -51,17 +51,27 @@ def main(argv: list[str]) -> None:
         ffi = bpf.ffi
         ck, cv = ffi.new("char[]", k), ffi.new("char[]", 8)
         fd = typed.fd
-        rows.append(("bpf.map_lookup_elem (prebuilt buffers)",
-                     per_op(n, lambda i: bpf.map_lookup_elem(fd, ck, cv))))
+        rows.append(
+            (
+                "bpf.map_lookup_elem (prebuilt buffers)",
+                per_op(n, lambda i: bpf.map_lookup_elem(fd, ck, cv)),
+            )
+        )
         start = time.perf_counter_ns()
         rounds = 50
         for _ in range(rounds):
             entries = typed.lookup_batch(batch_size=256)
-        rows.append((f"Map.lookup_batch per entry ({len(entries)} entries)",
-                     (time.perf_counter_ns() - start) / (rounds * len(entries))))
+        rows.append(
+            (
+                f"Map.lookup_batch per entry ({len(entries)} entries)",
+                (time.perf_counter_ns() - start) / (rounds * len(entries)),
+            )
+        )
     width = max(len(name) for name, _ in rows)
-    print(f"{'operation':<{width}}  ns/op   (best of 5 x {n}; Linux {os.uname().release}, "
-          f"{loader.possible_cpus()} possible CPUs)")
+    print(
+        f"{'operation':<{width}}  ns/op   (best of 5 x {n}; Linux {os.uname().release}, "
+        f"{loader.possible_cpus()} possible CPUs)"
+    )
     for name, ns in rows:
         print(f"{name:<{width}}  {ns:8.0f}")
 

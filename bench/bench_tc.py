@@ -91,17 +91,23 @@ def main() -> None:
                 results[cap].append(measure(ns, backends, sizes[cap], fast_size, cap, Path(tmp)))
         for server in backends.values():
             server.close()
-    print(f"\n{args.rounds} rounds; median (min-max). Capped client: {args.seconds:g} s of its "
-          f"cap; fast client (class high, no cap): {args.fast_mib} MiB at the same time.\n")
-    print("| cap (Mbit/s) | capped client (Mbit/s) | capped / cap | fast client (Mbit/s) "
-          "| packets dropped per round |")
+    print(
+        f"\n{args.rounds} rounds; median (min-max). Capped client: {args.seconds:g} s of its "
+        f"cap; fast client (class high, no cap): {args.fast_mib} MiB at the same time.\n"
+    )
+    print(
+        "| cap (Mbit/s) | capped client (Mbit/s) | capped / cap | fast client (Mbit/s) "
+        "| packets dropped per round |"
+    )
     print("|---|---|---|---|---|")
     for cap in caps:
         capped = [c for c, _, _ in results[cap]]
         fast = [f for _, f, _ in results[cap]]
         drops = [d for _, _, d in results[cap]]
-        print(f"| {cap / 1e6:g} | {_cell(capped)} | {statistics.median(capped) * 1e6 / cap:.2f} "
-              f"| {_cell(fast)} | {statistics.median(drops):g} |")
+        print(
+            f"| {cap / 1e6:g} | {_cell(capped)} | {statistics.median(capped) * 1e6 / cap:.2f} "
+            f"| {_cell(fast)} | {statistics.median(drops):g} |"
+        )
 
 
 def serve_sized(server: socket.socket, blob: memoryview) -> None:
@@ -121,8 +127,14 @@ def serve_sized(server: socket.socket, blob: memoryview) -> None:
         threading.Thread(target=one, args=(conn,), daemon=True).start()
 
 
-def measure(ns: VethNamespace, backends: dict[int, socket.socket], capped_size: int,
-            fast_size: int, cap: int, tmp: Path) -> tuple[float, float, int]:
+def measure(
+    ns: VethNamespace,
+    backends: dict[int, socket.socket],
+    capped_size: int,
+    fast_size: int,
+    cap: int,
+    tmp: Path,
+) -> tuple[float, float, int]:
     """One round: capped and fast downloads at once; returns their Mbit/s and the drops."""
     rates: dict[str, float] = {}
     proc, port, status = start_proxy(ns, backends, capped_size, fast_size, cap, tmp)
@@ -142,8 +154,12 @@ def measure(ns: VethNamespace, backends: dict[int, socket.socket], capped_size: 
 
 
 def start_proxy(
-    ns: VethNamespace, backends: dict[int, socket.socket], capped_size: int, fast_size: int,
-    cap: int, tmp: Path,
+    ns: VethNamespace,
+    backends: dict[int, socket.socket],
+    capped_size: int,
+    fast_size: int,
+    cap: int,
+    tmp: Path,
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """The proxy with one rule per client name, each with a fixed target: its payload size's
     backend."""
@@ -151,8 +167,10 @@ def start_proxy(
         s.bind((ns.host_v4, 0))
         t.bind(("127.0.0.1", 0))
         port, status = s.getsockname()[1], t.getsockname()[1]
-    targets = {"capped.test": backends[capped_size].getsockname()[1],
-               "fast.test": backends[fast_size].getsockname()[1]}
+    targets = {
+        "capped.test": backends[capped_size].getsockname()[1],
+        "fast.test": backends[fast_size].getsockname()[1],
+    }
     config = {
         "listeners": [{"host": ns.host_v4, "port": port}],
         "rules": [
@@ -161,8 +179,10 @@ def start_proxy(
         ],
         "log": {"access_log": None, "level": "warning"},
         "status": {"listen": f"127.0.0.1:{status}"},
-        "ebpf": {"sockmap": {"enabled": False},
-                 "tc": {"enabled": True, "interface": ns.host_if, "per_client_bps": cap}},
+        "ebpf": {
+            "sockmap": {"enabled": False},
+            "tc": {"enabled": True, "interface": ns.host_if, "per_client_bps": cap},
+        },
     }
     path = tmp / f"tc-{cap}.json"
     path.write_text(json.dumps(config))

@@ -35,26 +35,63 @@ PORT = 8443
 
 def flood_row(rate: float, burst: int, pps: int, seconds: float) -> list[str]:
     with veth_namespace(0) as ns:
-        config = XdpConfig(interface=ns.host_if, mode="native",
-                           flood_guard=FloodGuard(per_source_rate=rate, per_source_burst=burst))
+        config = XdpConfig(
+            interface=ns.host_if,
+            mode="native",
+            flood_guard=FloodGuard(per_source_rate=rate, per_source_burst=burst),
+        )
         with XdpGuard.start(config, Clients(), [PORT]) as guard:
             count = int(pps * seconds)
             out = subprocess.run(
-                ["ip", "netns", "exec", ns.name, sys.executable, "-c", FLOOD_SCRIPT,
-                 ns.peer_v4, ns.host_v4, str(PORT), str(count), str(seconds)],
-                check=True, capture_output=True, text=True).stdout
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns.name,
+                    sys.executable,
+                    "-c",
+                    FLOOD_SCRIPT,
+                    ns.peer_v4,
+                    ns.host_v4,
+                    str(PORT),
+                    str(count),
+                    str(seconds),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             elapsed = float(out)
             counters = guard.counters()
     admitted = count - counters["xdp_dropped_syn_flood"]
     promise = burst + rate * elapsed
-    return [f"{rate:g}", str(burst), f"{count / elapsed:,.0f}", f"{elapsed:.2f}", str(count),
-            str(admitted), f"{promise:.0f}", f"{admitted / elapsed:.1f}"]
+    return [
+        f"{rate:g}",
+        str(burst),
+        f"{count / elapsed:,.0f}",
+        f"{elapsed:.2f}",
+        str(count),
+        str(admitted),
+        f"{promise:.0f}",
+        f"{admitted / elapsed:.1f}",
+    ]
 
 
 def frame(src: str, dport: int, flags: int = 0x02) -> bytes:
     tcp = struct.pack("!HHIIBBHHH", 40000, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0,
-                     socket.inet_aton(src), socket.inet_aton("198.51.100.1"))
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(tcp),
+        1,
+        0,
+        64,
+        6,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton("198.51.100.1"),
+    )
     return bytes(6) + bytes.fromhex("020000000002") + b"\x08\x00" + ip + tcp
 
 
@@ -64,25 +101,38 @@ def cost_rows(prefixes: int, repeat: int) -> list[list[str]]:
     cases = [
         ("TCP to another port", frame("203.0.113.9", 22), {}),
         ("SYN, source not allowed (drop)", frame("203.0.113.9", PORT), {}),
-        ("SYN, allowed, under its bucket", frame("198.51.100.2", PORT),
-         {"flood_guard": FloodGuard(per_source_rate=1e9, per_source_burst=1_000_000)}),
-        ("SYN, allowed, over its bucket (drop)", frame("198.51.100.2", PORT),
-         {"flood_guard": FloodGuard(per_source_rate=0.001, per_source_burst=1)}),
+        (
+            "SYN, allowed, under its bucket",
+            frame("198.51.100.2", PORT),
+            {"flood_guard": FloodGuard(per_source_rate=1e9, per_source_burst=1_000_000)},
+        ),
+        (
+            "SYN, allowed, over its bucket (drop)",
+            frame("198.51.100.2", PORT),
+            {"flood_guard": FloodGuard(per_source_rate=0.001, per_source_burst=1)},
+        ),
         ("ACK, allowed", frame("198.51.100.2", PORT, 0x10), {}),
     ]
     rows = []
     for name, data, xdp in cases:
         with XdpGuard.load(XdpConfig(**xdp), clients, [PORT]) as guard:  # type: ignore[arg-type]
             result = guard.program.test_run(data, repeat=repeat)
-        rows.append([name, {1: "drop", 2: "pass"}.get(result.retval, str(result.retval)),
-                     str(result.duration_ns)])
+        rows.append(
+            [
+                name,
+                {1: "drop", 2: "pass"}.get(result.retval, str(result.retval)),
+                str(result.duration_ns),
+            ]
+        )
     return rows
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
-             for r in [header, *rows]]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
+        for r in [header, *rows]
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -94,10 +144,25 @@ def main() -> None:
     parser.add_argument("--prefixes", type=int, default=10000, help="allow-list networks")
     parser.add_argument("--repeat", type=int, default=1_000_000, help="test_run repetitions")
     args = parser.parse_args()
-    flood = [flood_row(rate, burst, args.pps, args.seconds)
-             for rate, burst in ((10, 20), (100, 200), (1000, 100))]
-    print(table(["rate/s", "burst", "sent/s", "seconds", "sent", "admitted", "burst+rate*t",
-                 "admitted/s"], flood))
+    flood = [
+        flood_row(rate, burst, args.pps, args.seconds)
+        for rate, burst in ((10, 20), (100, 200), (1000, 100))
+    ]
+    print(
+        table(
+            [
+                "rate/s",
+                "burst",
+                "sent/s",
+                "seconds",
+                "sent",
+                "admitted",
+                "burst+rate*t",
+                "admitted/s",
+            ],
+            flood,
+        )
+    )
     print()
     print(table(["packet", "verdict", "ns per run"], cost_rows(args.prefixes, args.repeat)))
 

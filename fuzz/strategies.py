@@ -274,8 +274,9 @@ def proxy_headers(draw: st.DrawFn) -> GeneratedProxyHeader:
         if source is not None:
             tlvs = b"".join(
                 bytes([t]) + len(v).to_bytes(2, "big") + v
-                for t, v in draw(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)),
-                                          max_size=4))
+                for t, v in draw(
+                    st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=40)), max_size=4)
+                )
             )
             length = int.from_bytes(data[14:16], "big") + len(tlvs)
             data = data[:14] + length.to_bytes(2, "big") + data[16:] + tlvs

@@ -18,20 +18,21 @@ import loader
 from loader.btf import parse_btf
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "bpf"
-SEEDS = [(DATA / name).read_bytes() for name in ("loader_test.bpf.o", "sockhash.bpf.o",
-                                                 "bad.bpf.o")]
+SEEDS = [
+    (DATA / name).read_bytes() for name in ("loader_test.bpf.o", "sockhash.bpf.o", "bad.bpf.o")
+]
 
 
 def _btf_range(blob: bytes) -> tuple[int, int]:
     """File offset and size of the first .BTF section (found through the section headers)."""
-    shoff, = struct.unpack_from("<Q", blob, 0x28)
+    (shoff,) = struct.unpack_from("<Q", blob, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", blob, 0x3A)
     str_off = struct.unpack_from("<Q", blob, shoff + shstrndx * shentsize + 0x18)[0]
     for i in range(shnum):
         base = shoff + i * shentsize
-        name_off, = struct.unpack_from("<I", blob, base)
+        (name_off,) = struct.unpack_from("<I", blob, base)
         end = blob.index(b"\0", str_off + name_off)
-        if blob[str_off + name_off:end] == b".BTF":
+        if blob[str_off + name_off : end] == b".BTF":
             off, size = struct.unpack_from("<QQ", blob, base + 0x18)
             return off, size
     raise AssertionError("no .BTF")

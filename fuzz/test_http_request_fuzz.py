@@ -35,8 +35,9 @@ def test_arbitrary_bytes(data: bytes, eof: bool, draw: st.DataObject) -> None:
     check(data, draw.draw(chunkings(data)), eof=eof)
 
 
-_TOKEN = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1,
-                 max_size=12)
+_TOKEN = st.text(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1, max_size=12
+)
 _VALUE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
 
 
@@ -53,10 +54,14 @@ def test_generated_requests_yield_their_host(
     position = data.draw(st.integers(0, len(headers)))
     headers.insert(position, ("Host", sent + data.draw(st.sampled_from(["", ":80", ":8080"]))))
     method = data.draw(st.sampled_from(["GET", "POST", "HEAD", "OPTIONS", "PURGE"]))
-    head = newline.join(
-        [f"{method} /{data.draw(_TOKEN)} HTTP/1.1".encode()]
-        + [f"{n}: {v}".encode() for n, v in headers]
-    ) + newline + newline
+    head = (
+        newline.join(
+            [f"{method} /{data.draw(_TOKEN)} HTTP/1.1".encode()]
+            + [f"{n}: {v}".encode() for n, v in headers]
+        )
+        + newline
+        + newline
+    )
     wire = head + body
     result = check(wire, data.draw(chunkings(wire)), eof=data.draw(st.booleans()))
     if len(head) <= MAX:

@@ -57,7 +57,9 @@ def test_generated_headers_read_back(
     kind, header, trailing = check(wire, data.draw(chunkings(wire)), eof=False)
     assert kind == "event"
     assert (header.version, header.source, header.destination) == (
-        generated.version, generated.source, generated.destination
+        generated.version,
+        generated.source,
+        generated.destination,
     )
     assert trailing == after
 

@@ -168,9 +168,7 @@ class BTF:
             for i, (var_id, _off, _size) in enumerate(sec.secinfo):
                 var = self.type(var_id)
                 if var.name not in offsets:
-                    raise BTFError(
-                        f"DATASEC {sec.name}: variable {var.name!r} has no ELF symbol"
-                    )
+                    raise BTFError(f"DATASEC {sec.name}: variable {var.name!r} has no ELF symbol")
                 entry = base + sec.raw_offset + 12 + 12 * i
                 struct.pack_into("<I", out, entry + 4, offsets[var.name])
         return bytes(out)
@@ -244,8 +242,14 @@ def _parse_btf(data: bytes) -> BTF:
         vlen = info & 0xFFFF
         kflag = bool(info >> 31)
         tid = len(types)
-        common = {"id": tid, "kind": kind, "name": name(name_off), "vlen": vlen,
-                  "kind_flag": kflag, "raw_offset": pos - base}
+        common = {
+            "id": tid,
+            "kind": kind,
+            "name": name(name_off),
+            "vlen": vlen,
+            "kind_flag": kflag,
+            "raw_offset": pos - base,
+        }
         p = pos + 12
         if kind in _SIZED:
             common["size"] = size_type
@@ -254,8 +258,16 @@ def _parse_btf(data: bytes) -> BTF:
         if kind == Kind.INT:
             p += 4
             t = BTFType(**common)
-        elif kind in (Kind.PTR, Kind.FWD, Kind.TYPEDEF, Kind.VOLATILE, Kind.CONST,
-                      Kind.RESTRICT, Kind.FLOAT, Kind.TYPE_TAG):
+        elif kind in (
+            Kind.PTR,
+            Kind.FWD,
+            Kind.TYPEDEF,
+            Kind.VOLATILE,
+            Kind.CONST,
+            Kind.RESTRICT,
+            Kind.FLOAT,
+            Kind.TYPE_TAG,
+        ):
             t = BTFType(**common)
         elif kind == Kind.FUNC:
             t = BTFType(**common, linkage=vlen)
@@ -303,8 +315,13 @@ def _parse_btf(data: bytes) -> BTF:
         types.append(t)
         pos = p
     return BTF(
-        raw=data, hdr_len=hdr_len, type_off=type_off, type_len=type_len, str_off=str_off,
-        str_len=str_len, types=tuple(types),
+        raw=data,
+        hdr_len=hdr_len,
+        type_off=type_off,
+        type_len=type_len,
+        str_off=str_off,
+        str_len=str_len,
+        types=tuple(types),
     )
 
 
@@ -413,6 +430,10 @@ def _parse_btf_ext(data: bytes, btf: BTF) -> BTFExt:
         for sec, recs in c_raw.items()
     }
     return BTFExt(
-        func_info_rec_size=f_size, line_info_rec_size=l_size, func_info=funcs, line_info=lines,
-        core_relo_rec_size=c_size, core_relos=relos,
+        func_info_rec_size=f_size,
+        line_info_rec_size=l_size,
+        func_info=funcs,
+        line_info=lines,
+        core_relo_rec_size=c_size,
+        core_relos=relos,
     )

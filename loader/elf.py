@@ -182,8 +182,9 @@ class _Reader:
                 shndx = sym["st_shndx"]
                 section = self.by_index.get(shndx) if isinstance(shndx, int) else None
                 self.symbols.append(
-                    _Symbol(sym.name, section, sym["st_value"], sym["st_size"],
-                            sym["st_info"]["type"])
+                    _Symbol(
+                        sym.name, section, sym["st_value"], sym["st_size"], sym["st_info"]["type"]
+                    )
                 )
         self.license = self._license()
         self.btf = self._btf()
@@ -422,8 +423,9 @@ class _Reader:
                 programs[func.name] = self._link(func, sec_def, maps)
         return programs
 
-    def _link(self, entry: _Func, sec_def: SectionDef | None, maps: Mapping[str, MapSpec]
-              ) -> ProgramSpec:
+    def _link(
+        self, entry: _Func, sec_def: SectionDef | None, maps: Mapping[str, MapSpec]
+    ) -> ProgramSpec:
         insns = bytearray()
         origin: list[tuple[str, int]] = []  # (section, byte offset) of every slot
         placed: dict[tuple[str, int], int] = {}  # function start -> first index
@@ -434,7 +436,7 @@ class _Reader:
             if key not in placed:
                 placed[key] = len(origin)
                 order.append((func, len(origin)))
-                insns.extend(self.code[func.section][func.start:func.end])
+                insns.extend(self.code[func.section][func.start : func.end])
                 origin.extend((func.section, off) for off in range(func.start, func.end, 8))
             return placed[key]
 
@@ -478,20 +480,33 @@ class _Reader:
                         func_info.append((base + (rec.insn_off - func.start) // 8, rec.type_id))
                 for line in self.btf_ext.line_info.get(func.section, ()):
                     if func.start <= line.insn_off < func.end:
-                        line_info.append((base + (line.insn_off - func.start) // 8,
-                                          line.file_name_off, line.line_off, line.line_col))
+                        line_info.append(
+                            (
+                                base + (line.insn_off - func.start) // 8,
+                                line.file_name_off,
+                                line.line_off,
+                                line.line_col,
+                            )
+                        )
                 for relo in self.btf_ext.core_relos.get(func.section, ()):
                     if func.start <= relo.insn_off < func.end:
-                        core_relos.append((base * 8 + relo.insn_off - func.start,
-                                           relo.type_id, relo.access_str_off, relo.kind))
+                        core_relos.append(
+                            (
+                                base * 8 + relo.insn_off - func.start,
+                                relo.type_id,
+                                relo.access_str_off,
+                                relo.kind,
+                            )
+                        )
         attach = sec_def.attach_type if sec_def else None
         return ProgramSpec(
             name=entry.name,
             section=entry.section,
             type=sec_def.prog_type if sec_def else ProgType.UNSPEC,
             attach_type=attach,
-            expected_attach_type=int(attach) if sec_def and sec_def.load_attach_type and attach
-            is not None else 0,
+            expected_attach_type=int(attach)
+            if sec_def and sec_def.load_attach_type and attach is not None
+            else 0,
             flags=sec_def.flags if sec_def else 0,
             license=self.license,
             instructions=bytes(insns),
@@ -504,21 +519,33 @@ class _Reader:
 
     def _target(self, sym: _Symbol, offset: int, section: str, at: int) -> tuple[str, int]:
         if sym.section not in self.code:
-            raise ELFFormatError(f"{section}+{at}: call to {sym.name!r}, which is not code "
-                                 "(extern functions and kfuncs are not supported)")
+            raise ELFFormatError(
+                f"{section}+{at}: call to {sym.name!r}, which is not code "
+                "(extern functions and kfuncs are not supported)"
+            )
         return sym.section, offset
 
-    def _point_call(self, insns: bytearray, index: int, target: tuple[str, int], place: Any
-                    ) -> None:
+    def _point_call(
+        self, insns: bytearray, index: int, target: tuple[str, int], place: Any
+    ) -> None:
         func = self._func_at(*target)
         new = place(func) + (target[1] - func.start) // 8
         asm.set_imm(insns, index, new - (index + 1))
 
-    def _data_reference(self, index: int, ins: asm.Instruction, sym: _Symbol, section: str,
-                        at: int, maps: Mapping[str, MapSpec]) -> Reference:
+    def _data_reference(
+        self,
+        index: int,
+        ins: asm.Instruction,
+        sym: _Symbol,
+        section: str,
+        at: int,
+        maps: Mapping[str, MapSpec],
+    ) -> Reference:
         if sym.section is None:
-            raise ELFFormatError(f"{section}+{at}: reference to undefined symbol {sym.name!r} "
-                                 "(externs, ksyms and kconfig are not supported)")
+            raise ELFFormatError(
+                f"{section}+{at}: reference to undefined symbol {sym.name!r} "
+                "(externs, ksyms and kconfig are not supported)"
+            )
         if sym.section == ".maps":
             if sym.name not in maps:
                 raise ELFFormatError(f"{section}+{at}: reference to unknown map {sym.name!r}")

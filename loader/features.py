@@ -70,12 +70,14 @@ def have_map_type(map_type: MapType) -> None:
         elif map_type in (MapType.QUEUE, MapType.STACK, MapType.BLOOM_FILTER):
             key_size = 0
         try:
-            fd = bpf.map_create(map_type, key_size, value_size, max_entries, flags=int(flags),
-                                name="probe")
+            fd = bpf.map_create(
+                map_type, key_size, value_size, max_entries, flags=int(flags), name="probe"
+            )
         except BPFSyscallError as exc:
             if exc.errno in (errno.EINVAL, 524):
-                return NotSupportedError(f"BPF_MAP_TYPE_{map_type.name}",
-                                         MAP_TYPE_MIN_KERNEL.get(map_type, "?"))
+                return NotSupportedError(
+                    f"BPF_MAP_TYPE_{map_type.name}", MAP_TYPE_MIN_KERNEL.get(map_type, "?")
+                )
             raise
         fd.close()
         return None
@@ -93,8 +95,9 @@ def have_prog_type(prog_type: ProgType) -> None:
             fd.close()
             return None
         if err in (errno.EINVAL, 524):
-            return NotSupportedError(f"BPF_PROG_TYPE_{prog_type.name}",
-                                     PROG_TYPE_MIN_KERNEL.get(prog_type, "?"))
+            return NotSupportedError(
+                f"BPF_PROG_TYPE_{prog_type.name}", PROG_TYPE_MIN_KERNEL.get(prog_type, "?")
+            )
         raise bpf.raise_for(bpf.Cmd.PROG_LOAD, err)
 
     _cached(("prog", int(prog_type)), probe)
@@ -120,8 +123,9 @@ def have_link(kind: str) -> None:
         }[kind]
         expected = attach if kind != "tcx" else 0
         verdict = 2 if kind == "xdp" else 0  # XDP_PASS: lo keeps working during the probe
-        fd, err, _ = bpf.prog_load(prog_type, asm.exit_with(verdict), "GPL", name="probe",
-                                   expected_attach_type=expected)
+        fd, err, _ = bpf.prog_load(
+            prog_type, asm.exit_with(verdict), "GPL", name="probe", expected_attach_type=expected
+        )
         if fd is None:
             raise bpf.raise_for(bpf.Cmd.PROG_LOAD, err)
         try:

@@ -71,8 +71,13 @@ class Link(ClosesOnExit):
         if self._link_fd is None:
             raise LoaderError(f"{self.description}: PROG_ATTACH attachments have no link info")
         info = bpf.obj_get_info_by_fd(self._link_fd.raw, "bpf_link_info")
-        return LinkInfo(id=info.id, type=info.type, prog_id=info.prog_id, target=info.target0,
-                        attach_type=info.target1)
+        return LinkInfo(
+            id=info.id,
+            type=info.type,
+            prog_id=info.prog_id,
+            target=info.target0,
+            attach_type=info.target1,
+        )
 
     def close(self) -> None:
         if self._closed:

@@ -202,15 +202,23 @@ class Map(ClosesOnExit):
             info = _map_info(fd)
             if spec is not None:
                 diffs = spec.differences(
-                    type=info.type, key_size=info.key_size, value_size=info.value_size,
-                    max_entries=info.max_entries, flags=info.flags,
+                    type=info.type,
+                    key_size=info.key_size,
+                    value_size=info.value_size,
+                    max_entries=info.max_entries,
+                    flags=info.flags,
                 )
                 if diffs:
                     raise MapIncompatibleError(spec.name, path, diffs)
             else:
-                spec = MapSpec(name=info.name, type=info.type, key_size=info.key_size,
-                               value_size=info.value_size, max_entries=info.max_entries,
-                               flags=info.flags)
+                spec = MapSpec(
+                    name=info.name,
+                    type=info.type,
+                    key_size=info.key_size,
+                    value_size=info.value_size,
+                    max_entries=info.max_entries,
+                    flags=info.flags,
+                )
         except BaseException:
             fd.close()
             raise
@@ -266,8 +274,10 @@ class Map(ClosesOnExit):
             return self.value_codec.encode(value, self.spec.value_size)
         values = list(value)
         if len(values) != possible_cpus():
-            raise ValueError(f"per-CPU map {self.name}: need {possible_cpus()} values "
-                             f"(one per possible CPU), got {len(values)}")
+            raise ValueError(
+                f"per-CPU map {self.name}: need {possible_cpus()} values "
+                f"(one per possible CPU), got {len(values)}"
+            )
         pad = bytes(self._slot - self.spec.value_size)
         return b"".join(self.value_codec.encode(v, self.spec.value_size) + pad for v in values)
 
@@ -275,8 +285,9 @@ class Map(ClosesOnExit):
         if not self._percpu:
             return self.value_codec.decode(data)
         size = self.spec.value_size
-        return [self.value_codec.decode(data[i : i + size])
-                for i in range(0, len(data), self._slot)]
+        return [
+            self.value_codec.decode(data[i : i + size]) for i in range(0, len(data), self._slot)
+        ]
 
     def lookup(self, key: Any, default: Any = None) -> Any:
         """The value for ``key``, or ``default`` if absent. Per-CPU maps give a list."""
@@ -297,8 +308,9 @@ class Map(ClosesOnExit):
 
     def _update_raw(self, key: bytes, value: bytes, flags: int) -> None:
         if len(value) != self._value_len:
-            raise ValueError(f"map {self.name}: value is {len(value)} bytes, need "
-                             f"{self._value_len}")
+            raise ValueError(
+                f"map {self.name}: value is {len(value)} bytes, need {self._value_len}"
+            )
         with self._lock:
             self._check_open()
             self._elem.write_value(value)
@@ -381,8 +393,12 @@ class Map(ClosesOnExit):
             kbuf = bytes(ffi.buffer(keys, ksize * count))
             vbuf = bytes(ffi.buffer(values, vsize * count))
             for i in range(count):
-                result.append((self.key_codec.decode(kbuf[i * ksize : (i + 1) * ksize]),
-                               self._decode_value(vbuf[i * vsize : (i + 1) * vsize])))
+                result.append(
+                    (
+                        self.key_codec.decode(kbuf[i * ksize : (i + 1) * ksize]),
+                        self._decode_value(vbuf[i * vsize : (i + 1) * vsize]),
+                    )
+                )
         return result
 
     def count_batch(self, batch_size: int = 256) -> int:
@@ -418,9 +434,15 @@ _MISSING = object()
 def _map_info(fd: FD) -> MapInfo:
     info = bpf.obj_get_info_by_fd(fd.raw, "bpf_map_info")
     return MapInfo(
-        id=info.id, type=info.type, name=ffi.string(info.name).decode(errors="replace"),
-        key_size=info.key_size, value_size=info.value_size, max_entries=info.max_entries,
-        flags=info.map_flags, btf_id=info.btf_id, btf_key_type_id=info.btf_key_type_id,
+        id=info.id,
+        type=info.type,
+        name=ffi.string(info.name).decode(errors="replace"),
+        key_size=info.key_size,
+        value_size=info.value_size,
+        max_entries=info.max_entries,
+        flags=info.map_flags,
+        btf_id=info.btf_id,
+        btf_key_type_id=info.btf_key_type_id,
         btf_value_type_id=info.btf_value_type_id,
     )
 
@@ -438,23 +460,30 @@ def _create_fd(spec: MapSpec, btf_fd: FD | None) -> FD:
         and spec.value_type_id
     )
     kwargs: dict[str, Any] = {
-        "flags": spec.flags, "name": _kernel_name(spec.name), "numa_node": spec.numa_node,
+        "flags": spec.flags,
+        "name": _kernel_name(spec.name),
+        "numa_node": spec.numa_node,
         "map_extra": spec.map_extra,
     }
     try:
         if use_btf:
             assert btf_fd is not None
             try:
-                return bpf.map_create(spec.type, spec.key_size, spec.value_size,
-                                      spec.max_entries, btf_fd=btf_fd.raw,
-                                      btf_key_type_id=spec.key_type_id,
-                                      btf_value_type_id=spec.value_type_id, **kwargs)
+                return bpf.map_create(
+                    spec.type,
+                    spec.key_size,
+                    spec.value_size,
+                    spec.max_entries,
+                    btf_fd=btf_fd.raw,
+                    btf_key_type_id=spec.key_type_id,
+                    btf_value_type_id=spec.value_type_id,
+                    **kwargs,
+                )
             except BPFSyscallError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOTSUP, 524):
                     raise
                 # The kernel refused the BTF: retry without it, as libbpf does.
-        return bpf.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries,
-                              **kwargs)
+        return bpf.map_create(spec.type, spec.key_size, spec.value_size, spec.max_entries, **kwargs)
     except BPFSyscallError as exc:
         if exc.errno == errno.EINVAL:
             from .features import have_map_type
@@ -464,15 +493,19 @@ def _create_fd(spec: MapSpec, btf_fd: FD | None) -> FD:
             except NotSupportedError as unsupported:
                 raise unsupported from exc
             raise BPFSyscallError(
-                exc.errno, exc.command,
+                exc.errno,
+                exc.command,
                 f"map {spec.name!r} ({spec.type.name}, key {spec.key_size}, value "
                 f"{spec.value_size}, max_entries {spec.max_entries}, flags {spec.flags:#x}) "
                 f"was refused: check sizes and flags (LPM_TRIE needs BPF_F_NO_PREALLOC, "
                 f"LRU maps must be preallocated, sockmap/sockhash values are 4 or 8 bytes)",
             ) from exc
         if exc.errno == 524 and spec.type in MAP_TYPE_MIN_KERNEL:
-            raise BPFSyscallError(exc.errno, exc.command, f"map {spec.name!r}: the kernel does "
-                                  f"not support these flags for {spec.type.name}") from exc
+            raise BPFSyscallError(
+                exc.errno,
+                exc.command,
+                f"map {spec.name!r}: the kernel does not support these flags for {spec.type.name}",
+            ) from exc
         raise
 
 
@@ -488,5 +521,3 @@ def ensure_bpffs(directory: str) -> None:
     if not bpf.is_bpffs(root):
         bpf.mount_bpffs(root)
     os.makedirs(directory, exist_ok=True)
-
-

@@ -96,7 +96,8 @@ class Program(ClosesOnExit):
             )
         insns = _resolve(spec, maps or {})
         kwargs: dict[str, Any] = {
-            "name": spec.name, "expected_attach_type": spec.expected_attach_type,
+            "name": spec.name,
+            "expected_attach_type": spec.expected_attach_type,
             "prog_flags": spec.flags,
         }
         if btf_fd is not None and spec.func_info:
@@ -127,8 +128,13 @@ class Program(ClosesOnExit):
         while True:
             buf = ffi.new("char[]", size)
             fd, err, true_size = bpf.prog_load(
-                spec.type, insns, license, log_buf=buf, log_size=size,
-                log_level=max(log_level, 1), **kwargs,
+                spec.type,
+                insns,
+                license,
+                log_buf=buf,
+                log_size=size,
+                log_level=max(log_level, 1),
+                **kwargs,
             )
             log = ffi.string(buf).decode(errors="replace")
             if fd is not None:
@@ -174,7 +180,9 @@ class Program(ClosesOnExit):
     def info(self) -> ProgramInfo:
         info = bpf.obj_get_info_by_fd(self.fd, "bpf_prog_info")
         return ProgramInfo(
-            id=info.id, type=info.type, name=ffi.string(info.name).decode(errors="replace"),
+            id=info.id,
+            type=info.type,
+            name=ffi.string(info.name).decode(errors="replace"),
             tag=bytes(ffi.buffer(info.tag, 8)).hex(),
         )
 
@@ -193,8 +201,11 @@ class Program(ClosesOnExit):
         cannot be test-run; exercise them with real sockets.
         """
         if self.spec.type in (ProgType.SK_SKB, ProgType.SK_MSG):
-            raise NotSupportedError(f"BPF_PROG_TEST_RUN for {self.spec.type.name}", "never",
-                                    "test it with real sockets instead")
+            raise NotSupportedError(
+                f"BPF_PROG_TEST_RUN for {self.spec.type.name}",
+                "never",
+                "test it with real sockets instead",
+            )
         retval, out, duration = bpf.prog_test_run(self.fd, data, repeat=repeat, ctx=ctx)
         return TestRunResult(retval=retval, data=out, duration_ns=duration)
 
@@ -216,5 +227,3 @@ def _pack(records: tuple[tuple[int, ...], ...], fmt: str, rec_size: int) -> byte
     base = struct.calcsize(fmt)
     pad = bytes(rec_size - base)
     return b"".join(struct.pack(fmt, *rec) + pad for rec in records)
-
-

@@ -66,16 +66,26 @@ class MapSpec:
         as it does not change what the map holds.
         """
         diffs = []
-        want = {"type": int(self.type), "key_size": self.key_size,
-                "value_size": self.value_size, "max_entries": self.max_entries,
-                "flags": self.flags & ~MapFlag.MMAPABLE}
-        have = {"type": type, "key_size": key_size, "value_size": value_size,
-                "max_entries": max_entries, "flags": flags & ~MapFlag.MMAPABLE}
+        want = {
+            "type": int(self.type),
+            "key_size": self.key_size,
+            "value_size": self.value_size,
+            "max_entries": self.max_entries,
+            "flags": self.flags & ~MapFlag.MMAPABLE,
+        }
+        have = {
+            "type": type,
+            "key_size": key_size,
+            "value_size": value_size,
+            "max_entries": max_entries,
+            "flags": flags & ~MapFlag.MMAPABLE,
+        }
         for field, value in want.items():
             if have[field] != value:
                 if field == "type":
-                    diffs.append(f"type: {_map_type_name(value)} changed to "
-                                 f"{_map_type_name(have[field])}")
+                    diffs.append(
+                        f"type: {_map_type_name(value)} changed to {_map_type_name(have[field])}"
+                    )
                 elif field == "flags":
                     diffs.append(f"flags: {value:#x} changed to {have[field]:#x}")
                 else:
@@ -124,9 +134,7 @@ class ProgramSpec:
     references: tuple[Reference, ...] = attrs.field(default=(), repr=False)
     subprograms: tuple[str, ...] = ()
     func_info: tuple[tuple[int, int], ...] = attrs.field(default=(), repr=False, eq=False)
-    line_info: tuple[tuple[int, int, int, int], ...] = attrs.field(
-        default=(), repr=False, eq=False
-    )
+    line_info: tuple[tuple[int, int, int, int], ...] = attrs.field(default=(), repr=False, eq=False)
     core_relos: tuple[tuple[int, int, int, int], ...] = attrs.field(
         default=(), repr=False, eq=False
     )

@@ -77,7 +77,10 @@ def running_daemon(argv: list[str], *, port: int, log: Path) -> Iterator[subproc
     """Start ``argv`` (stdout and stderr to ``log``), wait for ``port``, stop it at the end."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:

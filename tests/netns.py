@@ -32,7 +32,9 @@ _serial = itertools.count()
 T = TypeVar("T")
 
 
-def ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def ip(
+    *args: str, netns: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run ``ip ARGS`` (in ``netns`` if given)."""
     argv = ["ip", *(["-n", netns] if netns else []), *args]
     return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=10)
@@ -48,11 +50,16 @@ class VethNamespace:
     host_v6: str
     peer_v6: str
 
-    def run(self, *argv: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *argv: str, timeout: float = 30, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the namespace."""
         return subprocess.run(
             ["ip", "netns", "exec", self.name, *argv],
-            check=check, capture_output=True, text=True, timeout=timeout,
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
@@ -89,9 +96,13 @@ def veth_namespace(subnet: int = 0) -> Iterator[VethNamespace]:
     prefix4 = ("198.51.100", "203.0.113")[subnet]
     n = f"{os.getpid() % 100000}{next(_serial)}"
     ns = VethNamespace(
-        name=f"tsni{n}", host_if=f"tsh{n}", peer_if=f"tsp{n}",
-        host_v4=f"{prefix4}.1", peer_v4=f"{prefix4}.2",
-        host_v6=f"2001:db8:{subnet}::1", peer_v6=f"2001:db8:{subnet}::2",
+        name=f"tsni{n}",
+        host_if=f"tsh{n}",
+        peer_if=f"tsp{n}",
+        host_v4=f"{prefix4}.1",
+        peer_v4=f"{prefix4}.2",
+        host_v6=f"2001:db8:{subnet}::1",
+        peer_v6=f"2001:db8:{subnet}::2",
     )
     ip("netns", "add", ns.name)
     try:

@@ -67,6 +67,8 @@ async def serve_tcp(
     nursery.start_soon(serve)
     port: int = listeners[0].socket.getsockname()[1]
     return port
+
+
 def client_hello(name: str) -> bytes:
     """A real ClientHello (Python's ssl) asking for ``name``: the first flight, nothing more."""
     out = ssl.MemoryBIO()

@@ -15,8 +15,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Modules the sans-I/O core must never import: I/O, event loops, clocks, logging, upper layers.
 SANSIO_FORBIDDEN = {
-    "trio", "socket", "ssl", "select", "selectors", "asyncio", "logging", "time", "os",
-    "subprocess", "threading", "loader", "dns",
+    "trio",
+    "socket",
+    "ssl",
+    "select",
+    "selectors",
+    "asyncio",
+    "logging",
+    "time",
+    "os",
+    "subprocess",
+    "threading",
+    "loader",
+    "dns",
 }
 #: The loader knows nothing about proxies or Trio.
 LOADER_FORBIDDEN = {"trio", "trio_sni", "asyncio"}
@@ -67,8 +78,7 @@ def test_only_accel_imports_the_loader() -> None:
     offenders = [
         str(path.relative_to(ROOT))
         for path in python_files("trio_sni")
-        if "accel" not in path.parts
-        and any(n.split(".")[0] == "loader" for n in imports_of(path))
+        if "accel" not in path.parts and any(n.split(".")[0] == "loader" for n in imports_of(path))
     ]
     assert offenders == []
 

@@ -27,5 +27,9 @@ def test_two_namespaces_reach_their_host_ends_and_nothing_else():
         assert connect_from(b, socket.AF_INET6, b.host_v6) == b.peer_v6
         assert a.run("ip", "route", "get", "192.0.2.1", check=False).returncode != 0
     assert a.host_if not in {name for _, name in socket.if_nameindex()}
-    assert a.name not in subprocess.run(
-        ["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert (
+        a.name
+        not in subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True, check=True
+        ).stdout
+    )

@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "status":
         if args.config or args.check_config or args.print_default_config:
-            parser.error("status reads a running proxy: --config, --check-config and "
-                         "--print-default-config do not apply")
+            parser.error(
+                "status reads a running proxy: --config, --check-config and "
+                "--print-default-config do not apply"
+            )
         sys.exit(status_command(args.url, limit=args.limit, raw=args.json, timeout=args.timeout))
     if args.print_default_config:
         sys.stdout.write(default_config_text())
@@ -379,8 +381,11 @@ def render_status(base: str, documents: dict[str, object]) -> str:
     reasons = _as_dict(ebpf.get("reasons") or {})
     notes = _as_dict(ebpf.get("notes") or {})  # what an active feature wants known
     details = _as_dict(ebpf.get("details") or {})
-    lines += ["", f"eBPF: {'on' if ebpf.get('ebpf_enabled') else 'off'} "
-              f"(kernel {ebpf.get('kernel_version')})"]
+    lines += [
+        "",
+        f"eBPF: {'on' if ebpf.get('ebpf_enabled') else 'off'} "
+        f"(kernel {ebpf.get('kernel_version')})",
+    ]
     lines += _table(
         ("FEATURE", "STATE", "REASON OR NOTE", "DETAILS"),
         [
@@ -402,12 +407,14 @@ def render_status(base: str, documents: dict[str, object]) -> str:
         for name, info in maps.items():
             m = _as_dict(info)
             rate = m.get("hit_rate")
-            rows.append((
-                name,
-                "-" if m.get("entries") is None else str(m.get("entries")),
-                "-" if m.get("max_entries") is None else str(m.get("max_entries")),
-                f"{float(rate) * 100:.1f} %" if isinstance(rate, (int, float)) else "-",
-            ))
+            rows.append(
+                (
+                    name,
+                    "-" if m.get("entries") is None else str(m.get("entries")),
+                    "-" if m.get("max_entries") is None else str(m.get("max_entries")),
+                    f"{float(rate) * 100:.1f} %" if isinstance(rate, (int, float)) else "-",
+                )
+            )
         lines.append("")
         lines += _table(("MAP", "ENTRIES", "MAX ENTRIES", "HIT RATE"), rows)
     kernel_counters = [
@@ -444,8 +451,10 @@ def render_status(base: str, documents: dict[str, object]) -> str:
 
     live = connections.get("connections") or []
     assert isinstance(live, list)
-    lines += ["", f"live connections: {connections.get('total')} "
-              f"(showing {len(live)}, oldest first)"]
+    lines += [
+        "",
+        f"live connections: {connections.get('total')} (showing {len(live)}, oldest first)",
+    ]
     if live:
         lines += _table(
             ("CLIENT", "LISTENER", "SNI", "TARGET", "MODE", "TO UPSTREAM", "TO CLIENT", "AGE"),
@@ -489,8 +498,9 @@ def _size(value: object) -> str:
 
 
 def _table(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
 
     def line(cells: tuple[str, ...]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()

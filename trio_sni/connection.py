@@ -40,6 +40,7 @@ from .upstream import connect_to_addresses, connect_via_socks5
 
 log = logging.getLogger("trio_sni")
 
+
 class HelloTimeout(TrioSniError):
     """The client did not finish its ClientHello within the total deadline."""
 
@@ -286,7 +287,9 @@ async def handle_connection(
         info.error = f"{type(exc).__name__}: {exc}"
     finally:
         if info.reason is None:
-            info.reason = "shutdown"  # cancelled: the drain deadline passed, or a second stop signal
+            info.reason = (
+                "shutdown"  # cancelled: the drain deadline passed, or a second stop signal
+            )
         if acquired:
             ctx.limiter.release(client_ip)
         # Shielded: in an already-cancelled scope an unshielded close would raise Cancelled
@@ -378,9 +381,7 @@ async def _send_proxy_header(
 ) -> None:
     """Tell the target who the client is, before any of the client's bytes."""
     assert version in ("v1", "v2")
-    header = proxy_protocol.encode_header(
-        "v1" if version == "v1" else "v2", source, destination
-    )
+    header = proxy_protocol.encode_header("v1" if version == "v1" else "v2", source, destination)
     try:
         await upstream.send_all(header)
     except trio.BrokenResourceError as exc:
@@ -545,4 +546,3 @@ async def _send_alert(stream: trio.SocketStream, alert: Alert) -> None:
     with trio.move_on_after(1.0):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(alert_record(alert))
-

@@ -38,14 +38,19 @@ class EdgeGuard:
     ) -> EdgeGuard:
         """Attach the guard for the bound ``listeners``' ports, or record why it could not."""
         xdp = config.ebpf.xdp
-        ports = sorted({
-            listener.socket.getsockname()[1]
-            for listener, spec in listeners
-            if not spec.accept_proxy_protocol
-        })
+        ports = sorted(
+            {
+                listener.socket.getsockname()[1]
+                for listener, spec in listeners
+                if not spec.accept_proxy_protocol
+            }
+        )
         if not ports:
-            return cls._unavailable(config, "every listener expects the PROXY protocol (the "
-                                    "packets' source is the load balancer, not the client)")
+            return cls._unavailable(
+                config,
+                "every listener expects the PROXY protocol (the "
+                "packets' source is the load balancer, not the client)",
+            )
         try:
             from .accel import LoaderError
             from .accel.xdp import XdpGuard
@@ -55,24 +60,34 @@ class EdgeGuard:
             guard = XdpGuard.start(xdp, config.clients, ports)
         except (LoaderError, OSError) as exc:
             return cls._unavailable(config, f"XDP on {xdp.interface}: {exc}")
-        log.info("XDP guard attached to %s (%s mode) for port(s) %s",
-                 xdp.interface, guard.mode, ", ".join(map(str, ports)))
+        log.info(
+            "XDP guard attached to %s (%s mode) for port(s) %s",
+            xdp.interface,
+            guard.mode,
+            ", ".join(map(str, ports)),
+        )
         return cls(guard, None, config)
 
     @classmethod
     def _unavailable(cls, config: Config, reason: str) -> EdgeGuard:
-        log.warning("XDP guard not started: %s; clients.allow/deny still apply in userspace",
-                    reason)
+        log.warning(
+            "XDP guard not started: %s; clients.allow/deny still apply in userspace", reason
+        )
         return cls(None, reason, config)
 
     def reload(self, config: Config) -> None:
         """New lists and settings in place (the program stays attached)."""
         old, new = self._config.ebpf.xdp, config.ebpf.xdp
         if (old.enabled, old.interface, old.mode, old.flood_guard.tracked_sources) != (
-            new.enabled, new.interface, new.mode, new.flood_guard.tracked_sources
+            new.enabled,
+            new.interface,
+            new.mode,
+            new.flood_guard.tracked_sources,
         ) or config.ebpf.enabled != self._config.ebpf.enabled:
-            log.warning("reload: ebpf.xdp enabled/interface/mode/tracked_sources changes take "
-                        "effect only after a restart")
+            log.warning(
+                "reload: ebpf.xdp enabled/interface/mode/tracked_sources changes take "
+                "effect only after a restart"
+            )
         self._config = config
         if self.guard is None:
             return

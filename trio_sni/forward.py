@@ -96,8 +96,13 @@ class CopyForwarder:
         counters: ByteCounters,
     ) -> str:
         return await pump_both_ways(
-            self.mode, client, upstream, first_bytes=first_bytes, counters=counters,
-            idle_timeout=self._idle_timeout, pump=self._pump,
+            self.mode,
+            client,
+            upstream,
+            first_bytes=first_bytes,
+            counters=counters,
+            idle_timeout=self._idle_timeout,
+            pump=self._pump,
         )
 
     async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, side: Side) -> bool:

@@ -173,7 +173,7 @@ def _resolve(
     if mode == "auto" and kernel is not None:
         return kernel, "BPF sockhash splice, userspace copy per connection if needed"
     start = "kernel" if mode == "auto" else mode
-    chain = FALLBACK_CHAIN[FALLBACK_CHAIN.index(start):]
+    chain = FALLBACK_CHAIN[FALLBACK_CHAIN.index(start) :]
     if config.fallback_mode == "copy":
         chain = (start, "copy") if start != "copy" else ("copy",)
     reasons: list[str] = []

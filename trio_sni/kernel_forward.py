@@ -277,16 +277,28 @@ class KernelForwarder:
             counters.mode = "copy"
             return await self._copy.forward(client, upstream, first_bytes=b"", counters=counters)
         dirs = (
-            _Direction("client", client, upstream, cfd, ufd, consumed(client.socket),
-                       written(upstream.socket)),
-            _Direction("upstream", upstream, client, ufd, cfd, consumed(upstream.socket),
-                       written(client.socket)),
+            _Direction(
+                "client",
+                client,
+                upstream,
+                cfd,
+                ufd,
+                consumed(client.socket),
+                written(upstream.socket),
+            ),
+            _Direction(
+                "upstream",
+                upstream,
+                client,
+                ufd,
+                cfd,
+                consumed(upstream.socket),
+                written(client.socket),
+            ),
         )
         with contextlib.ExitStack() as registration, _borrowed(cfd) as cs, _borrowed(ufd) as us:
             try:
-                splice = registration.enter_context(
-                    self.plane.register(cs, us, bound=self._bound)
-                )
+                splice = registration.enter_context(self.plane.register(cs, us, bound=self._bound))
             except OSError as exc:
                 self.fallbacks += 1
                 log.debug("sockhash registration failed (%s): copying this connection", exc)
@@ -461,7 +473,8 @@ class _Watcher:
         """What the shared epoll instance reported for ``d``'s source socket."""
         side = d.src_side
         if events & select.EPOLLERR or (
-            events & select.EPOLLHUP and _tcp_state(d.src.socket) == _TCP_CLOSE
+            events & select.EPOLLHUP
+            and _tcp_state(d.src.socket) == _TCP_CLOSE
             and _socket_error(d.src.socket)
         ):
             self._reset(side)

@@ -53,8 +53,23 @@ DIRECTIONS = ("to_upstream", "to_client")
 
 #: Connection durations in seconds: from refused-at-once (ms) to long-lived streams (hours).
 DURATION_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
-    3600.0, 14400.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    14400.0,
 )
 #: ClientHello sizes in bytes: classic hellos are 200-600 bytes, post-quantum key shares
 #: (X25519MLKEM768) push them to about 1.8 KB, and the configurable cap goes up to 64 KiB.
@@ -186,9 +201,7 @@ class _Collector:
         accepted.add_metric([], m.finished + len(live))
         yield accepted
 
-        active = GaugeMetricFamily(
-            "trio_sni_connections_active", "Client connections open now."
-        )
+        active = GaugeMetricFamily("trio_sni_connections_active", "Client connections open now.")
         active.add_metric([], len(live))
         yield active
 

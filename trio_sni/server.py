@@ -99,7 +99,8 @@ class Proxy:
                 log.warning(
                     "listener %s accepts PROXY headers from anyone who reaches it, who can "
                     "then claim any client address: set its proxy_protocol_from to your load "
-                    "balancers' networks", spec.label,
+                    "balancers' networks",
+                    spec.label,
                 )
         self._forwarding_why = plan.why  # for /ebpf/status: why sockmap is not active
         self._plan = plan  # closed when serve() ends: the kernel forwarder holds BPF objects
@@ -179,15 +180,22 @@ class Proxy:
             cache = SharedDnsCache.open(settings.pin_path, settings.max_entries)
         except SharedCacheUnavailable as exc:
             reason = str(exc)
-            log.warning("DNS cache: in-process tier only; the shared BPF map is unavailable: %s",
-                        reason)
+            log.warning(
+                "DNS cache: in-process tier only; the shared BPF map is unavailable: %s", reason
+            )
             self.feature_reporters["dns_cache"] = lambda: FeatureReport("unavailable", reason)
             return
         if cache.replaced is not None:
-            log.warning("DNS cache: replaced incompatible pinned state at %s (%s)",
-                        cache.pin_path, cache.replaced)
-        log.info("DNS cache: in-process tier, then the BPF map pinned at %s (max %d names)",
-                 cache.pin_path, cache.max_entries)
+            log.warning(
+                "DNS cache: replaced incompatible pinned state at %s (%s)",
+                cache.pin_path,
+                cache.replaced,
+            )
+        log.info(
+            "DNS cache: in-process tier, then the BPF map pinned at %s (max %d names)",
+            cache.pin_path,
+            cache.max_entries,
+        )
         self._dns_cache = cache
         self.context.resolver.use_shared_cache(cache)
         self.feature_reporters["dns_cache"] = lambda: _dns_cache_report(cache)
@@ -286,8 +294,12 @@ class Proxy:
             return
         log.info(
             "TC shaper on %s egress: %s bit/s per client (high %s, bulk %s), buckets of %d "
-            "bytes or 250 ms of their rate", tc.interface, tc.per_client_bps or "no cap",
-            tc.high_bps or "no cap", tc.bulk_bps or "no cap", tc.burst_bytes,
+            "bytes or 250 ms of their rate",
+            tc.interface,
+            tc.per_client_bps or "no cap",
+            tc.high_bps or "no cap",
+            tc.bulk_bps or "no cap",
+            tc.burst_bytes,
         )
         self.feature_reporters["tc"] = self._tc_report
 

@@ -132,8 +132,9 @@ class SpliceForwarder:
                     raise
                 self.fallbacks += 1
                 if self.fallbacks == 1:
-                    log.warning("cannot create pipes for splice (%s): copying such connections",
-                                exc)
+                    log.warning(
+                        "cannot create pipes for splice (%s): copying such connections", exc
+                    )
                 counters.mode = "copy"
                 return await self._copy.forward(
                     client, upstream, first_bytes=first_bytes, counters=counters
@@ -144,8 +145,13 @@ class SpliceForwarder:
                 return await _splice_through(pipe_of[side.name], src, dst, side)
 
             return await pump_both_ways(
-                self.mode, client, upstream, first_bytes=first_bytes, counters=counters,
-                idle_timeout=self._idle_timeout, pump=pump,
+                self.mode,
+                client,
+                upstream,
+                first_bytes=first_bytes,
+                counters=counters,
+                idle_timeout=self._idle_timeout,
+                pump=pump,
             )
         finally:
             for fd in fds:

@@ -432,9 +432,15 @@ def _limit(query: str) -> int:
 # The HTTP server
 
 _REASONS = {
-    200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-    408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error", 503: b"Service Unavailable",
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
 }
 
 
@@ -581,9 +587,7 @@ async def serve_status(
         slots = trio.Semaphore(max_connections)
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(
-                    _accept_loop, listener, source, slots, request_timeout, nursery
-                )
+                nursery.start_soon(_accept_loop, listener, source, slots, request_timeout, nursery)
             task_status.started(listeners)
     finally:
         with trio.CancelScope(shield=True):

@@ -233,9 +233,7 @@ async def _socks5_handshake(
     stream: trio.SocketStream, socks: Socks5, destination: str | IPAddress, port: int
 ) -> bytes:
     """Pump one :class:`Socks5Client` over ``stream``; return the bytes after the reply."""
-    client = Socks5Client(
-        destination, port, username=socks.username, password=socks.password
-    )
+    client = Socks5Client(destination, port, username=socks.username, password=socks.password)
     try:
         while True:
             event = client.next_event()

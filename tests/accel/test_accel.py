@@ -63,13 +63,13 @@ def test_probe_explains_a_missing_capability(monkeypatch: pytest.MonkeyPatch) ->
     if accel.sockmap_kernel_gate(found.kernel_release) is not None:
         pytest.skip("the kernel gate already refuses this kernel")
     assert not found.sockmap
-    assert found.why_not("sockmap", ).startswith("missing CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")  # type: ignore[union-attr]
+    assert found.why_not(
+        "sockmap",
+    ).startswith("missing CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON")  # type: ignore[union-attr]
 
 
 def test_prebuilt_object_is_found_and_checked() -> None:
-    spec = objects.prebuilt_spec(
-        "sockhash.bpf.o", layout.SOCKHASH_MAPS, [layout.SOCKHASH_PROGRAM]
-    )
+    spec = objects.prebuilt_spec("sockhash.bpf.o", layout.SOCKHASH_MAPS, [layout.SOCKHASH_PROGRAM])
     assert set(layout.SOCKHASH_MAPS) <= set(spec.maps)
     assert layout.SOCKHASH_PROGRAM in spec.programs
     with pytest.raises(loader.LoaderError, match="sockhash.bpf.o lacks no_such_map, no_such_pro"):
@@ -123,6 +123,7 @@ def test_register_inserts_and_always_removes(plane: accel.SockhashSplice) -> Non
     s2, proxy_upstream, outside_upstream = _pair()
     socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
     try:
+
         def use_then_fail() -> None:
             with plane.register(proxy_client, proxy_upstream, bound=1 << 20) as splice:
                 assert plane.entries() == {"sock_hash": 2, "targets": 2, "peer": 2, "progress": 2}

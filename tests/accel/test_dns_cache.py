@@ -177,7 +177,10 @@ OLD_LAYOUT = loader.MapSpec("dns_cache", loader.MapType.LRU_HASH, 256, 100, 100)
     ],
 )
 def test_incompatible_pinned_maps_are_reported_and_replaced(
-    pin_dir: str, clock: FakeClock, prepare, problem: str  # type: ignore[no-untyped-def]
+    pin_dir: str,
+    clock: FakeClock,
+    prepare,
+    problem: str,  # type: ignore[no-untyped-def]
 ) -> None:
     prepare(pin_dir)
     old_id = loader.Map.open_pinned(os.path.join(pin_dir, "dns_cache"))
@@ -215,9 +218,7 @@ def test_another_layout_version_or_size_is_replaced(pin_dir: str, clock: FakeClo
     assert resized.replaced == "dns_cache: max_entries: 200 changed to 100"
 
 
-def test_a_held_lock_makes_it_unavailable(
-    pin_dir: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_held_lock_makes_it_unavailable(pin_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     before = loader.live_fds()
     monkeypatch.setattr(dns_cache, "LOCK_TIMEOUT", 0.05)
     fd = os.open(pin_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -250,7 +251,10 @@ def test_without_capabilities_it_is_unavailable_with_the_reason(pin_dir: str) ->
     )
     result = subprocess.run(
         ["setpriv", "--bounding-set", "-all", sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("not permitted: "), result.stdout

@@ -25,10 +25,16 @@ V4 = ipaddress.IPv4Address("192.0.2.1")
 @st.composite
 def records(draw: st.DrawFn) -> DnsRecord:
     families = draw(st.sampled_from([Families.IPV4, Families.IPV6, Families.IPV4 | Families.IPV6]))
-    v6 = draw(st.lists(st.ip_addresses(v=6), max_size=dns_record.MAX_V6)) if (
-        families & Families.IPV6) else []
-    v4 = draw(st.lists(st.ip_addresses(v=4), max_size=dns_record.MAX_V4)) if (
-        families & Families.IPV4) else []
+    v6 = (
+        draw(st.lists(st.ip_addresses(v=6), max_size=dns_record.MAX_V6))
+        if (families & Families.IPV6)
+        else []
+    )
+    v4 = (
+        draw(st.lists(st.ip_addresses(v=4), max_size=dns_record.MAX_V4))
+        if (families & Families.IPV4)
+        else []
+    )
     if not v6 and not v4:
         if families & Families.IPV4:
             v4 = [V4]
@@ -62,10 +68,11 @@ def test_arbitrary_bytes_decode_or_are_refused(data: bytes) -> None:
 
 
 def test_the_bytes_of_one_record() -> None:
-    record = DnsRecord(v6=(V6,), v4=(V4,), families=Families.IPV4 | Families.IPV6,
-                       expires_ns=0x0102030405060708)
+    record = DnsRecord(
+        v6=(V6,), v4=(V4,), families=Families.IPV4 | Families.IPV6, expires_ns=0x0102030405060708
+    )
     data = dns_record.pack_value(record)
-    assert data[:16] == bytes.fromhex("0807060504030201" "03" "01" "01" "0000000000")
+    assert data[:16] == bytes.fromhex("08070605040302010301010000000000")
     assert data[16:32] == V6.packed
     assert data[32:144] == bytes(112)
     assert data[144:148] == V4.packed
@@ -104,7 +111,8 @@ def test_covers() -> None:
 )
 def test_corrupt_values_are_refused(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
     good = dns_record.pack_value(
-        DnsRecord(v6=(V6,), v4=(V4,), families=Families.IPV4 | Families.IPV6, expires_ns=9))
+        DnsRecord(v6=(V6,), v4=(V4,), families=Families.IPV4 | Families.IPV6, expires_ns=9)
+    )
     with pytest.raises(RecordError) as caught:
         dns_record.unpack_value(mutate(good))
     assert str(caught.value) == message
@@ -129,8 +137,9 @@ def test_pack_refuses_what_does_not_fit() -> None:
     with pytest.raises(ValueError, match="at least one address"):
         dns_record.pack_value(DnsRecord(v6=(), v4=(), families=Families.IPV4, expires_ns=1))
     with pytest.raises(ValueError, match="64 bits"):
-        dns_record.pack_value(DnsRecord(v6=(), v4=(V4,), families=Families.IPV4,
-                                        expires_ns=1 << 64))
+        dns_record.pack_value(
+            DnsRecord(v6=(), v4=(V4,), families=Families.IPV4, expires_ns=1 << 64)
+        )
 
 
 def test_layout_matches_the_btf_of_the_object() -> None:
@@ -144,8 +153,13 @@ def test_layout_matches_the_btf_of_the_object() -> None:
     value = btf.by_name("dns_value", Kind.STRUCT)
     assert value is not None
     assert [(m.name, m.offset // 8) for m in value.members] == [
-        ("expires_ns", 0), ("families", 8), ("n_v6", 9), ("n_v4", 10), ("pad", 11),
-        ("v6", 16), ("v4", 16 + 16 * dns_record.MAX_V6),
+        ("expires_ns", 0),
+        ("families", 8),
+        ("n_v6", 9),
+        ("n_v4", 10),
+        ("pad", 11),
+        ("v6", 16),
+        ("v4", 16 + 16 * dns_record.MAX_V6),
     ]
     # struct stat_add is a local of the program (not in BTF): u32 index, u32 pad, s64 delta.
     assert dns_record.STAT_ADD.format == "<IIq"

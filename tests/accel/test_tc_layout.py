@@ -26,8 +26,10 @@ def test_the_struct_mirrors_match_the_btf() -> None:
     btf = parse_btf(spec.btf)
     expected = {
         "class_rate": (CLASS_RATE, ["bytes_per_sec", "burst", "fill_ns"]),
-        "tc_stats": (TC_STATS, ["passed_packets", "passed_bytes", "dropped_packets",
-                                "dropped_bytes"]),
+        "tc_stats": (
+            TC_STATS,
+            ["passed_packets", "passed_bytes", "dropped_packets", "dropped_bytes"],
+        ),
         "lpm_key": (LPM_KEY, ["prefixlen", "addr"]),
     }
     for name, (codec, members) in expected.items():
@@ -50,6 +52,8 @@ def test_class_rates_are_bytes_per_second_with_the_time_to_fill() -> None:
 
 def test_lpm_keys_map_ipv4_into_ipv6() -> None:
     assert lpm_key("198.51.100.7/24") == struct.pack(
-        "<I16s", 120, bytes(10) + b"\xff\xff" + bytes([198, 51, 100, 0]))
+        "<I16s", 120, bytes(10) + b"\xff\xff" + bytes([198, 51, 100, 0])
+    )
     assert lpm_key("2001:db8::/32") == struct.pack(
-        "<I16s", 32, ipaddress.IPv6Address("2001:db8::").packed)
+        "<I16s", 32, ipaddress.IPv6Address("2001:db8::").packed
+    )

@@ -36,19 +36,34 @@ def eth(proto: int) -> bytes:
     return b"\x02" * 6 + b"\x04" * 6 + struct.pack("!H", proto)
 
 
-def ipv4(payload: bytes, *, dst: str = CLIENT_V4, proto: int = socket.IPPROTO_TCP,
-         frag: int = 0x4000) -> bytes:
+def ipv4(
+    payload: bytes, *, dst: str = CLIENT_V4, proto: int = socket.IPPROTO_TCP, frag: int = 0x4000
+) -> bytes:
     header = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, frag, 64, proto, 0,
-        ipaddress.IPv4Address("198.51.100.1").packed, ipaddress.IPv4Address(dst).packed,
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(payload),
+        1,
+        frag,
+        64,
+        proto,
+        0,
+        ipaddress.IPv4Address("198.51.100.1").packed,
+        ipaddress.IPv4Address(dst).packed,
     )
     return eth(0x0800) + header + payload
 
 
 def ipv6(payload: bytes, *, dst: str = CLIENT_V6, nexthdr: int = socket.IPPROTO_TCP) -> bytes:
     header = struct.pack(
-        "!IHBB16s16s", 6 << 28, len(payload), nexthdr, 64,
-        ipaddress.IPv6Address("2001:db8::1").packed, ipaddress.IPv6Address(dst).packed,
+        "!IHBB16s16s",
+        6 << 28,
+        len(payload),
+        nexthdr,
+        64,
+        ipaddress.IPv6Address("2001:db8::1").packed,
+        ipaddress.IPv6Address(dst).packed,
     )
     return eth(0x86DD) + header + payload
 
@@ -65,8 +80,12 @@ def ctx(priority: int = 0) -> bytes:
 
 def config(**overrides: object) -> TcConfig:
     # The slowest cap: the bucket refills by 1 KB/s, nothing measurable within a test.
-    settings: dict[str, object] = {"enabled": True, "interface": "unused0",
-                                   "per_client_bps": 8000, "bulk_bps": 8000}
+    settings: dict[str, object] = {
+        "enabled": True,
+        "interface": "unused0",
+        "per_client_bps": 8000,
+        "bulk_bps": 8000,
+    }
     settings.update(overrides)
     return TcConfig(**settings)  # type: ignore[arg-type]
 
@@ -160,8 +179,10 @@ def test_exempt_clients_pass_and_reload_changes_caps_live(shaper: TcShaper) -> N
         pytest.param(eth(0x0806), id="ethernet-header-only"),
         pytest.param(ipv4(b"\x20\xfb")[:35], id="truncated-tcp-header-v4"),
         pytest.param(ipv6(b"\x20"), id="truncated-tcp-header-v6"),
-        pytest.param(ipv4(b"\x20\xfb\x00\x01")[:14] + b"\x4f" + ipv4(b"\x20\xfb\x00\x01")[15:],
-                     id="ipv4-options-past-the-end"),
+        pytest.param(
+            ipv4(b"\x20\xfb\x00\x01")[:14] + b"\x4f" + ipv4(b"\x20\xfb\x00\x01")[15:],
+            id="ipv4-options-past-the-end",
+        ),
         pytest.param(eth(0x0800)[:12] + b"\x45" + bytes(40), id="bad-ethertype"),
         pytest.param(ipv4(tcp())[:14] + b"\x65" + ipv4(tcp())[15:], id="ip-version-6-in-v4"),
     ],
@@ -169,7 +190,9 @@ def test_exempt_clients_pass_and_reload_changes_caps_live(shaper: TcShaper) -> N
 def test_traffic_that_is_not_the_proxys_passes_as_other(shaper: TcShaper, packet: bytes) -> None:
     assert run(shaper, packet, repeat=200) == NEXT  # never capped, however much
     assert counted(shaper) == {
-        "tc_packets_passed_other": 200, "tc_bytes_passed_other": 200 * len(packet)}
+        "tc_packets_passed_other": 200,
+        "tc_bytes_passed_other": 200 * len(packet),
+    }
     assert shaper.bucket_count() == 0
 
 

@@ -32,8 +32,9 @@ SYN, ACK = 0x02, 0x10
 
 ALLOWED4, DENIED4, STRANGER4, HOST4 = "198.51.100.2", "198.51.100.66", "203.0.113.9", "198.51.100.1"
 ALLOWED6, DENIED6, STRANGER6, HOST6 = "2001:db8::2", "2001:db8::66", "2001:db8:1::9", "2001:db8::1"
-CLIENTS = Clients(allow=("198.51.100.0/24", "2001:db8::/64"),
-                  deny=("198.51.100.66/32", "2001:db8::66/128"))
+CLIENTS = Clients(
+    allow=("198.51.100.0/24", "2001:db8::/64"), deny=("198.51.100.66/32", "2001:db8::66/128")
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -45,18 +46,39 @@ def eth(proto: int, payload: bytes, *, dst: bytes = HOST_MAC, vlan: int | None =
     return dst + GUEST_MAC + tag + struct.pack("!H", proto) + payload
 
 
-def ipv4(src: str, proto: int, payload: bytes, *, dst: str = HOST4, frag: int = 0,
-         options: bytes = b"") -> bytes:
+def ipv4(
+    src: str, proto: int, payload: bytes, *, dst: str = HOST4, frag: int = 0, options: bytes = b""
+) -> bytes:
     ihl = 5 + len(options) // 4
-    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, 20 + len(options) + len(payload), 1,
-                         frag, 64, proto, 0, ipaddress.ip_address(src).packed,
-                         ipaddress.ip_address(dst).packed)
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x40 | ihl,
+        0,
+        20 + len(options) + len(payload),
+        1,
+        frag,
+        64,
+        proto,
+        0,
+        ipaddress.ip_address(src).packed,
+        ipaddress.ip_address(dst).packed,
+    )
     return header + options + payload
 
 
 def ipv6(src: str, next_header: int, payload: bytes, *, dst: str = HOST6) -> bytes:
-    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, 64,
-                       ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + payload
+    return (
+        struct.pack(
+            "!IHBB16s16s",
+            6 << 28,
+            len(payload),
+            next_header,
+            64,
+            ipaddress.ip_address(src).packed,
+            ipaddress.ip_address(dst).packed,
+        )
+        + payload
+    )
 
 
 def tcp(dport: int = PORT, flags: int = SYN, sport: int = 40000) -> bytes:
@@ -128,8 +150,13 @@ def test_object_has_the_maps_the_guard_uses() -> None:
     btf = parse_btf(spec.btf)
     config = btf.by_name("guard_config", Kind.STRUCT)
     assert config is not None and [m.name for m in config.members] == [
-        "flags", "_pad", "syn_interval_ns", "syn_burst_ns", "global_interval_ns",
-        "global_burst_ns"]
+        "flags",
+        "_pad",
+        "syn_interval_ns",
+        "syn_burst_ns",
+        "global_interval_ns",
+        "global_burst_ns",
+    ]
     source = btf.by_name("syn_source", Kind.STRUCT)
     assert source is not None and [m.name for m in source.members] == ["tat", "dropped"]
 
@@ -139,49 +166,74 @@ def test_object_has_the_maps_the_guard_uses() -> None:
 
 
 @pytest.mark.bpf
-@pytest.mark.parametrize(("frame", "verdict", "reason"), [
-    (syn4(ALLOWED4), PASS, "xdp_passed"),
-    (syn4(DENIED4), DROP, "xdp_dropped_denied"),
-    (syn4(STRANGER4), DROP, "xdp_dropped_not_allowed"),
-    (syn6(ALLOWED6), PASS, "xdp_passed"),
-    (syn6(DENIED6), DROP, "xdp_dropped_denied"),
-    (syn6(STRANGER6), DROP, "xdp_dropped_not_allowed"),
-    (syn4(STRANGER4, flags=ACK), DROP, "xdp_dropped_not_allowed"),  # every segment, not SYNs
-    (syn6(STRANGER6, flags=ACK), DROP, "xdp_dropped_not_allowed"),
-    (eth(ETH_IP, ipv4(STRANGER4, TCP, tcp()), vlan=7), DROP, "xdp_dropped_not_allowed"),
-    (eth(ETH_IP, ipv4(ALLOWED4, TCP, tcp()), vlan=7), PASS, "xdp_passed"),
-], ids=["v4-allowed", "v4-denied", "v4-unlisted", "v6-allowed", "v6-denied", "v6-unlisted",
-        "v4-ack", "v6-ack", "vlan-unlisted", "vlan-allowed"])
+@pytest.mark.parametrize(
+    ("frame", "verdict", "reason"),
+    [
+        (syn4(ALLOWED4), PASS, "xdp_passed"),
+        (syn4(DENIED4), DROP, "xdp_dropped_denied"),
+        (syn4(STRANGER4), DROP, "xdp_dropped_not_allowed"),
+        (syn6(ALLOWED6), PASS, "xdp_passed"),
+        (syn6(DENIED6), DROP, "xdp_dropped_denied"),
+        (syn6(STRANGER6), DROP, "xdp_dropped_not_allowed"),
+        (syn4(STRANGER4, flags=ACK), DROP, "xdp_dropped_not_allowed"),  # every segment, not SYNs
+        (syn6(STRANGER6, flags=ACK), DROP, "xdp_dropped_not_allowed"),
+        (eth(ETH_IP, ipv4(STRANGER4, TCP, tcp()), vlan=7), DROP, "xdp_dropped_not_allowed"),
+        (eth(ETH_IP, ipv4(ALLOWED4, TCP, tcp()), vlan=7), PASS, "xdp_passed"),
+    ],
+    ids=[
+        "v4-allowed",
+        "v4-denied",
+        "v4-unlisted",
+        "v6-allowed",
+        "v6-denied",
+        "v6-unlisted",
+        "v4-ack",
+        "v6-ack",
+        "vlan-unlisted",
+        "vlan-allowed",
+    ],
+)
 def test_address_lists(guard: XdpGuard, frame: bytes, verdict: int, reason: str) -> None:
     assert run(guard, frame) == verdict
     assert dropped(guard) == {reason: 1}
 
 
 @pytest.mark.bpf
-@pytest.mark.parametrize("frame", [
-    syn4(STRANGER4, dport=22),
-    syn6(DENIED6, dport=22),
-    eth(ETH_IP, ipv4(DENIED4, UDP, udp(443))),  # reject_quic is off
-    eth(ETH_IP, ipv4(STRANGER4, ICMP, bytes(16))),
-    eth(ETH_ARP, bytes.fromhex("0001080006040001") + GUEST_MAC + bytes(4) + bytes(10)),
-    # neighbour solicitation from an unlisted address
-    eth(ETH_IPV6, ipv6(STRANGER6, ICMPV6, bytes([135, 0, 0, 0]) + bytes(20)),
-        dst=bytes.fromhex("3333ff000001")),
-    eth(0x88CC, bytes(40)),  # LLDP
-], ids=["v4-other-port", "v6-other-port", "udp-443", "icmp", "arp", "ndp", "lldp"])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        syn4(STRANGER4, dport=22),
+        syn6(DENIED6, dport=22),
+        eth(ETH_IP, ipv4(DENIED4, UDP, udp(443))),  # reject_quic is off
+        eth(ETH_IP, ipv4(STRANGER4, ICMP, bytes(16))),
+        eth(ETH_ARP, bytes.fromhex("0001080006040001") + GUEST_MAC + bytes(4) + bytes(10)),
+        # neighbour solicitation from an unlisted address
+        eth(
+            ETH_IPV6,
+            ipv6(STRANGER6, ICMPV6, bytes([135, 0, 0, 0]) + bytes(20)),
+            dst=bytes.fromhex("3333ff000001"),
+        ),
+        eth(0x88CC, bytes(40)),  # LLDP
+    ],
+    ids=["v4-other-port", "v6-other-port", "udp-443", "icmp", "arp", "ndp", "lldp"],
+)
 def test_everything_else_passes(guard: XdpGuard, frame: bytes) -> None:
     assert run(guard, frame) == PASS
     assert dropped(guard) == {"xdp_passed": 1}
 
 
 @pytest.mark.bpf
-@pytest.mark.parametrize("frame", [
-    eth(ETH_IP, b""),  # an Ethernet header and nothing else (test_run needs 14 bytes)
-    eth(ETH_IP, ipv4(STRANGER4, TCP, tcp())[:19]),  # truncated IPv4 header
-    eth(ETH_IP, bytes([0x44]) + ipv4(STRANGER4, TCP, tcp())[1:]),  # IHL below 5
-    eth(ETH_IPV6, ipv6(STRANGER6, TCP, tcp())[:39]),  # truncated IPv6 header
-    eth(ETH_VLAN, b"\x00"),  # truncated VLAN tag
-], ids=["eth-only", "ipv4-truncated", "ipv4-bad-ihl", "ipv6-truncated", "vlan-truncated"])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        eth(ETH_IP, b""),  # an Ethernet header and nothing else (test_run needs 14 bytes)
+        eth(ETH_IP, ipv4(STRANGER4, TCP, tcp())[:19]),  # truncated IPv4 header
+        eth(ETH_IP, bytes([0x44]) + ipv4(STRANGER4, TCP, tcp())[1:]),  # IHL below 5
+        eth(ETH_IPV6, ipv6(STRANGER6, TCP, tcp())[:39]),  # truncated IPv6 header
+        eth(ETH_VLAN, b"\x00"),  # truncated VLAN tag
+    ],
+    ids=["eth-only", "ipv4-truncated", "ipv4-bad-ihl", "ipv6-truncated", "vlan-truncated"],
+)
 def test_packets_without_a_readable_ip_header_pass(guard: XdpGuard, frame: bytes) -> None:
     # The stack drops them itself; no address is readable, so there is nothing to judge.
     assert run(guard, frame) == PASS
@@ -189,13 +241,16 @@ def test_packets_without_a_readable_ip_header_pass(guard: XdpGuard, frame: bytes
 
 @pytest.mark.bpf
 @pytest.mark.parametrize("src", [ALLOWED4, STRANGER4])
-@pytest.mark.parametrize(("name", "payload"), [
-    ("first-fragment", lambda s: ipv4(s, TCP, tcp(), frag=0x2000)),  # MF, offset 0
-    ("later-fragment", lambda s: ipv4(s, TCP, b"x" * 16, frag=0x0003)),  # offset 24
-    ("tiny-first-fragment", lambda s: ipv4(s, TCP, tcp()[:8], frag=0x2000)),  # RFC 1858
-    ("truncated-tcp", lambda s: ipv4(s, TCP, tcp()[:19])),
-    ("later-udp-fragment", lambda s: ipv4(s, UDP, b"x" * 16, frag=0x0003)),
-])
+@pytest.mark.parametrize(
+    ("name", "payload"),
+    [
+        ("first-fragment", lambda s: ipv4(s, TCP, tcp(), frag=0x2000)),  # MF, offset 0
+        ("later-fragment", lambda s: ipv4(s, TCP, b"x" * 16, frag=0x0003)),  # offset 24
+        ("tiny-first-fragment", lambda s: ipv4(s, TCP, tcp()[:8], frag=0x2000)),  # RFC 1858
+        ("truncated-tcp", lambda s: ipv4(s, TCP, tcp()[:19])),
+        ("later-udp-fragment", lambda s: ipv4(s, UDP, b"x" * 16, frag=0x0003)),
+    ],
+)
 def test_ipv4_fragments_and_truncated_tcp_meet_the_address_lists(
     guard: XdpGuard, src: str, name: str, payload: object
 ) -> None:
@@ -215,19 +270,28 @@ def destination_options(next_header: int) -> bytes:
 
 @pytest.mark.bpf
 @pytest.mark.parametrize("src", [ALLOWED6, STRANGER6])
-@pytest.mark.parametrize(("name", "next_header", "chain"), [
-    ("first-fragment", FRAGMENT, fragment_header(TCP, 0, True) + tcp()),
-    ("later-fragment", FRAGMENT, fragment_header(TCP, 3, False) + b"x" * 16),
-    ("dst-options", DSTOPTS, destination_options(TCP) + tcp()),
-    ("seven-extension-headers", DSTOPTS, b"".join(destination_options(DSTOPTS) for _ in range(6))
-     + destination_options(TCP) + tcp()),
-    ("truncated-extension", DSTOPTS, destination_options(TCP)[:4]),
-])
+@pytest.mark.parametrize(
+    ("name", "next_header", "chain"),
+    [
+        ("first-fragment", FRAGMENT, fragment_header(TCP, 0, True) + tcp()),
+        ("later-fragment", FRAGMENT, fragment_header(TCP, 3, False) + b"x" * 16),
+        ("dst-options", DSTOPTS, destination_options(TCP) + tcp()),
+        (
+            "seven-extension-headers",
+            DSTOPTS,
+            b"".join(destination_options(DSTOPTS) for _ in range(6))
+            + destination_options(TCP)
+            + tcp(),
+        ),
+        ("truncated-extension", DSTOPTS, destination_options(TCP)[:4]),
+    ],
+)
 def test_ipv6_extension_headers_and_fragments(
     guard: XdpGuard, src: str, name: str, next_header: int, chain: bytes
 ) -> None:
     assert run(guard, eth(ETH_IPV6, ipv6(src, next_header, chain))) == (
-        PASS if src == ALLOWED6 else DROP)
+        PASS if src == ALLOWED6 else DROP
+    )
 
 
 @pytest.mark.bpf
@@ -327,7 +391,7 @@ def test_quic_to_443_gets_an_icmp_port_unreachable() -> None:
         icmp = out[34:]
         assert icmp[:2] == b"\x03\x03"  # destination unreachable, port unreachable
         assert checksum(icmp) == 0xFFFF
-        assert icmp[8:] == request[14:14 + 28]  # the offending IP header and UDP header
+        assert icmp[8:] == request[14 : 14 + 28]  # the offending IP header and UDP header
         assert dropped(g) == {"xdp_dropped_quic": 1, "xdp_quic_answered": 1}
 
 
@@ -347,19 +411,25 @@ def test_quic_over_ipv6_gets_an_icmpv6_port_unreachable() -> None:
         assert icmp[:2] == b"\x01\x04"
         pseudo = ip6[8:40] + struct.pack("!IxxxB", len(icmp), ICMPV6)
         assert checksum(pseudo + icmp) == 0xFFFF
-        assert icmp[8:] == request[14:14 + 48]
+        assert icmp[8:] == request[14 : 14 + 48]
 
 
 @pytest.mark.bpf
-@pytest.mark.parametrize(("frame", "reason"), [
-    (eth(ETH_IP, ipv4(DENIED4, UDP, udp())), "xdp_dropped_denied"),
-    (eth(ETH_IP, ipv4(STRANGER4, UDP, udp())), "xdp_dropped_not_allowed"),
-    (eth(ETH_IP, ipv4(ALLOWED4, UDP, udp()), dst=b"\xff" * 6), "xdp_dropped_quic"),
-    (eth(ETH_IP, ipv4(ALLOWED4, UDP, udp(), options=bytes(4))), "xdp_dropped_quic"),
-    (eth(ETH_IP, ipv4(ALLOWED4, UDP, udp()), vlan=7), "xdp_dropped_quic"),
-    (eth(ETH_IPV6, ipv6(ALLOWED6, DSTOPTS, destination_options(UDP) + udp())),
-     "xdp_dropped_quic"),
-], ids=["denied", "unlisted", "broadcast", "ip-options", "vlan", "ipv6-ext"])
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        (eth(ETH_IP, ipv4(DENIED4, UDP, udp())), "xdp_dropped_denied"),
+        (eth(ETH_IP, ipv4(STRANGER4, UDP, udp())), "xdp_dropped_not_allowed"),
+        (eth(ETH_IP, ipv4(ALLOWED4, UDP, udp()), dst=b"\xff" * 6), "xdp_dropped_quic"),
+        (eth(ETH_IP, ipv4(ALLOWED4, UDP, udp(), options=bytes(4))), "xdp_dropped_quic"),
+        (eth(ETH_IP, ipv4(ALLOWED4, UDP, udp()), vlan=7), "xdp_dropped_quic"),
+        (
+            eth(ETH_IPV6, ipv6(ALLOWED6, DSTOPTS, destination_options(UDP) + udp())),
+            "xdp_dropped_quic",
+        ),
+    ],
+    ids=["denied", "unlisted", "broadcast", "ip-options", "vlan", "ipv6-ext"],
+)
 def test_quic_that_cannot_be_answered_is_dropped(frame: bytes, reason: str) -> None:
     with load(reject_quic=True) as g:
         assert run(g, frame) == DROP

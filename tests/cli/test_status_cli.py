@@ -121,9 +121,7 @@ def served(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 def access_records(log: Path) -> list[dict[str, Any]]:
     return [
-        json.loads(line)
-        for line in log.read_text("utf-8").splitlines()
-        if line.startswith("{")
+        json.loads(line) for line in log.read_text("utf-8").splitlines() if line.startswith("{")
     ]
 
 
@@ -202,20 +200,31 @@ def test_status_shows_notes_and_details_of_active_features() -> None:
     from trio_sni._cli import render_status
 
     ebpf = {
-        "ebpf_enabled": True, "kernel_version": "6.18",
+        "ebpf_enabled": True,
+        "kernel_version": "6.18",
         "features": {"dns_cache": "active", "xdp": "active", "tc": "unavailable"},
         "reasons": {"tc": "no such interface eth9"},
         "notes": {"dns_cache": "replaced an incompatible pinned map"},
         "details": {"xdp": {"interface": "eth0", "mode": "generic", "ports": [443, 8443]}},
         "maps": {"xdp_syn_sources": {"entries": None, "max_entries": 65536}},
     }
-    documents = {"ready": True, "readiness": "ready", "ebpf": ebpf, "metrics": [],
-                 "connections": {"connections": []}}
+    documents = {
+        "ready": True,
+        "readiness": "ready",
+        "ebpf": ebpf,
+        "metrics": [],
+        "connections": {"connections": []},
+    }
     lines = render_status("http://x", documents).splitlines()
     rows = {line.split()[0]: line for line in lines if line.split()}
-    assert rows["dns_cache"].split()[1:] == ["active", "replaced", "an", "incompatible",
-                                             "pinned", "map"]
-    assert rows["xdp"].split()[1:] == ["active", "interface=eth0", "mode=generic",
-                                       "ports=443,8443"]
+    assert rows["dns_cache"].split()[1:] == [
+        "active",
+        "replaced",
+        "an",
+        "incompatible",
+        "pinned",
+        "map",
+    ]
+    assert rows["xdp"].split()[1:] == ["active", "interface=eth0", "mode=generic", "ports=443,8443"]
     assert rows["tc"].split()[1:] == ["unavailable", "no", "such", "interface", "eth9"]
     assert rows["xdp_syn_sources"].split()[1:] == ["-", "65536", "-"]

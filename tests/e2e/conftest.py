@@ -58,9 +58,7 @@ class Backend:
     connections: int = 0
 
 
-async def _serve_tls(
-    stream: trio.SocketStream, ctx: ssl.SSLContext, backend: Backend
-) -> None:
+async def _serve_tls(stream: trio.SocketStream, ctx: ssl.SSLContext, backend: Backend) -> None:
     """A tiny HTTP/1.1-over-TLS responder: answers with the name the client asked for."""
     tls = trio.SSLStream(stream, ctx, server_side=True)
     try:

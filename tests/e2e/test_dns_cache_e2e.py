@@ -107,7 +107,9 @@ async def spawn(
         with open(stderr_path, "wb") as stderr:  # noqa: ASYNC230 (a local file, at startup)
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "trio_sni", "--config", str(config_path)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
             )
         running = ProxyProcess(proc, port, status_port, stderr_path)
         started.append(running)

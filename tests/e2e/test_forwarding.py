@@ -80,11 +80,13 @@ def raw_config(backend: RawBackend, **overrides: Any) -> dict[str, Any]:
 
 async def forwarding(running: Any, n: int = 1) -> None:
     """Wait until ``n`` connections are being forwarded (in kernel mode: spliced)."""
+
     def ready() -> bool:
         live = running.proxy.context.live.values()
         if len(live) != n or not all(info.mode for info in live):
             return False
         return MODE != "kernel" or running.proxy.context.forwarder.registered == n
+
     await wait_for(ready)
 
 
@@ -117,9 +119,11 @@ async def test_bulk_both_directions_at_once_is_byte_exact(
 
     async def backend_handler(stream: trio.SocketStream) -> None:
         async with trio.open_nursery() as nursery:
+
             async def send() -> None:
                 await stream.send_all(downstream_payload)
                 await stream.send_eof()
+
             nursery.start_soon(send)
             got = await drain(stream)
             seen_by_backend.append(hashlib.sha256(got).hexdigest())
@@ -130,9 +134,11 @@ async def test_bulk_both_directions_at_once_is_byte_exact(
     client = await connect(running, host)
     received = b""
     async with trio.open_nursery() as nursery:
+
         async def send() -> None:
             await client.send_all(HELLO + upstream_payload)
             await client.send_eof()
+
         nursery.start_soon(send)
         received = await drain(client)
     await client.aclose()
@@ -283,9 +289,7 @@ async def test_drain_deadline_closes_what_is_left(
     assert running.access_log[0]["reason"] == "shutdown"
 
 
-async def test_reload_applies_to_new_connections_only(
-    raw_backend: Any, start_proxy: Any
-) -> None:
+async def test_reload_applies_to_new_connections_only(raw_backend: Any, start_proxy: Any) -> None:
     from trio_sni.sansio.config_load import load_config
 
     backend = await raw_backend(echo)
@@ -295,7 +299,9 @@ async def test_reload_applies_to_new_connections_only(
     await live.send_all(HELLO)
     await receive_exactly(live, len(HELLO))
 
-    running.proxy.reload(load_config({**config, "rules": [{"match": HELLO_NAME, "action": "deny"}]}))
+    running.proxy.reload(
+        load_config({**config, "rules": [{"match": HELLO_NAME, "action": "deny"}]})
+    )
 
     refused = await connect(running)
     await refused.send_all(HELLO)

@@ -84,14 +84,28 @@ def http_config(proxy_config: Callable[..., dict[str, Any]]) -> Callable[..., di
 async def curl(port: int, url: str, *args: str) -> trio.CompletedProcess[bytes]:
     host = url.split("/")[2]
     return await trio.run_process(
-        ["curl", "--silent", "--show-error", "--max-time", "10", "--include",
-         "--connect-to", f"{host}:80:127.0.0.1:{port}", *args, url],
-        capture_stdout=True, capture_stderr=True, check=False,
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "10",
+            "--include",
+            "--connect-to",
+            f"{host}:80:127.0.0.1:{port}",
+            *args,
+            url,
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
 
 
 async def test_curl_through_the_http_listener(
-    http_backend: int, start_proxy: Callable[..., Any], http_config: Callable[..., Any],
+    http_backend: int,
+    start_proxy: Callable[..., Any],
+    http_config: Callable[..., Any],
     forwarding_mode: str,
 ) -> None:
     running = await start_proxy(http_config(http_backend))
@@ -106,7 +120,9 @@ async def test_curl_through_the_http_listener(
     await wait_for(lambda: len(running.access_log) == 2)
     first, second = running.access_log
     assert (first["sni"], first["decision"], first["reason"]) == (
-        "www.bench.test", "allow", "normal"
+        "www.bench.test",
+        "allow",
+        "normal",
     )
     assert first["target"] == f"127.0.0.1:{http_backend}"
     assert [first["mode"], second["mode"]] == [forwarding_mode] * 2
@@ -114,13 +130,16 @@ async def test_curl_through_the_http_listener(
 
 
 async def test_request_bytes_arrive_unchanged(
-    nursery: trio.Nursery, start_proxy: Callable[..., Any], http_config: Callable[..., Any],
+    nursery: trio.Nursery,
+    start_proxy: Callable[..., Any],
+    http_config: Callable[..., Any],
 ) -> None:
     received: list[bytes] = []
     request = (
         b"POST /upload HTTP/1.1\r\nHost: BENCH.test.\r\nX-Odd:   spaced  \r\n"
         b"Content-Length: 4\r\n\r\nbodyGET /pipelined HTTP/1.1\r\nHost: other.test\r\n\r\n"
     )
+
     async def record(stream: trio.SocketStream) -> None:
         received.append(await drain(stream))
         await trio.aclose_forcefully(stream)
@@ -145,15 +164,24 @@ async def test_request_bytes_arrive_unchanged(
     [
         ((), "http://denied.bench.test/", b"403 Forbidden", "denied_domain"),
         ((), "http://nowhere.test/", b"403 Forbidden", "denied_domain"),
-        (("-H", "X-Big: " + "b" * 9000), "http://bench.test/",
-         b"431 Request Header Fields Too Large", "too_large"),
+        (
+            ("-H", "X-Big: " + "b" * 9000),
+            "http://bench.test/",
+            b"431 Request Header Fields Too Large",
+            "too_large",
+        ),
         (("-0", "-H", "Host:"), "http://bench.test/", b"400 Bad Request", "no_host"),
     ],
     ids=["denied", "no-rule", "oversized", "missing-host"],
 )
 async def test_curl_refusals_get_a_status(
-    args: tuple[str, ...], url: str, status: bytes, reason: str, http_backend: int,
-    start_proxy: Callable[..., Any], http_config: Callable[..., Any],
+    args: tuple[str, ...],
+    url: str,
+    status: bytes,
+    reason: str,
+    http_backend: int,
+    start_proxy: Callable[..., Any],
+    http_config: Callable[..., Any],
 ) -> None:
     running = await start_proxy(http_config(http_backend))
     result = await curl(running.port, url, *args)
@@ -168,15 +196,22 @@ async def test_curl_refusals_get_a_status(
     [
         (b"GET / HTTP/1.0\r\n\r\n", b"400 Bad Request", "no_host"),
         (b"GET /\r\n\r\n", b"400 Bad Request", "bad_http_request"),
-        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(20), b"400 Bad Request",
-         "not_http"),
+        (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(20),
+            b"400 Bad Request",
+            "not_http",
+        ),
         (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"400 Bad Request", "bad_host"),
     ],
     ids=["http10-no-host", "malformed", "tls-on-http", "ip-literal-host"],
 )
 async def test_raw_refusals(
-    data: bytes, status: bytes, reason: str, http_backend: int,
-    start_proxy: Callable[..., Any], http_config: Callable[..., Any],
+    data: bytes,
+    status: bytes,
+    reason: str,
+    http_backend: int,
+    start_proxy: Callable[..., Any],
+    http_config: Callable[..., Any],
 ) -> None:
     running = await start_proxy(http_config(http_backend))
     stream = await trio.open_tcp_stream("127.0.0.1", running.port)
@@ -192,7 +227,8 @@ async def test_raw_refusals(
 
 
 async def test_unreachable_target_is_502(
-    start_proxy: Callable[..., Any], http_config: Callable[..., Any],
+    start_proxy: Callable[..., Any],
+    http_config: Callable[..., Any],
 ) -> None:
     with trio.socket.socket() as sock:  # a port nothing listens on
         await sock.bind(("127.0.0.1", 0))
@@ -205,8 +241,10 @@ async def test_unreachable_target_is_502(
 
 
 async def test_trickled_head_is_cut_at_the_total_deadline(
-    autojump_clock: trio.testing.MockClock, http_backend: int,
-    start_proxy: Callable[..., Any], http_config: Callable[..., Any],
+    autojump_clock: trio.testing.MockClock,
+    http_backend: int,
+    start_proxy: Callable[..., Any],
+    http_config: Callable[..., Any],
 ) -> None:
     running = await start_proxy(http_config(http_backend, timeouts={"client_hello": 10}))
     stream = await trio.open_tcp_stream("127.0.0.1", running.port)

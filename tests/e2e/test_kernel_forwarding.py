@@ -133,9 +133,11 @@ async def _bulk(backend: Callable[..., Any], start_proxy: Any, host: str, **over
 
     async def handler(stream: trio.SocketStream) -> None:
         async with trio.open_nursery() as nursery:
+
             async def send() -> None:
                 await stream.send_all(down)
                 await stream.send_eof()
+
             nursery.start_soon(send)
             h = hashlib.sha256()
             while chunk := await stream.receive_some(4 * MiB):
@@ -148,9 +150,11 @@ async def _bulk(backend: Callable[..., Any], start_proxy: Any, host: str, **over
     client = await trio.open_tcp_stream(host, running.port)
     got = hashlib.sha256()
     async with trio.open_nursery() as nursery:
+
         async def send() -> None:
             await client.send_all(HELLO + up)
             await client.send_eof()
+
         nursery.start_soon(send)
         while chunk := await client.receive_some(4 * MiB):
             got.update(chunk)
@@ -185,9 +189,7 @@ async def test_bulk_256_mib_each_way_all_in_the_kernel(
     host: str, backend: Any, start_proxy: Any, witness: Witness
 ) -> None:
     """With a bound larger than the transfer every byte goes through the sockhash."""
-    running = await _bulk(
-        backend, start_proxy, host, ebpf={"sockmap": {"max_in_flight": 1 << 40}}
-    )
+    running = await _bulk(backend, start_proxy, host, ebpf={"sockmap": {"max_in_flight": 1 << 40}})
     counters = plane_of(running).plane.counters()
     # All but what was queued before the splice (the proxy sends that itself), and all of
     # the reply, went through the sockhash.
@@ -493,9 +495,19 @@ def _run_without_capabilities(config: dict[str, Any], tmp_path: Path, script: st
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config), "utf-8")
     return subprocess.run(
-        [SETPRIV or "setpriv", "--bounding-set=-all", "--inh-caps=-all", "--",
-         sys.executable, "-c", script, str(path)],
-        capture_output=True, text=True, timeout=60,
+        [
+            SETPRIV or "setpriv",
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--",
+            sys.executable,
+            "-c",
+            script,
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -564,9 +576,20 @@ def test_fallback_mode_none_without_bpf_refuses_to_start(tmp_path: Path) -> None
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config), "utf-8")
     result = subprocess.run(
-        [SETPRIV or "setpriv", "--bounding-set=-all", "--inh-caps=-all", "--",
-         sys.executable, "-m", "trio_sni", "--config", str(path)],
-        capture_output=True, text=True, timeout=60,
+        [
+            SETPRIV or "setpriv",
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--",
+            sys.executable,
+            "-m",
+            "trio_sni",
+            "--config",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     assert "missing CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON" in result.stderr

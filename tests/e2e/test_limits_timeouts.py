@@ -132,8 +132,10 @@ def black_hole() -> Iterator[int]:
 
 
 async def test_trickled_hello_is_cut_at_the_total_deadline(
-    autojump_clock: trio.testing.MockClock, tls_backend: Any,
-    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    autojump_clock: trio.testing.MockClock,
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
 ) -> None:
     running = await start_proxy(proxy_config(tls_backend.port, timeouts={"client_hello": 10}))
     stream = await trio.open_tcp_stream("127.0.0.1", running.port)
@@ -171,15 +173,18 @@ async def test_trickled_hello_is_cut_at_the_total_deadline(
 
 
 async def test_silent_connection_closes_exactly_idle_seconds_after_the_last_byte(
-    autojump_clock: trio.testing.MockClock, echo_backend: EchoBackend,
-    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    autojump_clock: trio.testing.MockClock,
+    echo_backend: EchoBackend,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     client_context: ssl.SSLContext,
 ) -> None:
     running = await start_proxy(proxy_config(echo_backend.port, timeouts={"idle": 30}))
     stream = await trio.open_tcp_stream("127.0.0.1", running.port)
     opened = trio.current_time()
-    tls = trio.SSLStream(stream, client_context, server_hostname="bench.test",
-                         https_compatible=True)
+    tls = trio.SSLStream(
+        stream, client_context, server_hostname="bench.test", https_compatible=True
+    )
     try:
         with trio.fail_after(300):
             await tls.send_all(b"ping")
@@ -211,8 +216,10 @@ async def test_silent_connection_closes_exactly_idle_seconds_after_the_last_byte
     sys.platform != "linux", reason="black holes rely on Linux dropping SYNs to a full backlog"
 )
 async def test_connect_to_a_black_hole_fails_at_the_connect_timeout(
-    autojump_clock: trio.testing.MockClock, start_proxy: Callable[..., Any],
-    proxy_config: Callable[..., Any], client_context: ssl.SSLContext,
+    autojump_clock: trio.testing.MockClock,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
 ) -> None:
     with black_hole() as port:
         config = proxy_config(port, timeouts={"connect": 10, "client_hello": 5})
@@ -238,7 +245,9 @@ async def test_connect_to_a_black_hole_fails_at_the_connect_timeout(
 
 
 async def test_per_client_connection_limit(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     client_context: ssl.SSLContext,
 ) -> None:
     running = await start_proxy(
@@ -279,8 +288,10 @@ async def test_per_client_connection_limit(
 
 
 async def test_per_client_rate_and_burst(
-    autojump_clock: trio.testing.MockClock, tls_backend: Any,
-    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    autojump_clock: trio.testing.MockClock,
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     client_context: ssl.SSLContext,
 ) -> None:
     limits = {"per_client_rate": 1, "per_client_burst": 2}
@@ -319,7 +330,9 @@ async def test_per_client_rate_and_burst(
 
 
 async def test_global_max_connections(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     client_context: ssl.SSLContext,
 ) -> None:
     running = await start_proxy(proxy_config(tls_backend.port, max_connections=1))

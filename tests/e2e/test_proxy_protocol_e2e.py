@@ -88,7 +88,8 @@ def start_nginx(stack: ExitStack, tmp_path: Path) -> int:
     stack.enter_context(
         running_daemon(
             [nginx, "-c", str(work / "nginx.conf"), "-p", str(work), "-e", str(work / "error.log")],
-            port=port, log=work / "stdout.log",
+            port=port,
+            log=work / "stdout.log",
         )
     )
     return port
@@ -165,7 +166,10 @@ def hello_bytes() -> bytes:
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("version", ["v1", "v2"])
 async def test_header_sent_to_target_exact_bytes(
-    version: str, host: str, nursery: trio.Nursery, start_proxy: Callable[..., Any],
+    version: str,
+    host: str,
+    nursery: trio.Nursery,
+    start_proxy: Callable[..., Any],
     proxy_config: Callable[..., Any],
 ) -> None:
     hello = hello_bytes()
@@ -203,15 +207,21 @@ async def test_header_sent_to_target_exact_bytes(
 def v2_header(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
     return (
         b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
-        + socket.inet_aton(src[0]) + socket.inet_aton(dst[0])
-        + src[1].to_bytes(2, "big") + dst[1].to_bytes(2, "big")
+        + socket.inet_aton(src[0])
+        + socket.inet_aton(dst[0])
+        + src[1].to_bytes(2, "big")
+        + dst[1].to_bytes(2, "big")
     )
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 async def test_accepted_header_is_the_client(
-    version: str, tls_backend: Any, start_proxy: Callable[..., Any],
-    proxy_config: Callable[..., Any], client_context: ssl.SSLContext, forwarding_mode: str,
+    version: str,
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
+    forwarding_mode: str,
 ) -> None:
     config = proxy_config(tls_backend.port)
     config["listeners"][0]["accept_proxy_protocol"] = True
@@ -242,17 +252,27 @@ async def test_accepted_header_is_the_client(
     [
         # (the hello's random bytes may hold a quote, which changes how repr() quotes them)
         (None, "no_proxy_header", "no PROXY protocol header: the connection starts with b"),
-        (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "bad_proxy_header",
-         "malformed PROXY v1 header b'PROXY TCP4 1.2.3.4 5.6.7.8 1\\r\\n'"),
-        (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff", "bad_proxy_header",
-         "PROXY v2 header announces 65535 bytes of addresses and TLVs, more than the 4096 "
-         "accepted"),
+        (
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+            "bad_proxy_header",
+            "malformed PROXY v1 header b'PROXY TCP4 1.2.3.4 5.6.7.8 1\\r\\n'",
+        ),
+        (
+            b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\xff\xff",
+            "bad_proxy_header",
+            "PROXY v2 header announces 65535 bytes of addresses and TLVs, more than the 4096 "
+            "accepted",
+        ),
     ],
     ids=["missing", "malformed-v1", "oversized-v2"],
 )
 async def test_missing_or_bad_header_is_refused_with_a_log_line(
-    first: bytes | None, reason: str, error: str, tls_backend: Any,
-    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    first: bytes | None,
+    reason: str,
+    error: str,
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = proxy_config(tls_backend.port)
@@ -287,8 +307,12 @@ class _no_error:
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 async def test_nginx_sees_the_real_client_through_an_http_listener(
-    version: str, tmp_path: Path, daemons: ExitStack, start_proxy: Callable[..., Any],
-    proxy_config: Callable[..., Any], forwarding_mode: str,
+    version: str,
+    tmp_path: Path,
+    daemons: ExitStack,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    forwarding_mode: str,
 ) -> None:
     nginx = start_nginx(daemons, tmp_path)
     config = proxy_config(nginx)
@@ -319,9 +343,14 @@ async def test_nginx_sees_the_real_client_through_an_http_listener(
 
 @pytest.mark.parametrize("send", ["send-proxy", "send-proxy-v2"])
 async def test_behind_haproxy_the_client_address_comes_from_its_header(
-    send: str, tmp_path: Path, daemons: ExitStack, tls_backend: Any,
-    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
-    client_context: ssl.SSLContext, forwarding_mode: str,
+    send: str,
+    tmp_path: Path,
+    daemons: ExitStack,
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
+    forwarding_mode: str,
 ) -> None:
     config = proxy_config(tls_backend.port)
     config["listeners"][0]["accept_proxy_protocol"] = True
@@ -340,7 +369,9 @@ async def test_behind_haproxy_the_client_address_comes_from_its_header(
 
 
 async def test_chain_haproxy_to_proxy_to_nginx_keeps_the_client(
-    tmp_path: Path, daemons: ExitStack, start_proxy: Callable[..., Any],
+    tmp_path: Path,
+    daemons: ExitStack,
+    start_proxy: Callable[..., Any],
     proxy_config: Callable[..., Any],
 ) -> None:
     """haproxy (v2) -> trio-sni (accepts, then sends v1) -> nginx: nginx sees the client."""
@@ -363,8 +394,10 @@ async def test_chain_haproxy_to_proxy_to_nginx_keeps_the_client(
 
 
 async def test_header_and_hello_share_one_total_deadline(
-    autojump_clock: trio.testing.MockClock, tls_backend: Any,
-    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    autojump_clock: trio.testing.MockClock,
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
 ) -> None:
     """A slow header eats into the ClientHello's time: one deadline covers both."""
     config = proxy_config(tls_backend.port, timeouts={"client_hello": 10})
@@ -391,14 +424,17 @@ async def test_header_and_hello_share_one_total_deadline(
     await wait_for(lambda: len(running.access_log) == 2)
     header_late, hello_late = running.access_log
     assert (header_late["reason"], header_late["error"]) == (
-        "proxy_header_timeout", "no complete PROXY protocol header within 10 s"
+        "proxy_header_timeout",
+        "no complete PROXY protocol header within 10 s",
     )
     assert (hello_late["reason"], hello_late["client"]) == ("hello_timeout", "203.0.113.7:40001")
     assert hello_late["duration"] == 10.0
 
 
 async def test_limits_count_the_address_from_the_header(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
 ) -> None:
     """All three connections come from 127.0.0.1; the limiter sees two different clients."""
     config = proxy_config(
@@ -424,7 +460,9 @@ async def test_limits_count_the_address_from_the_header(
 
 
 async def test_connections_waiting_for_a_header_count_against_max_connections(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
 ) -> None:
     config = proxy_config(tls_backend.port, max_connections=2)
     config["listeners"][0]["accept_proxy_protocol"] = True
@@ -450,8 +488,11 @@ async def test_connections_waiting_for_a_header_count_against_max_connections(
 
 
 async def test_only_listed_load_balancers_may_send_headers(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
-    client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture,
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = proxy_config(tls_backend.port)
     config["listeners"][0].update(accept_proxy_protocol=True, proxy_protocol_from=["127.0.0.2/32"])
@@ -481,7 +522,9 @@ async def test_only_listed_load_balancers_may_send_headers(
 
 
 async def test_a_listener_open_to_any_sender_is_warned_about(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = proxy_config(tls_backend.port)

@@ -59,7 +59,9 @@ GARBAGE = random_garbage()
 #: (what the client sends, the reason, the exact error in the access log).
 BAD_STARTS: dict[str, tuple[bytes, str, str]] = {
     "random": (
-        GARBAGE, "not_tls", f"not TLS: the connection starts with {GARBAGE[:16]!r}{NOT_TLS_TAIL}"
+        GARBAGE,
+        "not_tls",
+        f"not TLS: the connection starts with {GARBAGE[:16]!r}{NOT_TLS_TAIL}",
     ),
     "http": (
         b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n",
@@ -163,7 +165,9 @@ def no_hostname_check(ca: trustme.CA) -> ssl.SSLContext:
 
 
 async def test_bad_starts_are_refused_while_a_live_tls_connection_keeps_working(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     client_context: ssl.SSLContext,
 ) -> None:
     running = await start_proxy(
@@ -224,7 +228,9 @@ async def test_bad_starts_are_refused_while_a_live_tls_connection_keeps_working(
 
 
 async def test_name_resolving_to_loopback_is_refused_without_allow_private(
-    dns_server: DNSServer, tls_backend: Any, start_proxy: Callable[..., Any],
+    dns_server: DNSServer,
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
     no_hostname_check: ssl.SSLContext,
 ) -> None:
     dns_server.add("evil.test", "A", "127.0.0.1")
@@ -254,7 +260,9 @@ async def test_name_resolving_to_loopback_is_refused_without_allow_private(
 
 
 async def test_name_resolving_to_loopback_reaches_backend_with_allow_private(
-    dns_server: DNSServer, tls_backend: Any, start_proxy: Callable[..., Any],
+    dns_server: DNSServer,
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
     no_hostname_check: ssl.SSLContext,
 ) -> None:
     dns_server.add("evil.test", "A", "127.0.0.1")
@@ -275,7 +283,9 @@ async def test_name_resolving_to_loopback_reaches_backend_with_allow_private(
 
 
 async def test_nxdomain_is_resolve_failed(
-    dns_server: DNSServer, tls_backend: Any, start_proxy: Callable[..., Any],
+    dns_server: DNSServer,
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
     no_hostname_check: ssl.SSLContext,
 ) -> None:
     rules = [{"match": "ghost.test", "allow_private": True}]
@@ -295,7 +305,9 @@ async def test_nxdomain_is_resolve_failed(
 
 
 async def test_dead_upstream_is_connect_failed(
-    dns_server: DNSServer, start_proxy: Callable[..., Any], no_hostname_check: ssl.SSLContext,
+    dns_server: DNSServer,
+    start_proxy: Callable[..., Any],
+    no_hostname_check: ssl.SSLContext,
 ) -> None:
     # Bound but not listening: the kernel answers SYN with RST, and the port stays ours.
     with socket.socket() as closed_port:
@@ -323,7 +335,9 @@ def _free_loopback_port() -> int:
 
 
 async def test_name_resolving_to_the_proxy_itself_is_refused_even_with_allow_private(
-    dns_server: DNSServer, start_proxy: Callable[..., Any], no_hostname_check: ssl.SSLContext,
+    dns_server: DNSServer,
+    start_proxy: Callable[..., Any],
+    no_hostname_check: ssl.SSLContext,
 ) -> None:
     # The classic loop: listen on P, forward to port P, and a name that resolves to us. The
     # listener port must be known before the config is built, so pick a free one; another
@@ -362,7 +376,9 @@ async def test_name_resolving_to_the_proxy_itself_is_refused_even_with_allow_pri
 
 
 async def test_denied_client_is_closed_without_reading(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
 ) -> None:
     running = await start_proxy(proxy_config(tls_backend.port, clients={"deny": ["127.0.0.0/8"]}))
     # A blocking connect + send completes before the proxy even accepts (the handshake is

@@ -86,7 +86,9 @@ def dante(tmp_path: Path) -> Iterator[Callable[..., Dante]]:
             conf = work / "danted.conf"
             conf.write_text(
                 DANTE_CONFIG.format(
-                    log=work / "requests.log", port=port, blocked=BLOCKED_IP,
+                    log=work / "requests.log",
+                    port=port,
+                    blocked=BLOCKED_IP,
                     method="username" if auth else "none",
                 ),
                 "utf-8",
@@ -97,10 +99,16 @@ def dante(tmp_path: Path) -> Iterator[Callable[..., Dante]]:
                 f"{BLOCKED_IP} blocked.bench.test\n",
                 "utf-8",
             )
-            digest = subprocess.run(
-                ["openssl", "passwd", "-6", "-stdin"], input=PASSWORD.encode(),
-                capture_output=True, check=True,
-            ).stdout.decode().strip()
+            digest = (
+                subprocess.run(
+                    ["openssl", "passwd", "-6", "-stdin"],
+                    input=PASSWORD.encode(),
+                    capture_output=True,
+                    check=True,
+                )
+                .stdout.decode()
+                .strip()
+            )
             passwd, shadow = work / "passwd", work / "shadow"
             passwd.write_text(
                 Path("/etc/passwd").read_text("utf-8")
@@ -149,17 +157,20 @@ async def refused_hello(port: int, name: str, ctx: ssl.SSLContext) -> None:
 def socks_config(
     proxy_config: Callable[..., dict[str, Any]], backend_port: int, socks_port: int, **socks: Any
 ) -> dict[str, Any]:
-    return proxy_config(
-        backend_port, socks5={"address": f"127.0.0.1:{socks_port}", **socks}
-    )
+    return proxy_config(backend_port, socks5={"address": f"127.0.0.1:{socks_port}", **socks})
 
 
 @pytest.mark.root
 @pytest.mark.parametrize("auth", [False, True], ids=["no-auth", "username-password"])
 async def test_tls_through_dante_with_remote_dns(
-    auth: bool, dante: Callable[..., Dante], tls_backend: Any,
-    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
-    client_context: ssl.SSLContext, dns_server: DNSServer, forwarding_mode: str,
+    auth: bool,
+    dante: Callable[..., Dante],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
+    dns_server: DNSServer,
+    forwarding_mode: str,
 ) -> None:
     server = dante(auth=auth)
     credentials = {"username": USER, "password": PASSWORD} if auth else {}
@@ -186,8 +197,12 @@ async def test_tls_through_dante_with_remote_dns(
 
 @pytest.mark.root
 async def test_local_dns_sends_the_checked_address(
-    dante: Callable[..., Dante], tls_backend: Any, start_proxy: Callable[..., Any],
-    proxy_config: Callable[..., Any], client_context: ssl.SSLContext, forwarding_mode: str,
+    dante: Callable[..., Dante],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
+    forwarding_mode: str,
 ) -> None:
     server = dante()
     config = socks_config(proxy_config, tls_backend.port, server.port, remote_dns=False)
@@ -201,7 +216,10 @@ async def test_local_dns_sends_the_checked_address(
     by_name = {record["sni"]: record for record in running.access_log}
     ok, blocked = by_name["bench.test"], by_name["private.test"]
     assert (ok["reason"], ok["via"], ok["target"], ok["mode"]) == (
-        "normal", "socks5", f"127.0.0.1:{tls_backend.port}", forwarding_mode
+        "normal",
+        "socks5",
+        f"127.0.0.1:{tls_backend.port}",
+        forwarding_mode,
     )
     assert blocked["reason"] == "ssrf_blocked"
     assert tls_backend.connections == 1
@@ -212,8 +230,11 @@ async def test_local_dns_sends_the_checked_address(
 
 @pytest.mark.root
 async def test_wrong_password_is_an_auth_failure(
-    dante: Callable[..., Dante], tls_backend: Any, start_proxy: Callable[..., Any],
-    proxy_config: Callable[..., Any], client_context: ssl.SSLContext,
+    dante: Callable[..., Dante],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
 ) -> None:
     server = dante(auth=True)
     running = await start_proxy(
@@ -230,8 +251,10 @@ async def test_wrong_password_is_an_auth_failure(
     # And without credentials, dante accepts none of the offered methods.
     running.proxy.reload(
         running.proxy.config.__class__(
-            **{**attrs.asdict(running.proxy.config, recurse=False),
-               "socks5": attrs.evolve(running.proxy.config.socks5, username=None, password=None)}
+            **{
+                **attrs.asdict(running.proxy.config, recurse=False),
+                "socks5": attrs.evolve(running.proxy.config.socks5, username=None, password=None),
+            }
         )
     )
     await refused_hello(running.port, "bench.test", client_context)
@@ -245,8 +268,11 @@ async def test_wrong_password_is_an_auth_failure(
 
 @pytest.mark.root
 async def test_unreachable_target_and_ruleset_refusal(
-    dante: Callable[..., Dante], tls_backend: Any, start_proxy: Callable[..., Any],
-    proxy_config: Callable[..., Any], client_context: ssl.SSLContext,
+    dante: Callable[..., Dante],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
 ) -> None:
     server = dante()
     dead = free_port()  # nothing listens here: dante gets ECONNREFUSED
@@ -268,7 +294,9 @@ async def test_unreachable_target_and_ruleset_refusal(
 
 
 async def test_socks_server_down_and_per_rule_direct(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     client_context: ssl.SSLContext,
 ) -> None:
     """No dante needed: the SOCKS server's port is closed; a ``via: "direct"`` rule still works."""
@@ -310,8 +338,10 @@ async def fake_socks_server(nursery: trio.Nursery, answer: bytes | None) -> int:
 
 
 async def test_silent_socks_server_fails_exactly_at_the_connect_timeout(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery,
-    start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
 ) -> None:
     socks = await fake_socks_server(nursery, None)
     running = await start_proxy(
@@ -336,12 +366,12 @@ async def test_silent_socks_server_fails_exactly_at_the_connect_timeout(
 
 
 async def test_a_server_that_is_not_socks5(
-    nursery: trio.Nursery, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    nursery: trio.Nursery,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
 ) -> None:
     socks = await fake_socks_server(nursery, b"HTTP/1.1 400 Bad Request\r\n\r\n")
-    running = await start_proxy(
-        proxy_config(443, socks5={"address": f"127.0.0.1:{socks}"})
-    )
+    running = await start_proxy(proxy_config(443, socks5={"address": f"127.0.0.1:{socks}"}))
     stream = await trio.open_tcp_stream("127.0.0.1", running.port)
     try:
         await stream.send_all(client_hello("bench.test"))

@@ -131,8 +131,12 @@ async def test_cancellation_closes_every_pipe(backend: Any, start_proxy: Any) ->
         client = await trio.open_tcp_stream("127.0.0.1", running.port)
         await client.send_all(HELLO + b"partial request")
         clients.append(client)
-    await wait_for(lambda: len(running.proxy.context.live) == 20
-                   and all(i.mode for i in running.proxy.context.live.values()))
+    await wait_for(
+        lambda: (
+            len(running.proxy.context.live) == 20
+            and all(i.mode for i in running.proxy.context.live.values())
+        )
+    )
     assert pipe_fds() == pipes_before + 20 * 4  # two pipes per connection
     running.proxy.shutdown()
     for client in clients:
@@ -163,7 +167,9 @@ async def test_idle_timeout_in_splice_mode(
     await client.aclose()
     await wait_for(lambda: len(running.access_log) == 1)
     assert (running.access_log[0]["reason"], running.access_log[0]["mode"]) == (
-        "idle_timeout", "splice")
+        "idle_timeout",
+        "splice",
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -181,8 +187,7 @@ async def test_stalled_reader_is_bounded_by_pipes_and_socket_buffers(
     """The backend stops reading while the client pushes 256 MiB: what leaves the client is
     at most the pipe plus the four socket buffers on the way. Then everything arrives."""
     pipe = 256 * 1024
-    bound = pipe + 2 * _max("/proc/sys/net/ipv4/tcp_rmem") + 2 * _max(
-        "/proc/sys/net/ipv4/tcp_wmem")
+    bound = pipe + 2 * _max("/proc/sys/net/ipv4/tcp_rmem") + 2 * _max("/proc/sys/net/ipv4/tcp_wmem")
     transfer = StalledTransfer(HELLO, total=256 * MiB)
     port = await backend(transfer.backend)
     running = await start_proxy(config(port, forwarding={"mode": "splice", "pipe_size": pipe}))
@@ -235,7 +240,8 @@ async def test_a_rule_chooses_its_mode(
 
 def plan_for(**overrides: Any) -> Any:
     data: dict[str, Any] = {
-        "listen_addr": "127.0.0.1:8443", "ebpf": {"sockmap": {"enabled": False}}
+        "listen_addr": "127.0.0.1:8443",
+        "ebpf": {"sockmap": {"enabled": False}},
     }
     data.update(overrides)
     return choose_forwarder(load_config(data))
@@ -281,7 +287,9 @@ def test_kernel_falls_back_to_splice_then_copy(monkeypatch: pytest.MonkeyPatch) 
     )
     plan = plan_for(forwarding={"mode": "splice"})
     assert (plan.forwarder.mode, plan.why) == (
-        "copy", "splice forwarding unavailable: no splice here; using copy")
+        "copy",
+        "splice forwarding unavailable: no splice here; using copy",
+    )
     assert plan.by_mode["splice"] is plan.by_mode["copy"]  # never an unavailable mode
 
 
@@ -295,9 +303,7 @@ def test_fallback_mode_none_refuses_an_unavailable_mode(monkeypatch: pytest.Monk
         plan_for(forwarding={"mode": "kernel"}, fallback_mode="none")
     monkeypatch.setattr("trio_sni.forwarding_modes.splice_unavailable", lambda: "no splice here")
     with pytest.raises(AccelerationUnavailable, match="splice forwarding unavailable"):
-        plan_for(
-            rules=[{"match": "a.test", "mode": "splice"}], fallback_mode="none"
-        )
+        plan_for(rules=[{"match": "a.test", "mode": "splice"}], fallback_mode="none")
     # a mode nobody asks for may be unavailable
     assert plan_for(fallback_mode="none", forwarding={"mode": "copy"}).forwarder.mode == "copy"
 
@@ -311,10 +317,17 @@ def test_rule_fallbacks_are_listed_for_the_log(caplog: pytest.LogCaptureFixture)
     from trio_sni.server import Proxy
 
     with caplog.at_level(logging.INFO, logger="trio_sni"):
-        Proxy(load_config({"listen_addr": "127.0.0.1:8443", "ebpf": {"sockmap": {"enabled": False}},
-                           "forwarding": {"mode": "copy"},
-                           "rules": [{"match": "a.test", "mode": "kernel"}]}),
-              access_log=lambda r: None)
+        Proxy(
+            load_config(
+                {
+                    "listen_addr": "127.0.0.1:8443",
+                    "ebpf": {"sockmap": {"enabled": False}},
+                    "forwarding": {"mode": "copy"},
+                    "rules": [{"match": "a.test", "mode": "kernel"}],
+                }
+            ),
+            access_log=lambda r: None,
+        )
     lines = [r.getMessage() for r in caplog.records if "forwarding mode" in r.getMessage()]
     assert lines == [
         "forwarding mode: copy (forwarding.mode copy)",
@@ -327,8 +340,13 @@ def test_rule_mode_is_validated() -> None:
     from trio_sni.sansio.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
-        load_config({"listen_addr": "127.0.0.1:1", "rules": [{"match": "a.test", "mode": "fast"}],
-                     "forwarding": {"pipe_size": 1}})
+        load_config(
+            {
+                "listen_addr": "127.0.0.1:1",
+                "rules": [{"match": "a.test", "mode": "fast"}],
+                "forwarding": {"pipe_size": 1},
+            }
+        )
     text = str(info.value)
     assert 'rules[0].mode: expected one of "auto", "kernel", "splice", "copy", got "fast"' in text
     assert "forwarding.pipe_size: must be from 4096" in text

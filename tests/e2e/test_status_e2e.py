@@ -33,6 +33,7 @@ def COPY_MODE(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with kernel forwarding switched off and mode "copy" (byte counts per chunk)."""
     return {**config, "forwarding": {"mode": "copy"}, "ebpf": {"sockmap": {"enabled": False}}}
 
+
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench.test\r\n\r\n"
 
 
@@ -65,9 +66,7 @@ def start_with_status(
                 if attempt < 2 and all(isinstance(e, OSError) for e in leaves(exc)):
                     continue
                 raise
-            assert [
-                lst.socket.getsockname()[1] for lst in running.proxy.status_listeners
-            ] == [port]
+            assert [lst.socket.getsockname()[1] for lst in running.proxy.status_listeners] == [port]
             return running, port
         raise AssertionError("unreachable")
 
@@ -273,7 +272,9 @@ async def test_connections_shows_a_live_connection(
 ) -> None:
     running, port = await start_with_status(COPY_MODE(proxy_config(tls_backend.port)))
     assert json.loads((await http_request(port, "/connections")).body) == {
-        "total": 0, "limit": 100, "connections": []
+        "total": 0,
+        "limit": 100,
+        "connections": [],
     }
     tls = await tls_open(running.port, "bench.test", client_context)
     try:
@@ -292,7 +293,9 @@ async def test_connections_shows_a_live_connection(
         assert conn["age"] >= 0
 
         assert json.loads((await http_request(port, "/connections?limit=0")).body) == {
-            "total": 1, "limit": 0, "connections": []
+            "total": 1,
+            "limit": 0,
+            "connections": [],
         }
         clamped = json.loads((await http_request(port, "/connections?limit=5000")).body)
         assert clamped["limit"] == 1000
@@ -424,7 +427,8 @@ async def test_the_status_endpoint_reports_the_drain_then_stops_with_the_proxy(
             proxy.shutdown()
             draining = await http_request(status_port, "/readyz")
             assert (draining.status, draining.text) == (
-                503, "not ready: shutting down: not accepting new connections\n"
+                503,
+                "not ready: shutting down: not accepting new connections\n",
             )
             assert (await http_request(status_port, "/healthz")).status == 200
             listing = json.loads((await http_request(status_port, "/connections")).body)

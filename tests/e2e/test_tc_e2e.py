@@ -123,15 +123,18 @@ def attached_link(proxy: Proxy, ns: VethNamespace) -> int:
     assert proxy.tc_shaper.link is not None
     info = proxy.tc_shaper.link.info()
     assert (info.target, info.attach_type) == (
-        socket.if_nametoindex(ns.host_if), loader.AttachType.TCX_EGRESS)
+        socket.if_nametoindex(ns.host_if),
+        loader.AttachType.TCX_EGRESS,
+    )
     assert info.id in link_ids()
     return info.id
 
 
 def link_ids() -> set[int]:
     """Every BPF link on the machine, as bpftool (the independent witness) lists them."""
-    out = subprocess.run(["bpftool", "-j", "link", "show"], check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["bpftool", "-j", "link", "show"], check=True, capture_output=True, text=True
+    ).stdout
     return {link["id"] for link in json.loads(out or "[]")}
 
 
@@ -217,7 +220,9 @@ async def test_the_shaper_is_detached_when_the_proxy_stops(
 
 
 async def test_a_kernel_without_tcx_is_named_in_the_reason(
-    ns: VethNamespace, backend_port: int, start_proxy: Callable[..., Any],
+    ns: VethNamespace,
+    backend_port: int,
+    start_proxy: Callable[..., Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def no_tcx(*args: object) -> None:
@@ -234,7 +239,9 @@ async def test_a_kernel_without_tcx_is_named_in_the_reason(
 
 
 async def test_a_shaper_that_cannot_attach_is_reported_and_the_proxy_serves(
-    ns: VethNamespace, backend_port: int, start_proxy: Callable[..., Any],
+    ns: VethNamespace,
+    backend_port: int,
+    start_proxy: Callable[..., Any],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = tc_config(ns, backend_port)

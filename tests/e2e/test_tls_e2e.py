@@ -25,14 +25,21 @@ async def tls_get(port: int, name: str, ctx: ssl.SSLContext) -> bytes:
 
 
 async def test_python_ssl_client_reaches_backend_by_sni(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     client_context: ssl.SSLContext,
 ) -> None:
     running = await start_proxy(proxy_config(tls_backend.port))
     for name in ("bench.test", "www.bench.test", "other.test", "a.example.test"):
         response = await tls_get(running.port, name, client_context)
         assert response.endswith(b"hello from the backend\n")
-    assert tls_backend.server_names == ["bench.test", "www.bench.test", "other.test", "a.example.test"]
+    assert tls_backend.server_names == [
+        "bench.test",
+        "www.bench.test",
+        "other.test",
+        "a.example.test",
+    ]
     await wait_for(lambda: len(running.access_log) == 4)
     assert tls_backend.received == [REQUEST] * 4
     [first, *_] = running.access_log
@@ -45,14 +52,27 @@ async def test_python_ssl_client_reaches_backend_by_sni(
 
 
 async def test_curl_connect_to_reaches_backend(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     ca_file: str,
 ) -> None:
     running = await start_proxy(proxy_config(tls_backend.port))
     result = await trio.run_process(
-        ["curl", "--silent", "--show-error", "--max-time", "10", "--cacert", ca_file,
-         "--connect-to", f"bench.test:443:127.0.0.1:{running.port}", "https://bench.test/"],
-        capture_stdout=True, capture_stderr=True,
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "10",
+            "--cacert",
+            ca_file,
+            "--connect-to",
+            f"bench.test:443:127.0.0.1:{running.port}",
+            "https://bench.test/",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
     )
     assert result.stdout == b"hello from the backend\n"
     await wait_for(lambda: len(running.access_log) == 1)
@@ -60,30 +80,58 @@ async def test_curl_connect_to_reaches_backend(
 
 
 async def test_openssl_s_client_verifies_backend_certificate(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     ca_file: str,
 ) -> None:
     running = await start_proxy(proxy_config(tls_backend.port))
     result = await trio.run_process(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{running.port}",
-         "-servername", "other.test", "-CAfile", ca_file, "-verify_return_error",
-         "-verify_hostname", "other.test", "-quiet"],
-        stdin=REQUEST, capture_stdout=True, capture_stderr=True,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{running.port}",
+            "-servername",
+            "other.test",
+            "-CAfile",
+            ca_file,
+            "-verify_return_error",
+            "-verify_hostname",
+            "other.test",
+            "-quiet",
+        ],
+        stdin=REQUEST,
+        capture_stdout=True,
+        capture_stderr=True,
     )
     assert b"hello from the backend" in result.stdout
     assert tls_backend.server_names == ["other.test"]
 
 
 async def test_denied_name_gets_unrecognized_name_alert(
-    tls_backend: Any, start_proxy: Callable[..., Any], proxy_config: Callable[..., Any],
+    tls_backend: Any,
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
     ca_file: str,
 ) -> None:
     running = await start_proxy(proxy_config(tls_backend.port))
     result = await trio.run_process(
-        ["curl", "--silent", "--show-error", "--max-time", "10", "--cacert", ca_file,
-         "--connect-to", f"denied.bench.test:443:127.0.0.1:{running.port}",
-         "https://denied.bench.test/"],
-        capture_stdout=True, capture_stderr=True, check=False,
+        [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--max-time",
+            "10",
+            "--cacert",
+            ca_file,
+            "--connect-to",
+            f"denied.bench.test:443:127.0.0.1:{running.port}",
+            "https://denied.bench.test/",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
     )
     assert result.returncode != 0
     assert b"unrecognized name" in result.stderr.lower()

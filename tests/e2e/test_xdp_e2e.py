@@ -63,33 +63,46 @@ def v6(ns: VethNamespace, host: int) -> str:
     return ns.peer_v6.rsplit(":", 1)[0] + f":{host}"
 
 
-def guarded_config(ns: VethNamespace, backend_port: int, *, clients: dict[str, Any],
-                   **xdp: Any) -> dict[str, Any]:
+def guarded_config(
+    ns: VethNamespace, backend_port: int, *, clients: dict[str, Any], **xdp: Any
+) -> dict[str, Any]:
     return {
-        "listeners": [{"host": ns.host_v4, "port": 0, "target_port": backend_port},
-                      {"host": ns.host_v6, "port": 0, "target_port": backend_port}],
+        "listeners": [
+            {"host": ns.host_v4, "port": 0, "target_port": backend_port},
+            {"host": ns.host_v6, "port": 0, "target_port": backend_port},
+        ],
         "rules": [{"suffix": "bench.test", "allow_private": True}],
         "resolver": {"hosts": {"bench.test": ["127.0.0.1"]}},
         "clients": clients,
         "log": {"access_log": None},
-        "ebpf": {"sockmap": {"enabled": False},
-                 "xdp": {"enabled": True, "interface": ns.host_if, **xdp}},
+        "ebpf": {
+            "sockmap": {"enabled": False},
+            "xdp": {"enabled": True, "interface": ns.host_if, **xdp},
+        },
     }
 
 
 def xdp_prog_on(interface: str) -> int | None:
     """The id of the XDP program attached to ``interface`` (``ip -j link``), or None."""
-    out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", interface],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "-j", "-d", "link", "show", "dev", interface],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     xdp = json.loads(out)[0].get("xdp")
     return None if xdp is None else xdp.get("prog", {}).get("id")
 
 
 def xdp_links_on(ifindex: int) -> list[dict[str, Any]]:
-    out = subprocess.run(["bpftool", "-j", "link", "show"], check=True, capture_output=True,
-                         text=True).stdout
-    return [link for link in json.loads(out or "[]")
-            if link.get("type") == "xdp" and link.get("ifindex") == ifindex]
+    out = subprocess.run(
+        ["bpftool", "-j", "link", "show"], check=True, capture_output=True, text=True
+    ).stdout
+    return [
+        link
+        for link in json.loads(out or "[]")
+        if link.get("type") == "xdp" and link.get("ifindex") == ifindex
+    ]
 
 
 @asynccontextmanager
@@ -162,10 +175,17 @@ async def test_blocked_clients_never_reach_accept_and_allowed_ones_work(
     ns: VethNamespace, tls_backend: Any, client_context: ssl.SSLContext
 ) -> None:
     allowed4, allowed6, unlisted4, unlisted6, denied4 = (
-        ns.peer_v4, ns.peer_v6, v4(ns, 3), v6(ns, 3), v4(ns, 4))
+        ns.peer_v4,
+        ns.peer_v6,
+        v4(ns, 3),
+        v6(ns, 3),
+        v4(ns, 4),
+    )
     # .4 is both allowed (the /31) and denied: deny wins.
-    clients = {"allow": [f"{ns.peer_v4}/32", f"{denied4}/31", f"{ns.peer_v6}/128"],
-               "deny": [f"{denied4}/32"]}
+    clients = {
+        "allow": [f"{ns.peer_v4}/32", f"{denied4}/31", f"{ns.peer_v6}/128"],
+        "deny": [f"{denied4}/32"],
+    }
     async with running_proxy(guarded_config(ns, tls_backend.port, clients=clients), ns) as proxy:
         status: Any = ebpf_status_document(proxy)
         assert status["features"]["xdp"] == "active"
@@ -190,8 +210,10 @@ async def test_blocked_clients_never_reach_accept_and_allowed_ones_work(
         # Other traffic on the interface passes: blocked sources reach another port.
         for source, host in ((unlisted4, ns.host_v4), (unlisted6, ns.host_v6)):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            with socket.create_server((host, 0), family=family) as other, \
-                    ns.socket(family) as client:
+            with (
+                socket.create_server((host, 0), family=family) as other,
+                ns.socket(family) as client,
+            ):
                 client.settimeout(BLOCKED_WAIT)
                 client.bind((source, 0))
                 client.connect(other.getsockname()[:2])
@@ -214,7 +236,8 @@ async def test_reload_changes_the_lists_without_detaching(
         second = guarded_config(ns, tls_backend.port, clients=swapped)
         proxy.reload(load_config(second))
         assert (await tls_get_from(ns, v4(ns, 3), proxy, client_context)).endswith(
-            b"hello from the backend\n")
+            b"hello from the backend\n"
+        )
         assert await handshake_fails(ns, ns.peer_v4, proxy)
         assert proxy.edge_guard.guard.link_info() == link
         assert xdp_prog_on(ns.host_if) == prog
@@ -252,8 +275,11 @@ async def test_a_syn_flood_is_held_to_its_bucket_while_another_source_connects(
 ) -> None:
     rate, burst, count, seconds = 20, 10, 2000, 1.5
     config = guarded_config(
-        ns, tls_backend.port, clients={},
-        flood_guard={"per_source_rate": rate, "per_source_burst": burst})
+        ns,
+        tls_backend.port,
+        clients={},
+        flood_guard={"per_source_rate": rate, "per_source_burst": burst},
+    )
     flooder, other = v4(ns, 4), ns.peer_v4
     async with running_proxy(config, ns) as proxy:
         host, port = port_for(proxy, socket.AF_INET)
@@ -261,9 +287,23 @@ async def test_a_syn_flood_is_held_to_its_bucket_while_another_source_connects(
 
         async def flood() -> None:
             result = await trio.run_process(
-                ["ip", "netns", "exec", ns.name, sys.executable, "-c", FLOOD_SCRIPT,
-                 flooder, host, str(port), str(count), str(seconds)],
-                capture_stdout=True, capture_stderr=True)
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns.name,
+                    sys.executable,
+                    "-c",
+                    FLOOD_SCRIPT,
+                    flooder,
+                    host,
+                    str(port),
+                    str(count),
+                    str(seconds),
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+            )
             elapsed.append(float(result.stdout))
 
         async with trio.open_nursery() as nursery:
@@ -331,8 +371,10 @@ async def test_no_such_interface_is_a_logged_degradation(
         "resolver": {"hosts": {"bench.test": ["127.0.0.1"]}},
         "clients": {"deny": ["192.0.2.0/24"]},
         "log": {"access_log": None},
-        "ebpf": {"sockmap": {"enabled": False},
-                 "xdp": {"enabled": True, "interface": "tsni-none0"}},
+        "ebpf": {
+            "sockmap": {"enabled": False},
+            "xdp": {"enabled": True, "interface": "tsni-none0"},
+        },
     }
     caplog.set_level(logging.WARNING, "trio_sni.xdp")
     proxy = Proxy(load_config(config), access_log=lambda record: None)
@@ -378,9 +420,19 @@ trio.run(main)
 def test_without_privilege_the_proxy_starts_and_says_why_once(ns: VethNamespace) -> None:
     config = guarded_config(ns, 9, clients={"deny": ["192.0.2.0/24"]})
     result = subprocess.run(
-        ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--",
-         sys.executable, "-c", WITHOUT_PRIVILEGE_SCRIPT, json.dumps(config)],
-        capture_output=True, text=True, timeout=60,
+        [
+            "setpriv",
+            "--bounding-set=-all",
+            "--inh-caps=-all",
+            "--",
+            sys.executable,
+            "-c",
+            WITHOUT_PRIVILEGE_SCRIPT,
+            json.dumps(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     state, reason = json.loads(result.stdout)

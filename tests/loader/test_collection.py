@@ -43,8 +43,9 @@ def test_close_is_idempotent() -> None:
 def test_replacement_maps_are_used_and_left_open() -> None:
     spec = loader.load_collection_spec(DATA / "loader_test.bpf.o")
     with Map.create(spec.maps["counters"], key=Int(), value=Int()) as counters:
-        with Collection.load(spec, replacements={"counters": counters},
-                             programs=["xdp_prog"]) as coll:
+        with Collection.load(
+            spec, replacements={"counters": counters}, programs=["xdp_prog"]
+        ) as coll:
             assert "counters" not in coll.maps
             coll.programs["xdp_prog"].test_run(bytes(64))
         assert not counters.closed

@@ -24,22 +24,45 @@ LOADER_TEST_MAPS = {
     "lru": MapSpec("lru", MapType.LRU_HASH, 4, 4, 8),
     "allow": MapSpec("allow", MapType.LPM_TRIE, 8, 4, 16, flags=1),
     "pinned": MapSpec("pinned", MapType.HASH, 4, 4, 32, pinning=PinType.BY_NAME),
-    ".rodata": MapSpec(".rodata", MapType.ARRAY, 4, 4, 1, flags=0x80,
-                       contents=struct.pack("<I", 2), freeze=True),
+    ".rodata": MapSpec(
+        ".rodata", MapType.ARRAY, 4, 4, 1, flags=0x80, contents=struct.pack("<I", 2), freeze=True
+    ),
     ".data": MapSpec(".data", MapType.ARRAY, 4, 4, 1, contents=struct.pack("<I", 2)),
     ".bss": MapSpec(".bss", MapType.ARRAY, 4, 8, 1, contents=bytes(8)),
 }
 
 # (section, type, attach type, expected_attach_type at load, subprograms, references)
 LOADER_TEST_PROGRAMS = {
-    "xdp_prog": ("xdp", ProgType.XDP, AttachType.XDP, 37, ("bump",),
-                 {("map", "percpu", 0), ("value", ".rodata", 0), ("map", "counters", 0),
-                  ("value", ".bss", 0)}),
-    "tc_one": ("tc", ProgType.SCHED_CLS, None, 0, ("bump",),
-               {("value", ".data", 0), ("map", "counters", 0), ("value", ".bss", 0)}),
+    "xdp_prog": (
+        "xdp",
+        ProgType.XDP,
+        AttachType.XDP,
+        37,
+        ("bump",),
+        {
+            ("map", "percpu", 0),
+            ("value", ".rodata", 0),
+            ("map", "counters", 0),
+            ("value", ".bss", 0),
+        },
+    ),
+    "tc_one": (
+        "tc",
+        ProgType.SCHED_CLS,
+        None,
+        0,
+        ("bump",),
+        {("value", ".data", 0), ("map", "counters", 0), ("value", ".bss", 0)},
+    ),
     "tc_two": ("tc", ProgType.SCHED_CLS, None, 0, (), set()),
-    "tcx_in": ("tcx/ingress", ProgType.SCHED_CLS, AttachType.TCX_INGRESS, 0, ("bump",),
-               {("map", "counters", 0), ("value", ".bss", 0)}),
+    "tcx_in": (
+        "tcx/ingress",
+        ProgType.SCHED_CLS,
+        AttachType.TCX_INGRESS,
+        0,
+        ("bump",),
+        {("map", "counters", 0), ("value", ".bss", 0)},
+    ),
     "tcx_out": ("tcx/egress", ProgType.SCHED_CLS, AttachType.TCX_EGRESS, 0, (), set()),
     "sock_filter": ("socket", ProgType.SOCKET_FILTER, None, 0, (), set()),
 }
@@ -52,8 +75,14 @@ def test_loader_test_object() -> None:
     assert set(spec.programs) == set(LOADER_TEST_PROGRAMS)
     for name, (section, ptype, attach, eat, subs, refs) in LOADER_TEST_PROGRAMS.items():
         prog = spec.programs[name]
-        assert (prog.section, prog.type, prog.attach_type, prog.expected_attach_type,
-                prog.subprograms, prog.license) == (section, ptype, attach, eat, subs, "GPL")
+        assert (
+            prog.section,
+            prog.type,
+            prog.attach_type,
+            prog.expected_attach_type,
+            prog.subprograms,
+            prog.license,
+        ) == (section, ptype, attach, eat, subs, "GPL")
         assert {(r.kind, r.map, r.offset) for r in prog.references} == refs
         # Every function start (entry + appended subprogram) has a func_info record, and
         # line info starts at instruction 0 and is sorted: what the kernel requires.
@@ -69,8 +98,9 @@ def test_subprogram_call_is_relinked() -> None:
     spec = loader.load_collection_spec(DATA / "loader_test.bpf.o")
     prog = spec.programs["tc_one"]
     insns = prog.instructions
-    calls = [i for i in range(prog.insn_count) if insns[i * 8] == 0x85 and insns[i * 8 + 1] >> 4
-             == 1]
+    calls = [
+        i for i in range(prog.insn_count) if insns[i * 8] == 0x85 and insns[i * 8 + 1] >> 4 == 1
+    ]
     assert len(calls) == 1
     (imm,) = struct.unpack_from("<i", insns, calls[0] * 8 + 4)
     target = calls[0] + 1 + imm
@@ -87,10 +117,12 @@ def test_sockhash_object() -> None:
     }
     verdict = spec.programs["stream_verdict"]
     assert (verdict.type, verdict.attach_type, verdict.expected_attach_type) == (
-        ProgType.SK_SKB, AttachType.SK_SKB_STREAM_VERDICT, 5)
+        ProgType.SK_SKB,
+        AttachType.SK_SKB_STREAM_VERDICT,
+        5,
+    )
     plain = spec.programs["skb_verdict"]
-    assert (plain.type, plain.attach_type, plain.expected_attach_type) == (
-        ProgType.SK_SKB, None, 0)
+    assert (plain.type, plain.attach_type, plain.expected_attach_type) == (ProgType.SK_SKB, None, 0)
     assert {r.map for r in verdict.references} == {"peer", "sock_hash"}
     assert all(r.kind == "map" for r in verdict.references)
 
@@ -177,8 +209,14 @@ def test_btf_datasec_fixup() -> None:
     for name in (".maps", ".rodata", ".data", ".bss", "license"):
         assert secs_after[name].size == sizes[name]
     offsets = {after.type(v).name: off for v, off, _ in secs_after[".maps"].secinfo}
-    assert offsets == {"percpu": 0, "hash_map": 0x20, "counters": 0x40, "lru": 0x60,
-                       "allow": 0x80, "pinned": 0xA8}
+    assert offsets == {
+        "percpu": 0,
+        "hash_map": 0x20,
+        "counters": 0x40,
+        "lru": 0x60,
+        "allow": 0x80,
+        "pinned": 0xA8,
+    }
     ext = parse_btf_ext(ext_raw, before)
     assert set(ext.func_info) == {".text", "xdp", "tc", "tcx/ingress", "tcx/egress", "socket"}
     assert ext.func_info_rec_size == 8

@@ -27,9 +27,18 @@ def check_version(exc: loader.NotSupportedError) -> None:
     assert kernel_version() < need, f"probe says {exc} but this is {os.uname().release}"
 
 
-@pytest.mark.parametrize("map_type", [MapType.HASH, MapType.ARRAY, MapType.PERCPU_ARRAY,
-                                      MapType.LRU_HASH, MapType.LPM_TRIE, MapType.SOCKHASH,
-                                      MapType.SOCKMAP])
+@pytest.mark.parametrize(
+    "map_type",
+    [
+        MapType.HASH,
+        MapType.ARRAY,
+        MapType.PERCPU_ARRAY,
+        MapType.LRU_HASH,
+        MapType.LPM_TRIE,
+        MapType.SOCKHASH,
+        MapType.SOCKMAP,
+    ],
+)
 def test_map_type_probes(map_type: MapType) -> None:
     try:
         loader.have_map_type(map_type)

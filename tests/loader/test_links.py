@@ -26,8 +26,9 @@ def link_ids() -> set[int]:
 
 
 def xdp_prog_id(dev: str) -> int | None:
-    out = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", dev], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "-j", "-d", "link", "show", "dev", dev], check=True, capture_output=True, text=True
+    ).stdout
     xdp = json.loads(out)[0].get("xdp")
     return None if xdp is None else xdp.get("prog", {}).get("id")
 
@@ -42,8 +43,11 @@ def test_xdp_generic_on_lo(test_objects: loader.CollectionSpec) -> None:
         prog = coll.programs["xdp_prog"]
         with loader.attach_xdp(prog, "lo", mode="generic") as link:
             info = link.info()
-            assert (info.type, info.target, info.prog_id) == (6, socket.if_nametoindex("lo"),
-                                                              prog.info().id)
+            assert (info.type, info.target, info.prog_id) == (
+                6,
+                socket.if_nametoindex("lo"),
+                prog.info().id,
+            )
             assert info.id in link_ids()
             assert xdp_prog_id("lo") == prog.info().id
         assert link.closed
@@ -73,13 +77,17 @@ def test_tcx_ingress_and_egress(test_objects: loader.CollectionSpec, veth: str) 
     with Collection.load(test_objects, programs=["tcx_in", "tcx_out", "tc_two"]) as coll:
         progs = coll.programs
         ifindex = socket.if_nametoindex(veth)
-        with loader.attach_tcx(progs["tcx_in"], veth) as ingress, \
-                loader.attach_tcx(progs["tcx_out"], ifindex) as egress, \
-                loader.attach_tcx(progs["tc_two"], veth, "ingress") as second:
+        with (
+            loader.attach_tcx(progs["tcx_in"], veth) as ingress,
+            loader.attach_tcx(progs["tcx_out"], ifindex) as egress,
+            loader.attach_tcx(progs["tc_two"], veth, "ingress") as second,
+        ):
             infos = [ingress.info(), egress.info(), second.info()]
             assert [(i.type, i.target, i.attach_type) for i in infos] == [
-                (11, ifindex, AttachType.TCX_INGRESS), (11, ifindex, AttachType.TCX_EGRESS),
-                (11, ifindex, AttachType.TCX_INGRESS)]
+                (11, ifindex, AttachType.TCX_INGRESS),
+                (11, ifindex, AttachType.TCX_EGRESS),
+                (11, ifindex, AttachType.TCX_INGRESS),
+            ]
             assert {i.id for i in infos} <= link_ids()
             with pytest.raises(loader.BPFSyscallError) as exc:
                 loader.attach_tcx(progs["tcx_in"], veth)  # same program, same hook
@@ -132,9 +140,11 @@ def test_sockhash_splices_loopback_tcp(
     spec = loader.load_collection_spec(DATA / "sockhash.bpf.o")
     payload = os.urandom(1 << 20)
     reply = os.urandom(300_000)
-    with Collection.load(spec, programs=[program]) as coll, \
-            socket.create_server(("127.0.0.1", 0)) as front, \
-            socket.create_server(("127.0.0.1", 0)) as back:
+    with (
+        Collection.load(spec, programs=[program]) as coll,
+        socket.create_server(("127.0.0.1", 0)) as front,
+        socket.create_server(("127.0.0.1", 0)) as back,
+    ):
         sock_hash, peer = coll.maps["sock_hash"], coll.maps["peer"]
         sock_hash.key_codec = peer.key_codec = peer.value_codec = Int()
         client, proxy_a = _pair(front)
@@ -143,8 +153,9 @@ def test_sockhash_splices_loopback_tcp(
         for s in (client, backend):
             s.settimeout(20)
         try:
-            with loader.attach_sk_skb(coll.programs[program], sock_hash, attach_type,
-                                      use_link=use_link) as link:
+            with loader.attach_sk_skb(
+                coll.programs[program], sock_hash, attach_type, use_link=use_link
+            ) as link:
                 a, b = _cookie(proxy_a), _cookie(proxy_b)
                 sock_hash.insert_socket(a, proxy_a)  # sockets first, then peers
                 sock_hash.insert_socket(b, proxy_b)
@@ -173,12 +184,14 @@ def test_verdict_attach_types_exclude_each_other() -> None:
         sock_hash = coll.maps["sock_hash"]
         with loader.attach_sk_skb(coll.programs["stream_verdict"], sock_hash):
             with pytest.raises(loader.BPFSyscallError, match="exclude each other") as exc:
-                loader.attach_sk_skb(coll.programs["skb_verdict"], sock_hash,
-                                     AttachType.SK_SKB_VERDICT)
+                loader.attach_sk_skb(
+                    coll.programs["skb_verdict"], sock_hash, AttachType.SK_SKB_VERDICT
+                )
             assert exc.value.errno == errno.EBUSY
         # Detached: the other verdict type can attach now.
-        with loader.attach_sk_skb(coll.programs["skb_verdict"], sock_hash,
-                                  AttachType.SK_SKB_VERDICT):
+        with loader.attach_sk_skb(
+            coll.programs["skb_verdict"], sock_hash, AttachType.SK_SKB_VERDICT
+        ):
             pass
 
 

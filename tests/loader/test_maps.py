@@ -107,8 +107,7 @@ def test_percpu_values() -> None:
         assert dict(m.lookup_batch()) == {0: [0] * ncpu, 1: list(range(10, 10 + ncpu))}
         with pytest.raises(ValueError, match="one per possible CPU"):
             m[0] = [1]
-    with Map.create(MapSpec("pchash", MapType.PERCPU_HASH, 4, 8, 4), key=Int(),
-                    value=Int()) as h:
+    with Map.create(MapSpec("pchash", MapType.PERCPU_HASH, 4, 8, 4), key=Int(), value=Int()) as h:
         h[7] = [5] * ncpu
         assert h[7] == [5] * ncpu
 
@@ -170,7 +169,8 @@ def test_unknown_map_type_names_feature_and_kernel(monkeypatch: pytest.MonkeyPat
 
 def test_global_data_rodata_is_frozen() -> None:
     spec = loader.load_collection_spec(
-        os.path.join(os.path.dirname(__file__), "..", "data", "bpf", "loader_test.bpf.o"))
+        os.path.join(os.path.dirname(__file__), "..", "data", "bpf", "loader_test.bpf.o")
+    )
     with Map.create(spec.maps[".rodata"], key=Int(), value=Int()) as ro:
         assert ro[0] == 2
         assert bpftool("map", "show", "id", str(ro.info().id))["frozen"] == 1

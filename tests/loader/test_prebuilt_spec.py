@@ -56,14 +56,16 @@ TC_SHAPER_MAPS = {
 
 DNS_CACHE_MAPS = {
     "dns_cache": MapSpec("dns_cache", MapType.LRU_HASH, 256, 176, 10000, pinning=PinType.BY_NAME),
-    "dns_cache_stats": MapSpec("dns_cache_stats", MapType.ARRAY, 4, 8, 3,
-                               pinning=PinType.BY_NAME),
+    "dns_cache_stats": MapSpec("dns_cache_stats", MapType.ARRAY, 4, 8, 3, pinning=PinType.BY_NAME),
 }
 
 
 def test_prebuilt_objects_are_exactly_these() -> None:
     assert sorted(p.name for p in PREBUILT.glob("*.bpf.o")) == [
-        "dns_cache.bpf.o", "sockhash.bpf.o", "tc_shaper.bpf.o", "xdp_guard.bpf.o"
+        "dns_cache.bpf.o",
+        "sockhash.bpf.o",
+        "tc_shaper.bpf.o",
+        "xdp_guard.bpf.o",
     ]
 
 
@@ -95,9 +97,17 @@ def test_sockhash_spec() -> None:
     verdict = spec.programs["stream_verdict"]
     assert verdict.section == "sk_skb/stream_verdict"
     assert (verdict.type, verdict.attach_type, verdict.expected_attach_type) == (
-        ProgType.SK_SKB, AttachType.SK_SKB_STREAM_VERDICT, 5)
-    assert {r.map for r in verdict.references} == {"targets", "peer", "progress", "counters",
-                                                    "stops"}
+        ProgType.SK_SKB,
+        AttachType.SK_SKB_STREAM_VERDICT,
+        5,
+    )
+    assert {r.map for r in verdict.references} == {
+        "targets",
+        "peer",
+        "progress",
+        "counters",
+        "stops",
+    }
     assert all(r.kind == "map" for r in verdict.references)
 
 
@@ -119,9 +129,13 @@ def test_buildinfo_names_the_pinned_toolchain() -> None:
     assert lines[1].startswith("cflags: -O2 -g -Wall -Werror -target bpfel -mcpu=v3 ")
     assert "-ffile-prefix-map=<dir>/=" in lines[1]
     assert lines[2].startswith("headers: libbpf-dev ")
-    assert [line.split()[1] for line in lines[3:]] == ["shared.h", "sockhash.bpf.c",
-                                                       "xdp_guard.bpf.c", "tc_shaper.bpf.c",
-                                                       "dns_cache.bpf.c"]
+    assert [line.split()[1] for line in lines[3:]] == [
+        "shared.h",
+        "sockhash.bpf.c",
+        "xdp_guard.bpf.c",
+        "tc_shaper.bpf.c",
+        "dns_cache.bpf.c",
+    ]
 
 
 @pytest.mark.skipif(

@@ -13,8 +13,12 @@ pytestmark = pytest.mark.bpf
 
 PACKET = bytes(range(64))  # any 64 bytes: the programs do not parse the packet
 
-BPFTOOL_TYPES = {ProgType.XDP: "xdp", ProgType.SCHED_CLS: "sched_cls",
-                 ProgType.SOCKET_FILTER: "socket_filter", ProgType.SK_SKB: "sk_skb"}
+BPFTOOL_TYPES = {
+    ProgType.XDP: "xdp",
+    ProgType.SCHED_CLS: "sched_cls",
+    ProgType.SOCKET_FILTER: "socket_filter",
+    ProgType.SK_SKB: "sk_skb",
+}
 
 
 @pytest.mark.parametrize("obj", ["loader_test.bpf.o", "sockhash.bpf.o"])
@@ -71,8 +75,7 @@ def test_bad_program_gives_verifier_error_with_source_lines() -> None:
 def test_verifier_log_buffer_grows() -> None:
     spec = loader.load_collection_spec(DATA / "loader_test.bpf.o")
     with Collection.load(spec, programs=[]) as coll:
-        prog = Program.load(spec.programs["xdp_prog"], maps=coll.maps, log_level=2,
-                            log_size=256)
+        prog = Program.load(spec.programs["xdp_prog"], maps=coll.maps, log_level=2, log_size=256)
         with prog:
             assert len(prog.log) > 256
             assert "processed" in prog.log.splitlines()[-1] or "processed" in prog.log
@@ -105,8 +108,9 @@ def test_xdp_and_tc_test_run_values() -> None:
 
 def test_sk_skb_cannot_be_test_run() -> None:
     spec = loader.load_collection_spec(DATA / "sockhash.bpf.o")
-    with Collection.load(spec, programs=["stream_verdict"]) as coll, pytest.raises(
-        loader.NotSupportedError, match="real sockets"
+    with (
+        Collection.load(spec, programs=["stream_verdict"]) as coll,
+        pytest.raises(loader.NotSupportedError, match="real sockets"),
     ):
         coll.programs["stream_verdict"].test_run(PACKET)
 

@@ -173,7 +173,9 @@ def test_unprivileged_process_gets_the_capability_hint() -> None:
     )
     out = subprocess.run(
         ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c", code],
-        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(loader.__file__)),
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(loader.__file__)),
         check=False,
     )
     assert out.stdout.startswith("OK"), out.stderr

@@ -114,51 +114,89 @@ def test_validator_messages_carry_paths() -> None:
         ({}, ["(top level): no listener: set 'listen_addr' or 'listeners'"]),
         ([], ["(top level): expected object, got list"]),
         ({"listen_addr": "1.2.3.4"}, ["listen_addr: '1.2.3.4': expected 'host:port'"]),
-        ({"listen_addr": "eth0:80"}, ["listen_addr: 'eth0' does not appear to be an IPv4 or IPv6 address"]),
+        (
+            {"listen_addr": "eth0:80"},
+            ["listen_addr: 'eth0' does not appear to be an IPv4 or IPv6 address"],
+        ),
         (
             {"listen_addr": "0.0.0.0:1", "listeners": [{"host": "::", "port": 1}]},
             ["(top level): give either 'listen_addr' or 'listeners', not both"],
         ),
         ({"listen_addr": "0.0.0.0:1", "rules": {}}, ["rules: expected list, got object"]),
-        ({"listen_addr": "0.0.0.0:1", "listeners": [{}]}, [
-            "listeners[0].host: required key missing",
-            "listeners[0].port: required key missing",
-        ]),
-        ({"listen_addr": "0.0.0.0:1", "fallback_mode": "sometimes"}, [
-            'fallback_mode: expected one of "auto", "copy", "none", got "sometimes"'
-        ]),
-        ({"listen_addr": "0.0.0.0:1", "resolver": {"min_ttl": 10, "max_ttl": 1}}, [
-            "resolver.min_ttl: 10.0 is greater than max_ttl (1.0)"
-        ]),
-        ({"listen_addr": "0.0.0.0:1", "ebpf": {"sockmap": {"max_entries": 0}}}, [
-            "ebpf.sockmap.max_entries: must be greater than 0, got 0"
-        ]),
-        ({"listen_addr": "0.0.0.0:1", "status": {"listen": "x"}}, [
-            "status.listen: 'x': expected 'host:port'"
-        ]),
-        ({"listen_addr": "0.0.0.0:1", "rules": [
-            {"match": "a.test", "target": "a:b"}, {"match": "b.test", "target": "[::1"}]}, [
-            "rules[0].target: 'a:b': port must be a number from 1 to 65535",
-            "rules[1].target: '[::1': missing ']' after an IPv6 address",
-        ]),
-        ({"listeners": [{"host": "::", "port": 1, "proxy_protocol_from": ["lb"]}]}, [
-            "listeners[0].proxy_protocol_from[0]: 'lb' is not an IP network (CIDR)"
-        ]),
-        ({"listen_addr": "0.0.0.0:1", "forwarding": {"pipe_size": 8388608}}, [
-            "(top level): forwarding.pipe_size (8388608) exceeds ebpf.sockmap.max_in_flight "
-            "(4194304), the per-connection bound on bytes in flight in every mode: lower "
-            "pipe_size or raise max_in_flight"
-        ]),
-        ({"listen_addr": "0.0.0.0:1", "ebpf": {"xdp": {"mode": "turbo", "reject_quic": "no"}}}, [
-            'ebpf.xdp.mode: expected one of "auto", "native", "generic", got "turbo"',
-            "ebpf.xdp.reject_quic: expected true or false, got string",
-        ]),
-        ({"listen_addr": "0.0.0.0:1", "ebpf": {"xdp": {"flood_guard": {
-            "per_source_rate": 10, "per_source_burst": 0, "global_rate": -1}}}}, [
-            "ebpf.xdp.flood_guard.per_source_burst: must be at least 1 when per_source_rate "
-            "is set",
-            "ebpf.xdp.flood_guard.global_rate: must not be negative, got -1.0",
-        ]),
+        (
+            {"listen_addr": "0.0.0.0:1", "listeners": [{}]},
+            [
+                "listeners[0].host: required key missing",
+                "listeners[0].port: required key missing",
+            ],
+        ),
+        (
+            {"listen_addr": "0.0.0.0:1", "fallback_mode": "sometimes"},
+            ['fallback_mode: expected one of "auto", "copy", "none", got "sometimes"'],
+        ),
+        (
+            {"listen_addr": "0.0.0.0:1", "resolver": {"min_ttl": 10, "max_ttl": 1}},
+            ["resolver.min_ttl: 10.0 is greater than max_ttl (1.0)"],
+        ),
+        (
+            {"listen_addr": "0.0.0.0:1", "ebpf": {"sockmap": {"max_entries": 0}}},
+            ["ebpf.sockmap.max_entries: must be greater than 0, got 0"],
+        ),
+        (
+            {"listen_addr": "0.0.0.0:1", "status": {"listen": "x"}},
+            ["status.listen: 'x': expected 'host:port'"],
+        ),
+        (
+            {
+                "listen_addr": "0.0.0.0:1",
+                "rules": [
+                    {"match": "a.test", "target": "a:b"},
+                    {"match": "b.test", "target": "[::1"},
+                ],
+            },
+            [
+                "rules[0].target: 'a:b': port must be a number from 1 to 65535",
+                "rules[1].target: '[::1': missing ']' after an IPv6 address",
+            ],
+        ),
+        (
+            {"listeners": [{"host": "::", "port": 1, "proxy_protocol_from": ["lb"]}]},
+            ["listeners[0].proxy_protocol_from[0]: 'lb' is not an IP network (CIDR)"],
+        ),
+        (
+            {"listen_addr": "0.0.0.0:1", "forwarding": {"pipe_size": 8388608}},
+            [
+                "(top level): forwarding.pipe_size (8388608) exceeds ebpf.sockmap.max_in_flight "
+                "(4194304), the per-connection bound on bytes in flight in every mode: lower "
+                "pipe_size or raise max_in_flight"
+            ],
+        ),
+        (
+            {"listen_addr": "0.0.0.0:1", "ebpf": {"xdp": {"mode": "turbo", "reject_quic": "no"}}},
+            [
+                'ebpf.xdp.mode: expected one of "auto", "native", "generic", got "turbo"',
+                "ebpf.xdp.reject_quic: expected true or false, got string",
+            ],
+        ),
+        (
+            {
+                "listen_addr": "0.0.0.0:1",
+                "ebpf": {
+                    "xdp": {
+                        "flood_guard": {
+                            "per_source_rate": 10,
+                            "per_source_burst": 0,
+                            "global_rate": -1,
+                        }
+                    }
+                },
+            },
+            [
+                "ebpf.xdp.flood_guard.per_source_burst: must be at least 1 when per_source_rate "
+                "is set",
+                "ebpf.xdp.flood_guard.global_rate: must not be negative, got -1.0",
+            ],
+        ),
     ],
 )
 def test_bad_configs(data: Any, expected: list[str]) -> None:
@@ -175,9 +213,7 @@ def test_type_errors_and_value_errors_in_one_object_are_all_reported() -> None:
 def test_json_syntax_error_says_where() -> None:
     with pytest.raises(ConfigError) as info:
         load_config_text('{"listen_addr": }', source="my.json")
-    assert info.value.problems == [
-        "my.json: not valid JSON: Expecting value at line 1 column 17"
-    ]
+    assert info.value.problems == ["my.json: not valid JSON: Expecting value at line 1 column 17"]
 
 
 def test_rule_forms() -> None:

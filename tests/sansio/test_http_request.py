@@ -71,7 +71,9 @@ def test_absolute_form_with_matching_host_and_http10() -> None:
     data = b"GET http://A.test:80/x HTTP/1.0\r\nhost:a.test.\r\n\r\n"
     _kind, request, _ = both_ways(data)
     assert (request.target, request.http_version, request.host) == (
-        "http://A.test:80/x", "1.0", "a.test"
+        "http://A.test:80/x",
+        "1.0",
+        "a.test",
     )
 
 
@@ -82,34 +84,78 @@ def test_need_data_until_the_empty_line() -> None:
 @pytest.mark.parametrize(
     ("data", "cls", "status", "message"),
     [
-        (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(5), NotHttpError, 400,
-         "not HTTP: the connection starts with b'\\x16\\x03\\x01\\x00\\xa5\\x01\\x00\\x00\\xa1"
-         "\\x03\\x03\\x00\\x00\\x00\\x00\\x00' (looks like TLS: use a listener with protocol "
-         "\"tls\"); this listener expects a plain HTTP/1.x request"),
-        (b"GET / HTTP/1.1\r\nUser-Agent: x\r\n\r\n", MissingHostError, 400,
-         "HTTP/1.1 request without a Host header; this listener routes by Host"),
+        (
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(5),
+            NotHttpError,
+            400,
+            "not HTTP: the connection starts with b'\\x16\\x03\\x01\\x00\\xa5\\x01\\x00\\x00\\xa1"
+            "\\x03\\x03\\x00\\x00\\x00\\x00\\x00' (looks like TLS: use a listener with protocol "
+            '"tls"); this listener expects a plain HTTP/1.x request',
+        ),
+        (
+            b"GET / HTTP/1.1\r\nUser-Agent: x\r\n\r\n",
+            MissingHostError,
+            400,
+            "HTTP/1.1 request without a Host header; this listener routes by Host",
+        ),
         (b"GET /\r\n\r\n", MalformedRequestError, 400, "malformed request line b'GET /'"),
-        (b"GET / HTTP/2.0\r\nHost: a.test\r\n\r\n", MalformedRequestError, 400,
-         "HTTP/2.0 request; this listener routes HTTP/1.0 and HTTP/1.1 only"),
-        (b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n", MalformedRequestError, 400,
-         "CONNECT request: this listener routes plain HTTP by Host; it is not a forward proxy"),
-        (b"GET / HTTP/1.1\r\nHost: a.test\r\n folded\r\n\r\n", MalformedRequestError, 400,
-         "line 3 of the request head is an obs-fold continuation line, which RFC 9112 lets a "
-         "server refuse"),
-        (b"GET / HTTP/1.1\r\nHost a.test\r\n\r\n", MalformedRequestError, 400,
-         "line 2 of the request head is not a header field: b'Host a.test'"),
-        (b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n", InvalidHostError, 400,
-         "2 Host headers; RFC 9112 allows exactly one"),
-        (b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", InvalidHostError, 400,
-         "Host '[::1]:80' is an IP literal; this listener routes by name"),
-        (b"GET / HTTP/1.1\r\nHost: a.test:0\r\n\r\n", InvalidHostError, 400,
-         "Host 'a.test:0' has an invalid port"),
-        (b"GET http://b.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n", InvalidHostError, 400,
-         "the request target names 'b.test' but Host says 'a.test'"),
+        (
+            b"GET / HTTP/2.0\r\nHost: a.test\r\n\r\n",
+            MalformedRequestError,
+            400,
+            "HTTP/2.0 request; this listener routes HTTP/1.0 and HTTP/1.1 only",
+        ),
+        (
+            b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n",
+            MalformedRequestError,
+            400,
+            "CONNECT request: this listener routes plain HTTP by Host; it is not a forward proxy",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a.test\r\n folded\r\n\r\n",
+            MalformedRequestError,
+            400,
+            "line 3 of the request head is an obs-fold continuation line, which RFC 9112 lets a "
+            "server refuse",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost a.test\r\n\r\n",
+            MalformedRequestError,
+            400,
+            "line 2 of the request head is not a header field: b'Host a.test'",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+            InvalidHostError,
+            400,
+            "2 Host headers; RFC 9112 allows exactly one",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
+            InvalidHostError,
+            400,
+            "Host '[::1]:80' is an IP literal; this listener routes by name",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: a.test:0\r\n\r\n",
+            InvalidHostError,
+            400,
+            "Host 'a.test:0' has an invalid port",
+        ),
+        (
+            b"GET http://b.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            InvalidHostError,
+            400,
+            "the request target names 'b.test' but Host says 'a.test'",
+        ),
         (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", InvalidHostError, 400, None),
         (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", InvalidHostError, 400, None),
-        (b"GET / HTTP/1.1\r\nHost: a.te", MalformedRequestError, 400,
-         "connection closed after 26 bytes, before the request head was complete"),
+        (
+            b"GET / HTTP/1.1\r\nHost: a.te",
+            MalformedRequestError,
+            400,
+            "connection closed after 26 bytes, before the request head was complete",
+        ),
     ],
 )
 def test_refusals(data: bytes, cls: type[Exception], status: int, message: str | None) -> None:

@@ -335,11 +335,20 @@ def test_only_listed_networks_may_send_proxy_headers() -> None:
 
 
 def test_a_fixed_target_without_a_port_uses_the_listeners_target_port() -> None:
-    config = load_config({"listen_addr": "127.0.0.1:1", "rules": [
-        {"match": "a.test", "target": "192.0.2.7"}, {"match": "b.test", "target": "::1"},
-        {"match": "c.test", "target": "[2001:db8::1]:8443"}]})
+    config = load_config(
+        {
+            "listen_addr": "127.0.0.1:1",
+            "rules": [
+                {"match": "a.test", "target": "192.0.2.7"},
+                {"match": "b.test", "target": "::1"},
+                {"match": "c.test", "target": "[2001:db8::1]:8443"},
+            ],
+        }
+    )
     policy = Policy.from_config(config)
     routes = [policy.decide(name, 443) for name in ("a.test", "b.test", "c.test")]
     assert [(r.host, r.port) for r in routes] == [  # type: ignore[union-attr]
-        ("192.0.2.7", 443), ("::1", 443), ("2001:db8::1", 8443)
+        ("192.0.2.7", 443),
+        ("::1", 443),
+        ("2001:db8::1", 8443),
     ]

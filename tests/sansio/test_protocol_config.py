@@ -28,7 +28,9 @@ def test_defaults_keep_old_configs_as_they_were() -> None:
     assert (rule.via, rule.proxy_protocol) == (None, None)
     [listener] = config.effective_listeners
     assert (listener.protocol, listener.target_port, listener.accept_proxy_protocol) == (
-        "tls", 443, False
+        "tls",
+        443,
+        False,
     )
     dumped = dump_config(config)
     assert dumped["socks5"] is None
@@ -46,7 +48,9 @@ def test_http_listener_defaults_to_port_80_unless_told() -> None:
         }
     )
     assert [(li.protocol, li.target_port, li.accept_proxy_protocol) for li in config.listeners] == [
-        ("http", 80, False), ("http", 8000, False), ("tls", 443, True)
+        ("http", 80, False),
+        ("http", 8000, False),
+        ("tls", 443, True),
     ]
     assert Listener("127.0.0.1", 1, 8443) == Listener(host="127.0.0.1", port=1, target_port=8443)
 
@@ -71,11 +75,21 @@ def test_socks5_section_and_per_rule_choices() -> None:
 def test_every_problem_with_its_path() -> None:
     assert problems(
         {
-            "listeners": [{"host": "127.0.0.1", "port": 80, "protocol": "gopher",
-                           "accept_proxy_protocol": "yes"}],
+            "listeners": [
+                {
+                    "host": "127.0.0.1",
+                    "port": 80,
+                    "protocol": "gopher",
+                    "accept_proxy_protocol": "yes",
+                }
+            ],
             "rules": [{"suffix": "a.test", "via": "tor", "proxy_protocol": 2}],
-            "socks5": {"address": "proxy.example:1080", "password": "p", "remote_dns": 1,
-                       "user": "u"},
+            "socks5": {
+                "address": "proxy.example:1080",
+                "password": "p",
+                "remote_dns": 1,
+                "user": "u",
+            },
         }
     ) == [
         'listeners[0].protocol: expected one of "tls", "http", got "gopher"',
@@ -92,8 +106,9 @@ def test_every_problem_with_its_path() -> None:
         "socks5.address: 'proxy.example' is not an IP address; give the SOCKS5 server as "
         "'ip:port' or '[ipv6]:port'",
     ]
-    assert problems({**BASE, "socks5": {"address": "127.0.0.1", "username": "",
-                                        "password": "x" * 256}}) == [
+    assert problems(
+        {**BASE, "socks5": {"address": "127.0.0.1", "username": "", "password": "x" * 256}}
+    ) == [
         "socks5.address: '127.0.0.1': expected 'host:port'",
         "socks5.username: must be 1 to 255 bytes of UTF-8",
         "socks5.password: must be 1 to 255 bytes of UTF-8",
@@ -102,8 +117,9 @@ def test_every_problem_with_its_path() -> None:
 
 
 def test_via_socks5_needs_the_section() -> None:
-    assert problems({**BASE, "rules": [{"suffix": "a.test"}, {"match": "b.test",
-                                                             "via": "socks5"}]}) == [
+    assert problems(
+        {**BASE, "rules": [{"suffix": "a.test"}, {"match": "b.test", "via": "socks5"}]}
+    ) == [
         'rules[1]: "via": "socks5" needs a top-level "socks5" section with the SOCKS5 '
         "server's address"
     ]

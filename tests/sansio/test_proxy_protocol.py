@@ -34,8 +34,10 @@ V2_TCP4 = (
     b"\x21"  # version 2, command PROXY
     b"\x11"  # AF_INET, STREAM
     b"\x00\x0c"  # 12 bytes of addresses
-    b"\xc0\x00\x02\x0a" b"\xc6\x33\x64\x02"  # 192.0.2.10, 198.51.100.2
-    b"\xdc\x04" b"\x01\xbb"  # 56324, 443
+    b"\xc0\x00\x02\x0a"
+    b"\xc6\x33\x64\x02"  # 192.0.2.10, 198.51.100.2
+    b"\xdc\x04"
+    b"\x01\xbb"  # 56324, 443
 )
 V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
 
@@ -90,9 +92,7 @@ def test_mixed_families_travel_as_one() -> None:
     # A dual-stack listener reports IPv4 clients as mapped IPv6: both sides IPv4 -> TCP4.
     assert encode_v1(mapped, (ip("::ffff:198.51.100.2"), 443)) == encode_v1(SRC4, DST4)
     # A real IPv6 destination with an IPv4 client: the client goes in its mapped form.
-    assert encode_v1(SRC4, DST6) == (
-        b"PROXY TCP6 ::ffff:c000:20a 2001:db8::2 56324 8443\r\n"
-    )
+    assert encode_v1(SRC4, DST6) == (b"PROXY TCP6 ::ffff:c000:20a 2001:db8::2 56324 8443\r\n")
 
 
 @pytest.mark.parametrize(
@@ -139,7 +139,10 @@ def test_v1_unknown_and_v2_local_carry_no_address() -> None:
     ):
         _kind, event, _ = both_ways(data)
         assert (event.version, event.command, event.source, event.destination) == (
-            version, command, None, None
+            version,
+            command,
+            None,
+            None,
         )
 
 
@@ -163,45 +166,92 @@ def test_v2_unix_and_unspec_proxy_use_the_socket_peer() -> None:
 @pytest.mark.parametrize(
     ("data", "cls", "message"),
     [
-        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(8), MissingProxyHeaderError,
-         "no PROXY protocol header: the connection starts with "
-         "b'\\x16\\x03\\x01\\x02\\x00\\x01\\x00\\x01\\xfc\\x03\\x03\\x00\\x00\\x00\\x00\\x00' "
-         "(looks like TLS: is the load balancer sending PROXY headers?); this listener has "
-         "accept_proxy_protocol set and needs a v1 or v2 header first"),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", MissingProxyHeaderError,
-         "no PROXY protocol header: the connection starts with b'GET / HTTP/1.1\\r\\n' (looks "
-         "like plain HTTP: is the load balancer sending PROXY headers?); this listener has "
-         "accept_proxy_protocol set and needs a v1 or v2 header first"),
-        (b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n", BadProxyHeaderError,
-         "malformed PROXY v1 header b'PROXY TCP5 1.2.3.4 5.6.7.8 1 2\\r\\n'"),
-        (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", BadProxyHeaderError,
-         "malformed PROXY v1 header b'PROXY TCP4 1.2.3.4 5.6.7.8 01 2\\r\\n'"),
-        (b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", BadProxyHeaderError,
-         "PROXY v1 header with a port above 65535: b'PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\\r\\n'"),
-        (b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n", BadProxyHeaderError,
-         "PROXY v1 header with an invalid address '1.2.3.256'"),
-        (b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n", BadProxyHeaderError,
-         "PROXY v1 header says TCP4 but carries the IPv6 address ::1"),
-        (b"PROXY TCP6 " + b"1" * 100, BadProxyHeaderError,
-         "PROXY v1 header without CRLF in its first 107 bytes (the specification's maximum)"),
-        (V2_SIGNATURE + b"\x11\x11\x00\x0c" + bytes(12), BadProxyHeaderError,
-         "PROXY v2 header with version 1, expected 2"),
-        (V2_SIGNATURE + b"\x22\x11\x00\x0c" + bytes(12), BadProxyHeaderError,
-         "PROXY v2 header with command 0x2, expected 0 (LOCAL) or 1 (PROXY)"),
-        (V2_SIGNATURE + b"\x21\x12\x00\x0c" + bytes(12), BadProxyHeaderError,
-         "PROXY v2 header for a datagram connection (family 0x12) on a TCP listener"),
-        (V2_SIGNATURE + b"\x21\x41\x00\x00", BadProxyHeaderError,
-         "PROXY v2 header with unknown family 0x41"),
-        (V2_SIGNATURE + b"\x21\x11\x10\x01", BadProxyHeaderError,
-         "PROXY v2 header announces 4097 bytes of addresses and TLVs, more than the 4096 "
-         "accepted"),
-        (V2_SIGNATURE + b"\x21\x21\x00\x0c" + bytes(12), BadProxyHeaderError,
-         "PROXY v2 header announces 12 bytes, too few for the 36-byte addresses of family "
-         "0x21"),
-        (V2_SIGNATURE + b"\x21\x11\x00\x10" + bytes(12) + b"\x01\x00\x05\x00", BadProxyHeaderError,
-         "PROXY v2 TLV 0x01 claims 5 bytes, past the end of the header"),
-        (V2_SIGNATURE + b"\x21\x11\x00\x0e" + bytes(12) + b"\x01\x00", BadProxyHeaderError,
-         "PROXY v2 header has 2 stray bytes after its TLVs (a TLV needs at least 3)"),
+        (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(8),
+            MissingProxyHeaderError,
+            "no PROXY protocol header: the connection starts with "
+            "b'\\x16\\x03\\x01\\x02\\x00\\x01\\x00\\x01\\xfc\\x03\\x03\\x00\\x00\\x00\\x00\\x00' "
+            "(looks like TLS: is the load balancer sending PROXY headers?); this listener has "
+            "accept_proxy_protocol set and needs a v1 or v2 header first",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            MissingProxyHeaderError,
+            "no PROXY protocol header: the connection starts with b'GET / HTTP/1.1\\r\\n' (looks "
+            "like plain HTTP: is the load balancer sending PROXY headers?); this listener has "
+            "accept_proxy_protocol set and needs a v1 or v2 header first",
+        ),
+        (
+            b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
+            BadProxyHeaderError,
+            "malformed PROXY v1 header b'PROXY TCP5 1.2.3.4 5.6.7.8 1 2\\r\\n'",
+        ),
+        (
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+            BadProxyHeaderError,
+            "malformed PROXY v1 header b'PROXY TCP4 1.2.3.4 5.6.7.8 01 2\\r\\n'",
+        ),
+        (
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",
+            BadProxyHeaderError,
+            "PROXY v1 header with a port above 65535: b'PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\\r\\n'",
+        ),
+        (
+            b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n",
+            BadProxyHeaderError,
+            "PROXY v1 header with an invalid address '1.2.3.256'",
+        ),
+        (
+            b"PROXY TCP4 ::1 5.6.7.8 1 2\r\n",
+            BadProxyHeaderError,
+            "PROXY v1 header says TCP4 but carries the IPv6 address ::1",
+        ),
+        (
+            b"PROXY TCP6 " + b"1" * 100,
+            BadProxyHeaderError,
+            "PROXY v1 header without CRLF in its first 107 bytes (the specification's maximum)",
+        ),
+        (
+            V2_SIGNATURE + b"\x11\x11\x00\x0c" + bytes(12),
+            BadProxyHeaderError,
+            "PROXY v2 header with version 1, expected 2",
+        ),
+        (
+            V2_SIGNATURE + b"\x22\x11\x00\x0c" + bytes(12),
+            BadProxyHeaderError,
+            "PROXY v2 header with command 0x2, expected 0 (LOCAL) or 1 (PROXY)",
+        ),
+        (
+            V2_SIGNATURE + b"\x21\x12\x00\x0c" + bytes(12),
+            BadProxyHeaderError,
+            "PROXY v2 header for a datagram connection (family 0x12) on a TCP listener",
+        ),
+        (
+            V2_SIGNATURE + b"\x21\x41\x00\x00",
+            BadProxyHeaderError,
+            "PROXY v2 header with unknown family 0x41",
+        ),
+        (
+            V2_SIGNATURE + b"\x21\x11\x10\x01",
+            BadProxyHeaderError,
+            "PROXY v2 header announces 4097 bytes of addresses and TLVs, more than the 4096 "
+            "accepted",
+        ),
+        (
+            V2_SIGNATURE + b"\x21\x21\x00\x0c" + bytes(12),
+            BadProxyHeaderError,
+            "PROXY v2 header announces 12 bytes, too few for the 36-byte addresses of family 0x21",
+        ),
+        (
+            V2_SIGNATURE + b"\x21\x11\x00\x10" + bytes(12) + b"\x01\x00\x05\x00",
+            BadProxyHeaderError,
+            "PROXY v2 TLV 0x01 claims 5 bytes, past the end of the header",
+        ),
+        (
+            V2_SIGNATURE + b"\x21\x11\x00\x0e" + bytes(12) + b"\x01\x00",
+            BadProxyHeaderError,
+            "PROXY v2 header has 2 stray bytes after its TLVs (a TLV needs at least 3)",
+        ),
     ],
 )
 def test_bad_headers(data: bytes, cls: type[Exception], message: str) -> None:
@@ -221,8 +271,7 @@ def test_eof_inside_a_header(data: bytes) -> None:
         "error",
         BadProxyHeaderError,
         "bad_proxy_header",
-        f"connection closed after {len(data)} bytes, before the PROXY protocol header was "
-        "complete",
+        f"connection closed after {len(data)} bytes, before the PROXY protocol header was complete",
     )
 
 

@@ -158,20 +158,42 @@ def test_wrong_password() -> None:
 @pytest.mark.parametrize(
     ("make", "server", "message"),
     [
-        (name_client, b"HTTP/1.1 400", "not a SOCKS5 server: its first reply starts with b'HT' "
-         "(version 72, expected 5)"),
-        (name_client, b"\x05\x02", "SOCKS5 server chose method username/password (0x02), which "
-         "we did not offer"),
-        (name_client, b"\x05\x01", "SOCKS5 server chose method GSSAPI (0x01), which we did not "
-         "offer"),
-        (auth_client, b"\x05\x02\x05\x00", "SOCKS5 server answered the username/password "
-         "request with version 5, expected 1 (RFC 1929)"),
-        (name_client, b"\x05\x00\x04\x00", "SOCKS5 server's CONNECT reply has version 4, "
-         "expected 5"),
-        (name_client, b"\x05\x00\x05\x00\x01\x01", "SOCKS5 server's CONNECT reply has reserved "
-         "byte 0x01, expected 0"),
-        (name_client, b"\x05\x00\x05\x00\x00\x02", "SOCKS5 server's CONNECT reply has unknown "
-         "address type 0x02"),
+        (
+            name_client,
+            b"HTTP/1.1 400",
+            "not a SOCKS5 server: its first reply starts with b'HT' (version 72, expected 5)",
+        ),
+        (
+            name_client,
+            b"\x05\x02",
+            "SOCKS5 server chose method username/password (0x02), which we did not offer",
+        ),
+        (
+            name_client,
+            b"\x05\x01",
+            "SOCKS5 server chose method GSSAPI (0x01), which we did not offer",
+        ),
+        (
+            auth_client,
+            b"\x05\x02\x05\x00",
+            "SOCKS5 server answered the username/password "
+            "request with version 5, expected 1 (RFC 1929)",
+        ),
+        (
+            name_client,
+            b"\x05\x00\x04\x00",
+            "SOCKS5 server's CONNECT reply has version 4, expected 5",
+        ),
+        (
+            name_client,
+            b"\x05\x00\x05\x00\x01\x01",
+            "SOCKS5 server's CONNECT reply has reserved byte 0x01, expected 0",
+        ),
+        (
+            name_client,
+            b"\x05\x00\x05\x00\x00\x02",
+            "SOCKS5 server's CONNECT reply has unknown address type 0x02",
+        ),
     ],
 )
 def test_protocol_violations(make: Any, server: bytes, message: str) -> None:
@@ -224,10 +246,14 @@ def test_need_data_until_complete_and_results_repeat() -> None:
         ({"host": "a" * 256, "port": 443}, "SOCKS5 cannot carry a 256-byte host name (1 to 255)"),
         ({"host": "x.test", "port": 0}, "port must be from 1 to 65535, not 0"),
         ({"host": "x.test", "port": 1, "username": "u"}, "give both username and password"),
-        ({"host": "x.test", "port": 1, "username": "", "password": "p"},
-         "the SOCKS5 username must be 1 to 255 bytes of UTF-8"),
-        ({"host": "x.test", "port": 1, "username": "u", "password": "é" * 128},
-         "the SOCKS5 password must be 1 to 255 bytes of UTF-8"),
+        (
+            {"host": "x.test", "port": 1, "username": "", "password": "p"},
+            "the SOCKS5 username must be 1 to 255 bytes of UTF-8",
+        ),
+        (
+            {"host": "x.test", "port": 1, "username": "u", "password": "é" * 128},
+            "the SOCKS5 password must be 1 to 255 bytes of UTF-8",
+        ),
     ],
 )
 def test_requests_socks5_cannot_carry(kwargs: dict[str, Any], message: str) -> None:

@@ -42,13 +42,16 @@ def test_duplicates_collapse() -> None:
     assert len(lpm_keys(["10.0.0.1/8", "10.0.0.0/8"])) == 1
 
 
-@pytest.mark.parametrize(("rate", "burst", "expected"), [
-    (0, 100, (0, 0)),
-    (100, 200, (10_000_000, 2_000_000_000)),
-    (0.5, 3, (2_000_000_000, 6_000_000_000)),
-    (1e12, 1, (1, 1)),  # faster than 1 per ns is 1 per ns
-    (1e-12, 10**6, (1 << 62, 1 << 62)),  # slower than "never" fits in a u64 still
-])
+@pytest.mark.parametrize(
+    ("rate", "burst", "expected"),
+    [
+        (0, 100, (0, 0)),
+        (100, 200, (10_000_000, 2_000_000_000)),
+        (0.5, 3, (2_000_000_000, 6_000_000_000)),
+        (1e12, 1, (1, 1)),  # faster than 1 per ns is 1 per ns
+        (1e-12, 10**6, (1 << 62, 1 << 62)),  # slower than "never" fits in a u64 still
+    ],
+)
 def test_gcra(rate: float, burst: int, expected: tuple[int, int]) -> None:
     assert gcra(rate, burst) == expected
 
@@ -56,7 +59,8 @@ def test_gcra(rate: float, burst: int, expected: tuple[int, int]) -> None:
 def test_guard_settings() -> None:
     fg = FloodGuard(per_source_rate=10, per_source_burst=20, global_rate=1000, global_burst=50)
     assert guard_settings(Clients(), fg, reject_quic=False) == GuardSettings(
-        0, 100_000_000, 2_000_000_000, 1_000_000, 50_000_000)
+        0, 100_000_000, 2_000_000_000, 1_000_000, 50_000_000
+    )
     flags = guard_settings(Clients(allow=("::/0",)), fg, reject_quic=True).flags
     assert flags == FLAG_ALLOW_LIST | FLAG_REJECT_QUIC
     assert guard_settings(Clients(deny=("::/0",)), fg, reject_quic=False).flags == 0

@@ -561,8 +561,9 @@ async def test_lookup_order_is_local_then_shared_then_dns(
     assert dns_server.query_count("a.test") == 2
     assert set(shared.entries) == {"a.test"}  # written to both tiers
     await trio.sleep_until(30)
-    assert await two.resolve("a.test") == ips("192.0.2.1", "192.0.2.2", "2001:db8::1",
-                                              "2001:db8::2")  # ordered for two's family
+    assert await two.resolve("a.test") == ips(
+        "192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2"
+    )  # ordered for two's family
     assert dns_server.query_count("a.test") == 2
     lookups = shared.lookups
     await trio.sleep_until(59.999)

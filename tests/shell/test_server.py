@@ -38,7 +38,9 @@ class FlakyListener(trio.abc.Listener[trio.SocketStream]):
 async def test_overload_errors_back_off_and_retry(autojump_clock: trio.testing.MockClock) -> None:
     proxy = Proxy(load_config(CONFIG), access_log=lambda record: None)
     [real] = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    overloads = [OSError(e, "overloaded") for e in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)]
+    overloads = [
+        OSError(e, "overloaded") for e in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+    ]
     flaky = FlakyListener(real, overloads)
     spec = Listener(host="127.0.0.1", port=0)
     try:

@@ -270,9 +270,16 @@ def test_tc_is_unavailable_when_enabled_until_the_shaper_reports() -> None:
     status = acceleration_from_config(config)
     assert status.features["tc"] == "unavailable"
     assert status.reasons["tc"] == NOT_STARTED
-    running = acceleration_from_config(config, reports={"tc": FeatureReport(
-        "active", maps={"tc_buckets": MapStatus(entries=2, max_entries=65536)},
-        counters={"tc_bytes_dropped_normal": 7})})
+    running = acceleration_from_config(
+        config,
+        reports={
+            "tc": FeatureReport(
+                "active",
+                maps={"tc_buckets": MapStatus(entries=2, max_entries=65536)},
+                counters={"tc_bytes_dropped_normal": 7},
+            )
+        },
+    )
     assert running.features["tc"] == "active"
     assert "tc" not in running.reasons
     assert running.counters == {"tc_bytes_dropped_normal": 7}
@@ -303,7 +310,8 @@ def test_sockmap_follows_the_chosen_forwarder() -> None:
 def test_feature_reports_replace_the_config_guess_and_add_maps_and_counters() -> None:
     reports = {
         "dns_cache": FeatureReport(
-            "active", maps={"dns_cache": MapStatus(entries=5, max_entries=10, hit_rate=0.5)},
+            "active",
+            maps={"dns_cache": MapStatus(entries=5, max_entries=10, hit_rate=0.5)},
             counters={"dns_cache_hits": 3},
         ),
         "xdp": FeatureReport("unavailable", reason="native XDP refused by eth9"),
@@ -336,8 +344,13 @@ def test_acceleration_status_demands_every_feature_and_a_reason_for_each_inactiv
 
 def record(**fields: object) -> dict[str, object]:
     base: dict[str, object] = {
-        "mode": "copy", "rule": "a", "reason": "normal", "bytes_to_upstream": 0,
-        "bytes_to_client": 0, "duration": 0.0, "hello_size": None,
+        "mode": "copy",
+        "rule": "a",
+        "reason": "normal",
+        "bytes_to_upstream": 0,
+        "bytes_to_client": 0,
+        "duration": 0.0,
+        "hello_size": None,
     }
     return {**base, **fields}
 
@@ -467,13 +480,15 @@ def test_the_stats_switch_leaves_the_per_cpu_counters_out() -> None:
     }
     on = acceleration_from_config(
         load_config({**CONFIG, "ebpf": {"xdp": {"enabled": True}}}),
-        sockmap_report=(2, {"redirect_failures": 1}), reports=reports,
+        sockmap_report=(2, {"redirect_failures": 1}),
+        reports=reports,
     )
     assert on.features["stats"] == "active"
     assert on.counters == {"sockmap_redirect_failures": 1, "xdp_passed": 5, "dns_cache_hits": 3}
     off = acceleration_from_config(
         load_config({**CONFIG, "ebpf": {"xdp": {"enabled": True}, "stats": {"enabled": False}}}),
-        sockmap_report=(2, {"redirect_failures": 1}), reports=reports,
+        sockmap_report=(2, {"redirect_failures": 1}),
+        reports=reports,
     )
     assert off.features["stats"] == "disabled"
     assert off.counters == {"dns_cache_hits": 3}  # a process counter, not a per-CPU map

@@ -162,21 +162,24 @@ class SharedDnsCache:
             spec = prebuilt_spec("dns_cache.bpf.o", (CACHE_MAP, STATS_MAP), [STAT_PROGRAM])
         except (OSError, loader.LoaderError) as exc:
             raise SharedCacheUnavailable(f"cannot read dns_cache.bpf.o: {exc}") from None
-        spec = spec.copy(maps={**spec.maps,
-                               CACHE_MAP: spec.maps[CACHE_MAP].copy(max_entries=max_entries)})
+        spec = spec.copy(
+            maps={**spec.maps, CACHE_MAP: spec.maps[CACHE_MAP].copy(max_entries=max_entries)}
+        )
         try:
             loader.ensure_bpffs(pin_path)
         except PermissionError as exc:
             raise SharedCacheUnavailable(
                 f"cannot create {pin_path}: {exc.strerror} (needs root or CAP_BPF, and "
-                f"CAP_SYS_ADMIN to mount bpffs; uid {os.geteuid()})") from None
+                f"CAP_SYS_ADMIN to mount bpffs; uid {os.geteuid()})"
+            ) from None
         except OSError as exc:
             raise SharedCacheUnavailable(f"cannot create {pin_path}: {exc}") from None
         filesystem = _filesystem_of(pin_path)
         if filesystem != "bpf":
             raise SharedCacheUnavailable(
                 f"{pin_path} is on {filesystem}, not on a bpffs (mount -t bpf bpf /sys/fs/bpf, "
-                "or point ebpf.dns_cache.pin_path into one)")
+                "or point ebpf.dns_cache.pin_path into one)"
+            )
         try:
             with _locked(pin_path):
                 replaced = _discard_unusable(spec, pin_path)
@@ -190,7 +193,8 @@ class SharedDnsCache:
                     raise
         except PermissionError as exc:
             raise SharedCacheUnavailable(
-                f"not permitted: {exc} (needs root or CAP_BPF; uid {os.geteuid()})") from None
+                f"not permitted: {exc} (needs root or CAP_BPF; uid {os.geteuid()})"
+            ) from None
         except (OSError, loader.LoaderError) as exc:
             raise SharedCacheUnavailable(f"map creation failed: {exc}") from None
         return cls(collection, pin_path=pin_path, replaced=replaced, clock=clock)
@@ -241,7 +245,10 @@ class SharedDnsCache:
         return record, left_ns / 1e9
 
     def put(
-        self, name: str, addresses: tuple[dns_record.IPAddress, ...], ttl: float,
+        self,
+        name: str,
+        addresses: tuple[dns_record.IPAddress, ...],
+        ttl: float,
         families: Families,
     ) -> None:
         """Share an answer for ``ttl`` seconds (nothing happens for ttl <= 0, no addresses,
@@ -291,8 +298,7 @@ class SharedDnsCache:
             self._failed("delete", exc)
 
     def _add(self, stat: Stat, delta: int) -> None:
-        result = self._counter.test_run(
-            bytes(_ETH_HLEN) + dns_record.STAT_ADD.pack(stat, 0, delta))
+        result = self._counter.test_run(bytes(_ETH_HLEN) + dns_record.STAT_ADD.pack(stat, 0, delta))
         if result.retval != 1:
             raise OSError(errno.EIO, f"{STAT_PROGRAM} did not count {stat.name}")
 
@@ -319,8 +325,12 @@ class SharedDnsCache:
         else:
             self._evictions = max(self._evictions, inserts - deletes - entries)
         return SharedCacheStatistics(
-            entries=entries, max_entries=self.max_entries, hits=self.hits,
-            misses=self.misses, evictions=self._evictions, corrupt=self.corrupt,
+            entries=entries,
+            max_entries=self.max_entries,
+            hits=self.hits,
+            misses=self.misses,
+            evictions=self._evictions,
+            corrupt=self.corrupt,
             errors=self.errors,
         )
 
@@ -394,8 +404,9 @@ def _discard_unusable(spec: loader.CollectionSpec, pin_path: str) -> str | None:
             if name == STATS_MAP:
                 layout = _read_u64(pinned, Stat.LAYOUT)
                 if layout != dns_record.LAYOUT_VERSION:
-                    problems.append(f"{name}: layout version {layout}, expected "
-                                    f"{dns_record.LAYOUT_VERSION}")
+                    problems.append(
+                        f"{name}: layout version {layout}, expected {dns_record.LAYOUT_VERSION}"
+                    )
     if found == 0 or not problems:
         return None  # nothing pinned yet, or all good
     for name in (CACHE_MAP, STATS_MAP):

@@ -34,9 +34,7 @@ def object_bytes(name: str) -> bytes:
     return path.read_bytes()
 
 
-def prebuilt_spec(
-    name: str, maps: Iterable[str], programs: Iterable[str]
-) -> loader.CollectionSpec:
+def prebuilt_spec(name: str, maps: Iterable[str], programs: Iterable[str]) -> loader.CollectionSpec:
     """The spec of prebuilt object ``name``, checked to have the ``maps`` and ``programs`` its
     user needs (a stale or foreign object fails here, with what it lacks, not later).
 

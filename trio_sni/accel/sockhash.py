@@ -120,8 +120,7 @@ class SockhashSplice:
         spec = prebuilt_spec("sockhash.bpf.o", SOCKHASH_MAPS, [SOCKHASH_PROGRAM])
         # Two sockets per connection in each sockhash, two entries per connection in each hash.
         maps = {
-            name: (m.copy(max_entries=2 * max_entries) if name not in ("counters", "stops")
-                   else m)
+            name: (m.copy(max_entries=2 * max_entries) if name not in ("counters", "stops") else m)
             for name, m in spec.maps.items()
         }
         spec = spec.copy(maps=maps)

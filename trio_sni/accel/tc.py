@@ -92,8 +92,9 @@ class TcShaper:
         ports = sorted(set(ports))
         spec = prebuilt_spec("tc_shaper.bpf.o", TC_MAPS, [TC_PROGRAM])
         if len(ports) > spec.maps["ports"].max_entries:  # a proxy with very many listeners
-            spec = spec.copy(maps={**spec.maps, "ports": spec.maps["ports"].copy(
-                max_entries=len(ports))})
+            spec = spec.copy(
+                maps={**spec.maps, "ports": spec.maps["ports"].copy(max_entries=len(ports))}
+            )
         shaper = cls(loader.Collection.load(spec), config.interface)
         try:
             for port in ports:

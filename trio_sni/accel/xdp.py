@@ -37,8 +37,17 @@ log = logging.getLogger("trio_sni.accel.xdp")
 
 OBJECT = "xdp_guard.bpf.o"
 PROGRAM = "xdp_guard"
-MAPS = ("allow_v4", "allow_v6", "deny_v4", "deny_v6", "ports", "config", "syn_sources",
-        "syn_global", "counters")
+MAPS = (
+    "allow_v4",
+    "allow_v6",
+    "deny_v4",
+    "deny_v6",
+    "ports",
+    "config",
+    "syn_sources",
+    "syn_global",
+    "counters",
+)
 
 #: ``struct guard_config {u32 flags; u32 _pad; u64 syn_interval_ns; u64 syn_burst_ns;
 #: u64 global_interval_ns; u64 global_burst_ns;}``
@@ -62,8 +71,15 @@ class XdpCounter(enum.IntEnum):
 
 
 #: The drop reasons among the counters (``xdp_dropped_<reason>`` in the reports).
-DROP_REASONS = frozenset({XdpCounter.NOT_ALLOWED, XdpCounter.DENIED, XdpCounter.SYN_FLOOD,
-                          XdpCounter.SYN_FLOOD_GLOBAL, XdpCounter.QUIC})
+DROP_REASONS = frozenset(
+    {
+        XdpCounter.NOT_ALLOWED,
+        XdpCounter.DENIED,
+        XdpCounter.SYN_FLOOD,
+        XdpCounter.SYN_FLOOD_GLOBAL,
+        XdpCounter.QUIC,
+    }
+)
 
 
 def counter_key(counter: XdpCounter) -> str:
@@ -156,8 +172,9 @@ class XdpGuard:
         except loader.BPFSyscallError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ERANGE, errno.ENOMEM):
                 raise  # EBUSY (another program), EPERM: generic mode would fail the same way
-            log.info("XDP on %s: native mode refused (%s); using generic mode",
-                     config.interface, exc)
+            log.info(
+                "XDP on %s: native mode refused (%s); using generic mode", config.interface, exc
+            )
             self._link = loader.attach_xdp(program, config.interface, mode="generic")
             self.mode = "generic"
 
@@ -170,8 +187,12 @@ class XdpGuard:
         """
         allow, deny = lpm_keys(clients.allow), lpm_keys(clients.deny)
         settings = guard_settings(clients, config.flood_guard, reject_quic=config.reject_quic)
-        tries = (("allow_v4", self._allow.v4, allow.v4), ("allow_v6", self._allow.v6, allow.v6),
-                 ("deny_v4", self._deny.v4, deny.v4), ("deny_v6", self._deny.v6, deny.v6))
+        tries = (
+            ("allow_v4", self._allow.v4, allow.v4),
+            ("allow_v6", self._allow.v6, allow.v6),
+            ("deny_v4", self._deny.v4, deny.v4),
+            ("deny_v6", self._deny.v6, deny.v6),
+        )
         for name, old, new in tries:
             for key in new - old:
                 self._update_entry(name, key)
@@ -193,8 +214,9 @@ class XdpGuard:
             raise
 
     def _write_settings(self, s: GuardSettings) -> None:
-        value = GUARD_CONFIG.pack(s.flags, 0, s.syn_interval_ns, s.syn_burst_ns,
-                                  s.global_interval_ns, s.global_burst_ns)
+        value = GUARD_CONFIG.pack(
+            s.flags, 0, s.syn_interval_ns, s.syn_burst_ns, s.global_interval_ns, s.global_burst_ns
+        )
         self.maps["config"].update(b"\0\0\0\0", value)
 
     def counters(self) -> dict[str, int]:
@@ -204,9 +226,13 @@ class XdpGuard:
 
     def status(self) -> XdpStatus:
         return XdpStatus(
-            interface=self.interface, mode=self.mode, allow_entries=len(self._allow),
-            deny_entries=len(self._deny), list_capacity=self.maps["allow_v4"].spec.max_entries,
-            ports=self.ports, counters=self.counters(),
+            interface=self.interface,
+            mode=self.mode,
+            allow_entries=len(self._allow),
+            deny_entries=len(self._deny),
+            list_capacity=self.maps["allow_v4"].spec.max_entries,
+            ports=self.ports,
+            counters=self.counters(),
         )
 
     def link_info(self) -> loader.links.LinkInfo | None:

@@ -94,12 +94,16 @@ def _ip_address(instance: object, attribute: attrs.Attribute[str], value: str) -
         raise ValueError(f"{attribute.name}: {value!r} is not an IP address") from None
 
 
-def _cidrs(instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+def _cidrs(
+    instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
     for i, text in enumerate(value):
         try:
             ipaddress.ip_network(text, strict=False)
         except ValueError:
-            raise ValueError(f"{attribute.name}[{i}]: {text!r} is not an IP network (CIDR)") from None
+            raise ValueError(
+                f"{attribute.name}[{i}]: {text!r} is not an IP network (CIDR)"
+            ) from None
 
 
 @attrs.frozen
@@ -123,9 +127,7 @@ class Listener:
     # declared before target_port because target_port's default depends on it.
     protocol: ListenerProtocol = attrs.field(default="tls", kw_only=True)
     target_port: int = attrs.field(
-        default=attrs.Factory(
-            lambda self: 80 if self.protocol == "http" else 443, takes_self=True
-        ),
+        default=attrs.Factory(lambda self: 80 if self.protocol == "http" else 443, takes_self=True),
         validator=_port,
     )
     name: str = ""
@@ -146,7 +148,9 @@ class Listener:
         return f"{host}:{self.port}"
 
 
-def _check_target(instance: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+def _check_target(
+    instance: object, attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
     if value is None:
         return
     try:
@@ -270,7 +274,9 @@ class Timeouts:
     drain: float = attrs.field(default=30.0, validator=_non_negative)
 
 
-def _nameservers(instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+def _nameservers(
+    instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
+) -> None:
     for i, text in enumerate(value):
         host, _ = parse_host_port(text, default_port=53)
         try:
@@ -279,7 +285,11 @@ def _nameservers(instance: object, attribute: attrs.Attribute[tuple[str, ...]], 
             raise ValueError(f"nameservers[{i}]: {text!r} is not an IP address[:port]") from None
 
 
-def _hosts(instance: object, attribute: attrs.Attribute[dict[str, tuple[str, ...]]], value: dict[str, tuple[str, ...]]) -> None:
+def _hosts(
+    instance: object,
+    attribute: attrs.Attribute[dict[str, tuple[str, ...]]],
+    value: dict[str, tuple[str, ...]],
+) -> None:
     for name, addresses in value.items():
         if not is_valid_hostname(name.lower().rstrip(".")):
             raise ValueError(f"hosts: {name!r} is not a host name")
@@ -541,7 +551,9 @@ class EbpfConfig:
     stats: StatsConfig = StatsConfig()
 
 
-def _credential(instance: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+def _credential(
+    instance: object, attribute: attrs.Attribute[str | None], value: str | None
+) -> None:
     # RFC 1929: one length byte, and zero-length fields are not allowed.
     if value is not None and not 1 <= len(value.encode("utf-8")) <= 255:
         raise ValueError(f"{attribute.name}: must be 1 to 255 bytes of UTF-8")
@@ -615,7 +627,7 @@ class Config:
             for i, rule in enumerate(self.rules):
                 if rule.via == "socks5":
                     raise ValueError(
-                        f"rules[{i}]: \"via\": \"socks5\" needs a top-level \"socks5\" "
+                        f'rules[{i}]: "via": "socks5" needs a top-level "socks5" '
                         "section with the SOCKS5 server's address"
                     )
         if self.forwarding.pipe_size > self.ebpf.sockmap.max_in_flight:

@@ -205,7 +205,9 @@ def _problems(exc: BaseException, path: str) -> list[str]:
         type(note).__name__ == "AttributeValidationNote" for note in getattr(exc, "__notes__", [])
     ):
         return [f"{path}: required key missing"]
-    message = str(exc) if isinstance(exc, _WrongType | ValueError) else f"{type(exc).__name__}: {exc}"
+    message = (
+        str(exc) if isinstance(exc, _WrongType | ValueError) else f"{type(exc).__name__}: {exc}"
+    )
     field_match = _FIELD_PREFIX.match(message)
     if field_match:
         # Validators say "port: must be ..."; hang that field under the current path.
@@ -268,7 +270,9 @@ def load_config_text(text: str, *, source: str = "<config>") -> Config:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError([f"{source}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]) from None
+        raise ConfigError(
+            [f"{source}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]
+        ) from None
     return load_config(data)
 
 

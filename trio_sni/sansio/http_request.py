@@ -194,8 +194,7 @@ class HttpRequestReader(BufferedReader[HttpRequest]):
 
     def _truncated(self) -> HttpRequestError:
         return MalformedRequestError(
-            f"connection closed after {len(self._buf)} bytes, before the request head "
-            "was complete"
+            f"connection closed after {len(self._buf)} bytes, before the request head was complete"
         )
 
     def _sniff(self) -> None:
@@ -271,9 +270,7 @@ def _parse_head(raw: bytes) -> HttpRequest:
     if absolute is not None:
         uri_host, _ = _parse_host(absolute[1])
         if uri_host != host:
-            raise InvalidHostError(
-                f"the request target names {uri_host!r} but Host says {host!r}"
-            )
+            raise InvalidHostError(f"the request target names {uri_host!r} but Host says {host!r}")
     return HttpRequest(
         method=method,
         target=target,

@@ -362,8 +362,7 @@ def _walk_tlvs(body: bytes, offset: int) -> tuple[int, ...]:
         length = int.from_bytes(body[offset + 1 : offset + 3], "big")
         if offset + 3 + length > len(body):
             raise BadProxyHeaderError(
-                f"PROXY v2 TLV 0x{tlv_type:02x} claims {length} bytes, past the end of the "
-                "header"
+                f"PROXY v2 TLV 0x{tlv_type:02x} claims {length} bytes, past the end of the header"
             )
         types.append(tlv_type)
         offset += 3 + length

@@ -246,9 +246,7 @@ class Socks5Client:
                 if not 0 < len(value) <= MAX_CREDENTIAL_LEN:
                     raise ValueError(f"the SOCKS5 {what} must be 1 to 255 bytes of UTF-8")
             self._credentials = (user, secret)
-        self._target = (
-            f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-        )
+        self._target = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
         self._request = (
             bytes([VERSION, CMD_CONNECT, 0]) + _encode_destination(host) + port.to_bytes(2, "big")
         )

@@ -51,8 +51,10 @@ def lpm_keys(cidrs: Iterable[str]) -> LpmKeys:
         net: ipaddress.IPv4Network | ipaddress.IPv6Network = ipaddress.ip_network(
             text, strict=False
         )
-        if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(
-            _IPV4_MAPPED
+        if (
+            isinstance(net, ipaddress.IPv6Network)
+            and net.prefixlen >= 96
+            and net.subnet_of(_IPV4_MAPPED)
         ):
             net = ipaddress.IPv4Network((int(net.network_address) & 0xFFFFFFFF, net.prefixlen - 96))
         key = net.prefixlen.to_bytes(4, "little") + net.network_address.packed

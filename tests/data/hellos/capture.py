@@ -224,11 +224,19 @@ def chromium_client(port: int) -> str:
 
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         argv = [
-            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={profile}",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
             "--host-resolver-rules=MAP chromium.example.test 127.0.0.1",
-            "--dump-dom", "https://chromium.example.test:PORT/",
+            "--dump-dom",
+            "https://chromium.example.test:PORT/",
         ]
         argv = [a.replace("PORT", str(port)) for a in argv]
         # Chromium keeps retrying after the failed handshake; a few seconds is plenty for the
