@@ -229,15 +229,15 @@ def paced(
     buf = bytearray(1 << 20)
     while open_count:
         for key, _ in sel.select(timeout=5):
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
             try:
-                n = s.recv_into(buf)
+                n = ready.recv_into(buf)
             except BlockingIOError:
                 continue
             if n == 0:
-                sel.unregister(s)
-                s.close()
+                sel.unregister(ready)
+                ready.close()
                 open_count -= 1
             total += n
     return total
@@ -315,7 +315,7 @@ def main() -> None:
         return
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     modes = args.modes.split(",")
     backend = subprocess.Popen(

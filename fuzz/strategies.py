@@ -10,7 +10,7 @@ tests, so each failure shrinks to a small, readable hello (hypothesis'
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 from hypothesis import provisional
@@ -256,7 +256,8 @@ class GeneratedProxyHeader:
 def proxy_headers(draw: st.DrawFn) -> GeneratedProxyHeader:
     """v1 or v2 headers for TCP4/TCP6 or without addresses; v2 ones with random TLVs."""
     version = draw(st.sampled_from([1, 2]))
-    family = draw(st.sampled_from([4, 6, None]))
+    families: list[Literal[4, 6] | None] = [4, 6, None]
+    family = draw(st.sampled_from(families))
     if family is None:
         source = destination = None
     else:

@@ -72,7 +72,9 @@ def test_prebuilt_object_is_found_and_checked() -> None:
     spec = objects.prebuilt_spec("sockhash.bpf.o", layout.SOCKHASH_MAPS, [layout.SOCKHASH_PROGRAM])
     assert set(layout.SOCKHASH_MAPS) <= set(spec.maps)
     assert layout.SOCKHASH_PROGRAM in spec.programs
-    with pytest.raises(loader.LoaderError, match="sockhash.bpf.o lacks no_such_map, no_such_pro"):
+    with pytest.raises(
+        loader.LoaderError, match=r"sockhash\.bpf\.o lacks no_such_map, no_such_pro"
+    ):
         objects.prebuilt_spec("sockhash.bpf.o", ["no_such_map"], ["no_such_program"])
 
 

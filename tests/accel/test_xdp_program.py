@@ -142,14 +142,16 @@ def test_object_has_the_maps_the_guard_uses() -> None:
     for name in ("allow_v4", "allow_v6", "deny_v4", "deny_v6"):
         assert spec.maps[name].type == loader.MapType.LPM_TRIE
         assert spec.maps[name].flags & loader.MapFlag.NO_PREALLOC  # KERNEL-FACTS fact 20
-    assert spec.maps["allow_v4"].key_size == 8 and spec.maps["allow_v6"].key_size == 20
+    assert spec.maps["allow_v4"].key_size == 8
+    assert spec.maps["allow_v6"].key_size == 20
     assert spec.maps["config"].value_size == GUARD_CONFIG.size
     assert spec.maps["syn_sources"].value_size == SYN_SOURCE.size
     assert spec.maps["counters"].max_entries == len(XdpCounter)
     assert spec.btf is not None
     btf = parse_btf(spec.btf)
     config = btf.by_name("guard_config", Kind.STRUCT)
-    assert config is not None and [m.name for m in config.members] == [
+    assert config is not None
+    assert [m.name for m in config.members] == [
         "flags",
         "_pad",
         "syn_interval_ns",
@@ -158,7 +160,8 @@ def test_object_has_the_maps_the_guard_uses() -> None:
         "global_burst_ns",
     ]
     source = btf.by_name("syn_source", Kind.STRUCT)
-    assert source is not None and [m.name for m in source.members] == ["tat", "dropped"]
+    assert source is not None
+    assert [m.name for m in source.members] == ["tat", "dropped"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,7 +328,8 @@ def test_update_changes_the_lists_in_place(guard: XdpGuard) -> None:
     assert run(guard, syn4(STRANGER4)) == PASS
     assert run(guard, syn4(ALLOWED4)) == DROP
     assert run(guard, syn6(ALLOWED6)) == DROP
-    assert guard.status().allow_entries == 1 and guard.status().deny_entries == 1
+    assert guard.status().allow_entries == 1
+    assert guard.status().deny_entries == 1
     guard.update(XdpConfig(), Clients())
     assert [run(guard, f) for f in (syn4(DENIED4), syn6(DENIED6), syn4(STRANGER4))] == [PASS] * 3
     for name in ("allow_v4", "allow_v6", "deny_v4", "deny_v6"):
@@ -380,10 +384,12 @@ def test_quic_to_443_gets_an_icmp_port_unreachable() -> None:
         assert result.retval == TX
         out = result.data
         assert len(out) == 14 + 20 + 8 + 28
-        assert out[:6] == GUEST_MAC and out[6:12] == HOST_MAC
+        assert out[:6] == GUEST_MAC
+        assert out[6:12] == HOST_MAC
         assert struct.unpack("!H", out[12:14])[0] == ETH_IP
         ip = out[14:34]
-        assert ip[0] == 0x45 and ip[9] == ICMP
+        assert ip[0] == 0x45
+        assert ip[9] == ICMP
         assert struct.unpack("!H", ip[2:4])[0] == 56
         assert ip[12:16] == ipaddress.ip_address(HOST4).packed
         assert ip[16:20] == ipaddress.ip_address(ALLOWED4).packed
@@ -404,7 +410,8 @@ def test_quic_over_ipv6_gets_an_icmpv6_port_unreachable() -> None:
         out = result.data
         assert len(out) == 14 + 40 + 8 + 48
         ip6 = out[14:54]
-        assert ip6[6] == ICMPV6 and struct.unpack("!H", ip6[4:6])[0] == 56
+        assert ip6[6] == ICMPV6
+        assert struct.unpack("!H", ip6[4:6])[0] == 56
         assert ip6[8:24] == ipaddress.ip_address(HOST6).packed
         assert ip6[24:40] == ipaddress.ip_address(ALLOWED6).packed
         icmp = out[54:]

@@ -260,7 +260,7 @@ async def test_graceful_shutdown_drains_live_connections(
     running.proxy.shutdown()
     # New connections are refused once the listeners are closed...
     await wait_for(lambda: running.proxy.listeners[0].socket.fileno() == -1)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="all attempts to connect to"):
         await connect(running)
     # ...while the live one keeps working until it ends by itself.
     await client.send_all(b"still here")

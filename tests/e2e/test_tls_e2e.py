@@ -48,7 +48,8 @@ async def test_python_ssl_client_reaches_backend_by_sni(
     assert first["reason"] == "normal"
     assert first["mode"] == ("kernel" if probe().sockmap else "copy")
     assert first["target"] == f"127.0.0.1:{tls_backend.port}"
-    assert first["bytes_to_client"] > 0 and first["bytes_to_upstream"] > len(REQUEST)
+    assert first["bytes_to_client"] > 0
+    assert first["bytes_to_upstream"] > len(REQUEST)
 
 
 async def test_curl_connect_to_reaches_backend(

@@ -74,7 +74,8 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         "proxy_protocol_from)",
         "timeouts.idle: expected number, got bool",
         "lsten_addr: unknown key (allowed: listeners, listen_addr, max_connections, rules, "
-        "clients, limits, timeouts, resolver, forwarding, log, status, ebpf, fallback_mode, socks5)",
+        "clients, limits, timeouts, resolver, forwarding, log, status, ebpf, fallback_mode, "
+        "socks5)",
     ]
 
 

@@ -327,7 +327,8 @@ def test_only_listed_networks_may_send_proxy_headers() -> None:
     assert check_proxy_sender(behind_lb, client("::ffff:10.1.2.3")) is None  # dual stack
     assert check_proxy_sender(behind_lb, client("2001:db8::5")) is None
     deny = check_proxy_sender(behind_lb, client("::ffff:10.2.0.1"))
-    assert deny is not None and deny.reason == "untrusted_proxy"
+    assert deny is not None
+    assert deny.reason == "untrusted_proxy"
     assert deny.detail == (
         "10.2.0.1 may not send PROXY headers to [::]:443: it is not in the listener's "
         "proxy_protocol_from"

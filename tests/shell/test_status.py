@@ -318,7 +318,8 @@ def test_feature_reports_replace_the_config_guess_and_add_maps_and_counters() ->
     }
     ebpf = {"xdp": {"enabled": True}}
     status = acceleration_from_config(load_config({**CONFIG, "ebpf": ebpf}), reports=reports)
-    assert status.features["dns_cache"] == "active" and "dns_cache" not in status.reasons
+    assert status.features["dns_cache"] == "active"
+    assert "dns_cache" not in status.reasons
     assert status.maps["dns_cache"].hit_rate == 0.5
     assert status.counters == {"dns_cache_hits": 3}
     assert status.reasons["xdp"] == "native XDP refused by eth9"
@@ -326,7 +327,9 @@ def test_feature_reports_replace_the_config_guess_and_add_maps_and_counters() ->
     off = acceleration_from_config(
         load_config({**CONFIG, "ebpf": {"enabled": False}}), reports=reports
     )
-    assert set(off.features.values()) == {"disabled"} and not off.maps and not off.counters
+    assert set(off.features.values()) == {"disabled"}
+    assert not off.maps
+    assert not off.counters
 
 
 def test_acceleration_status_demands_every_feature_and_a_reason_for_each_inactive_one() -> None:

@@ -41,3 +41,44 @@ from .proxy_protocol import encode_header as encode_proxy_header
 from .socks5 import Socks5Client as Socks5Client
 from .socks5 import Socks5Connected as Socks5Connected
 from .socks5 import Socks5Error as Socks5Error
+
+# The package's public surface. Every name above is re-exported; listing them here also covers
+# ``encode_proxy_header``, the PROXY-protocol writer (the sans-I/O counterpart of
+# ``ProxyHeaderReader``), whose package-level name differs from ``proxy_protocol.encode_header``.
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "HARD_MAX_SIZE",
+    "NEED_DATA",
+    "OWN_ADDRESS",
+    "Alert",
+    "ClientHello",
+    "ClientHelloError",
+    "ClientHelloReader",
+    "ClientLimiter",
+    "Config",
+    "ConfigError",
+    "Deny",
+    "HttpRequest",
+    "HttpRequestError",
+    "HttpRequestReader",
+    "IPAddress",
+    "NeedData",
+    "Policy",
+    "ProxyHeader",
+    "ProxyHeaderError",
+    "ProxyHeaderReader",
+    "Route",
+    "Socks5Client",
+    "Socks5Connected",
+    "Socks5Error",
+    "TrioSniError",
+    "alert_record",
+    "dump_config",
+    "encode_proxy_header",
+    "is_valid_hostname",
+    "load_config",
+    "load_config_text",
+    "normalize_sni",
+    "refusal_reason",
+    "unwrap_mapped",
+]

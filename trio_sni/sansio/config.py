@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Literal
+from typing import Literal, TypeVar
 
 import attrs
 
@@ -77,12 +77,17 @@ def _port(instance: object, attribute: attrs.Attribute[int], value: int) -> None
         raise ValueError(f"{attribute.name}: must be from 1 to 65535, got {value}")
 
 
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+#: A numeric field's type: the range validators below serve ``int`` and ``float`` fields alike
+#: (``attrs.Attribute`` is invariant, so one typed for ``float`` does not fit an ``int`` field).
+_Number = TypeVar("_Number", int, float)
+
+
+def _positive(instance: object, attribute: attrs.Attribute[_Number], value: _Number) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name}: must be greater than 0, got {value}")
 
 
-def _non_negative(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _non_negative(instance: object, attribute: attrs.Attribute[_Number], value: _Number) -> None:
     if value < 0:
         raise ValueError(f"{attribute.name}: must not be negative, got {value}")
 

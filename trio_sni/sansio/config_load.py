@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, get_args, get_origin
 
 import attrs
@@ -140,7 +140,7 @@ def _make_converter() -> cattrs.Converter:
         return errors
 
     def structure_attrs_factory(tp: type) -> Any:
-        inner = converter.gen_structure_attrs_fromdict(tp)
+        inner: Callable[[Mapping[str, Any], Any], Any] = converter.gen_structure_attrs_fromdict(tp)
 
         def structure(value: object, _: type) -> Any:
             if not isinstance(value, dict):
@@ -150,7 +150,7 @@ def _make_converter() -> cattrs.Converter:
             was_disabled = attrs.validators.get_disabled()
             attrs.validators.set_disabled(True)
             try:
-                obj = inner(value)
+                obj = inner(value, tp)
             except ClassValidationError as exc:
                 # Some fields have the wrong type; still check the values of the others.
                 failed = {
