@@ -47,6 +47,13 @@ class HelloTimeout(TrioSniError):
     reason = "hello_timeout"
 
 
+class ClientReset(TrioSniError):
+    """The client reset the connection before the first byte of what it must send first (a
+    scanner, a client that gave up): it sent nothing wrong, so no reader's error fits."""
+
+    reason = "client_reset"
+
+
 class ProxyHeaderTimeout(TrioSniError):
     """A listener with ``accept_proxy_protocol`` got no complete PROXY header in time."""
 
@@ -163,18 +170,19 @@ class ConnectionContext:
 
 
 async def handle_connection(
-    stream: trio.SocketStream, listener: Listener, ctx: ConnectionContext
+    stream: trio.SocketStream,
+    peer: tuple[str, int] | tuple[str, int, int, int],
+    listener: Listener,
+    ctx: ConnectionContext,
 ) -> None:
     """Serve one client connection and close it; never raises for a bad client.
+
+    ``peer`` is the address accept() returned. It stays known after the client has reset the
+    connection (getpeername() then fails), so that connection too gets its log line.
 
     Resource handling: ``stream`` is always closed on return, and so is the upstream
     connection if one was opened. The limiter slot is always released.
     """
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:  # the client is gone already (ENOTCONN): nothing to serve or log
-        await trio.aclose_forcefully(stream)
-        return
     client_ip = ipaddress.ip_address(peer[0])
     info = ConnectionInfo(
         client=(str(client_ip), peer[1]),
@@ -339,6 +347,10 @@ async def _read_proxy_header(
                 # Small reads: what follows the header is the client's, read by the next reader.
                 data = await stream.receive_some(proxy_protocol.MAX_V1_LENGTH)
             except trio.BrokenResourceError as exc:
+                if not reader.bytes_received:
+                    raise ClientReset(
+                        f"peer reset the connection before its PROXY protocol header: {exc}"
+                    ) from None
                 raise proxy_protocol.BadProxyHeaderError(
                     f"peer reset the connection during the PROXY protocol header: {exc}"
                 ) from None
@@ -366,6 +378,10 @@ async def _read_http_request(
             try:
                 data = await stream.receive_some(http_request.DEFAULT_MAX_SIZE)
             except trio.BrokenResourceError as exc:
+                if not reader.bytes_received:
+                    raise ClientReset(
+                        f"client reset the connection before its request head: {exc}"
+                    ) from None
                 raise http_request.MalformedRequestError(
                     f"client reset the connection during the request head: {exc}"
                 ) from None
@@ -453,6 +469,10 @@ async def _read_client_hello(
             try:
                 data = await stream.receive_some(ctx.max_hello_size)
             except trio.BrokenResourceError as exc:
+                if not reader.bytes_received:
+                    raise ClientReset(
+                        f"client reset the connection before its ClientHello: {exc}"
+                    ) from None
                 raise MalformedHelloError(
                     f"client reset the connection during the ClientHello: {exc}"
                 ) from None

@@ -49,6 +49,25 @@ log = logging.getLogger("trio_sni")
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 #: How long to back off after such an error; long enough for a close elsewhere to free a slot.
 ACCEPT_BACKOFF = 0.1
+#: accept() errors about the one connection being accepted, which is gone (Linux passes its
+#: pending network errors on as accept()'s errno; a firewall can refuse it with EPERM): accept
+#: the next one, as trio's SocketListener.accept does.
+ACCEPT_SKIP_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPERM",
+        "EPROTO",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+    )
+    if hasattr(errno, name)  # ENONET is Linux's
+)
 
 
 class AccessLog:
@@ -225,7 +244,9 @@ class Proxy:
                             self.feature_reporters["xdp"] = self.edge_guard.report
                         self._start_tc()
                         for listener, spec in pairs:
-                            accepting.start_soon(self._accept_loop, listener, spec, connections)
+                            accepting.start_soon(
+                                self._accept_loop, listener.socket, spec, connections
+                            )
                         task_status.started(self.listeners)
                 finally:
                     with trio.CancelScope(shield=True):  # close all, even when cancelled
@@ -348,12 +369,17 @@ class Proxy:
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 
     async def _accept_loop(
-        self, listener: trio.SocketListener, spec: Listener, connections: trio.Nursery
+        self, listening: trio.socket.SocketType, spec: Listener, connections: trio.Nursery
     ) -> None:
+        """Accept on the listening socket itself, not through trio's SocketListener, which
+        drops the address accept() returns: a client that resets before its handler runs
+        can no longer be asked for it (getpeername fails), and its access-log line needs it."""
         while True:
             try:
-                stream = await listener.accept()
+                sock, peer = await listening.accept()
             except OSError as exc:
+                if exc.errno in ACCEPT_SKIP_ERRNOS:
+                    continue
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                     log.error(
                         "accept on %s: %s; retrying in %g s",
@@ -364,7 +390,9 @@ class Proxy:
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 raise
-            connections.start_soon(handle_connection, stream, spec, self.context)
+            connections.start_soon(
+                handle_connection, trio.SocketStream(sock), peer, spec, self.context
+            )
 
 
 def _dns_cache_report(cache: SharedDnsCache) -> FeatureReport:

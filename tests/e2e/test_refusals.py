@@ -40,9 +40,10 @@ def capture(name: str) -> bytes:
 
 def random_garbage() -> bytes:
     """64 seeded random bytes that cannot be mistaken for TLS or SSLv2 (first byte < 0x80,
-    not 0x16) and hold no newline in the 16 bytes the reader quotes."""
+    not a TLS content type 0x14 to 0x18) and hold no newline in the 16 bytes the reader
+    quotes."""
     rng = random.Random(0x5EED)
-    first = rng.choice([b for b in range(0x80) if b not in (0x0A, 0x16)])
+    first = rng.choice([b for b in range(0x80) if b != 0x0A and not 0x14 <= b <= 0x18])
     rest = bytes(rng.choice([b for b in range(256) if b != 0x0A]) for _ in range(63))
     return bytes([first]) + rest
 

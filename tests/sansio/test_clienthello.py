@@ -409,12 +409,12 @@ def test_short_garbage_waits_for_more_then_fails_at_eof() -> None:
 
 
 def test_handshake_byte_with_wrong_version() -> None:
-    expect_error(
-        b"\x16\x01\x00\x00\x10",
-        NotTLSError,
+    error = (
         "not TLS: the connection starts with a handshake byte (0x16) but the record version is "
-        "0x0100, not 0x03xx",
+        "0x01xx, not 0x03xx"
     )
+    expect_error(b"\x16\x01\x00\x00\x10", NotTLSError, error)
+    assert feed([b"\x16\x01"]) == ("error", NotTLSError, error)  # its second byte decides
 
 
 def test_sslv2_hello() -> None:
@@ -455,18 +455,44 @@ def test_oversized_record() -> None:
 def test_non_handshake_record_before_hello_is_complete() -> None:
     message = build_hello(sni_ext(b"a.test"))
     data = record(message[:10]) + record(message[10:], content_type=23)
-    expect_error(
-        data,
-        MalformedHelloError,
+    error = (
         "TLS record 2 has content type 23 (application_data) before the ClientHello was "
-        "complete; the ClientHello must come first, in handshake records (22)",
+        "complete; the ClientHello must come first, in handshake records (22)"
     )
+    expect_error(data, MalformedHelloError, error)
+    assert feed([data[:16]]) == ("error", MalformedHelloError, error)  # its type byte decides
+
+
+#: What a peer may send first and then wait for an answer: a fatal handshake_failure alert
+#: (7 bytes) and an application-data record of 5 bytes (10).
+SHORT_RECORDS = {
+    "alert": (b"\x15\x03\x03\x00\x02\x02\x28", "21 (alert)"),
+    "application_data": (b"\x17\x03\x03\x00\x05hello", "23 (application_data)"),
+}
+
+
+@pytest.mark.parametrize("kind", SHORT_RECORDS)
+def test_short_non_handshake_first_record_is_refused_at_once(kind: str) -> None:
+    # Not at 16 bytes or EOF: a peer that sent only this waits, and would hold the connection
+    # until the hello deadline.
+    data, content_type = SHORT_RECORDS[kind]
+    error = (
+        "error",
+        MalformedHelloError,
+        f"TLS record 1 has content type {content_type} before the ClientHello was complete; "
+        "the ClientHello must come first, in handshake records (22)",
+    )
+    assert whole(data) == error
+    assert bytewise(data) == error
+    assert feed([data[:1]]) == error  # its first byte decides
 
 
 def test_later_record_with_wrong_version() -> None:
     message = build_hello(sni_ext(b"a.test"))
     data = record(message[:10]) + record(message[10:], version=0x0203)
-    expect_error(data, MalformedHelloError, "TLS record 2 has version 0x0203, not 0x03xx")
+    error = "TLS record 2 has version 0x02xx, not 0x03xx"
+    expect_error(data, MalformedHelloError, error)
+    assert feed([data[:17]]) == ("error", MalformedHelloError, error)  # its second byte decides
 
 
 def test_handshake_message_is_not_a_client_hello() -> None:
@@ -477,9 +503,9 @@ def test_handshake_message_is_not_a_client_hello() -> None:
     )
 
 
-def test_handshake_type_is_checked_before_the_record_is_complete() -> None:
-    # Type 99 is unknown; the error comes as soon as the header is in, not at EOF.
-    assert feed([b"\x16\x03\x01\x01\x00\x63\x00\x00\xfc"]) == (
+def test_handshake_type_is_checked_as_soon_as_its_byte_is_in() -> None:
+    # Type 99 is unknown; the error comes with that byte, not with the length or at EOF.
+    assert feed([b"\x16\x03\x01\x01\x00\x63"]) == (
         "error",
         MalformedHelloError,
         "the first handshake message has type 99, expected 1 (client_hello)",

@@ -1,8 +1,10 @@
-"""The accept loop: overload errors back off and retry; anything else is a crash, not a spin."""
+"""The accept loop: overload errors back off and retry, errors about a connection already gone
+skip it; anything else is a crash, not a spin."""
 
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 import pytest
 import trio
@@ -11,28 +13,27 @@ from proxytest import wait_for
 
 from trio_sni.sansio.config import Listener
 from trio_sni.sansio.config_load import load_config
-from trio_sni.server import ACCEPT_BACKOFF, Proxy
+from trio_sni.server import ACCEPT_BACKOFF, ACCEPT_SKIP_ERRNOS, Proxy
 
 CONFIG = {"listeners": [{"host": "127.0.0.1", "port": 0}], "log": {"access_log": None}}
 
 
-class FlakyListener(trio.abc.Listener[trio.SocketStream]):
-    """A real listener whose first accepts fail with the given errors (errno injection)."""
+class FlakySocket(trio.socket.SocketType):
+    """A real listening socket whose first accepts fail with the given errors (errno
+    injection); the accept loop uses nothing else of it."""
 
-    def __init__(self, real: trio.SocketListener, errors: list[OSError]) -> None:
+    def __init__(self, real: trio.socket.SocketType, errors: list[OSError]) -> None:
+        super().__init__()
         self.real = real
         self.errors = errors
         self.failures_at: list[float] = []
 
-    async def accept(self) -> trio.SocketStream:
+    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
         await trio.lowlevel.checkpoint()
         if self.errors:
             self.failures_at.append(trio.current_time())
             raise self.errors.pop(0)
         return await self.real.accept()
-
-    async def aclose(self) -> None:
-        await self.real.aclose()
 
 
 async def test_overload_errors_back_off_and_retry(autojump_clock: trio.testing.MockClock) -> None:
@@ -41,7 +42,7 @@ async def test_overload_errors_back_off_and_retry(autojump_clock: trio.testing.M
     overloads = [
         OSError(e, "overloaded") for e in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
     ]
-    flaky = FlakyListener(real, overloads)
+    flaky = FlakySocket(real.socket, overloads)
     spec = Listener(host="127.0.0.1", port=0)
     try:
         async with trio.open_nursery() as nursery:
@@ -58,10 +59,37 @@ async def test_overload_errors_back_off_and_retry(autojump_clock: trio.testing.M
 async def test_other_accept_errors_crash_loudly() -> None:
     proxy = Proxy(load_config(CONFIG), access_log=lambda record: None)
     [real] = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    flaky = FlakyListener(real, [OSError(errno.EBADF, "bad fd")])
+    flaky = FlakySocket(real.socket, [OSError(errno.EBADF, "bad fd")])
     try:
         with pytest.RaisesGroup(pytest.RaisesExc(OSError, match="bad fd")):
             async with trio.open_nursery() as nursery:
                 await proxy._accept_loop(flaky, Listener(host="127.0.0.1", port=0), nursery)
     finally:
         await real.aclose()
+
+
+async def test_a_connection_gone_in_accept_is_skipped_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    records: list[dict[str, object]] = []
+    proxy = Proxy(load_config(CONFIG), access_log=records.append)
+    [real] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    gone = [OSError(e, "gone") for e in sorted(ACCEPT_SKIP_ERRNOS)]
+    flaky = FlakySocket(real.socket, gone)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                proxy._accept_loop, flaky, Listener(host="127.0.0.1", port=0), nursery
+            )
+            client = await trio.open_tcp_stream("127.0.0.1", real.socket.getsockname()[1])
+            client_port = client.socket.getsockname()[1]
+            await wait_for(lambda: len(proxy.context.live) == 1)
+            await client.aclose()
+            await wait_for(lambda: len(records) == 1)
+            nursery.cancel_scope.cancel()
+    finally:
+        await real.aclose()
+    # At once (no backoff), and without a log line: those accepts accepted nothing.
+    assert flaky.failures_at == [0] * len(ACCEPT_SKIP_ERRNOS)
+    [record] = records
+    assert record["client"] == f"127.0.0.1:{client_port}"

@@ -28,12 +28,14 @@ progress, and then raises the EOF error if the client has closed, or returns NEE
 ==========  =================================================================  ==========
 state       when                                                               next state
 ==========  =================================================================  ==========
-``SNIFF``   the first byte is 0x16 (a handshake record)                        ``HEADER``
+``SNIFF``   the first byte is a TLS content type (20 to 24: a TLS record)      ``HEADER``
 ``SNIFF``   otherwise, once 16 bytes, a newline or EOF are in: raise           ``ERROR``
             ``SSLv2HelloError`` or ``NotTLSError``, quoting those bytes
-``HEADER``  5 bytes in: check type, version, length and the cap                ``BODY``
-``BODY``    payload bytes in: move them into the handshake message; when its   ``BODY``
-            4-byte header is complete, check type 1 and the announced size
+``HEADER``  each byte as it comes: type 22, version 0x03xx; then the length    ``BODY``
+            and the cap, once all 5 are in
+``BODY``    payload bytes in: move them into the handshake message; check      ``BODY``
+            type 1 once its first byte is in, the announced size once its
+            4-byte header is
 ``BODY``    the record is used up, the message is not complete                 ``HEADER``
 ``BODY``    the message is complete: raise if its record has bytes left,       ``DONE``
             else parse the body and build the :class:`ClientHello`
@@ -41,11 +43,14 @@ state       when                                                               n
 ``ERROR``   every later call raises the same error                             ``ERROR``
 ==========  =================================================================  ==========
 
-Each check runs at a point fixed by the byte stream itself (a header complete, a message
-complete, 16 bytes sniffed), never by how much happens to be buffered, and looks only at bytes
-before that point. That makes the outcome, including the exact error message, independent of
-how the input was chunked: the tests and the fuzzers feed every input whole, byte by byte and in
-random chunks, and assert the same result.
+Each check runs at a point fixed by the byte stream itself (the last byte it looks at, a
+message complete, 16 bytes sniffed), never by how much happens to be buffered, and looks only at
+bytes before that point. That makes the outcome, including the exact error message, independent
+of how the input was chunked: the tests and the fuzzers feed every input whole, byte by byte and
+in random chunks, and assert the same result. And each check runs as soon as its bytes are in,
+never later: a client whose first packet is a short record of another kind (an alert, a few
+bytes of application data) and which then waits for an answer is refused at once, not at the
+hello deadline. Only bytes that are not TLS at all are given up to 16 bytes, to be quoted.
 
 Bounds, and why: the bytes of all records that make up the hello (headers included) may not
 exceed ``max_size`` (default 16 KiB, like nginx's ``preread_buffer_size``; hard maximum 64 KiB),
@@ -266,11 +271,13 @@ class ClientHelloReader(BufferedReader[ClientHello]):
     def _step_sniff(self) -> bool:
         if not self._buf:
             return False
-        if self._buf[0] == CONTENT_TYPE_HANDSHAKE:
+        if self._buf[0] in _CONTENT_TYPE_NAMES:
+            # A TLS record of some type: HEADER refuses all but handshake (22) at once, where
+            # waiting for 16 bytes to quote would hold a short alert until the deadline.
             self._state = _State.HEADER
             return True
-        # Not a TLS handshake record. Decide on a prefix that depends only on the stream, not on
-        # how it was chunked: the first SNIFF_LEN bytes, cut after the first newline.
+        # Not a TLS record. Decide on a prefix that depends only on the stream, not on how it
+        # was chunked: the first SNIFF_LEN bytes, cut after the first newline.
         prefix = bytes(self._buf[:SNIFF_LEN])
         newline = prefix.find(b"\n")
         if newline >= 0:
@@ -298,29 +305,29 @@ class ClientHelloReader(BufferedReader[ClientHello]):
         )
 
     def _step_header(self) -> bool:
-        if len(self._buf) - self._pos < RECORD_HEADER_LEN:
-            return False
+        # The type and version bytes are judged as soon as each is in, so a short record of
+        # the wrong kind is refused at once; until all 5 are in, they are judged again on
+        # each call (cheap, and always with the same verdict).
         header = self._buf[self._pos : self._pos + RECORD_HEADER_LEN]
-        content_type = header[0]
-        version = int.from_bytes(header[1:3], "big")
-        length = int.from_bytes(header[3:5], "big")
         number = self._records + 1
-        if content_type != CONTENT_TYPE_HANDSHAKE:
-            # Record 1 always passes: SNIFF only lets 0x16 through.
+        if header and header[0] != CONTENT_TYPE_HANDSHAKE:
             raise MalformedHelloError(
                 f"TLS record {number} has content type "
-                f"{_type_name(_CONTENT_TYPE_NAMES, content_type)} before the ClientHello was "
+                f"{_type_name(_CONTENT_TYPE_NAMES, header[0])} before the ClientHello was "
                 "complete; the ClientHello must come first, in handshake records (22)"
             )
-        if version >> 8 != 3:
+        if len(header) >= 2 and header[1] != 3:
             if number == 1:
                 raise NotTLSError(
                     "not TLS: the connection starts with a handshake byte (0x16) but the record "
-                    f"version is 0x{version:04x}, not 0x03xx"
+                    f"version is 0x{header[1]:02x}xx, not 0x03xx"
                 )
             raise MalformedHelloError(
-                f"TLS record {number} has version 0x{version:04x}, not 0x03xx"
+                f"TLS record {number} has version 0x{header[1]:02x}xx, not 0x03xx"
             )
+        if len(header) < RECORD_HEADER_LEN:
+            return False
+        length = int.from_bytes(header[3:5], "big")
         if length == 0:
             raise MalformedHelloError(
                 f"TLS record {number} is empty; RFC 8446 forbids empty handshake records"
@@ -358,9 +365,10 @@ class ClientHelloReader(BufferedReader[ClientHello]):
         self._pos += available
         self._record_left -= available
         if self._body_length is None:
+            self._check_handshake_type()  # its first byte is in: no need to wait for the length
             if len(self._handshake) < HANDSHAKE_HEADER_LEN:
                 return self._end_of_record()
-            self._body_length = self._check_handshake_header()
+            self._body_length = self._check_handshake_length()
         if len(self._handshake) < HANDSHAKE_HEADER_LEN + self._body_length:
             return self._end_of_record()
         if self._record_left:
@@ -377,14 +385,16 @@ class ClientHelloReader(BufferedReader[ClientHello]):
             self._state = _State.HEADER
         return True
 
-    def _check_handshake_header(self) -> int:
+    def _check_handshake_type(self) -> None:
         msg_type = self._handshake[0]
-        body_length = int.from_bytes(self._handshake[1:4], "big")
         if msg_type != HANDSHAKE_CLIENT_HELLO:
             raise MalformedHelloError(
                 f"the first handshake message has type "
                 f"{_type_name(_HANDSHAKE_TYPE_NAMES, msg_type)}, expected 1 (client_hello)"
             )
+
+    def _check_handshake_length(self) -> int:
+        body_length = int.from_bytes(self._handshake[1:4], "big")
         # The fewest bytes the hello can take: one record header plus the whole message.
         least = RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN + body_length
         if least > self._max_size:
