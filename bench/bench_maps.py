@@ -5,7 +5,8 @@ Run as root:  python bench/bench_maps.py [N]
 Prints nanoseconds per operation for: dict get/set, Map.lookup/update through the default
 codec and through Int(), a raw syscall with prebuilt buffers (the floor for this FFI), and
 Map.lookup_batch per entry. Use the numbers to decide where a map access can go: never per
-packet from Python, and poll statistics in batches (KERNEL-FACTS 24).
+packet from Python, and poll statistics in batches (docs/kernel-facts.md, fact 24 and
+"bpf() lookup cost").
 """
 
 from __future__ import annotations

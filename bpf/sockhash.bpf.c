@@ -9,7 +9,7 @@
  *   counters   PERCPU_ARRAY of u64, indexed by enum counter
  *   stops      RINGBUF  the cookie of every socket the program stops (wakes Python's epoll)
  *
- * Verdicts (KERNEL-FACTS facts 1, 8 and the bare-FIN row):
+ * Verdicts (docs/kernel-facts.md, facts 1 and 8, and "bare FIN"):
  *   len == 0          SK_DROP   a bare FIN arrives as a 0-byte skb; redirecting it makes the
  *                               peer's backlog fail with EPIPE and disables its TX.
  *   no peer entry     SK_PASS   the bytes are acknowledged already: never drop them; they go to

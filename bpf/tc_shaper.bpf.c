@@ -13,18 +13,18 @@
  *
  * Cap: a token bucket per (client address, class) in an LRU hash, refilled at the class's
  * rate up to its burst (`rates`); a packet that finds fewer tokens than its length is dropped,
- * and TCP sends it again later (there is no `fq` qdisc to pace with EDT on the test kernel,
- * KERNEL-FACTS fact 19). A drop at egress is refused to the socket, not lost: TCP keeps the
- * packet and, once nothing is in flight, waits for its probe timer (>= 200 ms) to try again.
+ * and TCP sends it again later (there is no `fq` qdisc to pace with EDT on the test kernel:
+ * docs/kernel-facts.md, fact 19). A drop at egress is refused to the socket, not lost: TCP
+ * keeps the packet and, with nothing in flight, waits for its probe timer (>= 200 ms, fact 45).
  * So a bucket must hold more than 200 ms of its rate (Python sizes it for 250 ms) and more
- * than a GSO skb (up to 64 KiB: >= 256 KiB, KERNEL-FACTS), or the flow idles below its cap.
+ * than a GSO skb (64 KiB: >= 256 KiB, "token-bucket burst"), or the flow idles below its cap.
  * A class with rate 0 is not capped. Clients in `exempt` (an LPM trie) are never capped.
  *
- * Concurrency: bpf_spin_lock is not allowed in LRU_HASH values (KERNEL-FACTS), so the bucket
- * uses atomics: the CPU that wins a compare-and-swap on `last_ns` adds the refill for the
- * time it moved `last_ns` over; tokens are taken with an atomic add. Two CPUs may both pass on
- * the last tokens (the bucket then goes briefly negative and repays it): at most one packet
- * per CPU of overshoot.
+ * Concurrency: LRU_HASH values cannot hold a bpf_spin_lock (docs/kernel-facts.md,
+ * "bpf_spin_lock in LRU maps"), so the bucket uses atomics: the CPU that wins a
+ * compare-and-swap on `last_ns` adds the refill for the time it moved `last_ns` over; tokens
+ * are taken with an atomic add. Two CPUs may both pass on the last tokens (the bucket then
+ * goes briefly negative and repays it): at most one packet per CPU of overshoot.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -34,7 +34,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-/* TCX verdicts (KERNEL-FACTS fact 17): NEXT lets later programs on the hook decide. */
+/* TCX verdicts (docs/kernel-facts.md, fact 17): NEXT lets later programs on the hook decide. */
 #define TCX_NEXT (-1)
 #define TCX_DROP 2
 

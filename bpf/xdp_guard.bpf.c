@@ -19,8 +19,8 @@
  *                                 DROP syn_flood, over the global bucket -> DROP syn_flood_global;
  *                                 else PASS
  *   UDP to 443 or a guarded port, same address lists; then an ICMP/ICMPv6 port unreachable
- *   with reject_quic on           sent back with XDP_TX (browsers fall back to TCP at once,
- *                                 KERNEL-FACTS fact 39), or DROP quic when no answer can be built
+ *   with reject_quic on           sent back with XDP_TX (docs/kernel-facts.md, fact 39: browsers
+ *                                 fall back to TCP at once), or DROP quic if no answer can be built
  *                                 (VLAN tag, IPv4 options, IPv6 extension headers, multicast)
  *   TCP/UDP whose port cannot be  address lists only (a non-first fragment, a first fragment too
  *   read                          short for the TCP header, more IPv6 extension headers than we

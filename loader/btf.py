@@ -7,11 +7,11 @@ they appear (0 is ``void``). Each type is a 12-byte ``btf_type`` (``name_off``, 
 ``kind << 24 | kind_flag << 31 | vlen``, and ``size`` or ``type``) followed by kind-specific
 data. The loader needs BTF for three things:
 
-* map definitions in ``.maps`` (KERNEL-FACTS 25): ``__uint(x, N)`` is a member whose type is
-  PTR -> ARRAY with ``nelems = N``; ``__type(key, T)`` is PTR -> T;
+* map definitions in ``.maps`` (docs/kernel-facts.md, fact 25): ``__uint(x, N)`` is a
+  member whose type is PTR -> ARRAY with ``nelems = N``; ``__type(key, T)`` is PTR -> T;
 * uploading it to the kernel (``BPF_BTF_LOAD``) after the DATASEC fix-ups the kernel requires
-  (clang leaves DATASEC sizes and variable offsets zero; KERNEL-FACTS 26). We patch the raw
-  bytes in place, so everything else is passed through untouched;
+  (clang leaves DATASEC sizes and variable offsets zero; docs/kernel-facts.md, fact 26). We
+  patch the raw bytes in place, so everything else is passed through untouched;
 * ``.BTF.ext`` func and line info, so the kernel annotates verifier logs with source lines.
 
 Only little-endian objects (``-target bpfel``) are supported. Every malformation raises

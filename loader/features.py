@@ -32,7 +32,7 @@ __all__ = ["have_link", "have_map_type", "have_prog_type", "probe_all", "reset_c
 _lock = threading.Lock()
 _cache: dict[tuple[str, int | str], NotSupportedError | None] = {}
 
-#: Minimum kernel for BPF links per attach point (KERNEL-FACTS 15).
+#: Minimum kernel for BPF links per attach point (docs/kernel-facts.md, fact 15).
 LINK_MIN_KERNEL = {"xdp": "5.9", "tcx": "6.6", "sockmap": "6.10"}
 
 

@@ -5,7 +5,7 @@ those bytes and back; the default (:data:`RAW`) takes ``bytes`` of the right siz
 (little-endian, the host order of every BPF target we support) and gives back ``bytes``.
 
 Per-CPU maps hold one value per *possible* CPU; userspace sees ``round_up(value_size, 8)``
-bytes per CPU (KERNEL-FACTS 22), so lookups return a list and updates take one.
+bytes per CPU (docs/kernel-facts.md, fact 22), so lookups return a list and updates take one.
 
 Costs: every call is one ``bpf()`` syscall (about a microsecond from Python, see
 ``bench/bench_maps.py``); read many entries with :meth:`Map.lookup_batch`.
@@ -410,7 +410,8 @@ class Map(ClosesOnExit):
         """``(count, keys buffer, values buffer)`` per ``BPF_MAP_LOOKUP_BATCH`` call; the
         buffers are reused, so read them before the next item."""
         ksize, vsize = self.spec.key_size, self._value_len
-        # Hash maps use a 4-byte bucket token; arrays use a key-sized one (KERNEL-FACTS 23).
+        # Hash maps use a 4-byte bucket token; arrays use a key-sized one
+        # (docs/kernel-facts.md, fact 23).
         token = max(ksize, 4)
         keys = ffi.new("char[]", ksize * batch_size)
         values = ffi.new("char[]", vsize * batch_size)

@@ -120,7 +120,8 @@ class ProgramSpec:
     load time. ``func_info``/``line_info`` are ``(instruction index, ...)`` records from
     ``.BTF.ext``, already relative to the linked instructions. ``core_relos`` are CO-RE
     relocations ``(byte offset in the linked instructions, type id, access string offset,
-    kind)``; the kernel applies them against its own BTF at load time (KERNEL-FACTS fact 30).
+    kind)``; the kernel applies them against its own BTF at load time
+    (docs/kernel-facts.md, fact 30).
     """
 
     name: str

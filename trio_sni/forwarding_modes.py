@@ -84,7 +84,7 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
       ``ebpf.enabled`` and ``ebpf.sockmap.enabled``, and :func:`trio_sni.accel.probe` must
       find the kernel, capabilities and BPF features, and the prebuilt object must load.
       Per connection it can still fall back to ``copy`` (a socket that cannot be inserted:
-      never to ``splice``, KERNEL-FACTS fact 13); the access log's ``mode`` says which ran.
+      never to ``splice``, docs/kernel-facts.md, fact 13); the access log's ``mode`` says which ran.
     - ``splice``: splice(2) through pipes (:mod:`trio_sni.splice_forward`), Linux only.
     - ``copy``: recv/send, always available.
     - ``auto`` (the default): the first available of ``kernel → splice → copy``. ``kernel``

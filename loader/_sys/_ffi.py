@@ -2,8 +2,8 @@
 
 ``syscall`` is declared with a fixed prototype instead of the variadic ``long syscall(long,
 ...)``: with ``dlopen`` a variadic call needs every argument cast to cdata and costs about
-0.4 µs more per call (KERNEL-FACTS 35). On the ABIs we run on (x86_64, aarch64) the fixed
-prototype passes the same registers as the variadic one.
+0.4 µs more per call (docs/kernel-facts.md, fact 35). On the ABIs we run on (x86_64,
+aarch64) the fixed prototype passes the same registers as the variadic one.
 
 The ``bpf_attr`` union is declared as one struct per command, each field at its UAPI offset
 (``__aligned_u64`` is ``uint64_t``, naturally 8-aligned on 64-bit ABIs). ``tests/loader/

@@ -223,7 +223,7 @@ def map_lookup_batch(
 ) -> tuple[int, bool]:
     """One ``BPF_MAP_LOOKUP_BATCH`` step: returns ``(entries read, this was the last batch)``.
 
-    The kernel ends a walk with ``ENOENT`` *and* a partial count (KERNEL-FACTS 23).
+    The kernel ends a walk with ``ENOENT`` *and* a partial count (docs/kernel-facts.md, fact 23).
     """
     attr = ffi.new("struct map_batch_attr *")
     attr.in_batch = addr(in_batch)
@@ -462,8 +462,8 @@ class ElemCall:
     """A prebuilt ``map_elem_attr`` with its own key and value buffers, for hot paths.
 
     Building the attr and taking buffer addresses costs more than the syscall itself from
-    Python (KERNEL-FACTS 35), so a map keeps one of these and only copies the key in. Not
-    thread-safe: the owner serialises calls.
+    Python (docs/kernel-facts.md, fact 35), so a map keeps one of these and only copies the
+    key in. Not thread-safe: the owner serialises calls.
     """
 
     __slots__ = ("attr", "key", "size", "value", "value_size")

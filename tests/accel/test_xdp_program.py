@@ -141,7 +141,7 @@ def test_object_has_the_maps_the_guard_uses() -> None:
     assert spec.programs[PROGRAM].type == loader.ProgType.XDP
     for name in ("allow_v4", "allow_v6", "deny_v4", "deny_v6"):
         assert spec.maps[name].type == loader.MapType.LPM_TRIE
-        assert spec.maps[name].flags & loader.MapFlag.NO_PREALLOC  # KERNEL-FACTS fact 20
+        assert spec.maps[name].flags & loader.MapFlag.NO_PREALLOC  # docs/kernel-facts.md, fact 20
     assert spec.maps["allow_v4"].key_size == 8
     assert spec.maps["allow_v6"].key_size == 20
     assert spec.maps["config"].value_size == GUARD_CONFIG.size

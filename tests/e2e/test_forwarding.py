@@ -337,7 +337,8 @@ async def test_client_half_closed_before_the_splice_is_copied(
     await client.aclose()
     await wait_for(lambda: len(running.access_log) == 1)
     [record] = running.access_log
-    # kernel falls back to copy (never to splice: KERNEL-FACTS fact 13); the others run as is
+    # kernel falls back to copy (never to splice: docs/kernel-facts.md, fact 13); the others
+    # run as is
     expected_mode = "splice" if MODE == "splice" else "copy"
     assert (record["reason"], record["mode"]) == ("normal", expected_mode)
     assert record["bytes_to_client"] == len(response)

@@ -391,8 +391,9 @@ async def test_stalled_reader_is_bounded_and_loses_nothing(
     backend: Any, start_proxy: Any, witness: Witness
 ) -> None:
     """The backend stops reading while the client pushes 1 GiB. Without a bound the kernel
-    queues it all (KERNEL-FACTS: GBs in seconds); with it, available memory drops by at most
-    the bound plus slack (socket buffers). Then the backend reads everything, in order."""
+    queues it all (GBs in seconds: docs/kernel-facts.md, "backpressure"); with it, available
+    memory drops by at most the bound plus slack (socket buffers). Then the backend reads
+    everything, in order."""
     bound = 4 * MiB
     slack = 192 * MiB  # socket buffers on four sockets, page cache noise from other processes
     transfer = StalledTransfer(HELLO, total=1024 * MiB)

@@ -73,7 +73,7 @@ def test_pipe_size_falls_back_to_the_default_when_refused() -> None:
     r, w, capacity = open_pipe(MiB)
     os.close(r)
     os.close(w)
-    assert capacity == MiB  # root, at pipe-max-size (KERNEL-FACTS fact 36)
+    assert capacity == MiB  # root, at pipe-max-size (docs/kernel-facts.md, fact 36)
     with open("/proc/sys/fs/pipe-max-size") as f:
         limit = int(f.read())
     r, w, capacity = open_pipe(limit * 4)  # beyond it: EPERM without CAP_SYS_RESOURCE

@@ -161,7 +161,7 @@ def test_sockhash_splices_loopback_tcp(
                 sock_hash.insert_socket(b, proxy_b)
                 peer[a] = b
                 peer[b] = a
-                for s in (proxy_a, proxy_b):  # the "kick" (KERNEL-FACTS 6)
+                for s in (proxy_a, proxy_b):  # the "kick" (docs/kernel-facts.md, fact 6)
                     s.setblocking(False)
                     with pytest.raises(BlockingIOError):
                         s.recv(1)

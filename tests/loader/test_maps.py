@@ -98,7 +98,7 @@ def test_percpu_values() -> None:
     ncpu = loader.possible_cpus()
     with open("/sys/devices/system/cpu/possible") as f:
         assert ncpu == int(f.read().strip().split(",")[-1].split("-")[-1]) + 1
-    # value_size 4 is padded to 8 per CPU in userspace (KERNEL-FACTS 22).
+    # value_size 4 is padded to 8 per CPU in userspace (docs/kernel-facts.md, fact 22).
     spec = MapSpec("percpu", MapType.PERCPU_ARRAY, 4, 4, 2)
     with Map.create(spec, key=Int(), value=Int()) as m:
         assert m[0] == [0] * ncpu

@@ -4,7 +4,7 @@ cilium's TestLoadCollectionSpec for the product's own object, plus the CI check 
 done inside the suite: ``bpf/`` is copied to a temporary folder, rebuilt there with the pinned
 clang, and every object must equal the committed bytes (BUILDINFO too, but for the header
 packages' revisions, which do not decide the bytes) (a different folder also
-proves no build path leaks into the objects, KERNEL-FACTS 40).
+proves no build path leaks into the objects, docs/kernel-facts.md, fact 40).
 """
 
 from __future__ import annotations

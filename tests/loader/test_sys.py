@@ -38,7 +38,7 @@ UAPI_OFFSETS = [
     ("struct prog_load_attr", "line_info", 96),
     ("struct prog_load_attr", "line_info_cnt", 104),
     ("struct prog_load_attr", "fd_array", 120),
-    ("struct prog_load_attr", "log_true_size", 140),  # KERNEL-FACTS 32
+    ("struct prog_load_attr", "log_true_size", 140),  # docs/kernel-facts.md, fact 32
     ("struct obj_attr", "bpf_fd", 8),
     ("struct obj_attr", "file_flags", 12),
     ("struct prog_attach_attr", "attach_type", 8),

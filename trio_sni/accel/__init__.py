@@ -39,7 +39,7 @@ SOCKMAP_FIXED_IN: dict[tuple[int, int], int] = {
 #: Every mainline release from here on has the fix.
 SOCKMAP_FIXED_MAINLINE = (6, 16)
 #: The hand-off "kick" (recv(MSG_DONTWAIT) forwards bytes queued before the insert) needs
-#: 6.4+ (KERNEL-FACTS fact 6); without it early bytes can wait forever.
+#: 6.4+ (docs/kernel-facts.md, fact 6); without it early bytes can wait forever.
 SOCKMAP_KICK_MIN = (6, 4)
 
 CAP_NET_ADMIN = 12
@@ -60,7 +60,7 @@ def sockmap_kernel_gate(release: str) -> str | None:
     if series < SOCKMAP_KICK_MIN:
         return (
             f"Linux {release} is older than 6.4: recv() does not forward bytes queued before "
-            "the sockhash insert (KERNEL-FACTS fact 6)"
+            "the sockhash insert (docs/kernel-facts.md, fact 6)"
         )
     fixed = SOCKMAP_FIXED_IN.get(series)
     if fixed is None:

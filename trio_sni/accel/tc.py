@@ -6,7 +6,8 @@ toward a client is every TCP packet leaving the interface from one of the listen
 set from the rule's ``qos`` (:data:`~trio_sni.sansio.config.QOS_PRIORITY`), which the kernel
 copies into every packet the client socket sends, whichever forwarder produced the bytes. Each
 (client, class) pair has a token bucket in an LRU hash; a packet that finds too few tokens is
-dropped and TCP sends it again later (no ``fq`` qdisc here to pace with, KERNEL-FACTS fact 19).
+dropped and TCP sends it again later (no ``fq`` qdisc here to pace with:
+docs/kernel-facts.md, fact 19).
 
 Python owns the configuration maps (``rates`` per class, the ``exempt`` LPM trie) and rewrites
 them on reload while the program stays attached; it only reads ``counters`` (per CPU, summed

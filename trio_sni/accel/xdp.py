@@ -7,12 +7,12 @@ settings, and only then attaches, so the first packet already meets the configur
 (a config reload never detaches): new entries are added, then the settings are written, then
 stale entries are removed, so for a moment the guard applies the union of the old and the new
 lists, never an empty one. :meth:`XdpGuard.close` detaches (closing the link); a link is also
-detached by the kernel when the process exits (KERNEL-FACTS fact 15), so a crash cannot leave
-the guard behind.
+detached by the kernel when the process exits (docs/kernel-facts.md, fact 15), so a crash
+cannot leave the guard behind.
 
 Attach mode ``auto`` asks for native (driver) mode and falls back to generic (skb) mode when
-the driver refuses: the same choice the kernel makes for flags 0 (fact 16), but this way the
-mode in use is known and reported.
+the driver refuses: the same choice the kernel makes for flags 0 (docs/kernel-facts.md,
+fact 16), but this way the mode in use is known and reported.
 """
 
 from __future__ import annotations

@@ -453,7 +453,8 @@ class XdpConfig:
 
 
 #: Smallest token-bucket burst. Egress packets are GSO skbs of 20-64 KiB: a 64 KiB burst held
-#: a 10 Mbit/s cap to 0.4 Mbit/s, 256 KiB kept the flow at its rate (KERNEL-FACTS).
+#: a 10 Mbit/s cap to 0.4 Mbit/s, 256 KiB kept the flow at its rate (docs/kernel-facts.md,
+#: "token-bucket burst").
 TC_MIN_BURST = 256 * 1024
 #: Largest configured burst. The shaper multiplies the refill time (at most the time to fill
 #: the bucket) by the rate in 64 bits: exact while a bucket stays under 2^32 bytes, which this

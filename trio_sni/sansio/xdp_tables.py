@@ -6,7 +6,7 @@ IPv4-mapped networks (``::ffff:10.0.0.0/104``) mean their IPv4 network, because 
 sees IPv4 clients as IPv4 packets.
 
 LPM trie keys are ``struct {u32 prefixlen (host order); u8 addr[4 or 16] (network order)}``
-(KERNEL-FACTS fact 20); BPF targets are little-endian.
+(docs/kernel-facts.md, fact 20); BPF targets are little-endian.
 """
 
 from __future__ import annotations

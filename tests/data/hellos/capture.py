@@ -217,8 +217,9 @@ def openssl_version() -> str:
 def chromium_client(port: int) -> str:
     """Headless Debian chromium: the one client here that sends an ML-KEM (post-quantum) share.
 
-    The flags keep it from reaching anything but our listener (KERNEL-FACTS 37; the machine's
-    notes on running chromium as root); a fresh profile keeps the hello free of session state.
+    The flags keep it from reaching anything but our listener (docs/kernel-facts.md, fact 37;
+    the machine's notes on running chromium as root); a fresh profile keeps the hello free of
+    session state.
     """
     import tempfile
 
