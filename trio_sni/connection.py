@@ -255,11 +255,10 @@ async def handle_connection(
         else:
             addresses = await _resolve_route(route, ctx)
             addresses = _guard_destinations(route, addresses, ctx.own_addresses)
-            upstream = await connect_to_addresses(
+            upstream, address = await connect_to_addresses(
                 addresses, route.port, timeout=ctx.connect_timeout
             )
-            target = upstream.socket.getpeername()
-            info.target = (target[0], target[1])
+            info.target = (str(address), route.port)
             from_target = b""
         if route.rule.proxy_protocol is not None:
             await _send_proxy_header(

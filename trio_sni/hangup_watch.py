@@ -2,8 +2,9 @@
 
 Why not one per connection (or Trio's own ``wait_readable`` on each socket): a spliced socket
 must be watched for ``EPOLLRDHUP`` only (``POLLIN`` spins while the kernel forwards, see
-KERNEL-FACTS), which Trio cannot ask for; and an epoll instance nested in Trio's is woken by the
-traffic on its sockets even when nothing it watches happened. With one instance for every
+docs/kernel-facts.md, "poll(POLLIN) on spliced sockets"), which Trio cannot ask for; and an
+epoll instance nested in Trio's is woken by the traffic on its sockets even when nothing it
+watches happened. With one instance for every
 connection, those spurious wake-ups cost one look per :data:`SPURIOUS_BACKOFF` in total rather
 than per connection, and a thousand quiet connections cost nothing at all.
 
@@ -63,11 +64,18 @@ class HangupWatch:
         try:
             yield
         finally:
-            del self._callbacks[fd]
+            self.forget(fd)
+
+    def forget(self, fd: int) -> None:
+        """Stop watching ``fd`` before its ``with`` block ends (e.g. a socket that was reset:
+        it would report EPOLLHUP again on every wake-up, and there is nothing more to learn)."""
+        if self._callbacks.pop(fd, None) is None:
+            return
+        if self._epoll is not None:
             with contextlib.suppress(OSError, ValueError):
-                epoll.unregister(fd)
-            if not self._callbacks and self._waiting is not None:
-                self._waiting.cancel()  # let the task end now
+                self._epoll.unregister(fd)
+        if not self._callbacks and self._waiting is not None:
+            self._waiting.cancel()  # let the task end now
 
     def errors_only(self, fd: int) -> None:
         """Stop reporting ``fd``'s hang-up (it stays visible and would be reported again on

@@ -10,12 +10,20 @@ plus one periodic job for the whole forwarder) tells it that something happened.
 
 * **End of a direction.** The shared epoll instance watches every spliced socket for
   ``EPOLLRDHUP`` only (plus ``EPOLLERR``/``EPOLLHUP``, always reported), edge-triggered: waiting
-  for ``POLLIN`` on a spliced socket spins (KERNEL-FACTS). On a FIN from one side the peer's
-  write side is shut only once the peer has taken everything the kernel redirected to it
-  (``tcpi_bytes_acked + SIOCOUTQ`` of the peer has grown by ``tcpi_bytes_received`` of the
-  source since registration), polled from 2 ms; shutting it at once cuts the tail.
-* **Resets.** ``EPOLLERR`` (``ECONNRESET``) on one side closes the other with ``SO_LINGER 0``,
-  so it gets an RST too; the reason is ``client_reset`` or ``upstream_reset``.
+  for ``POLLIN`` on a spliced socket spins (docs/kernel-facts.md, "poll(POLLIN) on spliced
+  sockets"). On a FIN from one side the peer's write side is shut only once the peer has
+  taken everything the kernel redirected to it (``tcpi_bytes_acked + SIOCOUTQ`` of the peer has
+  grown by the bytes the verdict program redirected from the source, read from its ``progress``
+  entry), polled from 2 ms; shutting it at once cuts the tail.
+* **Resets.** A reset of one side (``EPOLLERR``, or a socket found in CLOSE that the proxy
+  never sent a FIN to: the kernel reports a reset to one reader only, see
+  :func:`trio_sni.forward.ended_by_reset`) ends the direction into it at once. The direction
+  out of it drains as for a FIN (an answer sent just before the reset still reaches the other
+  side), then waits until the other side's peer has acknowledged everything and closes it
+  with ``SO_LINGER 0``, so it gets an RST too; the reason is ``client_reset`` or
+  ``upstream_reset``. A reset socket is no longer watched (it would report EPOLLHUP on every
+  wake-up). A reset read during the hand-off (before or by the registration's kick) is passed
+  to the userspace path or the watcher, never dropped.
 * **Backpressure.** The kernel has none: a stalled reader lets the redirect queue grow without
   limit. The verdict program bounds it itself, per skb: a socket may have at most ``bound``
   bytes redirected that its peer has not taken into its send queue (it reads the peer's
@@ -43,6 +51,7 @@ registration is a ``with`` block of plain syscalls).
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import functools
@@ -58,7 +67,18 @@ import attrs
 import trio
 
 from .accel import SockhashSplice, Splice
-from .forward import ByteCounters, CopyForwarder, reset_on_close
+from .forward import (
+    ACK_POLL,
+    TCP_CLOSE,
+    ByteCounters,
+    CopyForwarder,
+    ended_by_reset,
+    other_side,
+    reset_on_close,
+    send_counted,
+    tcp_state,
+    unacknowledged,
+)
 from .hangup_watch import HangupWatch
 
 log = logging.getLogger("trio_sni")
@@ -66,7 +86,6 @@ log = logging.getLogger("trio_sni")
 SIOCINQ = 0x541B  # FIONREAD
 SIOCOUTQ = 0x5411  # TIOCOUTQ
 _TCP_INFO_LEN = 136
-_TCP_CLOSE = 7
 
 #: How often a draining direction checks whether the peer has sent everything (seconds):
 #: at least this often, at most MAX_DRAIN_POLL, adapted to the rate the queue drains at.
@@ -75,6 +94,10 @@ MAX_DRAIN_POLL = 0.05
 #: Slowest sweep of the redirected-byte counts (idle timeout, live byte counts), seconds; never
 #: slower than a twentieth of the idle timeout (its precision).
 MAX_SWEEP = 5.0
+#: How long a userspace direction that read its source's end waits for bytes the psock may
+#: still hold back (its retry runs after one jiffy, docs/kernel-facts.md, fact 43), in DRAIN_POLLs:
+#: first when the count may be off by the FIN only, then at most.
+_HELD_BACK_POLLS = (10, 250)
 
 
 class _Sock(Protocol):
@@ -121,10 +144,18 @@ def consumed(sock: _Sock) -> int:
 _DRAIN_CHUNK = 1 << 20
 
 
-def _drain_queued(fd: int) -> tuple[bytes, bool]:
-    """Read everything queued on ``fd`` now; ``(data, ended)``, ended on EOF or an error.
+class _Ended(enum.Enum):
+    """How a socket read during the hand-off ended."""
 
-    A read shorter than asked for has emptied the queue, so no partly read skb is left.
+    EOF = enum.auto()
+    RESET = enum.auto()
+
+
+def _drain_queued(fd: int) -> tuple[bytes, _Ended | None]:
+    """Read everything queued on ``fd`` now; ``(data, how it ended or None)``.
+
+    A read shorter than asked for has emptied the queue, so no partly read skb is left. A
+    reset read here is consumed (the kernel reports it once): the caller must pass it on.
     """
     chunks: list[bytes] = []
     with _borrowed(fd) as sock:
@@ -132,14 +163,14 @@ def _drain_queued(fd: int) -> tuple[bytes, bool]:
             try:
                 data = sock.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                return b"".join(chunks), False
+                return b"".join(chunks), None
             except OSError:
-                return b"".join(chunks), True
+                return b"".join(chunks), _Ended.RESET
             if not data:
-                return b"".join(chunks), True
+                return b"".join(chunks), _Ended.EOF
             chunks.append(data)
             if len(data) < _DRAIN_CHUNK:
-                return b"".join(chunks), False
+                return b"".join(chunks), None
 
 
 @contextlib.contextmanager
@@ -153,11 +184,27 @@ def _borrowed(fd: int) -> Iterator[socket.socket]:
 
 
 def _socket_error(sock: _Sock) -> int:
-    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR, 4), "little")
+    """The pending error (``SO_ERROR``), consumed by this read."""
+    try:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR, 4), "little")
+    except OSError as exc:
+        return exc.errno or errno.EBADF
 
 
-def _tcp_state(sock: _Sock) -> int:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+class _State(enum.Enum):
+    """Where one direction is (``KERNEL`` → ``DRAINING`` → ``DONE``, or through ``USER``)."""
+
+    #: The verdict program redirects its bytes.
+    KERNEL = enum.auto()
+    #: A userspace pump copies them (the in-flight bound stopped it, or it was never inserted).
+    USER = enum.auto()
+    #: Its source ended (FIN or reset): waiting until the destination has been handed
+    #: everything the kernel redirected.
+    DRAINING = enum.auto()
+    #: Its source was reset and everything before the reset is in the destination's send
+    #: queue: waiting until the destination's peer has acknowledged it all, to reset it too.
+    ACKING = enum.auto()
+    DONE = enum.auto()
 
 
 @attrs.define(eq=False)
@@ -171,17 +218,25 @@ class _Direction:
     dst_fd: int
     consumed0: int  # src bytes read by the proxy before registration (+ SYN)
     written0: int  # dst's written() at registration
-    state: str = "kernel"  # kernel -> draining -> done, or kernel -> user -> done
+    state: _State = _State.KERNEL
     fin_received: bool = False
     drain_seen: int = 0  # sent_since() at the last drain check
-    redirected: int = 0  # by the kernel, as of the last sweep
+    redirected: int = 0  # by the kernel, as of the last look
     copied: int = 0  # by the userspace pump
+    pump: trio.CancelScope | None = None  # the userspace pump, in state USER
+    unacked: int = -1  # dst's unacknowledged bytes at the last look, in state ACKING
+    ack_poll: float = ACK_POLL[0]
+
+    @property
+    def dst_side(self) -> str:
+        return other_side(self.src_side)
 
     def sent_since(self) -> int:
         return written(self.dst.socket) - self.written0
 
     def received_since(self) -> int:
-        return received(self.src.socket) - self.consumed0 - (1 if self.fin_received else 0)
+        """Bytes (and the FIN, if one came) received on ``src`` since registration."""
+        return received(self.src.socket) - self.consumed0
 
 
 class KernelForwarder:
@@ -250,32 +305,27 @@ class KernelForwarder:
         base_to_upstream = written(upstream.socket) - counters.to_upstream
         base_to_client = written(client.socket) - counters.to_client
         # Read whatever is queued on both sockets and send it on ourselves, before the insert
-        # (KERNEL-FACTS fact 7): the kernel takes over whole skbs from the receive queue and
-        # ignores how much of the first one userspace had read already, so a partly read skb
-        # would be sent twice (measured: the 16 KiB the ClientHello reader had taken from a
-        # 64 KiB skb arrived again).
-        to_upstream, client_ended = _drain_queued(cfd)
-        to_client, upstream_ended = _drain_queued(ufd)
-        for data, dst, other, side in (
-            (first_bytes + to_upstream, upstream, client, "upstream"),
-            (to_client, client, upstream, "client"),
+        # (docs/kernel-facts.md, facts 7 and 41): the kernel takes over whole skbs from the
+        # receive queue and ignores how much of the first one userspace had read already, so a
+        # partly read skb would be sent twice (measured: the 16 KiB the ClientHello reader had taken
+        # from a 64 KiB skb arrived again).
+        to_upstream, client_end = _drain_queued(cfd)
+        to_client, upstream_end = _drain_queued(ufd)
+        resets = [
+            side
+            for side, end in (("client", client_end), ("upstream", upstream_end))
+            if end is _Ended.RESET
+        ]
+        for data, dst, side in (
+            (first_bytes + to_upstream, upstream, "upstream"),
+            (to_client, client, "client"),
         ):
-            if not data:
-                continue
-            try:
-                await dst.send_all(data)
-            except trio.BrokenResourceError:
-                reset_on_close(other)
-                return f"{side}_reset"
-            if side == "upstream":
-                counters.to_upstream += len(data)
-            else:
-                counters.to_client += len(data)
-        if client_ended or upstream_ended:
-            # Half-closed or reset already: the insert would fail; copy sees the end again.
-            self.fallbacks += 1
-            counters.mode = "copy"
-            return await self._copy.forward(client, upstream, first_bytes=b"", counters=counters)
+            if data and side not in resets and not await send_counted(dst, data, counters, side):
+                resets.append(side)
+        if client_end or upstream_end or resets:
+            # Half-closed or reset already: the insert would fail. Userspace finishes the
+            # connection, told of the resets read here (the kernel reports each only once).
+            return await self._fall_back(client, upstream, counters, resets)
         dirs = (
             _Direction(
                 "client",
@@ -300,12 +350,8 @@ class KernelForwarder:
             try:
                 splice = registration.enter_context(self.plane.register(cs, us, bound=self._bound))
             except OSError as exc:
-                self.fallbacks += 1
                 log.debug("sockhash registration failed (%s): copying this connection", exc)
-                counters.mode = "copy"
-                return await self._copy.forward(
-                    client, upstream, first_bytes=b"", counters=counters
-                )
+                return await self._fall_back(client, upstream, counters, [])
             watcher = _Watcher(self, splice, dirs, counters, base_to_upstream, base_to_client)
             self.registered += 1
             try:
@@ -313,6 +359,19 @@ class KernelForwarder:
             finally:
                 self.registered -= 1
                 watcher.update_counters()
+
+    async def _fall_back(
+        self,
+        client: trio.SocketStream,
+        upstream: trio.SocketStream,
+        counters: ByteCounters,
+        resets: list[str],
+    ) -> str:
+        self.fallbacks += 1
+        counters.mode = "copy"
+        return await self._copy.forward(
+            client, upstream, first_bytes=b"", counters=counters, reset=resets
+        )
 
     def _join(self, watcher: _Watcher) -> None:
         if not self._watchers:
@@ -331,7 +390,7 @@ class KernelForwarder:
         """The program stopped some sockets: copy their directions from now on."""
         for cookie in self.plane.stopped_cookies():
             watcher, d = self._live.get(cookie, (None, None))
-            if watcher is not None and d is not None and d.state in ("kernel", "draining"):
+            if watcher is not None and d is not None:
                 watcher.on_stop(d)
 
     def _sweep_interval(self) -> float:
@@ -352,7 +411,7 @@ class KernelForwarder:
             if redirected != d.redirected:
                 d.redirected = redirected
                 watcher.last_activity = now
-            if stopped and d.state in ("kernel", "draining"):
+            if stopped:
                 watcher.on_stop(d)  # its ring record was lost (ring full)
         self._next_sweep = now + self._sweep_interval()
         for watcher in list(self._watchers):
@@ -384,14 +443,22 @@ class _Watcher:
         self.counters = counters
         self.base = {"client": base_to_upstream, "upstream": base_to_client}
         self.counted0 = {"client": counters.to_upstream, "upstream": counters.to_client}
-        self.fin_sent = {"client": False, "upstream": False}  # FIN sent on d.dst
+        #: Sides the proxy has sent a FIN to.
+        self.fin_sent: set[str] = set()
+        #: Sides whose socket was reset, in the order the resets were seen.
+        self.resets: list[str] = []
         self.reason: str | None = None
+        #: Set once the connection is ending: late ring records and events are ignored.
+        self.finished = False
+        #: The counts are exact already (a destination died): the sweep leaves them alone.
+        self.counts_final = False
         self._waiting: trio.CancelScope | None = None
         self.last_activity = trio.current_time()
         for side in splice.stopped_at_insert:
-            self._dir(side).state = "user"
+            self._from(side).state = _State.USER
 
-    def _dir(self, side: str) -> _Direction:
+    def _from(self, side: str) -> _Direction:
+        """The direction carrying ``side``'s bytes."""
         return self.dirs[0] if side == "client" else self.dirs[1]
 
     def update_counters(self) -> None:
@@ -401,11 +468,13 @@ class _Watcher:
                 sent = written(d.dst.socket) - self.base[d.src_side]
             except OSError:
                 continue
-            sent -= 1 if self.fin_sent[d.src_side] else 0
+            sent -= 1 if d.dst_side in self.fin_sent else 0
             self._set_count(d, sent)
 
     def live_counters(self) -> None:
         """Cheap counts for the status page (no syscall): redirected as of the last sweep."""
+        if self.counts_final:
+            return
         for d in self.dirs:
             self._set_count(d, self.counted0[d.src_side] + d.redirected + d.copied)
 
@@ -424,16 +493,21 @@ class _Watcher:
                 watching.enter_context(
                     self.fwd._watch.watch(d.src_fd, functools.partial(self._on_event, d))
                 )
-                if d.state == "kernel":
+                if d.state is _State.KERNEL:
                     cookie = self.splice.cookie(d.src_side)
                     live[cookie] = (self, d)
                     watching.callback(live.pop, cookie, None)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 for d in self.dirs:
-                    if d.state == "user":
-                        nursery.start_soon(self._userspace, d)
-                await self._loop()
+                    if d.state is _State.USER:
+                        self._start_pump(d)
+                for side in self.splice.reset_at_kick:
+                    self._mark_reset(side)
+                try:
+                    await self._loop()
+                finally:
+                    self.finished = True
                 nursery.cancel_scope.cancel()
         assert self.reason is not None
         return self.reason
@@ -448,23 +522,17 @@ class _Watcher:
             self.reason = reason
         self.nursery.cancel_scope.cancel()
 
-    def _reset(self, side: str) -> None:
-        """``side`` was reset: reset the other side too and stop."""
-        other = self.dirs[0].dst if side == "client" else self.dirs[1].dst
-        reset_on_close(other)
-        self.end(f"{side}_reset")
-
     async def _loop(self) -> None:
         while self.reason is None:
-            if all(d.state == "done" for d in self.dirs):
-                self.reason = "normal"
-                return
             delay = math.inf
             for d in self.dirs:
-                if d.state == "draining":
+                if d.state is _State.DRAINING:
                     delay = min(delay, self._check_drained(d))
-            if all(d.state == "done" for d in self.dirs):
-                continue
+                if d.state is _State.ACKING:
+                    delay = min(delay, self._check_acknowledged(d))
+            if all(d.state is _State.DONE for d in self.dirs):
+                self.reason = f"{self.resets[0]}_reset" if self.resets else "normal"
+                return
             with trio.move_on_after(delay) as self._waiting:
                 await trio.sleep_forever()
             self._waiting = None
@@ -472,84 +540,184 @@ class _Watcher:
     def _on_event(self, d: _Direction, events: int) -> None:
         """What the shared epoll instance reported for ``d``'s source socket."""
         side = d.src_side
-        if events & select.EPOLLERR or (
-            events & select.EPOLLHUP
-            and _tcp_state(d.src.socket) == _TCP_CLOSE
-            and _socket_error(d.src.socket)
-        ):
-            self._reset(side)
+        if self.finished or side in self.resets:
+            return
+        if events & select.EPOLLERR and _socket_error(d.src.socket):
+            self._mark_reset(side)
             return
         if not events & (select.EPOLLRDHUP | select.EPOLLHUP):
             return
-        self.fwd._watch.errors_only(d.src_fd)
+        if ended_by_reset(d.src.socket, fin_sent=side in self.fin_sent):
+            self._mark_reset(side)
+            return
+        if tcp_state(d.src.socket) == TCP_CLOSE:
+            self.fwd._watch.forget(d.src_fd)  # closed both ways, cleanly: nothing more to see
+        else:
+            self.fwd._watch.errors_only(d.src_fd)  # a reset may still follow the FIN
         if d.fin_received:
             return
         d.fin_received = True
         self.last_activity = trio.current_time()
-        if d.state == "kernel":
-            with _borrowed(d.src_fd) as sock, contextlib.suppress(OSError):
-                sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # process the queue
-            d.state = "draining"
+        if d.state is _State.KERNEL:
+            with _borrowed(d.src_fd) as sock:
+                try:
+                    sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # process the queue
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    self._mark_reset(side)  # read (and consumed) here: pass it on
+                    return
+            d.state = _State.DRAINING
             self._wake()
-        # "user": its pump reads the EOF itself.
+        # USER: its pump reads the EOF itself.
+
+    def _mark_reset(self, side: str) -> None:
+        """``side``'s socket was reset: nothing more can be written to it, so the direction
+        into it ends now; the direction out of it delivers what came first, then resets the
+        other side."""
+        if side in self.resets or self.finished:
+            return
+        self.resets.append(side)
+        self.fwd._watch.forget(self._from(side).src_fd)  # nothing more to learn from it
+        into = self._from(other_side(side))
+        self._set_done(into)
+        out = self._from(side)
+        if out.state is _State.KERNEL:
+            out.state = _State.DRAINING
+        elif out.state is _State.DONE and out.dst_side not in self.resets:
+            out.state = _State.ACKING  # its FIN went on already; the reset follows it
+        # DRAINING goes on to ACKING; USER: the pump reads the end itself.
+        self.update_counters()
+        self.counts_final = True
+        self.last_activity = trio.current_time()
+        self._wake()
+
+    def _set_done(self, d: _Direction) -> None:
+        if d.pump is not None:
+            d.pump.cancel()
+        d.state = _State.DONE
+        self.fwd._live.pop(self.splice.cookie(d.src_side), None)
 
     def on_stop(self, d: _Direction) -> None:
         """The program stopped ``d``'s source socket: copy that direction from now on."""
-        d.state = "user"
+        if self.finished or self.reason is not None:
+            return
+        if d.state not in (_State.KERNEL, _State.DRAINING):
+            return
+        d.state = _State.USER
         self.fwd.budget_stops += 1
         self.fwd._live.pop(self.splice.cookie(d.src_side), None)
+        self._start_pump(d)
+
+    def _start_pump(self, d: _Direction) -> None:
+        d.pump = trio.CancelScope()
         self.nursery.start_soon(self._userspace, d)
 
-    def _shutdown_dst(self, d: _Direction) -> None:
-        with contextlib.suppress(OSError):
-            d.dst.socket.shutdown(socket.SHUT_WR)
-            self.fin_sent[d.src_side] = True
-        d.state = "done"
+    def _source_done(self, d: _Direction) -> None:
+        """Everything ``d``'s source sent is in the destination's send queue: pass its end on
+        (a FIN now; a reset once the destination's peer has acknowledged it all)."""
+        d.pump = None
+        if d.src_side in self.resets:
+            d.state = _State.ACKING if d.dst_side not in self.resets else _State.DONE
+        else:
+            with contextlib.suppress(OSError):
+                d.dst.socket.shutdown(socket.SHUT_WR)
+                self.fin_sent.add(d.dst_side)
+            d.state = _State.DONE
         self._wake()
 
-    def _check_drained(self, d: _Direction) -> float:
-        """Shut ``d``'s destination once it has sent everything; else when to look again.
+    def _dst_gone(self, d: _Direction) -> bool:
+        """Whether ``d``'s destination was reset (also if its reset was read elsewhere)."""
+        if d.dst_side in self.resets:
+            return True
+        if ended_by_reset(d.dst.socket, fin_sent=d.dst_side in self.fin_sent):
+            self._mark_reset(d.dst_side)
+            return True
+        return False
 
-        The kernel's queue can take seconds to drain (KERNEL-FACTS: 0.1-1.3 s at EOF in bulk
-        tests): look again in about half the time the rest should take at the rate seen
-        since the last look, from DRAIN_POLL up to MAX_DRAIN_POLL.
+    def _check_drained(self, d: _Direction) -> float:
+        """Pass ``d``'s end on once its destination has sent everything; else when to look
+        again.
+
+        The kernel's queue can take seconds to drain (docs/kernel-facts.md, "FIN not passed
+        on": 0.1-1.3 s at EOF in bulk tests): look again in about half the time the rest should take
+        at the rate seen since the last look, from DRAIN_POLL up to MAX_DRAIN_POLL.
         """
-        sent, target = d.sent_since(), d.received_since()
-        if sent >= target:
-            self._shutdown_dst(d)
+        if self._dst_gone(d):
             return math.inf
+        redirected, stopped = self.splice.progress(d.src_side)
+        if stopped:
+            self.on_stop(d)  # its bytes since the stop wait in its own queue: userspace
+            return math.inf
+        d.redirected = redirected
+        try:
+            sent = d.sent_since()
+        except OSError:
+            sent = redirected
+        if sent >= redirected:
+            self._source_done(d)
+            return 0.0
         progress = sent - d.drain_seen
         d.drain_seen = sent
         if progress <= 0:
             return DRAIN_POLL
-        return max(DRAIN_POLL, min(MAX_DRAIN_POLL, DRAIN_POLL * (target - sent) / progress / 2))
+        return max(DRAIN_POLL, min(MAX_DRAIN_POLL, DRAIN_POLL * (redirected - sent) / progress / 2))
+
+    def _check_acknowledged(self, d: _Direction) -> float:
+        """Reset ``d``'s destination once its peer has acknowledged everything (closing with
+        SO_LINGER 0 discards the send queue); else when to look again."""
+        if d.dst_side in self.resets:
+            d.state = _State.DONE
+            return math.inf
+        try:
+            left = unacknowledged(d.dst.socket)
+        except OSError:
+            left = 0
+        if left == 0 or tcp_state(d.dst.socket) == TCP_CLOSE:
+            reset_on_close(d.dst)
+            d.state = _State.DONE
+            return math.inf
+        if 0 <= left < d.unacked:
+            self.last_activity = trio.current_time()
+            d.ack_poll = ACK_POLL[0]
+        d.unacked = left
+        delay = d.ack_poll
+        d.ack_poll = min(ACK_POLL[1], delay * 2)
+        return delay
 
     async def _userspace(self, d: _Direction) -> None:
         """Copy ``d`` in userspace from now on (in-flight bound reached, or no splice)."""
+        assert d.pump is not None
+        with d.pump:
+            if await self._copy_rest(d):
+                self._source_done(d)
+
+    async def _copy_rest(self, d: _Direction) -> bool:
+        """Copy until the source ends (True: pass its end on) or the destination is reset."""
         redirected, _ = self.splice.progress(d.src_side)
         d.redirected = redirected
         if d.src_side not in self.splice.stopped_at_insert:
             # Every byte redirected before the stop must be in dst's send queue before the
             # first byte copied here, or the order breaks.
             while d.sent_since() < redirected:
-                if _tcp_state(d.dst.socket) == _TCP_CLOSE:
-                    self._reset("upstream" if d.src_side == "client" else "client")
-                    return
+                if self._dst_gone(d):
+                    return False
                 await trio.sleep(DRAIN_POLL)
-        other = "upstream" if d.src_side == "client" else "client"
+        polls = 0
         while True:
             try:
                 data = await d.src.receive_some(self.fwd._buffer_size)
             except trio.BrokenResourceError:
-                self._reset(d.src_side)
-                return
+                self._mark_reset(d.src_side)
+                data = b""
             if not data:
-                # On a socket in the sockhash, recv() reports EOF once the FIN has arrived
-                # even if SK_PASSed skbs still wait in the psock's retry queue: believe it only
-                # when every byte received has been redirected or copied.
-                d.fin_received = True
-                if d.received_since() <= redirected + d.copied:
-                    break
+                if self._read_everything(d, polls):
+                    if d.src_side not in self.resets and ended_by_reset(
+                        d.src.socket, fin_sent=d.src_side in self.fin_sent
+                    ):
+                        self._mark_reset(d.src_side)
+                    return True
+                polls += 1
                 await trio.sleep(DRAIN_POLL)
                 continue
             d.copied += len(data)
@@ -557,6 +725,26 @@ class _Watcher:
             try:
                 await d.dst.send_all(data)
             except trio.BrokenResourceError:
-                self._reset(other)
-                return
-        self._shutdown_dst(d)
+                self._mark_reset(d.dst_side)
+                return False
+
+    def _read_everything(self, d: _Direction, polls: int) -> bool:
+        """Whether every byte ``d``'s source received has been redirected or copied, once a
+        read reported its end.
+
+        On a socket in the sockhash, recv() reports the end once the FIN (or RST) has arrived
+        even if SK_PASSed skbs still wait in the psock's retry queue (docs/kernel-facts.md,
+        fact 42).
+        The received count includes the FIN if one came, which a reset socket cannot tell:
+        a difference of one is the FIN when the socket is not closed, and is taken as it after
+        a short wait otherwise; after the longest wait the rest is given up.
+        """
+        try:
+            pending = d.received_since() - d.redirected - d.copied
+        except OSError:
+            return True
+        if pending <= 0 or polls >= _HELD_BACK_POLLS[1]:
+            return True
+        if pending == 1:
+            return tcp_state(d.src.socket) != TCP_CLOSE or polls >= _HELD_BACK_POLLS[0]
+        return False

@@ -5,18 +5,17 @@ only decides when to call splice(2), waiting for readiness with
 :func:`trio.lowlevel.wait_readable` / :func:`trio.lowlevel.wait_writable` on the sockets.
 
 Behaviour is the same as :class:`~trio_sni.forward.CopyForwarder`'s (both run in
-:func:`~trio_sni.forward.pump_both_ways`): half-close (splice
-returns 0 → what is still in the pipe goes to the other side, then ``shutdown(SHUT_WR)``),
-a reset on either side resets the other (SO_LINGER 0) and ends both directions, byte counts
-are bytes handed to the destination socket, and the idle timeout is one deadline on the pair
+:func:`~trio_sni.forward.pump_both_ways`, which says how a connection ends): at a FIN or a
+reset of the source, what is still in the pipe goes to the other side first; byte counts are
+bytes handed to the destination socket, and the idle timeout is one deadline on the pair
 pushed forward by every chunk.
 
 Memory per connection: at most two pipes of ``forwarding.pipe_size`` bytes (plus the
 sockets' own buffers). ``F_SETPIPE_SZ`` above ``/proc/sys/fs/pipe-max-size`` or beyond the
 user's pipe page allowance (``pipe-user-pages-soft``) is refused (EPERM) or the pipe is
-smaller: the pipe then keeps the size the kernel gives it (KERNEL-FACTS fact 36).
+smaller: the pipe then keeps the size the kernel gives it (docs/kernel-facts.md, fact 36).
 
-Never use this on a socket that is in the BPF sockhash (KERNEL-FACTS fact 13): bytes the
+Never use this on a socket that is in the BPF sockhash (docs/kernel-facts.md, fact 13): bytes the
 verdict program passes are invisible to splice(2). The kernel forwarder falls back to copy,
 not to this forwarder, for that reason.
 """
@@ -31,7 +30,7 @@ import socket
 
 import trio
 
-from .forward import ByteCounters, CopyForwarder, Side, pump_both_ways
+from .forward import ByteCounters, CopyForwarder, PumpEnd, Side, pump_both_ways
 
 log = logging.getLogger("trio_sni")
 
@@ -141,7 +140,7 @@ class SpliceForwarder:
                 )
             pipe_of = {"client": pipes[0], "upstream": pipes[1]}
 
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream, side: Side) -> bool:
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream, side: Side) -> PumpEnd:
                 return await _splice_through(pipe_of[side.name], src, dst, side)
 
             return await pump_both_ways(
@@ -160,27 +159,27 @@ class SpliceForwarder:
 
 async def _splice_through(
     pipe: tuple[int, int, int], src: trio.SocketStream, dst: trio.SocketStream, side: Side
-) -> bool:
-    """One direction: socket -> pipe -> socket until EOF (True) or a reset (False)."""
+) -> PumpEnd:
+    """One direction: socket -> pipe -> socket until the source ends (EOF or reset: what is
+    in the pipe is delivered first) or the destination fails."""
     rfd, wfd, capacity = pipe
     sfd, dfd = src.socket.fileno(), dst.socket.fileno()
     in_pipe = 0
-    eof = False
+    ended: PumpEnd | None = None
     while True:
         progressed = False
-        if not eof and in_pipe < capacity:
+        if ended is None and in_pipe < capacity:
             try:
                 n = os.splice(sfd, wfd, capacity - in_pipe, flags=_FLAGS)
             except BlockingIOError:
                 pass
             except OSError as exc:
-                if exc.errno in _RESETS:
-                    side.reset(side.name)
-                    return False
-                raise
+                if exc.errno not in _RESETS:
+                    raise
+                ended = PumpEnd.SOURCE_RESET
             else:
                 if n == 0:
-                    eof = True
+                    ended = PumpEnd.EOF
                 in_pipe += n
                 progressed = True
         if in_pipe:
@@ -190,15 +189,14 @@ async def _splice_through(
                 pass
             except OSError as exc:
                 if exc.errno in _RESETS:
-                    side.reset(side.other)
-                    return False
+                    return PumpEnd.DESTINATION_RESET
                 raise
             else:
                 in_pipe -= m
                 side.moved(m)
                 progressed = progressed or m > 0
-        if eof and not in_pipe:
-            return True
+        if ended is not None and not in_pipe:
+            return ended
         if progressed:
             await trio.lowlevel.checkpoint()
         elif in_pipe:

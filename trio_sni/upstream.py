@@ -26,6 +26,7 @@ handshake the stream is an ordinary TCP socket, so every forwarder treats it as 
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -61,6 +62,11 @@ class _Attempt:
     error: OSError | None = None
 
 
+#: connect() errors that mean the connection was made and then reset before connect() returned
+#: (the reset is read as connect()'s result: docs/kernel-facts.md, fact 46).
+_ACCEPTED_THEN_RESET = frozenset({errno.ECONNRESET, errno.EPIPE})
+
+
 async def connect_to_addresses(
     addresses: Sequence[IPAddress],
     port: int,
@@ -69,7 +75,7 @@ async def connect_to_addresses(
     # waited and which attempts were still pending when the deadline came.
     timeout: float,  # noqa: ASYNC109
     happy_eyeballs_delay: float = 0.25,
-) -> trio.SocketStream:
+) -> tuple[trio.SocketStream, IPAddress]:
     """Open a TCP connection to one of ``addresses``, trying them in order (RFC 8305).
 
     No DNS happens here (see the module docstring): connecting to exactly the address that
@@ -84,9 +90,10 @@ async def connect_to_addresses(
             and trio's default.
 
     Returns:
-        The connected stream. TCP_NODELAY is on (trio's ``SocketStream`` sets it): the
-        proxy forwards the client's segments as they come, and Nagle's algorithm would
-        only add latency to TLS handshake flights.
+        The connected stream, and the address it connected to (the target may have reset the
+        connection already, after which the socket can no longer tell). TCP_NODELAY is on (trio's
+        ``SocketStream`` sets it): the proxy forwards the client's segments as they come, and
+        Nagle's algorithm would only add latency to TLS handshake flights.
 
     Raises:
         UpstreamError: no address could be connected to; the message names each address
@@ -101,21 +108,25 @@ async def connect_to_addresses(
     attempts = [_Attempt(address) for address in addresses]
     open_sockets: list[trio.socket.SocketType] = []
     winner: trio.socket.SocketType | None = None
+    winning_address: IPAddress | None = None
     returned: trio.socket.SocketType | None = None
 
     async def attempt_connect(attempt: _Attempt, attempt_failed: trio.Event) -> None:
-        nonlocal winner
+        nonlocal winner, winning_address
         family = socket.AF_INET6 if attempt.address.version == 6 else socket.AF_INET
         try:
             sock = trio.socket.socket(family, socket.SOCK_STREAM)
             open_sockets.append(sock)
             await sock.connect((str(attempt.address), port))
         except OSError as exc:
-            attempt.error = exc
-            attempt_failed.set()
-            return
+            if exc.errno not in _ACCEPTED_THEN_RESET:
+                attempt.error = exc
+                attempt_failed.set()
+                return
+            # The target accepted and reset at once: it answered (its bytes and the reset
+            # wait in the socket, and the forwarder passes both on to the client).
         if winner is None:
-            winner = sock
+            winner, winning_address = sock, attempt.address
             # The first connection wins; the others (and the spacing sleep) are cancelled.
             nursery.cancel_scope.cancel()
 
@@ -129,11 +140,11 @@ async def connect_to_addresses(
                     # Give this attempt a head start; move on early if it fails.
                     with trio.move_on_after(happy_eyeballs_delay):
                         await attempt_failed.wait()
-        if winner is None:
+        if winner is None or winning_address is None:
             raise UpstreamError(_failure_message(attempts, port, timeout))
         stream = trio.SocketStream(winner)
         returned = winner
-        return stream
+        return stream, winning_address
     finally:
         # Close every socket but the one handed to the caller, also when cancelled.
         for sock in open_sockets:
@@ -208,7 +219,7 @@ async def connect_via_socks5(
     with trio.move_on_after(timeout):
         for destination in destinations:
             try:
-                stream = await connect_to_addresses([server], server_port, timeout=timeout)
+                stream, _ = await connect_to_addresses([server], server_port, timeout=timeout)
             except UpstreamError as exc:
                 raise UpstreamError(f"SOCKS5 server unreachable: {exc}") from None
             try:

@@ -116,7 +116,7 @@ def open_fds() -> set[int]:
 async def test_connects_to_a_single_address(autojump_clock: trio.testing.MockClock) -> None:
     with listening() as port:
         before = open_fds()
-        stream = await connect_to_addresses([LOOP4], port, timeout=10.0)
+        stream, _ = await connect_to_addresses([LOOP4], port, timeout=10.0)
         async with stream:
             assert stream.socket.getpeername() == ("127.0.0.1", port)
             assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
@@ -126,14 +126,16 @@ async def test_connects_to_a_single_address(autojump_clock: trio.testing.MockClo
 
 async def test_connects_over_ipv6() -> None:
     with listening(LOOP6) as port:
-        async with await connect_to_addresses([LOOP6], port, timeout=10.0) as stream:
+        stream, _ = await connect_to_addresses([LOOP6], port, timeout=10.0)
+        async with stream:
             assert stream.socket.getpeername()[:2] == ("::1", port)
 
 
 async def test_bytes_flow(nursery: trio.Nursery) -> None:
     listeners = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
-    async with await connect_to_addresses([LOOP4], port, timeout=10.0) as stream:
+    stream, _ = await connect_to_addresses([LOOP4], port, timeout=10.0)
+    async with stream:
         await stream.send_all(b"ping")
         assert await stream.receive_some() == b"ping"
 
@@ -166,7 +168,7 @@ async def test_black_hole_first_next_after_the_delay(
 ) -> None:
     with one_port((black_hole, LOOP4), (listening, LOOP6)) as port:
         before = open_fds()
-        stream = await connect_to_addresses([LOOP4, LOOP6], port, timeout=10.0)
+        stream, _ = await connect_to_addresses([LOOP4, LOOP6], port, timeout=10.0)
         async with stream:
             assert stream.socket.getpeername()[:2] == ("::1", port)
             # The losing attempt's socket is closed by the time the winner is returned.
@@ -176,10 +178,10 @@ async def test_black_hole_first_next_after_the_delay(
 
 async def test_custom_happy_eyeballs_delay(autojump_clock: trio.testing.MockClock) -> None:
     with one_port((black_hole, LOOP4), (listening, LOOP6)) as port:
-        async with await connect_to_addresses(
+        stream, _ = await connect_to_addresses(
             [LOOP4, LOOP6], port, timeout=10.0, happy_eyeballs_delay=0.1
-        ):
-            pass
+        )
+        await stream.aclose()
     assert trio.current_time() == 0.1
 
 
@@ -187,8 +189,10 @@ async def test_refused_first_starts_the_next_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     with one_port((refused, LOOP4), (listening, LOOP6)) as port:
-        async with await connect_to_addresses([LOOP4, LOOP6], port, timeout=10.0) as stream:
+        stream, address = await connect_to_addresses([LOOP4, LOOP6], port, timeout=10.0)
+        async with stream:
             assert stream.socket.getpeername()[:2] == ("::1", port)
+        assert address == LOOP6  # the address that answered, named without asking the socket
     # A failed attempt does not wait out the happy-eyeballs delay.
     assert trio.current_time() == 0
 
@@ -199,7 +203,8 @@ async def test_nothing_on_another_loopback_address(
     # All of 127.0.0.0/8 is loopback; with nothing bound on 127.0.0.2 the kernel sends RST.
     dead = ipaddress.ip_address("127.0.0.2")
     with one_port((refused, dead), (listening, LOOP4)) as port:
-        async with await connect_to_addresses([dead, LOOP4], port, timeout=10.0) as stream:
+        stream, _ = await connect_to_addresses([dead, LOOP4], port, timeout=10.0)
+        async with stream:
             assert stream.socket.getpeername() == ("127.0.0.1", port)
     assert trio.current_time() == 0
 

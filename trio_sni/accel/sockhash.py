@@ -1,6 +1,6 @@
 """The kernel data plane: a loaded ``sockhash.bpf.o`` with its verdict program attached.
 
-Theory of operation (see ``bpf/sockhash.bpf.c`` and KERNEL-FACTS.md):
+Theory of operation (see ``bpf/sockhash.bpf.c`` and docs/kernel-facts.md):
 :meth:`SockhashSplice.register` puts a connection's two sockets into the sockhash, after which
 the kernel redirects every byte either socket receives to the other one's egress. Python keeps
 only the bookkeeping:
@@ -57,6 +57,8 @@ class Splice:
 
     ``stopped_at_insert`` lists the sides (``"client"``, ``"upstream"``) whose socket could not
     be put into ``sock_hash``: their received bytes stay in the socket (userspace reads them).
+    ``reset_at_kick`` lists the sides whose hand-off kick read a reset: the kernel reports a
+    reset once, so the caller must take it from here.
     """
 
     plane: SockhashSplice
@@ -64,6 +66,7 @@ class Splice:
     upstream_cookie: int
     bound: int
     stopped_at_insert: tuple[str, ...] = ()
+    reset_at_kick: tuple[str, ...] = ()
 
     def cookie(self, side: str) -> int:
         return self.client_cookie if side == "client" else self.upstream_cookie
@@ -168,7 +171,7 @@ class SockhashSplice:
 
     def all_progress(self) -> dict[int, tuple[int, bool]]:
         """``{cookie: (bytes redirected, stopped?)}`` for every registered socket, read in one
-        batch (about 0.1 µs per entry, KERNEL-FACTS: poll in batches)."""
+        batch (about 0.1 µs per entry, docs/kernel-facts.md, "bpf() lookup cost")."""
         return {cookie: _progress(raw) for cookie, raw in self.progress_map.lookup_batch()}
 
     def entries(self) -> dict[str, int]:
@@ -190,8 +193,9 @@ class SockhashSplice:
         """Splice ``client`` and ``upstream`` in the kernel for the ``with`` block.
 
         Send whatever the proxy already read from the client to ``upstream`` *before* this
-        (KERNEL-FACTS fact 7). ``bound`` is the in-flight bound per direction: the most bytes
-        one socket may have redirected that the other has not taken into its send queue.
+        (docs/kernel-facts.md, fact 7). ``bound`` is the in-flight bound per direction: the
+        most bytes one socket may have redirected that the other has not taken into its send
+        queue.
 
         Raises:
             OSError: a socket could not be added to ``targets`` (e.g. ``EOPNOTSUPP``: it is not
@@ -224,9 +228,11 @@ class SockhashSplice:
                 else:
                     made.append((self.sock_hash, cookie))
             splice.stopped_at_insert = tuple(stopped)
-            for side, sock in (("client", client), ("upstream", upstream)):
-                if side not in stopped:
-                    _kick(sock)
+            splice.reset_at_kick = tuple(
+                side
+                for side, sock in (("client", client), ("upstream", upstream))
+                if side not in stopped and _kick(sock)
+            )
             yield splice
         finally:
             # sock_hash first (no more verdicts), then the rest; all plain syscalls.
@@ -235,17 +241,19 @@ class SockhashSplice:
                     m.delete(cookie)
 
 
-def _kick(sock: socket.socket) -> None:
+def _kick(sock: socket.socket) -> bool:
     """``recv(MSG_DONTWAIT)``: makes the kernel run the verdict on bytes already queued.
 
-    Nothing can be returned by design (no skb was SK_PASSed yet); if something is, the
-    registration order is broken and forwarding would reorder bytes, so fail loudly.
+    Returns whether it read a reset (which it consumed: the caller must pass it on). Nothing
+    can be returned by design (no skb was SK_PASSed yet); if something is, the registration
+    order is broken and forwarding would reorder bytes, so fail loudly.
     """
     try:
         data = sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
     except (BlockingIOError, InterruptedError):
-        return
+        return False
     except OSError:
-        return  # reset: the caller's end detection reports it
+        return True
     if data:
         raise RuntimeError("sockhash registration: a byte was queued on the proxy's socket")
+    return False
