@@ -108,23 +108,49 @@ def reset_on_close(stream: trio.SocketStream) -> None:
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def ended_by_reset(sock: _Sock, *, fin_sent: bool) -> bool:
-    """Whether a socket that reads as ended (EOF) was reset rather than half-closed.
-
-    The kernel reports a reset to one reader only (a failed ``send`` or ``recv`` consumes
-    ``sk_err``; docs/kernel-facts.md, facts 46 and 48), after which ``recv`` returns a plain
-    EOF. The state still tells: a FIN leaves the socket in CLOSE_WAIT (or later states), a reset in
-    CLOSE. CLOSE is also where a clean close ends once the proxy has sent its own FIN and both are
-    acknowledged; then only a pending error (``SO_ERROR``) tells a reset.
-    """
-    if tcp_state(sock) != TCP_CLOSE:
-        return False
-    if not fin_sent:
-        return True
+def pending_error(sock: _Sock) -> bool:
+    """Whether an error (a reset) waits to be read; reading it here consumes it."""
     try:
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR, 4) != b"\0\0\0\0"
     except OSError:
-        return True
+        return False
+
+
+def closed_by_reset(sock: _Sock, *, fin_sent: bool) -> bool:
+    """Whether a socket is gone because it was reset (also when its error was read elsewhere).
+
+    The kernel reports a reset to one reader only (a failed ``send`` or ``recv`` consumes
+    ``sk_err``; docs/kernel-facts.md, facts 46 and 48), after which ``recv`` returns a plain
+    EOF. The state still tells: a FIN leaves the socket in CLOSE_WAIT (or later states), a
+    reset in CLOSE. CLOSE is also where a clean close ends once the proxy has sent its own FIN
+    and both are acknowledged; then only a pending error tells a reset.
+    """
+    if tcp_state(sock) != TCP_CLOSE:
+        return False
+    return not fin_sent or pending_error(sock)
+
+
+class Ending(enum.Enum):
+    """How a socket whose read returned EOF ended."""
+
+    FIN = enum.auto()
+    RESET = enum.auto()
+    #: A FIN, then a reset: pass both on, in that order.
+    FIN_THEN_RESET = enum.auto()
+
+
+def how_it_ended(sock: _Sock, *, fin_sent: bool) -> Ending:
+    """How a socket whose ``recv`` returned EOF ended (see :func:`closed_by_reset`).
+
+    A reset alone is read as an error, not as EOF, unless something else read the error first;
+    so an error still pending at EOF means a FIN came first (after a FIN, ``recv`` reports EOF
+    even when a reset followed: docs/kernel-facts.md, fact 47).
+    """
+    if tcp_state(sock) != TCP_CLOSE:
+        return Ending.FIN
+    if pending_error(sock):
+        return Ending.FIN_THEN_RESET
+    return Ending.FIN if fin_sent else Ending.RESET
 
 
 async def reset_when_acknowledged(
@@ -344,17 +370,17 @@ async def pump_both_ways(
                 end = await pump(src, dst, Side(name, pair))
                 if end is PumpEnd.DESTINATION_RESET:
                     pair.mark_reset(other_side(name))
-                elif (
-                    end is PumpEnd.SOURCE_RESET
-                    or name in pair.resets
-                    or ended_by_reset(src.socket, fin_sent=name in pair.fin_sent)
-                ):
+                elif end is PumpEnd.SOURCE_RESET or name in pair.resets:
                     pair.mark_reset(name)
                 else:
-                    # If the other side is gone already, its own direction reports how.
-                    with contextlib.suppress(trio.BrokenResourceError, OSError):
-                        await dst.send_eof()
-                        pair.fin_sent.add(other_side(name))
+                    ending = how_it_ended(src.socket, fin_sent=name in pair.fin_sent)
+                    if ending is not Ending.RESET:
+                        # If the other side is gone already, its own direction reports how.
+                        with contextlib.suppress(trio.BrokenResourceError, OSError):
+                            await dst.send_eof()
+                            pair.fin_sent.add(other_side(name))
+                    if ending is not Ending.FIN:
+                        pair.mark_reset(name)
             del pair.directions[name]
 
         async with trio.open_nursery() as nursery:
@@ -363,7 +389,13 @@ async def pump_both_ways(
                     pair.directions[name] = trio.CancelScope()
                     nursery.start_soon(direction, name)
         # Both directions are done: everything read from a reset side has been handed to the
-        # other one. Pass the reset on once that has been acknowledged.
+        # other one. A side reset after its FIN was passed on is seen only now (nothing read
+        # from it or wrote to it since): the kernel forwarder sees it as it comes, so look,
+        # that the same traffic ends the same way in every mode. Then pass each reset on once
+        # what came before it has been acknowledged.
+        for side in streams:
+            if side not in pair.resets and closed_by_reset(streams[side].socket, fin_sent=True):
+                pair.mark_reset(side)
         for side in pair.resets:
             other = other_side(side)
             if other not in pair.resets:

@@ -17,7 +17,7 @@ plus one periodic job for the whole forwarder) tells it that something happened.
   entry), polled from 2 ms; shutting it at once cuts the tail.
 * **Resets.** A reset of one side (``EPOLLERR``, or a socket found in CLOSE that the proxy
   never sent a FIN to: the kernel reports a reset to one reader only, see
-  :func:`trio_sni.forward.ended_by_reset`) ends the direction into it at once. The direction
+  :func:`trio_sni.forward.closed_by_reset`) ends the direction into it at once. The direction
   out of it drains as for a FIN (an answer sent just before the reset still reaches the other
   side), then waits until the other side's peer has acknowledged everything and closes it
   with ``SO_LINGER 0``, so it gets an RST too; the reason is ``client_reset`` or
@@ -72,7 +72,9 @@ from .forward import (
     TCP_CLOSE,
     ByteCounters,
     CopyForwarder,
-    ended_by_reset,
+    Ending,
+    closed_by_reset,
+    how_it_ended,
     other_side,
     reset_on_close,
     send_counted,
@@ -547,7 +549,7 @@ class _Watcher:
             return
         if not events & (select.EPOLLRDHUP | select.EPOLLHUP):
             return
-        if ended_by_reset(d.src.socket, fin_sent=side in self.fin_sent):
+        if closed_by_reset(d.src.socket, fin_sent=side in self.fin_sent):
             self._mark_reset(side)
             return
         if tcp_state(d.src.socket) == TCP_CLOSE:
@@ -617,20 +619,35 @@ class _Watcher:
         """Everything ``d``'s source sent is in the destination's send queue: pass its end on
         (a FIN now; a reset once the destination's peer has acknowledged it all)."""
         d.pump = None
-        if d.src_side in self.resets:
-            d.state = _State.ACKING if d.dst_side not in self.resets else _State.DONE
-        else:
+        reset = d.src_side in self.resets
+        if not reset or self._fin_came_first(d):
             with contextlib.suppress(OSError):
                 d.dst.socket.shutdown(socket.SHUT_WR)
                 self.fin_sent.add(d.dst_side)
+        if reset and d.dst_side not in self.resets:
+            d.state = _State.ACKING
+        else:
             d.state = _State.DONE
         self._wake()
+
+    def _fin_came_first(self, d: _Direction) -> bool:
+        """Whether the reset ``d``'s source ended with came after a FIN.
+
+        The FIN may have been seen already; if the reset came close behind it, only the count
+        tells: ``tcpi_bytes_received`` counts a FIN (docs/kernel-facts.md, fact 42), so it is
+        one more than the bytes redirected and copied."""
+        if d.fin_received:
+            return True
+        try:
+            return d.received_since() - d.redirected - d.copied >= 1
+        except OSError:
+            return False
 
     def _dst_gone(self, d: _Direction) -> bool:
         """Whether ``d``'s destination was reset (also if its reset was read elsewhere)."""
         if d.dst_side in self.resets:
             return True
-        if ended_by_reset(d.dst.socket, fin_sent=d.dst_side in self.fin_sent):
+        if closed_by_reset(d.dst.socket, fin_sent=d.dst_side in self.fin_sent):
             self._mark_reset(d.dst_side)
             return True
         return False
@@ -712,10 +729,11 @@ class _Watcher:
                 data = b""
             if not data:
                 if self._read_everything(d, polls):
-                    if d.src_side not in self.resets and ended_by_reset(
-                        d.src.socket, fin_sent=d.src_side in self.fin_sent
-                    ):
-                        self._mark_reset(d.src_side)
+                    if d.src_side not in self.resets:
+                        ending = how_it_ended(d.src.socket, fin_sent=d.src_side in self.fin_sent)
+                        d.fin_received = ending is not Ending.RESET
+                        if ending is not Ending.FIN:
+                            self._mark_reset(d.src_side)
                     return True
                 polls += 1
                 await trio.sleep(DRAIN_POLL)
