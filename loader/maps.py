@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import attrs
 
 from ._sys import bpf
+from ._sys.bpffs import is_bpffs, mount_bpffs
 from ._sys.consts import (
     MAP_TYPE_MIN_KERNEL,
     PERCPU_MAP_TYPES,
@@ -519,6 +520,6 @@ def ensure_bpffs(directory: str) -> None:
     if not directory.startswith(root + "/") and directory != root:
         os.makedirs(directory, exist_ok=True)
         return
-    if not bpf.is_bpffs(root):
-        bpf.mount_bpffs(root)
+    if not is_bpffs(root):
+        mount_bpffs(root)
     os.makedirs(directory, exist_ok=True)
