@@ -48,7 +48,10 @@ def imports_of(path: Path) -> set[str]:
                 for _ in range(node.level - 1):
                     package = package.parent
                 relative = package.relative_to(ROOT).as_posix().replace("/", ".")
-                names.add(f"{relative}.{node.module}" if node.module else relative)
+                if node.module:
+                    names.add(f"{relative}.{node.module}")
+                else:  # ``from .. import accel``: the modules named
+                    names.update(f"{relative}.{alias.name}" for alias in node.names)
     return names
 
 
@@ -90,3 +93,18 @@ def test_public_names_are_reexported() -> None:
     assert {"Proxy", "Config", "load_config", "TrioSniError", "__version__"} <= set(dir(trio_sni))
     for name in ("ClientHelloReader", "Policy", "ClientLimiter", "refusal_reason", "load_config"):
         assert hasattr(sansio, name), name
+
+
+#: What the forwarders may use from the rest of the shell: the data plane, the error family and
+#: the config. A connection's walk goes down from ``server`` to ``forward/`` and never back up.
+FORWARD_MAY_USE = ("trio_sni.forward", "trio_sni.accel", "trio_sni.errors", "trio_sni.sansio")
+
+
+@pytest.mark.parametrize("path", python_files("trio_sni/forward"), ids=lambda p: p.name)
+def test_forwarders_do_not_reach_back_up(path: Path) -> None:
+    bad = {
+        name
+        for name in imports_of(path)
+        if name.split(".")[0] == "trio_sni" and not name.startswith(FORWARD_MAY_USE)
+    }
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"

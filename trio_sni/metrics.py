@@ -42,6 +42,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from .forward import Mode
 from .status import PER_CPU_FEATURES, AccelerationStatus, live_mode
 
 if TYPE_CHECKING:
@@ -280,9 +281,9 @@ class _Collector:
             fallbacks.add_metric([requested, mode], count)
         yield fallbacks
 
-        splice = m.context.forwarders.get("splice")
-        small_pipes = getattr(splice, "small_pipes", None)
-        if small_pipes is not None:
+        splice = m.context.forwarders.get(Mode.SPLICE)
+        if splice is not None and splice.mode is Mode.SPLICE:
+            small_pipes = splice.statistics().small_pipes
             family = CounterMetricFamily(
                 "trio_sni_splice_small_pipes",
                 "splice-mode pipes the kernel gave less than forwarding.pipe_size "

@@ -26,7 +26,7 @@ import trio
 from .accel.dns_cache import SharedCacheUnavailable, SharedDnsCache
 from .connection import ConnectionContext, handle_connection
 from .edge_guard import EdgeGuard
-from .forwarding_modes import choose_forwarder
+from .forward import Mode, choose_forwarder
 from .metrics import ProxyMetrics
 from .resolver import Resolver
 from .sansio.config import Config, Listener, parse_host_port
@@ -292,9 +292,19 @@ class Proxy:
             self.config,
             forwarding_mode=self.context.forwarder.mode,
             forwarding_why=self._forwarding_why,
-            sockmap_report=self._plan.kernel_status(),
+            sockmap_report=self._sockmap_report(),
             reports={name: report() for name, report in self.feature_reporters.items()},
         )
+
+    def _sockmap_report(self) -> tuple[int, dict[str, int]] | None:
+        """``(sockets in the sockhash, counters)`` when the kernel forwarder runs."""
+        kernel = self._plan.statistics(Mode.KERNEL)
+        if kernel is None:
+            return None
+        counters = dict(kernel.data_plane)
+        counters["fallbacks"] = kernel.fallbacks
+        counters["userspace_directions"] = kernel.userspace_directions
+        return kernel.sockhash_sockets, counters
 
     def _start_tc(self) -> None:
         """Attach the TC shaper (``ebpf.tc``) for the bound listening ports, or say once why

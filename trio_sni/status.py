@@ -191,7 +191,7 @@ def acceleration_from_config(
 
     ``sockmap`` is ``active`` when the proxy forwards in ``kernel`` mode; otherwise it is
     ``disabled`` if switched off in the config, else ``unavailable`` with ``forwarding_why``
-    (why :func:`~trio_sni.forwarding_modes.choose_forwarder` did not pick the kernel). ``stats`` is
+    (why :func:`~trio_sni.forward.choose_forwarder` did not pick the kernel). ``stats`` is
     ``active`` when the kernel forwarder reports its per-CPU counters. The other features
     are ``disabled`` when switched off (the reason names the switch) and ``unavailable``
     when switched on, until the kernel layer implements them.

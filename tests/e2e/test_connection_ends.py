@@ -534,7 +534,7 @@ class Harness:
             self.problems.append(f"access-log lines for no connection: {dict(records)}")
 
     def _check_proxy_left_nothing(self) -> None:
-        from trio_sni.kernel_forward import KernelForwarder  # not in the peer process
+        from trio_sni.forward.kernel import KernelForwarder  # not in the peer process
 
         live = len(self.running.proxy.context.live)
         if live:

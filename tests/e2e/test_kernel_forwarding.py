@@ -34,7 +34,7 @@ from proxytest import (
 )
 
 import loader
-from trio_sni.kernel_forward import KernelForwarder
+from trio_sni.forward.kernel import KernelForwarder
 
 HELLO = (Path(__file__).parent.parent / "data" / "hellos" / "curl.bin").read_bytes()
 HELLO_NAME = "x.test"

@@ -3,7 +3,7 @@
 Churn and cancellation leave no fd open (the autouse ``no_fd_leaks`` fixture checks every
 test; the tests here also look while the proxy still runs, for the pipes), a stalled reader
 holds at most the pipe and the socket buffers, the idle timeout, the per-rule ``mode``, and
-:func:`trio_sni.forwarding_modes.choose_forwarder`'s fallback chain.
+:func:`trio_sni.forward.choose_forwarder`'s fallback chain.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import trio.testing
 from proxytest import StalledTransfer, drain, echo, receive_exactly, serve_tcp, wait_for
 
 from trio_sni.errors import AccelerationUnavailable
-from trio_sni.forward import CopyForwarder
-from trio_sni.forwarding_modes import choose_forwarder
+from trio_sni.forward import CopyForwarder, choose_forwarder
+from trio_sni.forward.splice import SpliceForwarder, open_pipe, splice_unavailable
 from trio_sni.sansio.config_load import load_config
-from trio_sni.splice_forward import SpliceForwarder, open_pipe, splice_unavailable
 
 HELLO = (Path(__file__).parent.parent / "data" / "hellos" / "curl.bin").read_bytes()
 HELLO_NAME = "x.test"
@@ -252,7 +251,7 @@ def test_auto_without_the_sockmap_switch_uses_splice(monkeypatch: pytest.MonkeyP
     assert isinstance(plan.forwarder, SpliceForwarder)
     assert plan.why == "ebpf.sockmap is disabled in the config; using splice"
     assert plan.fallbacks == ()
-    monkeypatch.setattr("trio_sni.forwarding_modes.splice_unavailable", lambda: "no splice here")
+    monkeypatch.setattr("trio_sni.forward.choose.splice_unavailable", lambda: "no splice here")
     plan = plan_for(fallback_mode="none")  # not a fallback: auto takes the best it has
     assert isinstance(plan.forwarder, CopyForwarder)
     assert plan.why == (
@@ -278,7 +277,7 @@ def test_kernel_falls_back_to_splice_then_copy(monkeypatch: pytest.MonkeyPatch) 
         "kernel forwarding unavailable: ebpf.sockmap is disabled in the config; using splice"
     )
     assert plan.fallbacks == (("kernel", "splice", plan.why),)
-    monkeypatch.setattr("trio_sni.forwarding_modes.splice_unavailable", lambda: "no splice here")
+    monkeypatch.setattr("trio_sni.forward.choose.splice_unavailable", lambda: "no splice here")
     plan = plan_for(forwarding={"mode": "kernel"})
     assert isinstance(plan.forwarder, CopyForwarder)
     assert plan.why == (
@@ -301,7 +300,7 @@ def test_fallback_mode_copy_skips_splice() -> None:
 def test_fallback_mode_none_refuses_an_unavailable_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(AccelerationUnavailable, match="kernel forwarding unavailable"):
         plan_for(forwarding={"mode": "kernel"}, fallback_mode="none")
-    monkeypatch.setattr("trio_sni.forwarding_modes.splice_unavailable", lambda: "no splice here")
+    monkeypatch.setattr("trio_sni.forward.choose.splice_unavailable", lambda: "no splice here")
     with pytest.raises(AccelerationUnavailable, match="splice forwarding unavailable"):
         plan_for(rules=[{"match": "a.test", "mode": "splice"}], fallback_mode="none")
     # a mode nobody asks for may be unavailable
@@ -360,7 +359,7 @@ async def test_out_of_fds_for_pipes_copies_the_connection(
     def no_pipe(size: int) -> tuple[int, int, int]:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr("trio_sni.splice_forward.open_pipe", no_pipe)
+    monkeypatch.setattr("trio_sni.forward.splice.open_pipe", no_pipe)
     port = await backend(echo)
     running = await start_proxy(config(port))
     for _ in range(2):

@@ -1,4 +1,5 @@
-"""trio_sni.hangup_watch: one epoll instance and one Trio task for many sockets' hang-ups."""
+"""trio_sni.forward._hangup_watch (private to the kernel forwarder): one epoll instance and
+one Trio task for many sockets' hang-ups."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import trio
 import trio.testing
 from proxytest import wait_for
 
-from trio_sni.hangup_watch import HangupWatch
+from trio_sni.forward._hangup_watch import HangupWatch
 
 
 async def test_hang_ups_reach_the_right_callback_and_the_task_ends_with_the_last_fd() -> None:

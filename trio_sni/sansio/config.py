@@ -336,7 +336,7 @@ class Forwarding:
 
     buffer_size: int = attrs.field(default=262144)
     #: The default forwarding mode: ``auto``, ``kernel``, ``splice`` or ``copy`` (a rule's
-    #: ``mode`` overrides it). See :func:`trio_sni.forwarding_modes.choose_forwarder`.
+    #: ``mode`` overrides it). See :func:`trio_sni.forward.choose_forwarder`.
     mode: ForwardingMode = "auto"
     #: ``splice`` mode: the size asked for each of the two pipes of a connection (the
     #: kernel's default size is kept when F_SETPIPE_SZ is refused). At most

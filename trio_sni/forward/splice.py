@@ -4,11 +4,11 @@ The bytes go socket → pipe → socket inside the kernel and never enter Python
 only decides when to call splice(2), waiting for readiness with
 :func:`trio.lowlevel.wait_readable` / :func:`trio.lowlevel.wait_writable` on the sockets.
 
-Behaviour is the same as :class:`~trio_sni.forward.CopyForwarder`'s (both run in
-:func:`~trio_sni.forward.pump_both_ways`, which says how a connection ends): at a FIN or a
-reset of the source, what is still in the pipe goes to the other side first; byte counts are
-bytes handed to the destination socket, and the idle timeout is one deadline on the pair
-pushed forward by every chunk.
+Behaviour is the same as :class:`~trio_sni.forward.copy.CopyForwarder`'s (both run in
+:func:`~trio_sni.forward._userspace.pump_both_ways`, which says how a connection ends): at a FIN or
+a reset of the source, what is still in the pipe goes to the other side first; byte counts are bytes
+handed to the destination socket, and the idle timeout is one deadline on the pair pushed forward by
+every chunk.
 
 Memory per connection: at most two pipes of ``forwarding.pipe_size`` bytes (plus the
 sockets' own buffers). ``F_SETPIPE_SZ`` above ``/proc/sys/fs/pipe-max-size`` or beyond the
@@ -30,7 +30,9 @@ import socket
 
 import trio
 
-from .forward import ByteCounters, CopyForwarder, PumpEnd, Side, pump_both_ways
+from ._userspace import Direction, PumpEnd, pump_both_ways
+from .copy import CopyForwarder
+from .interface import ByteCounters, ForwarderStatistics, Mode, Side
 
 log = logging.getLogger("trio_sni")
 
@@ -95,7 +97,7 @@ class SpliceForwarder:
             such fallback is logged, all are counted in ``fallbacks``.
     """
 
-    mode = "splice"
+    mode = Mode.SPLICE
 
     def __init__(
         self, *, pipe_size: int, idle_timeout: float, copy: CopyForwarder | None = None
@@ -107,6 +109,14 @@ class SpliceForwarder:
         self.small_pipes = 0
         #: Connections copied instead because their pipes could not be created (EMFILE...).
         self.fallbacks = 0
+
+    def close(self) -> None:
+        """Nothing to release (pipes live as long as their connection)."""
+
+    def statistics(self) -> ForwarderStatistics:
+        return ForwarderStatistics(
+            self.mode, fallbacks=self.fallbacks, small_pipes=self.small_pipes
+        )
 
     async def forward(
         self,
@@ -134,14 +144,16 @@ class SpliceForwarder:
                     log.warning(
                         "cannot create pipes for splice (%s): copying such connections", exc
                     )
-                counters.mode = "copy"
+                counters.mode = Mode.COPY
                 return await self._copy.forward(
                     client, upstream, first_bytes=first_bytes, counters=counters
                 )
-            pipe_of = {"client": pipes[0], "upstream": pipes[1]}
+            pipe_of = {Side.CLIENT: pipes[0], Side.UPSTREAM: pipes[1]}
 
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream, side: Side) -> PumpEnd:
-                return await _splice_through(pipe_of[side.name], src, dst, side)
+            async def pump(
+                src: trio.SocketStream, dst: trio.SocketStream, direction: Direction
+            ) -> PumpEnd:
+                return await _splice_through(pipe_of[direction.source], src, dst, direction)
 
             return await pump_both_ways(
                 self.mode,
@@ -158,7 +170,10 @@ class SpliceForwarder:
 
 
 async def _splice_through(
-    pipe: tuple[int, int, int], src: trio.SocketStream, dst: trio.SocketStream, side: Side
+    pipe: tuple[int, int, int],
+    src: trio.SocketStream,
+    dst: trio.SocketStream,
+    direction: Direction,
 ) -> PumpEnd:
     """One direction: socket -> pipe -> socket until the source ends (EOF or reset: what is
     in the pipe is delivered first) or the destination fails."""
@@ -193,7 +208,7 @@ async def _splice_through(
                 raise
             else:
                 in_pipe -= m
-                side.moved(m)
+                direction.moved(m)
                 progressed = progressed or m > 0
         if ended is not None and not in_pipe:
             return ended

@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from .errors import AccelerationUnavailable
-from .forward import CopyForwarder, Forwarder
-from .sansio.config import Config
-from .splice_forward import SpliceForwarder, splice_unavailable
+from ..errors import AccelerationUnavailable
+from ..sansio.config import Config
+from .copy import CopyForwarder
+from .interface import Forwarder, ForwarderStatistics, Mode
+from .splice import SpliceForwarder, splice_unavailable
 
 if TYPE_CHECKING:
-    from .accel import SockhashSplice
+    from ..accel import SockhashSplice
 
 
 @attrs.frozen
@@ -54,18 +55,15 @@ class ForwardingPlan:
         return seen
 
     def close(self) -> None:
+        """Release every forwarder's resources (the kernel forwarder's BPF objects)."""
         for forwarder in self._distinct():
-            close = getattr(forwarder, "close", None)
-            if close is not None:
-                close()
+            forwarder.close()
 
-    def kernel_status(self) -> tuple[int, dict[str, int]] | None:
-        """``(sockhash entries, data-plane counters)`` with a kernel forwarder, else ``None``."""
+    def statistics(self, mode: Mode) -> ForwarderStatistics | None:
+        """The statistics of the forwarder of ``mode`` if one runs here, else ``None``."""
         for forwarder in self._distinct():
-            status = getattr(forwarder, "status", None)
-            if status is not None:
-                result: tuple[int, dict[str, int]] = status()
-                return result
+            if forwarder.mode is mode:
+                return forwarder.statistics()
         return None
 
 
@@ -80,12 +78,12 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
 
     Modes (``forwarding.mode``, overridden per rule by ``rules[].mode``):
 
-    - ``kernel``: BPF sockhash splice (:mod:`trio_sni.kernel_forward`); needs
+    - ``kernel``: BPF sockhash splice (:mod:`trio_sni.forward.kernel`); needs
       ``ebpf.enabled`` and ``ebpf.sockmap.enabled``, and :func:`trio_sni.accel.probe` must
       find the kernel, capabilities and BPF features, and the prebuilt object must load.
       Per connection it can still fall back to ``copy`` (a socket that cannot be inserted:
       never to ``splice``, docs/kernel-facts.md, fact 13); the access log's ``mode`` says which ran.
-    - ``splice``: splice(2) through pipes (:mod:`trio_sni.splice_forward`), Linux only.
+    - ``splice``: splice(2) through pipes (:mod:`trio_sni.forward.splice`), Linux only.
     - ``copy``: recv/send, always available.
     - ``auto`` (the default): the first available of ``kernel → splice → copy``. ``kernel``
       takes the bytes out of Python entirely (one process carries many connections, with the
@@ -126,7 +124,7 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
         if isinstance(plane, str):
             unavailable["kernel"] = plane
         else:
-            from .kernel_forward import KernelForwarder  # needs the loader: imported when usable
+            from .kernel import KernelForwarder  # needs the loader: imported when usable
 
             kernel = KernelForwarder(
                 plane,
@@ -155,7 +153,7 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
     except AccelerationUnavailable:
         kernel_fwd = available.get("kernel")
         if kernel_fwd is not None:
-            kernel_fwd.close()  # type: ignore[attr-defined]
+            kernel_fwd.close()
         raise
     default = config.forwarding.mode
     return ForwardingPlan(by_mode[default], whys[default], by_mode, tuple(fallbacks))
@@ -198,7 +196,7 @@ def _resolve(
 def _kernel_unavailable(config: Config) -> str | SockhashSplice:
     """The loaded data plane, or why there is none."""
     try:
-        from . import accel
+        from .. import accel
     except ImportError as exc:  # e.g. cffi missing on this platform
         return f"cannot import the BPF loader: {exc}"
     found = accel.probe()

@@ -5,8 +5,8 @@ anything after it) to the target, :meth:`KernelForwarder.forward` registers both
 the data plane (:class:`trio_sni.accel.SockhashSplice`). From then on every byte either socket
 receives is redirected by the kernel to the other one's egress; Python never sees it, and while
 bytes flow Python does nothing per connection: each connection's task sleeps until one shared
-task (:class:`trio_sni.hangup_watch.HangupWatch`: one epoll instance for every spliced socket,
-plus one periodic job for the whole forwarder) tells it that something happened.
+task (:class:`trio_sni.forward._hangup_watch.HangupWatch`: one epoll instance for every spliced
+socket, plus one periodic job for the whole forwarder) tells it that something happened.
 
 * **End of a direction.** The shared epoll instance watches every spliced socket for
   ``EPOLLRDHUP`` only (plus ``EPOLLERR``/``EPOLLHUP``, always reported), edge-triggered: waiting
@@ -17,7 +17,7 @@ plus one periodic job for the whole forwarder) tells it that something happened.
   entry), polled from 2 ms; shutting it at once cuts the tail.
 * **Resets.** A reset of one side (``EPOLLERR``, or a socket found in CLOSE that the proxy
   never sent a FIN to: the kernel reports a reset to one reader only, see
-  :func:`trio_sni.forward.closed_by_reset`) ends the direction into it at once. The direction
+  :func:`trio_sni.forward._ends.closed_by_reset`) ends the direction into it at once. The direction
   out of it drains as for a FIN (an answer sent just before the reset still reaches the other
   side), then waits until the other side's peer has acknowledged everything and closes it
   with ``SO_LINGER 0``, so it gets an RST too; the reason is ``client_reset`` or
@@ -61,32 +61,31 @@ import select
 import socket
 import struct
 from collections.abc import Iterator
-from typing import Protocol
 
 import attrs
 import trio
 
-from .accel import SockhashSplice, Splice
-from .forward import (
+from ..accel import SockhashSplice, Splice
+from ._ends import (
     ACK_POLL,
+    SIOCOUTQ,
     TCP_CLOSE,
-    ByteCounters,
-    CopyForwarder,
     Ending,
+    SocketLike,
     closed_by_reset,
     how_it_ended,
-    other_side,
     reset_on_close,
     send_counted,
     tcp_state,
     unacknowledged,
 )
-from .hangup_watch import HangupWatch
+from ._hangup_watch import HangupWatch
+from .copy import CopyForwarder
+from .interface import ByteCounters, ForwarderStatistics, Mode, Side
 
 log = logging.getLogger("trio_sni")
 
 SIOCINQ = 0x541B  # FIONREAD
-SIOCOUTQ = 0x5411  # TIOCOUTQ
 _TCP_INFO_LEN = 136
 
 #: How often a draining direction checks whether the peer has sent everything (seconds):
@@ -102,15 +101,7 @@ MAX_SWEEP = 5.0
 _HELD_BACK_POLLS = (10, 250)
 
 
-class _Sock(Protocol):
-    """A socket object with a direct ``getsockopt`` (stdlib or trio; no new object per call)."""
-
-    def getsockopt(self, level: int, option: int, buflen: int) -> bytes: ...
-
-    def fileno(self) -> int: ...
-
-
-def _tcp_counts(sock: _Sock) -> tuple[int, int]:
+def _tcp_counts(sock: SocketLike) -> tuple[int, int]:
     """``(tcpi_bytes_acked, tcpi_bytes_received)``; each includes SYN/FIN sequence numbers."""
     data = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
     if len(data) < _TCP_INFO_LEN:
@@ -124,16 +115,16 @@ def _ioctl_int(fd: int, request: int) -> int:
     return value
 
 
-def written(sock: _Sock) -> int:
+def written(sock: SocketLike) -> int:
     """Every sequence number handed to the socket to send: ``bytes_acked + SIOCOUTQ``."""
     return _tcp_counts(sock)[0] + _ioctl_int(sock.fileno(), SIOCOUTQ)
 
 
-def received(sock: _Sock) -> int:
+def received(sock: SocketLike) -> int:
     return _tcp_counts(sock)[1]
 
 
-def consumed(sock: _Sock) -> int:
+def consumed(sock: SocketLike) -> int:
     """Bytes userspace has read from the socket: received minus still queued (stable read)."""
     while True:
         before = received(sock)
@@ -185,7 +176,7 @@ def _borrowed(fd: int) -> Iterator[socket.socket]:
         sock.detach()
 
 
-def _socket_error(sock: _Sock) -> int:
+def _socket_error(sock: SocketLike) -> int:
     """The pending error (``SO_ERROR``), consumed by this read."""
     try:
         return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR, 4), "little")
@@ -213,7 +204,7 @@ class _State(enum.Enum):
 class _Direction:
     """Bytes received on ``src`` going out of ``dst``."""
 
-    src_side: str  # "client" or "upstream": whose bytes these are
+    src_side: Side  # whose bytes these are
     src: trio.SocketStream
     dst: trio.SocketStream
     src_fd: int
@@ -230,8 +221,8 @@ class _Direction:
     ack_poll: float = ACK_POLL[0]
 
     @property
-    def dst_side(self) -> str:
-        return other_side(self.src_side)
+    def dst_side(self) -> Side:
+        return self.src_side.other
 
     def sent_since(self) -> int:
         return written(self.dst.socket) - self.written0
@@ -252,7 +243,7 @@ class KernelForwarder:
         buffer_size: recv() size for a direction moved to userspace.
     """
 
-    mode = "kernel"
+    mode = Mode.KERNEL
 
     def __init__(
         self,
@@ -284,12 +275,15 @@ class KernelForwarder:
         """Detach the verdict program and close the maps (idempotent)."""
         self.plane.close()
 
-    def status(self) -> tuple[int, dict[str, int]]:
-        """``(sockets in the sockhash, counters)``: cheap (no map walk), for status pages."""
-        counters = self.plane.counters()
-        counters["fallbacks"] = self.fallbacks
-        counters["userspace_directions"] = self.budget_stops
-        return 2 * self.registered, counters
+    def statistics(self) -> ForwarderStatistics:
+        """Cheap (no map walk: the per-CPU counters are one array), for status pages."""
+        return ForwarderStatistics(
+            self.mode,
+            fallbacks=self.fallbacks,
+            sockhash_sockets=2 * self.registered,
+            userspace_directions=self.budget_stops,
+            data_plane=self.plane.counters(),
+        )
 
     async def forward(
         self,
@@ -299,7 +293,7 @@ class KernelForwarder:
         first_bytes: bytes,
         counters: ByteCounters,
     ) -> str:
-        counters.mode = "kernel"
+        counters.mode = Mode.KERNEL
         for stream in (client, upstream):
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         cfd, ufd = client.socket.fileno(), upstream.socket.fileno()
@@ -315,12 +309,12 @@ class KernelForwarder:
         to_client, upstream_end = _drain_queued(ufd)
         resets = [
             side
-            for side, end in (("client", client_end), ("upstream", upstream_end))
+            for side, end in ((Side.CLIENT, client_end), (Side.UPSTREAM, upstream_end))
             if end is _Ended.RESET
         ]
         for data, dst, side in (
-            (first_bytes + to_upstream, upstream, "upstream"),
-            (to_client, client, "client"),
+            (first_bytes + to_upstream, upstream, Side.UPSTREAM),
+            (to_client, client, Side.CLIENT),
         ):
             if data and side not in resets and not await send_counted(dst, data, counters, side):
                 resets.append(side)
@@ -330,7 +324,7 @@ class KernelForwarder:
             return await self._fall_back(client, upstream, counters, resets)
         dirs = (
             _Direction(
-                "client",
+                Side.CLIENT,
                 client,
                 upstream,
                 cfd,
@@ -339,7 +333,7 @@ class KernelForwarder:
                 written(upstream.socket),
             ),
             _Direction(
-                "upstream",
+                Side.UPSTREAM,
                 upstream,
                 client,
                 ufd,
@@ -367,10 +361,10 @@ class KernelForwarder:
         client: trio.SocketStream,
         upstream: trio.SocketStream,
         counters: ByteCounters,
-        resets: list[str],
+        resets: list[Side],
     ) -> str:
         self.fallbacks += 1
-        counters.mode = "copy"
+        counters.mode = Mode.COPY
         return await self._copy.forward(
             client, upstream, first_bytes=b"", counters=counters, reset=resets
         )
@@ -443,12 +437,12 @@ class _Watcher:
         self.splice = splice
         self.dirs = dirs
         self.counters = counters
-        self.base = {"client": base_to_upstream, "upstream": base_to_client}
-        self.counted0 = {"client": counters.to_upstream, "upstream": counters.to_client}
+        self.base = {Side.CLIENT: base_to_upstream, Side.UPSTREAM: base_to_client}
+        self.counted0 = {Side.CLIENT: counters.to_upstream, Side.UPSTREAM: counters.to_client}
         #: Sides the proxy has sent a FIN to.
-        self.fin_sent: set[str] = set()
+        self.fin_sent: set[Side] = set()
         #: Sides whose socket was reset, in the order the resets were seen.
-        self.resets: list[str] = []
+        self.resets: list[Side] = []
         self.reason: str | None = None
         #: Set once the connection is ending: late ring records and events are ignored.
         self.finished = False
@@ -457,11 +451,11 @@ class _Watcher:
         self._waiting: trio.CancelScope | None = None
         self.last_activity = trio.current_time()
         for side in splice.stopped_at_insert:
-            self._from(side).state = _State.USER
+            self._from(Side(side)).state = _State.USER
 
-    def _from(self, side: str) -> _Direction:
+    def _from(self, side: Side) -> _Direction:
         """The direction carrying ``side``'s bytes."""
-        return self.dirs[0] if side == "client" else self.dirs[1]
+        return self.dirs[0] if side is Side.CLIENT else self.dirs[1]
 
     def update_counters(self) -> None:
         """The exact byte counts: what each destination was given to send."""
@@ -481,7 +475,7 @@ class _Watcher:
             self._set_count(d, self.counted0[d.src_side] + d.redirected + d.copied)
 
     def _set_count(self, d: _Direction, value: int) -> None:
-        if d.src_side == "client":
+        if d.src_side is Side.CLIENT:
             self.counters.to_upstream = value
         else:
             self.counters.to_client = value
@@ -505,7 +499,7 @@ class _Watcher:
                     if d.state is _State.USER:
                         self._start_pump(d)
                 for side in self.splice.reset_at_kick:
-                    self._mark_reset(side)
+                    self._mark_reset(Side(side))
                 try:
                     await self._loop()
                 finally:
@@ -573,7 +567,7 @@ class _Watcher:
             self._wake()
         # USER: its pump reads the EOF itself.
 
-    def _mark_reset(self, side: str) -> None:
+    def _mark_reset(self, side: Side) -> None:
         """``side``'s socket was reset: nothing more can be written to it, so the direction
         into it ends now; the direction out of it delivers what came first, then resets the
         other side."""
@@ -581,7 +575,7 @@ class _Watcher:
             return
         self.resets.append(side)
         self.fwd._watch.forget(self._from(side).src_fd)  # nothing more to learn from it
-        into = self._from(other_side(side))
+        into = self._from(side.other)
         self._set_done(into)
         out = self._from(side)
         if out.state is _State.KERNEL:
