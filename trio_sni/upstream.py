@@ -105,6 +105,8 @@ async def connect_to_addresses(
     """
     if not addresses:
         raise ValueError("connect_to_addresses() needs at least one address")
+    if len(addresses) == 1:
+        return await _connect_to_one(addresses[0], port, timeout)
     attempts = [_Attempt(address) for address in addresses]
     open_sockets: list[trio.socket.SocketType] = []
     winner: trio.socket.SocketType | None = None
@@ -150,6 +152,35 @@ async def connect_to_addresses(
         for sock in open_sockets:
             if sock is not returned:
                 sock.close()
+
+
+async def _connect_to_one(
+    address: IPAddress,
+    port: int,
+    timeout: float,  # noqa: ASYNC109  (as connect_to_addresses: the message names the wait)
+) -> tuple[trio.SocketStream, IPAddress]:
+    """What the race in :func:`connect_to_addresses` does for one address, without its nursery,
+    tasks and events (most targets resolve to one address; bench/bench_setup_cost.py)."""
+    attempt = _Attempt(address, started=True)
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock: trio.socket.SocketType | None = None
+    try:
+        with trio.move_on_after(timeout):
+            try:
+                sock = trio.socket.socket(family, socket.SOCK_STREAM)
+                await sock.connect((str(address), port))
+            except OSError as exc:
+                if exc.errno not in _ACCEPTED_THEN_RESET:
+                    attempt.error = exc
+            if attempt.error is None:
+                assert sock is not None
+                stream = trio.SocketStream(sock)
+                sock = None  # the caller's now
+                return stream, address
+    finally:
+        if sock is not None:
+            sock.close()
+    raise UpstreamError(_failure_message([attempt], port, timeout))
 
 
 def _failure_message(attempts: list[_Attempt], port: int, timeout: float) -> str:
