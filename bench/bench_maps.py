@@ -3,10 +3,10 @@
 Run as root:  python bench/bench_maps.py [N]
 
 Prints nanoseconds per operation for: dict get/set, Map.lookup/update through the default
-codec and through Int(), a raw syscall with prebuilt buffers (the floor for this FFI), and
-Map.lookup_batch per entry. Use the numbers to decide where a map access can go: never per
-packet from Python, and poll statistics in batches (docs/kernel-facts.md, fact 24 and
-"bpf() lookup cost").
+codec and through Int(), a raw syscall with a prebuilt attr and buffers (the floor for this
+FFI, docs/kernel-facts.md, fact 35), and Map.lookup_batch per entry. Use the numbers to decide
+where a map access can go: never per packet from Python, and poll statistics in batches
+(docs/kernel-facts.md, fact 24 and "bpf() lookup cost").
 """
 
 from __future__ import annotations
@@ -49,13 +49,11 @@ def main(argv: list[str]) -> None:
         rows.append(("Map.update (Int codecs)", per_op(n, lambda i: typed.update(i & 1023, i))))
         k = (5).to_bytes(4, "little")
         rows.append(("Map.lookup (raw bytes)", per_op(n, lambda i: raw.lookup(k))))
-        ffi = bpf.ffi
-        ck, cv = ffi.new("char[]", k), ffi.new("char[]", 8)
-        fd = typed.fd
+        elems = bpf.ElemCalls(typed.fd, 4, 8)
         rows.append(
             (
-                "bpf.map_lookup_elem (prebuilt buffers)",
-                per_op(n, lambda i: bpf.map_lookup_elem(fd, ck, cv)),
+                "raw syscall with prebuilt buffers (bpf.ElemCalls.lookup)",
+                per_op(n, lambda i: elems.lookup(k)),
             )
         )
         start = time.perf_counter_ns()

@@ -43,6 +43,8 @@ class BPFSyscallError(LoaderError, OSError):
     ``exc.errno == errno.ENOENT`` keep working. ``command`` names the ``bpf()`` command.
     """
 
+    errno: int  # always the kernel's errno, never None as OSError allows
+
     def __init__(self, err: int, command: str, hint: str = "") -> None:
         self.command = command
         self.hint = hint

@@ -90,15 +90,16 @@ def have_prog_type(prog_type: ProgType) -> None:
     prog_type = ProgType(prog_type)
 
     def probe() -> NotSupportedError | None:
-        fd, err, _ = bpf.prog_load(prog_type, asm.exit_with(0), "GPL", name="probe")
-        if fd is not None:
-            fd.close()
-            return None
-        if err in (errno.EINVAL, 524):
-            return NotSupportedError(
-                f"BPF_PROG_TYPE_{prog_type.name}", PROG_TYPE_MIN_KERNEL.get(prog_type, "?")
-            )
-        raise bpf.raise_for(bpf.Cmd.PROG_LOAD, err)
+        try:
+            fd = bpf.prog_load(prog_type, asm.exit_with(0), "GPL", name="probe")
+        except BPFSyscallError as exc:
+            if exc.errno in (errno.EINVAL, 524):
+                return NotSupportedError(
+                    f"BPF_PROG_TYPE_{prog_type.name}", PROG_TYPE_MIN_KERNEL.get(prog_type, "?")
+                )
+            raise
+        fd.close()
+        return None
 
     _cached(("prog", int(prog_type)), probe)
 
@@ -123,11 +124,9 @@ def have_link(kind: str) -> None:
         }[kind]
         expected = attach if kind != "tcx" else 0
         verdict = 2 if kind == "xdp" else 0  # XDP_PASS: lo keeps working during the probe
-        fd, err, _ = bpf.prog_load(
+        fd = bpf.prog_load(
             prog_type, asm.exit_with(verdict), "GPL", name="probe", expected_attach_type=expected
         )
-        if fd is None:
-            raise bpf.raise_for(bpf.Cmd.PROG_LOAD, err)
         try:
             # An ifindex that cannot exist, or an fd that is not open.
             target, flags = 0x7FFFFFFF, 0

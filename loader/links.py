@@ -16,9 +16,8 @@ from __future__ import annotations
 import errno
 import socket
 
-import attrs
-
 from ._sys import bpf
+from ._sys.bpf import LinkInfo
 from ._sys.consts import AttachType, XDPFlag
 from ._sys.fd import FD, ClosesOnExit
 from .errors import BPFSyscallError, LoaderError
@@ -26,17 +25,6 @@ from .maps import Map
 from .programs import Program
 
 __all__ = ["Link", "LinkInfo", "attach_sk_skb", "attach_tcx", "attach_xdp"]
-
-ffi = bpf.ffi
-
-
-@attrs.frozen
-class LinkInfo:
-    id: int
-    type: int
-    prog_id: int
-    target: int  # ifindex (xdp, tcx) or map id (sockmap)
-    attach_type: int  # tcx and sockmap only
 
 
 class Link(ClosesOnExit):
@@ -70,14 +58,7 @@ class Link(ClosesOnExit):
     def info(self) -> LinkInfo:
         if self._link_fd is None:
             raise LoaderError(f"{self.description}: PROG_ATTACH attachments have no link info")
-        info = bpf.obj_get_info_by_fd(self._link_fd.raw, "bpf_link_info")
-        return LinkInfo(
-            id=info.id,
-            type=info.type,
-            prog_id=info.prog_id,
-            target=info.target0,
-            attach_type=info.target1,
-        )
+        return bpf.link_info(self._link_fd.raw)
 
     def close(self) -> None:
         if self._closed:

@@ -26,7 +26,9 @@ from typing import Any, Protocol
 import attrs
 
 from ._sys import bpf
+from ._sys.bpf import MapInfo
 from ._sys.bpffs import is_bpffs, mount_bpffs
+from ._sys.buffer import Buffer
 from ._sys.consts import (
     MAP_TYPE_MIN_KERNEL,
     PERCPU_MAP_TYPES,
@@ -38,8 +40,6 @@ from .errors import BPFSyscallError, LoaderError, MapIncompatibleError, NotSuppo
 from .spec import MapSpec
 
 __all__ = ["RAW", "Codec", "Int", "Map", "MapInfo", "Struct", "possible_cpus"]
-
-ffi = bpf.ffi
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf"
 
@@ -115,22 +115,6 @@ def possible_cpus() -> int:
     return highest + 1
 
 
-@attrs.frozen
-class MapInfo:
-    """The kernel's view of a map (``BPF_OBJ_GET_INFO_BY_FD``)."""
-
-    id: int
-    type: int
-    name: str
-    key_size: int
-    value_size: int
-    max_entries: int
-    flags: int
-    btf_id: int
-    btf_key_type_id: int
-    btf_value_type_id: int
-
-
 class Map(ClosesOnExit):
     """A map the process holds an fd to. Create with :meth:`create` or :meth:`open_pinned`.
 
@@ -155,9 +139,9 @@ class Map(ClosesOnExit):
         self._percpu = spec.type in PERCPU_MAP_TYPES
         self._slot = (spec.value_size + 7) & ~7 if self._percpu else spec.value_size
         self._value_len = self._slot * possible_cpus() if self._percpu else spec.value_size
-        # One prebuilt attr per map for lookup/update/delete (see bpf.ElemCall), serialised by
+        # One prebuilt attr per map for lookup/update/delete (see bpf.ElemCalls), serialised by
         # a lock so threads (trio.to_thread) can share a Map.
-        self._elem = bpf.ElemCall(fd.raw, spec.key_size, self._value_len)
+        self._elem = bpf.ElemCalls(fd.raw, spec.key_size, self._value_len)
         self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -200,7 +184,7 @@ class Map(ClosesOnExit):
         """
         fd = bpf.obj_get(path, kind="map")
         try:
-            info = _map_info(fd)
+            info = bpf.map_info(fd.raw)
             if spec is not None:
                 diffs = spec.differences(
                     type=info.type,
@@ -244,7 +228,7 @@ class Map(ClosesOnExit):
         return f"<Map {self.spec.name!r} {self.spec.type.name} fd={self._fd!r}>"
 
     def info(self) -> MapInfo:
-        return _map_info(self._fd)
+        return bpf.map_info(self.fd)
 
     def freeze(self) -> None:
         """Make the map read-only for userspace (``BPF_MAP_FREEZE``)."""
@@ -295,13 +279,10 @@ class Map(ClosesOnExit):
         k = self._key(key)
         with self._lock:
             self._check_open()
-            err = self._elem.call(bpf.LOOKUP, k)
-            data = self._elem.read_value() if err == 0 else b""
-        if err == 0:
-            return self._decode_value(data)
-        if err == -errno.ENOENT:
+            data = self._elem.lookup(k)
+        if data is None:
             return default
-        raise bpf.raise_for(bpf.Cmd.MAP_LOOKUP_ELEM, -err)
+        return self._decode_value(data)
 
     def _check_open(self) -> None:
         if self._fd.closed:
@@ -314,10 +295,7 @@ class Map(ClosesOnExit):
             )
         with self._lock:
             self._check_open()
-            self._elem.write_value(value)
-            err = self._elem.call(bpf.UPDATE, key, flags)
-        if err:
-            raise bpf.raise_for(bpf.Cmd.MAP_UPDATE_ELEM, -err)
+            self._elem.update(key, value, flags)
 
     def update(self, key: Any, value: Any, flags: int = UpdateFlag.ANY) -> None:
         """Set ``key`` to ``value``. For sockmap/sockhash, ``value`` is a socket or an fd.
@@ -339,12 +317,7 @@ class Map(ClosesOnExit):
         k = self._key(key)
         with self._lock:
             self._check_open()
-            err = self._elem.call(bpf.DELETE, k)
-        if err == -errno.ENOENT:
-            return False
-        if err:
-            raise bpf.raise_for(bpf.Cmd.MAP_DELETE_ELEM, -err)
-        return True
+            return self._elem.delete(k)
 
     def __getitem__(self, key: Any) -> Any:
         value = self.lookup(key, _MISSING)
@@ -364,13 +337,9 @@ class Map(ClosesOnExit):
 
     def keys(self) -> Iterator[Any]:
         """Iterate keys with ``BPF_MAP_GET_NEXT_KEY`` (a concurrent delete can restart it)."""
-        size = self.spec.key_size
-        cur = None
-        nxt = ffi.new("char[]", size)
-        while bpf.map_get_next_key(self.fd, cur, nxt):
-            data = bytes(ffi.buffer(nxt, size))
-            yield self.key_codec.decode(data)
-            cur = ffi.new("char[]", data)
+        key = None
+        while (key := bpf.map_get_next_key(self.fd, key, self.spec.key_size)) is not None:
+            yield self.key_codec.decode(key)
 
     __iter__ = keys
 
@@ -391,8 +360,8 @@ class Map(ClosesOnExit):
         ksize, vsize = self.spec.key_size, self._value_len
         result = []
         for count, keys, values in self._batches(batch_size):
-            kbuf = bytes(ffi.buffer(keys, ksize * count))
-            vbuf = bytes(ffi.buffer(values, vsize * count))
+            kbuf = keys.read(ksize * count)
+            vbuf = values.read(vsize * count)
             for i in range(count):
                 result.append(
                     (
@@ -407,46 +376,30 @@ class Map(ClosesOnExit):
         without decoding them (the kernel has no entry count for hash maps)."""
         return sum(count for count, _keys, _values in self._batches(batch_size))
 
-    def _batches(self, batch_size: int) -> Iterator[tuple[int, Any, Any]]:
+    def _batches(self, batch_size: int) -> Iterator[tuple[int, Buffer, Buffer]]:
         """``(count, keys buffer, values buffer)`` per ``BPF_MAP_LOOKUP_BATCH`` call; the
         buffers are reused, so read them before the next item."""
         ksize, vsize = self.spec.key_size, self._value_len
         # Hash maps use a 4-byte bucket token; arrays use a key-sized one
         # (docs/kernel-facts.md, fact 23).
         token = max(ksize, 4)
-        keys = ffi.new("char[]", ksize * batch_size)
-        values = ffi.new("char[]", vsize * batch_size)
-        out_batch = ffi.new("char[]", token)
-        in_batch = ffi.new("char[]", token)
+        keys = Buffer(ksize * batch_size)
+        values = Buffer(vsize * batch_size)
+        out_batch = Buffer(token)
+        in_batch = Buffer(token)
         first = True
         while True:
             count, done = bpf.map_lookup_batch(
-                self.fd, ffi.NULL if first else in_batch, out_batch, keys, values, batch_size
+                self.fd, None if first else in_batch, out_batch, keys, values, batch_size
             )
             yield count, keys, values
             if done:
                 return
-            ffi.memmove(in_batch, out_batch, token)
+            in_batch.write(out_batch.read())
             first = False
 
 
 _MISSING = object()
-
-
-def _map_info(fd: FD) -> MapInfo:
-    info = bpf.obj_get_info_by_fd(fd.raw, "bpf_map_info")
-    return MapInfo(
-        id=info.id,
-        type=info.type,
-        name=ffi.string(info.name).decode(errors="replace"),
-        key_size=info.key_size,
-        value_size=info.value_size,
-        max_entries=info.max_entries,
-        flags=info.map_flags,
-        btf_id=info.btf_id,
-        btf_key_type_id=info.btf_key_type_id,
-        btf_value_type_id=info.btf_value_type_id,
-    )
 
 
 def _kernel_name(name: str) -> str:

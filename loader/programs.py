@@ -17,15 +17,14 @@ import attrs
 
 from . import asm
 from ._sys import bpf
+from ._sys.bpf import ProgramInfo
 from ._sys.consts import ProgType
 from ._sys.fd import FD, ClosesOnExit
-from .errors import LoaderError, NotSupportedError, VerifierError
+from .errors import BPFSyscallError, LoaderError, NotSupportedError, VerifierError
 from .maps import Map
 from .spec import ProgramSpec
 
 __all__ = ["Program", "ProgramInfo", "TestRunResult"]
-
-ffi = bpf.ffi
 
 #: First verifier-log buffer (cilium starts at 64 KiB too).
 LOG_SIZE_START = 64 * 1024
@@ -42,14 +41,6 @@ class TestRunResult:
     retval: int
     data: bytes
     duration_ns: int
-
-
-@attrs.frozen
-class ProgramInfo:
-    id: int
-    type: int
-    name: str
-    tag: str
 
 
 class Program(ClosesOnExit):
@@ -115,47 +106,43 @@ class Program(ClosesOnExit):
                 core_relo_rec_size=core_relo_rec_size,
             )
         license = spec.license or "GPL"
-        log = ""
         if log_level == 0:
-            fd, err, _ = bpf.prog_load(spec.type, insns, license, **kwargs)
-            if fd is not None:
+            try:
+                fd = bpf.prog_load(spec.type, insns, license, **kwargs)
+            except BPFSyscallError as exc:
+                if exc.errno in (errno.EPERM, errno.EAGAIN):
+                    raise
+            else:
                 prog = cls(fd, spec)
                 prog.log = ""
                 return prog
-            if err in (errno.EPERM, errno.EAGAIN):
-                raise bpf.raise_for(bpf.Cmd.PROG_LOAD, err)
         size = max(log_size, 256)
         while True:
-            buf = ffi.new("char[]", size)
-            fd, err, true_size = bpf.prog_load(
-                spec.type,
-                insns,
-                license,
-                log_buf=buf,
-                log_size=size,
-                log_level=max(log_level, 1),
-                **kwargs,
-            )
-            log = ffi.string(buf).decode(errors="replace")
-            if fd is not None:
+            log = bpf.VerifierLog(size, level=max(log_level, 1))
+            try:
+                fd = bpf.prog_load(spec.type, insns, license, log=log, **kwargs)
+            except BPFSyscallError as exc:
+                refusal = exc
+            else:
                 prog = cls(fd, spec)
-                prog.log = log
+                prog.log = log.text()
                 return prog
-            truncated = err == errno.ENOSPC or true_size > size
+            truncated = refusal.errno == errno.ENOSPC or log.true_size > size
             if truncated and size < LOG_SIZE_MAX:
-                size = min(max(true_size + 1, size * 2), LOG_SIZE_MAX)
+                size = min(max(log.true_size + 1, size * 2), LOG_SIZE_MAX)
                 continue
             break
-        if err == errno.EPERM:
-            raise bpf.raise_for(bpf.Cmd.PROG_LOAD, err)
-        if err == errno.EINVAL and not log.strip():
+        if refusal.errno == errno.EPERM:
+            raise refusal
+        text = log.text()
+        if refusal.errno == errno.EINVAL and not text.strip():
             from .features import have_prog_type
 
             try:
                 have_prog_type(spec.type)
             except NotSupportedError:
                 raise
-        raise VerifierError(spec.name, err, log.splitlines(), truncated=truncated)
+        raise VerifierError(spec.name, refusal.errno, text.splitlines(), truncated=truncated)
 
     log: str = ""
 
@@ -178,13 +165,7 @@ class Program(ClosesOnExit):
         return f"<Program {self.spec.name!r} {self.spec.type.name} fd={self._fd!r}>"
 
     def info(self) -> ProgramInfo:
-        info = bpf.obj_get_info_by_fd(self.fd, "bpf_prog_info")
-        return ProgramInfo(
-            id=info.id,
-            type=info.type,
-            name=ffi.string(info.name).decode(errors="replace"),
-            tag=bytes(ffi.buffer(info.tag, 8)).hex(),
-        )
+        return bpf.prog_info(self.fd)
 
     def pin(self, path: str) -> None:
         import os

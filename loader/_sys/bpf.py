@@ -1,9 +1,17 @@
 """One function per ``bpf()`` command.
 
 Each wrapper fills a zeroed attribute struct, passes ``size = offsetofend(last field used)``
-(libbpf's discipline, so older kernels accept it), keeps every buffer it points at alive in a
-local until the call returns, reads ``errno`` immediately and raises a typed error with a hint
-that says what to do. Nothing here knows about ELF, BTF or specs.
+(libbpf's discipline, so older kernels accept it) and keeps every buffer it points at alive in a
+local until the call returns. Callers pass and get ints, bytes, :class:`~loader._sys.fd.FD`,
+:class:`~loader._sys.buffer.Buffer` and the types below, never a cffi object. Nothing here
+knows about ELF, BTF or specs.
+
+Errors follow one convention. A command the kernel refuses raises the
+:class:`~loader.errors.BPFSyscallError` that :func:`error_for` builds from ``errno`` (read right
+after the call): :class:`~loader.errors.MissingPrivilegeError` for ``EPERM``, and a hint that
+says what to do. ``ENOENT`` is not a refusal where it answers the question asked (no such key,
+no key after this one, the batch walk is over): a map miss is an ordinary result, so lookup,
+delete, next-key and batch lookup return it as a value (``None``, ``False``, the end flag).
 """
 
 from __future__ import annotations
@@ -13,14 +21,15 @@ import os
 import platform
 from typing import Any
 
+import attrs
+
 from ..errors import BPFSyscallError, MissingPrivilegeError
-from . import _ffi
+from ._ffi import ffi
+from ._ffi import lib as _lib
+from .buffer import Buffer
 from .consts import SYS_BPF, AttachType
 from .consts import Cmd as Cmd
 from .fd import FD
-
-ffi = _ffi.ffi
-_lib = _ffi.lib
 
 try:
     _SYS_BPF = SYS_BPF[platform.machine()]
@@ -66,45 +75,33 @@ _HINTS: dict[tuple[Cmd | None, int], str] = {
 }
 
 
-def hint_for(cmd: Cmd, err: int) -> str:
-    return _HINTS.get((cmd, err)) or _HINTS.get((None, err), "")
+def error_for(cmd: Cmd, err: int) -> BPFSyscallError:
+    """The typed error for ``err`` from ``cmd``, with the hint for that pair (else for ``err``).
 
-
-def raise_for(cmd: Cmd, err: int, hint: str | None = None) -> BPFSyscallError:
-    """Build the typed error for ``err`` from ``cmd`` (the caller raises it)."""
-    text = hint if hint is not None else hint_for(cmd, err)
+    The wrappers raise it; a test raises one to play a kernel that refuses.
+    """
+    hint = _HINTS.get((cmd, err)) or _HINTS.get((None, err), "")
     name = f"BPF_{cmd.name}"
     if err == errno.EPERM:
-        return MissingPrivilegeError(err, name, text)
-    return BPFSyscallError(err, name, text)
-
-
-def addr(buf: Any) -> int:
-    """Address of a cffi buffer, as the ``__aligned_u64`` the kernel wants."""
-    if buf is None or buf == ffi.NULL:
-        return 0
-    return int(ffi.cast("uintptr_t", buf))
-
-
-def raw_bpf(cmd: Cmd, attr: Any, size: int) -> int:
-    """``bpf(cmd, attr, size)``; returns the result or ``-errno``."""
-    ret = int(_lib.syscall(_SYS_BPF, cmd, attr, size))
-    if ret < 0:
-        return -int(ffi.errno)
-    return ret
+        return MissingPrivilegeError(err, name, hint)
+    return BPFSyscallError(err, name, hint)
 
 
 def _call(cmd: Cmd, attr: Any, size: int) -> int:
     ret = _lib.syscall(_SYS_BPF, cmd, attr, size)
     if ret < 0:
-        err = ffi.errno
-        raise raise_for(cmd, err)
+        raise error_for(cmd, ffi.errno)
     return ret
 
 
 def _size(struct: str, last: str) -> int:
     fields = dict(ffi.typeof(struct).fields)
     return int(ffi.offsetof(struct, last) + ffi.sizeof(fields[last].type))
+
+
+def _address(memory: Any) -> int:
+    """Where cffi ``memory`` lives, as the ``__aligned_u64`` an attr holds."""
+    return int(ffi.cast("uintptr_t", memory))
 
 
 def _name(value: str) -> bytes:
@@ -116,6 +113,7 @@ _ELEM_SIZE = _size("struct map_elem_attr", "flags")
 _DELETE_SIZE = _size("struct map_elem_attr", "key")
 _NEXT_KEY_SIZE = _size("struct map_elem_attr", "value")
 _BATCH_SIZE = _size("struct map_batch_attr", "flags")
+_PROG_LOAD_SIZE = _size("struct prog_load_attr", "log_true_size")
 _OBJ_SIZE = _size("struct obj_attr", "file_flags")
 _ATTACH_SIZE = _size("struct prog_attach_attr", "replace_bpf_fd")
 _TEST_RUN_SIZE = _size("struct test_run_attr", "cpu")
@@ -158,87 +156,107 @@ def map_create(
     return FD(_call(Cmd.MAP_CREATE, attr, size), "map")
 
 
-def map_lookup_elem(map_fd: int, key: Any, value: Any, flags: int = 0) -> bool:
-    """Fill ``value`` (a writable cffi buffer); ``False`` if the key is absent."""
+#: Plain ints: converting an IntEnum costs measurably on the element hot path.
+_LOOKUP = int(Cmd.MAP_LOOKUP_ELEM)
+_UPDATE = int(Cmd.MAP_UPDATE_ELEM)
+_DELETE = int(Cmd.MAP_DELETE_ELEM)
+
+
+class ElemCalls:
+    """``BPF_MAP_LOOKUP_ELEM``, ``UPDATE_ELEM`` and ``DELETE_ELEM`` on one map, for hot paths.
+
+    Building the attr and taking buffer addresses costs more than the syscall itself from
+    Python (docs/kernel-facts.md, fact 35), so a map keeps one of these: the attr and the key
+    and value buffers are built once, and a call only copies the key (and value) in. Not
+    thread-safe: the owner serialises calls.
+    """
+
+    __slots__ = ("_attr", "_key", "_value", "_value_size")
+
+    def __init__(self, map_fd: int, key_size: int, value_size: int) -> None:
+        self._key = ffi.new("char[]", max(key_size, 1))
+        self._value = ffi.new("char[]", max(value_size, 1))
+        self._value_size = value_size
+        self._attr = ffi.new("struct map_elem_attr *")
+        self._attr.map_fd = map_fd
+        self._attr.key = _address(self._key)
+        self._attr.value = _address(self._value)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        """The value stored under ``key``; ``None`` if the map has no such key."""
+        ffi.memmove(self._key, key, len(key))
+        self._attr.flags = 0
+        if _lib.syscall(_SYS_BPF, _LOOKUP, self._attr, _ELEM_SIZE) < 0:
+            err = ffi.errno
+            if err == errno.ENOENT:
+                return None
+            raise error_for(Cmd.MAP_LOOKUP_ELEM, err)
+        return bytes(ffi.buffer(self._value, self._value_size))
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        """Store ``value`` (exactly the map's value size) under ``key``."""
+        ffi.memmove(self._key, key, len(key))
+        ffi.memmove(self._value, value, len(value))
+        self._attr.flags = flags
+        if _lib.syscall(_SYS_BPF, _UPDATE, self._attr, _ELEM_SIZE) < 0:
+            raise error_for(Cmd.MAP_UPDATE_ELEM, ffi.errno)
+
+    def delete(self, key: bytes) -> bool:
+        """Delete ``key``; ``False`` if the map had no such key."""
+        ffi.memmove(self._key, key, len(key))
+        # DELETE's last field is ``key``: the kernel wants everything after it zero, so the
+        # attr is cut before ``value``.
+        if _lib.syscall(_SYS_BPF, _DELETE, self._attr, _DELETE_SIZE) < 0:
+            err = ffi.errno
+            if err == errno.ENOENT:
+                return False
+            raise error_for(Cmd.MAP_DELETE_ELEM, err)
+        return True
+
+
+def map_get_next_key(map_fd: int, key: bytes | None, key_size: int) -> bytes | None:
+    """The key after ``key`` (``None``: the first key); ``None`` after the last one."""
+    c_key = ffi.from_buffer(key) if key is not None else None
+    c_next = ffi.new("char[]", key_size)
     attr = ffi.new("struct map_elem_attr *")
     attr.map_fd = map_fd
-    attr.key = addr(key)
-    attr.value = addr(value)
-    attr.flags = flags
-    ret = _lib.syscall(_SYS_BPF, Cmd.MAP_LOOKUP_ELEM, attr, _ELEM_SIZE)
-    if ret < 0:
+    attr.key = _address(c_key) if c_key is not None else 0
+    attr.value = _address(c_next)
+    if _lib.syscall(_SYS_BPF, Cmd.MAP_GET_NEXT_KEY, attr, _NEXT_KEY_SIZE) < 0:
         err = ffi.errno
         if err == errno.ENOENT:
-            return False
-        raise raise_for(Cmd.MAP_LOOKUP_ELEM, err)
-    return True
-
-
-def map_update_elem(map_fd: int, key: Any, value: Any, flags: int = 0) -> None:
-    attr = ffi.new("struct map_elem_attr *")
-    attr.map_fd = map_fd
-    attr.key = addr(key)
-    attr.value = addr(value)
-    attr.flags = flags
-    _call(Cmd.MAP_UPDATE_ELEM, attr, _ELEM_SIZE)
-
-
-def map_delete_elem(map_fd: int, key: Any) -> bool:
-    """Delete ``key``; ``False`` if it was absent."""
-    attr = ffi.new("struct map_elem_attr *")
-    attr.map_fd = map_fd
-    attr.key = addr(key)
-    ret = _lib.syscall(_SYS_BPF, Cmd.MAP_DELETE_ELEM, attr, _DELETE_SIZE)
-    if ret < 0:
-        err = ffi.errno
-        if err == errno.ENOENT:
-            return False
-        raise raise_for(Cmd.MAP_DELETE_ELEM, err)
-    return True
-
-
-def map_get_next_key(map_fd: int, key: Any, next_key: Any) -> bool:
-    """Write the key after ``key`` (``None``: the first key); ``False`` at the end."""
-    attr = ffi.new("struct map_elem_attr *")
-    attr.map_fd = map_fd
-    attr.key = addr(key)
-    attr.value = addr(next_key)
-    ret = _lib.syscall(_SYS_BPF, Cmd.MAP_GET_NEXT_KEY, attr, _NEXT_KEY_SIZE)
-    if ret < 0:
-        err = ffi.errno
-        if err == errno.ENOENT:
-            return False
-        raise raise_for(Cmd.MAP_GET_NEXT_KEY, err)
-    return True
+            return None
+        raise error_for(Cmd.MAP_GET_NEXT_KEY, err)
+    return bytes(ffi.buffer(c_next, key_size))
 
 
 def map_lookup_batch(
     map_fd: int,
-    in_batch: Any,
-    out_batch: Any,
-    keys: Any,
-    values: Any,
+    in_batch: Buffer | None,
+    out_batch: Buffer,
+    keys: Buffer,
+    values: Buffer,
     count: int,
     elem_flags: int = 0,
 ) -> tuple[int, bool]:
     """One ``BPF_MAP_LOOKUP_BATCH`` step: returns ``(entries read, this was the last batch)``.
 
-    The kernel ends a walk with ``ENOENT`` *and* a partial count (docs/kernel-facts.md, fact 23).
+    ``in_batch`` is the previous step's ``out_batch`` (``None`` for the first step). The kernel
+    ends a walk with ``ENOENT`` *and* a partial count (docs/kernel-facts.md, fact 23).
     """
     attr = ffi.new("struct map_batch_attr *")
-    attr.in_batch = addr(in_batch)
-    attr.out_batch = addr(out_batch)
-    attr.keys = addr(keys)
-    attr.values = addr(values)
+    attr.in_batch = in_batch.address if in_batch is not None else 0
+    attr.out_batch = out_batch.address
+    attr.keys = keys.address
+    attr.values = values.address
     attr.count = count
     attr.map_fd = map_fd
     attr.elem_flags = elem_flags
-    ret = _lib.syscall(_SYS_BPF, Cmd.MAP_LOOKUP_BATCH, attr, _BATCH_SIZE)
-    if ret < 0:
+    if _lib.syscall(_SYS_BPF, Cmd.MAP_LOOKUP_BATCH, attr, _BATCH_SIZE) < 0:
         err = ffi.errno
         if err == errno.ENOENT:
             return int(attr.count), True
-        raise raise_for(Cmd.MAP_LOOKUP_BATCH, err)
+        raise error_for(Cmd.MAP_LOOKUP_BATCH, err)
     return int(attr.count), False
 
 
@@ -246,6 +264,30 @@ def map_freeze(map_fd: int) -> None:
     attr = ffi.new("struct map_elem_attr *")
     attr.map_fd = map_fd
     _call(Cmd.MAP_FREEZE, attr, 4)
+
+
+class VerifierLog:
+    """Where ``BPF_PROG_LOAD`` writes the verifier's log, ``size`` bytes at ``level`` (1 or 2).
+
+    After the load, refused or not, :attr:`true_size` is how many bytes the whole log needs
+    (6.4+; 0 before), so a refused load can be retried with a buffer that fits
+    (docs/kernel-facts.md, fact 32).
+    """
+
+    __slots__ = ("_buffer", "level", "size", "true_size")
+
+    def __init__(self, size: int, level: int = 1) -> None:
+        self._buffer = Buffer(size)
+        self.size = size
+        self.level = level
+        self.true_size = 0
+
+    @property
+    def address(self) -> int:
+        return self._buffer.address
+
+    def text(self) -> str:
+        return self._buffer.text()
 
 
 def prog_load(
@@ -256,9 +298,7 @@ def prog_load(
     name: str = "",
     expected_attach_type: int = 0,
     prog_flags: int = 0,
-    log_buf: Any = None,
-    log_size: int = 0,
-    log_level: int = 0,
+    log: VerifierLog | None = None,
     btf_fd: int = 0,
     func_info: bytes = b"",
     func_info_rec_size: int = 0,
@@ -266,67 +306,65 @@ def prog_load(
     line_info_rec_size: int = 0,
     core_relos: bytes = b"",
     core_relo_rec_size: int = 0,
-) -> tuple[FD | None, int, int]:
-    """``BPF_PROG_LOAD``. Returns ``(fd, 0, log_true_size)`` or ``(None, errno, log_true_size)``.
+) -> FD:
+    """``BPF_PROG_LOAD``, retried while the kernel answers ``EAGAIN`` (as libbpf does).
 
-    Errors are returned, not raised, because the caller turns them into a
-    :class:`~loader.errors.VerifierError` with the log or retries with a larger buffer.
+    A refusal raises like every command; the verifier's reasons are in ``log``.
     """
     c_insns = ffi.from_buffer(insns)
     c_license = ffi.new("char[]", license.encode())
-    c_func = ffi.from_buffer(func_info) if func_info else ffi.NULL
-    c_line = ffi.from_buffer(line_info) if line_info else ffi.NULL
-    c_core = ffi.from_buffer(core_relos) if core_relos else ffi.NULL
     attr = ffi.new("struct prog_load_attr *")
     attr.prog_type = prog_type
     attr.insn_cnt = len(insns) // 8
-    attr.insns = addr(c_insns)
-    attr.license = addr(c_license)
-    attr.log_level = log_level
-    attr.log_size = log_size
-    attr.log_buf = addr(log_buf)
+    attr.insns = _address(c_insns)
+    attr.license = _address(c_license)
+    if log is not None:
+        attr.log_level = log.level
+        attr.log_size = log.size
+        attr.log_buf = log.address
     attr.prog_flags = prog_flags
     attr.prog_name = _name(name)
     attr.expected_attach_type = expected_attach_type
     attr.prog_btf_fd = btf_fd
     if func_info:
+        c_func = ffi.from_buffer(func_info)
         attr.func_info_rec_size = func_info_rec_size
-        attr.func_info = addr(c_func)
+        attr.func_info = _address(c_func)
         attr.func_info_cnt = len(func_info) // func_info_rec_size
     if line_info:
+        c_line = ffi.from_buffer(line_info)
         attr.line_info_rec_size = line_info_rec_size
-        attr.line_info = addr(c_line)
+        attr.line_info = _address(c_line)
         attr.line_info_cnt = len(line_info) // line_info_rec_size
     if core_relos:
+        c_core = ffi.from_buffer(core_relos)
         attr.core_relo_rec_size = core_relo_rec_size
-        attr.core_relos = addr(c_core)
+        attr.core_relos = _address(c_core)
         attr.core_relo_cnt = len(core_relos) // core_relo_rec_size
-    size = _size("struct prog_load_attr", "log_true_size")
     for _ in range(_EAGAIN_RETRIES):
-        ret = _lib.syscall(_SYS_BPF, Cmd.PROG_LOAD, attr, size)
-        if ret >= 0:
-            return FD(ret, "prog"), 0, int(attr.log_true_size)
-        err = ffi.errno
+        ret = _lib.syscall(_SYS_BPF, Cmd.PROG_LOAD, attr, _PROG_LOAD_SIZE)
+        err = 0 if ret >= 0 else ffi.errno
         if err != errno.EAGAIN:
             break
-    return None, err, int(attr.log_true_size)
+    if log is not None:
+        log.true_size = int(attr.log_true_size)
+    if err:
+        raise error_for(Cmd.PROG_LOAD, err)
+    return FD(ret, "prog")
 
 
-def btf_load(data: bytes, log_buf: Any = None, log_size: int = 0, log_level: int = 0) -> FD:
+def btf_load(data: bytes) -> FD:
     c_data = ffi.from_buffer(data)
     attr = ffi.new("struct btf_load_attr *")
-    attr.btf = addr(c_data)
+    attr.btf = _address(c_data)
     attr.btf_size = len(data)
-    attr.btf_log_buf = addr(log_buf)
-    attr.btf_log_size = log_size
-    attr.btf_log_level = log_level
     return FD(_call(Cmd.BTF_LOAD, attr, _BTF_SIZE), "btf")
 
 
 def obj_pin(fd: int, path: str) -> None:
     c_path = ffi.new("char[]", os.fsencode(path))
     attr = ffi.new("struct obj_attr *")
-    attr.pathname = addr(c_path)
+    attr.pathname = _address(c_path)
     attr.bpf_fd = fd
     _call(Cmd.OBJ_PIN, attr, _OBJ_SIZE)
 
@@ -334,7 +372,7 @@ def obj_pin(fd: int, path: str) -> None:
 def obj_get(path: str, file_flags: int = 0, kind: str = "bpf") -> FD:
     c_path = ffi.new("char[]", os.fsencode(path))
     attr = ffi.new("struct obj_attr *")
-    attr.pathname = addr(c_path)
+    attr.pathname = _address(c_path)
     attr.file_flags = file_flags
     return FD(_call(Cmd.OBJ_GET, attr, _OBJ_SIZE), kind)
 
@@ -397,72 +435,106 @@ def prog_test_run(
     c_in = ffi.from_buffer(data)
     out_size = len(data) + 256 if data_out_size is None else data_out_size
     c_out = ffi.new("char[]", max(out_size, 1))
-    c_ctx = ffi.from_buffer(ctx) if ctx else ffi.NULL
     attr = ffi.new("struct test_run_attr *")
     attr.prog_fd = prog_fd
     attr.data_size_in = len(data)
     attr.data_size_out = out_size
-    attr.data_in = addr(c_in)
-    attr.data_out = addr(c_out)
+    attr.data_in = _address(c_in)
+    attr.data_out = _address(c_out)
     attr.repeat = repeat
     if ctx:
+        c_ctx = ffi.from_buffer(ctx)
         attr.ctx_size_in = len(ctx)
-        attr.ctx_in = addr(c_ctx)
+        attr.ctx_in = _address(c_ctx)
     _call(Cmd.PROG_TEST_RUN, attr, _TEST_RUN_SIZE)
     n = min(int(attr.data_size_out), out_size)
     return int(attr.retval), bytes(ffi.buffer(c_out, n)), int(attr.duration)
 
 
-def obj_get_info_by_fd(fd: int, struct: str) -> Any:
-    """Return a filled ``struct bpf_map_info`` / ``bpf_prog_info`` / ``bpf_link_info``."""
+@attrs.frozen
+class MapInfo:
+    """The kernel's view of a map (``BPF_OBJ_GET_INFO_BY_FD``)."""
+
+    id: int
+    type: int
+    name: str
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    btf_id: int
+    btf_key_type_id: int
+    btf_value_type_id: int
+
+
+@attrs.frozen
+class ProgramInfo:
+    """The kernel's view of a program (``BPF_OBJ_GET_INFO_BY_FD``)."""
+
+    id: int
+    type: int
+    name: str
+    tag: str
+
+
+@attrs.frozen
+class LinkInfo:
+    """The kernel's view of a link (``BPF_OBJ_GET_INFO_BY_FD``)."""
+
+    id: int
+    type: int
+    prog_id: int
+    target: int  # ifindex (xdp, tcx) or map id (sockmap)
+    attach_type: int  # tcx and sockmap only
+
+
+def _obj_info(fd: int, struct: str) -> Any:
+    """A filled ``struct bpf_map_info`` / ``bpf_prog_info`` / ``bpf_link_info``."""
     info = ffi.new(f"struct {struct} *")
     attr = ffi.new("struct info_attr *")
     attr.bpf_fd = fd
     attr.info_len = ffi.sizeof(info[0])
-    attr.info = addr(info)
+    attr.info = _address(info)
     _call(Cmd.OBJ_GET_INFO_BY_FD, attr, _INFO_SIZE)
     return info
 
 
-LOOKUP = int(Cmd.MAP_LOOKUP_ELEM)
-UPDATE = int(Cmd.MAP_UPDATE_ELEM)
-_DELETE = DELETE = int(Cmd.MAP_DELETE_ELEM)
+def _text(name: Any) -> str:
+    return bytes(ffi.string(name)).decode(errors="replace")
 
 
-class ElemCall:
-    """A prebuilt ``map_elem_attr`` with its own key and value buffers, for hot paths.
+def map_info(map_fd: int) -> MapInfo:
+    info = _obj_info(map_fd, "bpf_map_info")
+    return MapInfo(
+        id=info.id,
+        type=info.type,
+        name=_text(info.name),
+        key_size=info.key_size,
+        value_size=info.value_size,
+        max_entries=info.max_entries,
+        flags=info.map_flags,
+        btf_id=info.btf_id,
+        btf_key_type_id=info.btf_key_type_id,
+        btf_value_type_id=info.btf_value_type_id,
+    )
 
-    Building the attr and taking buffer addresses costs more than the syscall itself from
-    Python (docs/kernel-facts.md, fact 35), so a map keeps one of these and only copies the
-    key in. Not thread-safe: the owner serialises calls.
-    """
 
-    __slots__ = ("attr", "key", "size", "value", "value_size")
+def prog_info(prog_fd: int) -> ProgramInfo:
+    info = _obj_info(prog_fd, "bpf_prog_info")
+    return ProgramInfo(
+        id=info.id,
+        type=info.type,
+        name=_text(info.name),
+        tag=bytes(ffi.buffer(info.tag, 8)).hex(),
+    )
 
-    def __init__(self, map_fd: int, key_size: int, value_size: int) -> None:
-        self.key = ffi.new("char[]", max(key_size, 1))
-        self.value = ffi.new("char[]", max(value_size, 1))
-        self.value_size = value_size
-        self.attr = ffi.new("struct map_elem_attr *")
-        self.attr.map_fd = map_fd
-        self.attr.key = addr(self.key)
-        self.attr.value = addr(self.value)
-        self.size = _ELEM_SIZE
 
-    def call(self, cmd: int, key: bytes, flags: int = 0) -> int:
-        """Copy ``key`` in and run ``cmd`` (a plain int: converting an IntEnum costs
-        measurably on this path); returns 0 or ``-errno``."""
-        ffi.memmove(self.key, key, len(key))
-        self.attr.flags = flags
-        # DELETE's last field is ``key``: the kernel wants everything after it zero, so the
-        # attr is cut before ``value`` (LOOKUP and UPDATE end at ``flags``).
-        size = _DELETE_SIZE if cmd == _DELETE else _ELEM_SIZE
-        if _lib.syscall(_SYS_BPF, cmd, self.attr, size) < 0:
-            return -int(ffi.errno)
-        return 0
-
-    def read_value(self) -> bytes:
-        return bytes(ffi.buffer(self.value, self.value_size))
-
-    def write_value(self, value: bytes) -> None:
-        ffi.memmove(self.value, value, len(value))
+def link_info(link_fd: int) -> LinkInfo:
+    info = _obj_info(link_fd, "bpf_link_info")
+    return LinkInfo(
+        id=info.id,
+        type=info.type,
+        prog_id=info.prog_id,
+        target=info.target0,
+        attach_type=info.target1,
+    )

@@ -211,7 +211,7 @@ def test_missing_link_type_names_the_kernel(
     from loader._sys import bpf
 
     def old_kernel(*args: object, **kwargs: object) -> object:
-        raise bpf.raise_for(bpf.Cmd.LINK_CREATE, errno.EINVAL)
+        raise bpf.error_for(bpf.Cmd.LINK_CREATE, errno.EINVAL)
 
     with Collection.load(test_objects, programs=["tcx_in"]) as coll:
         features.reset_cache()

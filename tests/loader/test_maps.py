@@ -153,7 +153,7 @@ def test_unknown_map_type_names_feature_and_kernel(monkeypatch: pytest.MonkeyPat
 
     def old_kernel(map_type: int, *args: object, **kwargs: object) -> object:
         if map_type == MapType.SOCKHASH:
-            raise bpf.raise_for(bpf.Cmd.MAP_CREATE, errno.EINVAL)
+            raise bpf.error_for(bpf.Cmd.MAP_CREATE, errno.EINVAL)
         return real(map_type, *args, **kwargs)  # type: ignore[arg-type]
 
     reset_cache()

@@ -10,9 +10,11 @@ import sys
 import pytest
 
 import loader
+from loader import asm
 from loader._sys import bpf
 from loader._sys._ffi import ffi
-from loader._sys.consts import Cmd, MapType
+from loader._sys.buffer import Buffer
+from loader._sys.consts import Cmd, MapType, ProgType
 from loader._sys.fd import FD, live_fds
 
 # Offsets from include/uapi/linux/bpf.h (Linux 6.18), counted by hand from the header.
@@ -68,24 +70,34 @@ def test_attr_layout_matches_uapi(struct: str, field: str, offset: int) -> None:
 
 
 def test_eperm_names_the_capability() -> None:
-    err = bpf.raise_for(Cmd.MAP_CREATE, errno.EPERM)
+    err = bpf.error_for(Cmd.MAP_CREATE, errno.EPERM)
     assert isinstance(err, loader.MissingPrivilegeError)
     assert isinstance(err, PermissionError)
     assert err.errno == errno.EPERM
     assert "CAP_BPF" in str(err)
     assert "CAP_NET_ADMIN" in str(err)
     assert "BPF_MAP_CREATE" in str(err)
-    prog = bpf.raise_for(Cmd.PROG_LOAD, errno.EPERM)
+    prog = bpf.error_for(Cmd.PROG_LOAD, errno.EPERM)
     assert "CAP_BPF" in str(prog)
     assert "CAP_NET_ADMIN" in str(prog)
 
 
 def test_other_errno_keeps_errno() -> None:
-    err = bpf.raise_for(Cmd.OBJ_GET, errno.ENOENT)
+    err = bpf.error_for(Cmd.OBJ_GET, errno.ENOENT)
     assert isinstance(err, loader.BPFSyscallError)
     assert isinstance(err, OSError)
     assert err.errno == errno.ENOENT
     assert "nothing is pinned" in str(err)
+
+
+def test_buffer_gives_back_what_was_written() -> None:
+    buf = Buffer(8)
+    assert buf.read() == bytes(8)
+    buf.write(b"log\0tail")
+    assert buf.read(3) == b"log"
+    assert buf.text() == "log"
+    with pytest.raises(ValueError, match="do not fit"):
+        buf.write(bytes(9))
 
 
 def test_fd_owner_is_idempotent_and_tracked() -> None:
@@ -132,21 +144,38 @@ def test_unclosed_fd_warns() -> None:
 @pytest.mark.bpf
 def test_map_wrappers_roundtrip() -> None:
     with bpf.map_create(MapType.HASH, 4, 8, 4, name="sys_test") as fd:
-        key = ffi.new("char[]", b"\x01\0\0\0")
-        val = ffi.new("char[]", b"abcdefgh")
-        bpf.map_update_elem(fd.raw, key, val)
-        out = ffi.new("char[]", 8)
-        assert bpf.map_lookup_elem(fd.raw, key, out)
-        assert bytes(ffi.buffer(out, 8)) == b"abcdefgh"
-        nxt = ffi.new("char[]", 4)
-        assert bpf.map_get_next_key(fd.raw, None, nxt)
-        assert not bpf.map_get_next_key(fd.raw, nxt, nxt)
-        assert bpf.map_delete_elem(fd.raw, key)
-        assert not bpf.map_delete_elem(fd.raw, key)
-        assert not bpf.map_lookup_elem(fd.raw, key, out)
-        info = bpf.obj_get_info_by_fd(fd.raw, "bpf_map_info")
+        elems = bpf.ElemCalls(fd.raw, 4, 8)
+        key = b"\x01\0\0\0"
+        elems.update(key, b"abcdefgh")
+        assert elems.lookup(key) == b"abcdefgh"
+        first = bpf.map_get_next_key(fd.raw, None, 4)
+        assert first == key
+        assert bpf.map_get_next_key(fd.raw, first, 4) is None
+        assert elems.delete(key)
+        assert not elems.delete(key)
+        assert elems.lookup(key) is None
+        info = bpf.map_info(fd.raw)
         assert (info.type, info.key_size, info.value_size, info.max_entries) == (1, 4, 8, 4)
-        assert ffi.string(info.name) == b"sys_test"
+        assert info.name == "sys_test"
+
+
+@pytest.mark.bpf
+def test_a_refusal_raises_and_a_miss_is_a_value() -> None:
+    """The module's one error convention: ENOENT answers a lookup, any refusal raises."""
+    with bpf.map_create(MapType.HASH, 4, 8, 1, name="sys_test") as fd:
+        elems = bpf.ElemCalls(fd.raw, 4, 8)
+        assert elems.lookup(b"\0\0\0\0") is None
+        elems.update(b"\0\0\0\0", bytes(8))
+        with pytest.raises(loader.BPFSyscallError, match="max_entries") as full:
+            elems.update(b"\1\0\0\0", bytes(8))
+        assert full.value.errno == errno.E2BIG
+    log = bpf.VerifierLog(4096)
+    exit_only = asm.Instruction(asm.EXIT).encode()  # r0 is never set: the verifier refuses
+    with pytest.raises(loader.BPFSyscallError) as refused:
+        bpf.prog_load(ProgType.SOCKET_FILTER, exit_only, "GPL", log=log)
+    assert refused.value.errno == errno.EACCES
+    assert "R0 !read_ok" in log.text()
+    assert log.true_size == len(log.text()) + 1  # the log and its NUL
 
 
 @pytest.mark.bpf
