@@ -31,6 +31,10 @@ SANSIO_FORBIDDEN = {
 }
 #: The loader knows nothing about proxies or Trio.
 LOADER_FORBIDDEN = {"trio", "trio_sni", "asyncio"}
+#: cffi stays in the syscall layer; everything above it passes ints, bytes and typed helpers.
+CFFI_HOME = ROOT / "loader" / "_sys"
+#: The syscall layer's own test compares its C layouts with the UAPI header, through cffi.
+CFFI_TESTS = {ROOT / "tests" / "loader" / "test_sys.py"}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -84,6 +88,34 @@ def test_only_accel_imports_the_loader() -> None:
         if "accel" not in path.parts and any(n.split(".")[0] == "loader" for n in imports_of(path))
     ]
     assert offenders == []
+
+
+def cffi_uses(path: Path) -> set[str]:
+    """What in ``path`` reaches cffi: importing it or the loader's FFI module, or naming ``ffi``."""
+    found = {
+        name
+        for name in imports_of(path)
+        if name.split(".")[0] == "cffi" or name.split(".")[-1] == "_ffi"
+    }
+    for node in ast.walk(ast.parse(path.read_text("utf-8"), str(path))):
+        if isinstance(node, ast.alias) and node.name.split(".")[-1] in ("ffi", "_ffi"):
+            found.add(f"import of {node.name}")
+        elif isinstance(node, ast.Name) and node.id == "ffi":
+            found.add("ffi")
+        elif isinstance(node, ast.Attribute) and node.attr == "ffi":
+            found.add(".ffi")
+    return found
+
+
+def test_cffi_stays_in_the_syscall_layer() -> None:
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(uses)
+        for package in ("loader", "trio_sni", "bench", "fuzz", "tests")
+        for path in python_files(package)
+        if not path.is_relative_to(CFFI_HOME) and path not in CFFI_TESTS
+        if (uses := cffi_uses(path))
+    }
+    assert offenders == {}
 
 
 def test_public_names_are_reexported() -> None:
