@@ -12,12 +12,9 @@ Theory of operation
    ``ld_imm64`` names a map or a global variable, ``R_BPF_64_32`` names a call target.
    Relocations of non-code sections (``.rel.BTF``, ``.rel.BTF.ext``, DWARF) are debug
    information and ignored.
-4. Link each program: copy its function, then walk its calls (``call`` with ``src=1`` and
-   ``ld_imm64`` with ``src=4``), appending each called function once and pointing the call at
-   it. Calls inside one section carry no relocation and are resolved pc-relative. Map
-   references become :class:`~loader.spec.Reference` records, resolved to fds at load time.
-5. Carry ``.BTF.ext`` func/line info over to the linked instruction indices, and fix up the
-   BTF's DATASECs so the kernel accepts it.
+4. Link each program (:mod:`loader.linker`): its function and every function it calls, map
+   references as :class:`~loader.spec.Reference` records, ``.BTF.ext`` info moved along.
+5. Fix up the BTF's DATASECs so the kernel accepts it.
 
 Program types follow libbpf's ``SEC()`` rules for the names this project uses: an exact name
 (``xdp``, ``tc``, ``sk_skb``, ``socket``, ``sk_skb/stream_verdict``, ``tcx/ingress`` ...)
@@ -33,28 +30,26 @@ from typing import IO, Any
 
 import attrs
 
-from . import asm
-from ._sys.consts import (
-    PROG_F_XDP_HAS_FRAGS,
-    PSEUDO_CALL,
-    PSEUDO_FUNC,
-    AttachType,
-    MapFlag,
-    MapType,
-    ProgType,
-)
+from ._sys.consts import PROG_F_XDP_HAS_FRAGS, AttachType, MapFlag, MapType, ProgType
 from .btf import BTF, BTFExt, Kind, parse_btf, parse_btf_ext
 from .errors import BTFError, ELFFormatError, LoaderError
-from .spec import CollectionSpec, MapSpec, PinType, ProgramSpec, Reference
+from .linker import (
+    R_BPF_64_32,
+    R_BPF_64_64,
+    R_BPF_64_ABS32,
+    R_BPF_64_ABS64,
+    R_BPF_64_NODYLD32,
+    Function,
+    LinkedProgram,
+    Linker,
+    Relocations,
+    Symbol,
+)
+from .spec import CollectionSpec, MapSpec, PinType, ProgramSpec
 
 __all__ = ["load_collection_spec", "program_type_for_section"]
 
 EM_BPF = 247
-R_BPF_64_64 = 1
-R_BPF_64_ABS64 = 2
-R_BPF_64_ABS32 = 3
-R_BPF_64_NODYLD32 = 4
-R_BPF_64_32 = 10
 SHF_EXECINSTR = 0x4
 SHN_UNDEF = 0
 
@@ -135,24 +130,10 @@ def load_collection_spec(source: str | os.PathLike[str] | bytes | IO[bytes]) -> 
         raise ELFFormatError(f"malformed ELF object: {type(exc).__name__}: {exc}") from exc
 
 
-@attrs.frozen
-class _Func:
-    name: str
-    section: str
-    start: int  # byte offset in the section
-    end: int
-
-
-@attrs.frozen
-class _Symbol:
-    name: str
-    section: str | None  # None: undefined / special index
-    value: int
-    size: int
-    kind: str  # STT_FUNC, STT_OBJECT, STT_SECTION, ...
-
-
 class _Reader:
+    """One object's sections, symbols, license and BTF, read when it is built; :meth:`read`
+    makes the maps and programs from them."""
+
     def __init__(self, data: bytes) -> None:
         from elftools.elf.elffile import ELFFile
 
@@ -165,32 +146,21 @@ class _Reader:
             )
         if not self.elf.little_endian or self.elf.elfclass != 64:
             raise ELFFormatError("only 64-bit little-endian objects (-target bpfel) are supported")
-
-    def read(self) -> CollectionSpec:
-        elf = self.elf
+        #: Sections by name (the first of a name) and section names by index.
         self.sections: dict[str, Any] = {}
         self.by_index: dict[int, str] = {}
-        for index, sec in enumerate(elf.iter_sections()):
+        for index, sec in enumerate(self.elf.iter_sections()):
             name = sec.name
             self.by_index[index] = name
             if name and name not in self.sections:
                 self.sections[name] = sec
-        symtab = elf.get_section_by_name(".symtab")
-        self.symbols: list[_Symbol] = []
-        if symtab is not None and hasattr(symtab, "iter_symbols"):
-            for sym in symtab.iter_symbols():
-                shndx = sym["st_shndx"]
-                section = self.by_index.get(shndx) if isinstance(shndx, int) else None
-                self.symbols.append(
-                    _Symbol(
-                        sym.name, section, sym["st_value"], sym["st_size"], sym["st_info"]["type"]
-                    )
-                )
+        self.symbols = self._symbols()
         self.license = self._license()
         self.btf = self._btf()
         self.btf_ext = self._btf_ext()
+
+    def read(self) -> CollectionSpec:
         maps = self._maps()
-        self._code_sections()
         programs = self._programs(maps)
         blob = None
         if self.btf is not None:
@@ -206,6 +176,20 @@ class _Reader:
         )
 
     # -- simple sections -------------------------------------------------------------------
+
+    def _symbols(self) -> list[Symbol]:
+        symtab = self.elf.get_section_by_name(".symtab")
+        symbols: list[Symbol] = []
+        if symtab is not None and hasattr(symtab, "iter_symbols"):
+            for sym in symtab.iter_symbols():
+                shndx = sym["st_shndx"]
+                section = self.by_index.get(shndx) if isinstance(shndx, int) else None
+                symbols.append(
+                    Symbol(
+                        sym.name, section, sym["st_value"], sym["st_size"], sym["st_info"]["type"]
+                    )
+                )
+        return symbols
 
     def _data(self, name: str) -> bytes:
         sec = self.sections[name]
@@ -354,10 +338,10 @@ class _Reader:
 
     # -- code ------------------------------------------------------------------------------
 
-    def _code_sections(self) -> None:
-        """Find functions and relocations of every executable section."""
-        self.code: dict[str, bytes] = {}
-        self.funcs: dict[str, list[_Func]] = {}
+    def _code_sections(self) -> tuple[dict[str, bytes], dict[str, list[Function]], Relocations]:
+        """The bytes, functions and relocations of every executable section."""
+        code: dict[str, bytes] = {}
+        functions: dict[str, list[Function]] = {}
         for name, sec in self.sections.items():
             if not sec["sh_flags"] & SHF_EXECINSTR or sec["sh_type"] != "SHT_PROGBITS":
                 continue
@@ -366,27 +350,27 @@ class _Reader:
                 raise ELFFormatError(f"section {name}: size {len(data)} is not a multiple of 8")
             if not data:
                 continue
-            self.code[name] = data
+            code[name] = data
             funcs = sorted(
                 (s for s in self.symbols if s.section == name and s.kind == "STT_FUNC"),
                 key=lambda s: s.value,
             )
             if not funcs:
-                self.funcs[name] = [_Func(name, name, 0, len(data))]
+                functions[name] = [Function(name, name, 0, len(data))]
                 continue
             out = []
             for sym in funcs:
                 end = sym.value + sym.size if sym.size else len(data)
                 if sym.value % 8 or end % 8 or sym.value >= end or end > len(data):
                     raise ELFFormatError(f"function {sym.name} in {name}: bad bounds")
-                out.append(_Func(sym.name, name, sym.value, end))
-            self.funcs[name] = out
-        self.relocs: dict[tuple[str, int], tuple[int, _Symbol]] = {}
+                out.append(Function(sym.name, name, sym.value, end))
+            functions[name] = out
+        relocations: dict[tuple[str, int], tuple[int, Symbol]] = {}
         for sec in self.elf.iter_sections():
             if sec["sh_type"] not in ("SHT_REL", "SHT_RELA"):
                 continue
             target = self.by_index.get(sec["sh_info"])
-            if target not in self.code:
+            if target not in code:
                 continue  # .rel.BTF, .rel.BTF.ext, .rel.debug_*: debug info only
             if sec["sh_type"] == "SHT_RELA":
                 raise ELFFormatError(f"{sec.name}: RELA relocations are not used by BPF")
@@ -401,103 +385,28 @@ class _Reader:
                 if kind not in (R_BPF_64_64, R_BPF_64_32):
                     raise ELFFormatError(f"{sec.name}: unsupported relocation type {kind}")
                 offset = rel["r_offset"]
-                if offset % 8 or offset + 8 > len(self.code[target]):
+                if offset % 8 or offset + 8 > len(code[target]):
                     raise ELFFormatError(f"{sec.name}: relocation offset {offset} out of range")
-                self.relocs[(target, offset)] = (kind, self.symbols[index])
-
-    def _func_at(self, section: str, offset: int) -> _Func:
-        for func in self.funcs.get(section, ()):
-            if func.start == offset:
-                return func
-        raise ELFFormatError(f"call into {section}+{offset} does not start a function")
+                relocations[(target, offset)] = (kind, self.symbols[index])
+        return code, functions, relocations
 
     def _programs(self, maps: Mapping[str, MapSpec]) -> dict[str, ProgramSpec]:
+        code, functions, relocations = self._code_sections()
+        linker = Linker(code, functions, relocations, self.btf_ext, maps)
         programs = {}
-        for section, funcs in self.funcs.items():
+        for section, funcs in functions.items():
             if section == ".text":
                 continue
             sec_def = program_type_for_section(section)
             for func in funcs:
                 if func.name in programs:
                     raise ELFFormatError(f"duplicate program name {func.name}")
-                programs[func.name] = self._link(func, sec_def, maps)
+                programs[func.name] = self._program(func, sec_def, linker.link(func))
         return programs
 
-    def _link(
-        self, entry: _Func, sec_def: SectionDef | None, maps: Mapping[str, MapSpec]
+    def _program(
+        self, entry: Function, sec_def: SectionDef | None, linked: LinkedProgram
     ) -> ProgramSpec:
-        insns = bytearray()
-        origin: list[tuple[str, int]] = []  # (section, byte offset) of every slot
-        placed: dict[tuple[str, int], int] = {}  # function start -> first index
-        order: list[tuple[_Func, int]] = []
-
-        def place(func: _Func) -> int:
-            key = (func.section, func.start)
-            if key not in placed:
-                placed[key] = len(origin)
-                order.append((func, len(origin)))
-                insns.extend(self.code[func.section][func.start : func.end])
-                origin.extend((func.section, off) for off in range(func.start, func.end, 8))
-            return placed[key]
-
-        place(entry)
-        references: list[Reference] = []
-        i = 0
-        while i < len(origin):
-            ins = asm.Instruction.decode(insns, i)
-            section, offset = origin[i]
-            reloc = self.relocs.get((section, offset))
-            is_call = ins.code == asm.CALL and ins.src == PSEUDO_CALL
-            is_func_ptr = ins.code == asm.LD_IMM64 and ins.src == PSEUDO_FUNC
-            if reloc is not None:
-                kind, sym = reloc
-                if kind == R_BPF_64_32:
-                    if not is_call:
-                        raise ELFFormatError(f"{section}+{offset}: R_BPF_64_32 on a non-call")
-                    target = self._target(sym, sym.value + (ins.imm + 1) * 8, section, offset)
-                    self._point_call(insns, i, target, place)
-                elif ins.code != asm.LD_IMM64 or i + 1 >= len(origin):
-                    raise ELFFormatError(f"{section}+{offset}: R_BPF_64_64 on a non-ld_imm64")
-                elif sym.section in self.code:  # callback: ld_imm64 of a function
-                    target = self._target(sym, sym.value + ins.imm, section, offset)
-                    asm.set_src(insns, i, PSEUDO_FUNC)
-                    self._point_call(insns, i, target, place)
-                else:
-                    references.append(self._data_reference(i, ins, sym, section, offset, maps))
-            elif is_call or is_func_ptr:
-                # A call inside one section carries no relocation: it is pc-relative.
-                delta = (ins.imm + 1) * 8 if is_call else ins.imm * 8 + 8
-                self._point_call(insns, i, (section, offset + delta), place)
-            i += 2 if ins.code == asm.LD_IMM64 else 1
-
-        func_info: list[tuple[int, int]] = []
-        line_info: list[tuple[int, int, int, int]] = []
-        core_relos: list[tuple[int, int, int, int]] = []
-        if self.btf_ext is not None:
-            for func, base in order:
-                for rec in self.btf_ext.func_info.get(func.section, ()):
-                    if func.start <= rec.insn_off < func.end:
-                        func_info.append((base + (rec.insn_off - func.start) // 8, rec.type_id))
-                for line in self.btf_ext.line_info.get(func.section, ()):
-                    if func.start <= line.insn_off < func.end:
-                        line_info.append(
-                            (
-                                base + (line.insn_off - func.start) // 8,
-                                line.file_name_off,
-                                line.line_off,
-                                line.line_col,
-                            )
-                        )
-                for relo in self.btf_ext.core_relos.get(func.section, ()):
-                    if func.start <= relo.insn_off < func.end:
-                        core_relos.append(
-                            (
-                                base * 8 + relo.insn_off - func.start,
-                                relo.type_id,
-                                relo.access_str_off,
-                                relo.kind,
-                            )
-                        )
         attach = sec_def.attach_type if sec_def else None
         return ProgramSpec(
             name=entry.name,
@@ -509,55 +418,12 @@ class _Reader:
             else 0,
             flags=sec_def.flags if sec_def else 0,
             license=self.license,
-            instructions=bytes(insns),
-            references=tuple(references),
-            subprograms=tuple(func.name for func, _ in order[1:]),
-            func_info=tuple(func_info),
-            line_info=tuple(line_info),
-            core_relos=tuple(core_relos),
-        )
-
-    def _target(self, sym: _Symbol, offset: int, section: str, at: int) -> tuple[str, int]:
-        if sym.section not in self.code:
-            raise ELFFormatError(
-                f"{section}+{at}: call to {sym.name!r}, which is not code "
-                "(extern functions and kfuncs are not supported)"
-            )
-        return sym.section, offset
-
-    def _point_call(
-        self, insns: bytearray, index: int, target: tuple[str, int], place: Any
-    ) -> None:
-        func = self._func_at(*target)
-        new = place(func) + (target[1] - func.start) // 8
-        asm.set_imm(insns, index, new - (index + 1))
-
-    def _data_reference(
-        self,
-        index: int,
-        ins: asm.Instruction,
-        sym: _Symbol,
-        section: str,
-        at: int,
-        maps: Mapping[str, MapSpec],
-    ) -> Reference:
-        if sym.section is None:
-            raise ELFFormatError(
-                f"{section}+{at}: reference to undefined symbol {sym.name!r} "
-                "(externs, ksyms and kconfig are not supported)"
-            )
-        if sym.section == ".maps":
-            if sym.name not in maps:
-                raise ELFFormatError(f"{section}+{at}: reference to unknown map {sym.name!r}")
-            return Reference(index, "map", sym.name)
-        if sym.section in maps and maps[sym.section].is_global_data:
-            offset = sym.value + ins.imm
-            if not 0 <= offset < maps[sym.section].value_size:
-                raise ELFFormatError(f"{section}+{at}: offset {offset} outside {sym.section}")
-            return Reference(index, "value", sym.section, offset)
-        raise ELFFormatError(
-            f"{section}+{at}: relocation against {sym.name!r} in unsupported section "
-            f"{sym.section!r}"
+            instructions=linked.instructions,
+            references=linked.references,
+            subprograms=linked.subprograms,
+            func_info=linked.func_info,
+            line_info=linked.line_info,
+            core_relos=linked.core_relos,
         )
 
 
