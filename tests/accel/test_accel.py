@@ -105,9 +105,9 @@ def test_layout_matches_the_btf() -> None:
 
 
 @pytest.fixture
-def plane() -> Iterator[accel.SockhashSplice]:
+def plane() -> Iterator[accel.SockhashPlane]:
     before = loader.live_fds()
-    with accel.SockhashSplice.load(max_entries=64) as p:
+    with accel.SockhashPlane.load(max_entries=64) as p:
         yield p
     assert not loader_fds_opened_since(before)
 
@@ -120,20 +120,20 @@ def _pair() -> tuple[socket.socket, socket.socket, socket.socket]:
 
 
 @pytest.mark.bpf
-def test_register_inserts_and_always_removes(plane: accel.SockhashSplice) -> None:
+def test_register_inserts_and_always_removes(plane: accel.SockhashPlane) -> None:
     s1, outside_client, proxy_client = _pair()
     s2, proxy_upstream, outside_upstream = _pair()
     socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
     try:
 
         def use_then_fail() -> None:
-            with plane.register(proxy_client, proxy_upstream, bound=1 << 20) as splice:
+            with plane.register(proxy_client, proxy_upstream, bound=1 << 20) as registered:
                 assert plane.entries() == {"sock_hash": 2, "targets": 2, "peer": 2, "progress": 2}
-                assert splice.stopped_at_insert == ()
+                assert registered.stopped_at_insert == ()
                 outside_client.sendall(b"x" * 1000)
                 outside_upstream.settimeout(5)
-                assert outside_upstream.recv(1000) == b"x" * 1000  # spliced by the kernel
-                assert splice.progress("client") == (1000, False)
+                assert outside_upstream.recv(1000) == b"x" * 1000  # redirected by the kernel
+                assert registered.progress("client") == (1000, False)
                 raise RuntimeError("inside")
 
         with pytest.raises(RuntimeError, match="inside"):
@@ -148,7 +148,7 @@ def test_register_inserts_and_always_removes(plane: accel.SockhashSplice) -> Non
 
 
 @pytest.mark.bpf
-def test_a_half_closed_client_is_refused_and_leaves_nothing(plane: accel.SockhashSplice) -> None:
+def test_a_half_closed_client_is_refused_and_leaves_nothing(plane: accel.SockhashPlane) -> None:
     s1, outside_client, proxy_client = _pair()
     s2, proxy_upstream, outside_upstream = _pair()
     socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
@@ -167,7 +167,7 @@ def test_a_half_closed_client_is_refused_and_leaves_nothing(plane: accel.Sockhas
 
 @pytest.mark.bpf
 def test_over_the_bound_the_program_stops_and_keeps_the_bytes(
-    plane: accel.SockhashSplice,
+    plane: accel.SockhashPlane,
 ) -> None:
     """The program bounds what the peer has not taken yet by itself: with the upstream reader
     stalled, the client socket is stopped and later bytes wait in its own queue, in order."""
@@ -178,18 +178,18 @@ def test_over_the_bound_the_program_stops_and_keeps_the_bytes(
     proxy_upstream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sender = threading.Thread(target=outside_client.sendall, args=(payload,))
     try:
-        with plane.register(proxy_client, proxy_upstream, bound=64 * 1024) as splice:
+        with plane.register(proxy_client, proxy_upstream, bound=64 * 1024) as registered:
             sender.start()
             deadline = time.monotonic() + 10
-            while not splice.progress("client")[1]:  # outside_upstream reads nothing yet
+            while not registered.progress("client")[1]:  # outside_upstream reads nothing yet
                 assert time.monotonic() < deadline, "never stopped"
                 time.sleep(0.01)
             assert plane.counters()["budget_stops"] == 1
-            assert plane.stopped_cookies() == [splice.client_cookie]
+            assert plane.stopped_cookies() == [registered.client_cookie]
             assert plane.stopped_cookies() == []  # read once
-            redirected, _ = splice.progress("client")
+            redirected, _ = registered.progress("client")
             assert redirected < MiB  # the bound plus the peer's (small) socket buffers
-            assert plane.all_progress()[splice.client_cookie] == (redirected, True)
+            assert plane.all_progress()[registered.client_cookie] == (redirected, True)
             outside_upstream.settimeout(5)
             proxy_client.settimeout(5)
             got = _recv_exactly(outside_upstream, redirected) + _recv_exactly(
@@ -213,11 +213,11 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 @pytest.mark.bpf
 def test_a_second_insert_failing_otherwise_leaves_that_side_to_userspace(
-    plane: accel.SockhashSplice, monkeypatch: pytest.MonkeyPatch
+    plane: accel.SockhashPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once the client socket is spliced, a failure of the upstream insert (any errno) does not
-    abort the registration (the client may have redirected bytes already): the upstream side
-    is left to userspace, and every entry still goes at the end."""
+    """Once the client socket is in the sockhash, a failure of the upstream insert (any errno)
+    does not abort the registration (the client may have redirected bytes already): the
+    upstream side is left to userspace, and every entry still goes at the end."""
     s1, outside_client, proxy_client = _pair()
     s2, proxy_upstream, outside_upstream = _pair()
     socks = (s1, s2, outside_client, proxy_client, proxy_upstream, outside_upstream)
@@ -230,8 +230,8 @@ def test_a_second_insert_failing_otherwise_leaves_that_side_to_userspace(
 
     monkeypatch.setattr(plane.sock_hash, "insert_socket", insert)
     try:
-        with plane.register(proxy_client, proxy_upstream, bound=1 << 20) as splice:
-            assert splice.stopped_at_insert == ("upstream",)
+        with plane.register(proxy_client, proxy_upstream, bound=1 << 20) as registered:
+            assert registered.stopped_at_insert == ("upstream",)
             assert plane.entries() == {"sock_hash": 1, "targets": 2, "peer": 2, "progress": 2}
             outside_client.sendall(b"up" * 1000)
             outside_upstream.settimeout(5)
@@ -239,7 +239,7 @@ def test_a_second_insert_failing_otherwise_leaves_that_side_to_userspace(
             outside_upstream.sendall(b"down" * 1000)
             proxy_upstream.settimeout(5)
             assert _recv_exactly(proxy_upstream, 4000) == b"down" * 1000  # for userspace
-            assert splice.progress("upstream") == (0, True)
+            assert registered.progress("upstream") == (0, True)
         assert plane.entries() == {"sock_hash": 0, "targets": 0, "peer": 0, "progress": 0}
     finally:
         for s in socks:
@@ -248,7 +248,7 @@ def test_a_second_insert_failing_otherwise_leaves_that_side_to_userspace(
 
 @pytest.mark.bpf
 def test_a_first_insert_failing_otherwise_raises_and_leaves_nothing(
-    plane: accel.SockhashSplice, monkeypatch: pytest.MonkeyPatch
+    plane: accel.SockhashPlane, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s1, outside_client, proxy_client = _pair()
     s2, proxy_upstream, outside_upstream = _pair()
@@ -286,15 +286,15 @@ def test_the_stop_ring_reports_every_stop_across_wrap_arounds() -> None:
             time.sleep(0.001)
 
     try:
-        with accel.SockhashSplice.load(max_entries=4) as plane:
+        with accel.SockhashPlane.load(max_entries=4) as plane:
             cookie = accel.socket_cookie(proxy_client)
             for batch in range(3):
                 for _ in range(100):
                     # bound 1: the first skb over it stops the socket and stays in its queue
-                    with plane.register(proxy_client, proxy_upstream, bound=1) as splice:
+                    with plane.register(proxy_client, proxy_upstream, bound=1) as registered:
                         outside_client.sendall(b"0123456789")
                         assert receive_10() == b"0123456789"
-                        assert splice.progress("client") == (0, True)
+                        assert registered.progress("client") == (0, True)
                 assert plane.stopped_cookies() == [cookie] * 100, batch
             assert plane.counters()["budget_stops"] == 300
     finally:

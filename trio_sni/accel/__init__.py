@@ -1,7 +1,7 @@
 """Kernel acceleration: the only part of trio_sni that uses the BPF loader.
 
-:func:`probe` says whether the kernel data plane (BPF sockhash splice) can be used here, and
-if not, why, in words an operator can act on. :class:`SockhashSplice` is the data plane itself;
+:func:`probe` says whether the kernel data plane (the BPF sockhash) can be used here, and
+if not, why, in words an operator can act on. :class:`SockhashPlane` is the data plane itself;
 :class:`XdpGuard` the XDP edge guard (client address lists and SYN buckets on an interface).
 
 The sockmap gate is a version table, not a probe (STYLE rule 12's one exception): the defect it
@@ -22,8 +22,8 @@ import attrs
 import loader
 from loader import LoaderError as LoaderError
 
-from .sockhash import SockhashSplice as SockhashSplice
-from .sockhash import Splice as Splice
+from .sockhash import SockhashPair as SockhashPair
+from .sockhash import SockhashPlane as SockhashPlane
 from .sockhash import socket_cookie as socket_cookie
 from .tc import TcShaper as TcShaper
 from .xdp import XdpGuard as XdpGuard
@@ -49,7 +49,7 @@ CAP_BPF = 39
 
 
 def sockmap_kernel_gate(release: str) -> str | None:
-    """``None`` if kernel ``release`` (``uname -r``) is safe for sockhash splicing, else why not."""
+    """``None`` if kernel ``release`` (``uname -r``) is safe for the sockhash, else why not."""
     match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", release)
     if match is None:
         return f"cannot read the kernel version from {release!r}"

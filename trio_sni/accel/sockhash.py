@@ -1,7 +1,7 @@
 """The kernel data plane: a loaded ``sockhash.bpf.o`` with its verdict program attached.
 
 Theory of operation (see ``bpf/sockhash.bpf.c`` and docs/kernel-facts.md):
-:meth:`SockhashSplice.register` puts a connection's two sockets into the sockhash, after which
+:meth:`SockhashPlane.register` puts a connection's two sockets into the sockhash, after which
 the kernel redirects every byte either socket receives to the other one's egress. Python keeps
 only the bookkeeping:
 
@@ -16,14 +16,14 @@ only the bookkeeping:
   the peer's psock, which is purged when the peer leaves ``targets``.
 * The in-flight bound is enforced by the verdict program itself (it reads the peer's
   ``write_seq``), so nothing needs to be refreshed from Python. The program announces each
-  stopped socket's cookie in the ``stops`` ring buffer (:attr:`SockhashSplice.stops`, whose fd
-  is epoll-readable while records wait); :meth:`SockhashSplice.all_progress` reads every
+  stopped socket's cookie in the ``stops`` ring buffer (:attr:`SockhashPlane.stops`, whose fd
+  is epoll-readable while records wait); :meth:`SockhashPlane.all_progress` reads every
   socket's progress in one batch.
 * Removal on every exit path: the ``with`` block deletes every entry it made, with plain
   syscalls (no checkpoint), so cancellation cannot skip it.
 
-Map and program fds are owned by one :class:`SockhashSplice`, loaded once at startup and
-closed with :meth:`SockhashSplice.close`.
+Map and program fds are owned by one :class:`SockhashPlane`, loaded once at startup and
+closed with :meth:`SockhashPlane.close`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def socket_cookie(sock: socket.socket) -> int:
 
 
 @attrs.define(eq=False)
-class Splice:
+class SockhashPair:
     """One registered connection: cookies, and access to its per-socket BPF state.
 
     ``stopped_at_insert`` lists the sides (``"client"``, ``"upstream"``) whose socket could not
@@ -61,7 +61,7 @@ class Splice:
     reset once, so the caller must take it from here.
     """
 
-    plane: SockhashSplice
+    plane: SockhashPlane
     client_cookie: int
     upstream_cookie: int
     bound: int
@@ -93,8 +93,8 @@ def _progress(raw: bytes) -> tuple[int, bool]:
     return redirected, bool(stopped)
 
 
-class SockhashSplice:
-    """The loaded data plane. ``SockhashSplice.load(max_entries=...)``, closed by :meth:`close`.
+class SockhashPlane:
+    """The loaded data plane. ``SockhashPlane.load(max_entries=...)``, closed by :meth:`close`.
 
     Raises from :meth:`load`: ``FileNotFoundError`` (no prebuilt object), or any
     :class:`loader.LoaderError` (no privilege, verifier, kernel without the feature); nothing is
@@ -119,7 +119,7 @@ class SockhashSplice:
         self.stops = loader.RingReader(maps["stops"])
 
     @classmethod
-    def load(cls, *, max_entries: int = 65536) -> SockhashSplice:
+    def load(cls, *, max_entries: int = 65536) -> SockhashPlane:
         spec = prebuilt_spec("sockhash.bpf.o", SOCKHASH_MAPS, [SOCKHASH_PROGRAM])
         # Two sockets per connection in each sockhash, two entries per connection in each hash.
         maps = {
@@ -154,7 +154,7 @@ class SockhashSplice:
         self._link.close()
         self._collection.close()
 
-    def __enter__(self) -> SockhashSplice:
+    def __enter__(self) -> SockhashPlane:
         return self
 
     def __exit__(
@@ -189,8 +189,9 @@ class SockhashSplice:
     @contextlib.contextmanager
     def register(
         self, client: socket.socket, upstream: socket.socket, *, bound: int
-    ) -> Iterator[Splice]:
-        """Splice ``client`` and ``upstream`` in the kernel for the ``with`` block.
+    ) -> Iterator[SockhashPair]:
+        """Put ``client`` and ``upstream`` in the sockhash for the ``with`` block: the kernel
+        redirects what either receives to the other until the block ends.
 
         Send whatever the proxy already read from the client to ``upstream`` *before* this
         (docs/kernel-facts.md, fact 7). ``bound`` is the in-flight bound per direction: the
@@ -212,28 +213,28 @@ class SockhashSplice:
             for cookie, sock in ((c, client), (u, upstream)):
                 self.targets.insert_socket(cookie, sock)
                 made.append((self.targets, cookie))
-            splice = Splice(self, c, u, bound)
+            pair = SockhashPair(self, c, u, bound)
             for side, cookie in (("client", c), ("upstream", u)):
-                splice._set_peer(side)
+                pair._set_peer(side)
                 made.append((self.peer_map, cookie))
             stopped: list[str] = []
             for side, cookie, sock in (("client", c, client), ("upstream", u, upstream)):
                 try:
                     self.sock_hash.insert_socket(cookie, sock)
                 except OSError as exc:
-                    spliced = any(m is self.sock_hash for m, _ in made)
-                    if not spliced and exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                    redirecting = any(m is self.sock_hash for m, _ in made)
+                    if not redirecting and exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
                         raise  # nothing redirected yet: the caller copies the connection
                     stopped.append(side)  # its bytes stay in its own queue: userspace
                 else:
                     made.append((self.sock_hash, cookie))
-            splice.stopped_at_insert = tuple(stopped)
-            splice.reset_at_kick = tuple(
+            pair.stopped_at_insert = tuple(stopped)
+            pair.reset_at_kick = tuple(
                 side
                 for side, sock in (("client", client), ("upstream", upstream))
                 if side not in stopped and _kick(sock)
             )
-            yield splice
+            yield pair
         finally:
             # sock_hash first (no more verdicts), then the rest; all plain syscalls.
             for m, cookie in sorted(made, key=lambda mc: mc[0] is not self.sock_hash):

@@ -20,7 +20,7 @@ from .interface import Forwarder, ForwarderStatistics, Mode
 from .splice import SpliceForwarder, splice_unavailable
 
 if TYPE_CHECKING:
-    from ..accel import SockhashSplice
+    from ..accel import SockhashPlane
 
 
 @attrs.frozen
@@ -78,7 +78,7 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
 
     Modes (``forwarding.mode``, overridden per rule by ``rules[].mode``):
 
-    - ``kernel``: BPF sockhash splice (:mod:`trio_sni.forward.kernel`); needs
+    - ``kernel``: the BPF sockhash redirects (:mod:`trio_sni.forward.kernel`); needs
       ``ebpf.enabled`` and ``ebpf.sockmap.enabled``, and :func:`trio_sni.accel.probe` must
       find the kernel, capabilities and BPF features, and the prebuilt object must load.
       Per connection it can still fall back to ``copy`` (a socket that cannot be inserted:
@@ -169,7 +169,7 @@ def _resolve(
     """The forwarder that serves ``mode``, and why."""
     kernel = available.get("kernel")
     if mode == "auto" and kernel is not None:
-        return kernel, "BPF sockhash splice, userspace copy per connection if needed"
+        return kernel, "BPF sockhash redirect, userspace copy per connection if needed"
     start = "kernel" if mode == "auto" else mode
     chain = FALLBACK_CHAIN[FALLBACK_CHAIN.index(start) :]
     if config.fallback_mode == "copy":
@@ -193,7 +193,7 @@ def _resolve(
     raise AssertionError("copy is always available")
 
 
-def _kernel_unavailable(config: Config) -> str | SockhashSplice:
+def _kernel_unavailable(config: Config) -> str | SockhashPlane:
     """The loaded data plane, or why there is none."""
     try:
         from .. import accel
@@ -203,6 +203,6 @@ def _kernel_unavailable(config: Config) -> str | SockhashSplice:
     if not found.sockmap:
         return found.why_not("sockmap") or "unknown"
     try:
-        return accel.SockhashSplice.load(max_entries=config.ebpf.sockmap.max_entries)
+        return accel.SockhashPlane.load(max_entries=config.ebpf.sockmap.max_entries)
     except (OSError, accel.LoaderError) as exc:
         return f"loading sockhash.bpf.o failed: {exc}"

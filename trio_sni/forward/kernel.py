@@ -2,16 +2,16 @@
 
 Theory of operation. After the proxy has sent what it read from the client (the ClientHello and
 anything after it) to the target, :meth:`KernelForwarder.forward` registers both sockets with
-the data plane (:class:`trio_sni.accel.SockhashSplice`). From then on every byte either socket
+the data plane (:class:`trio_sni.accel.SockhashPlane`). From then on every byte either socket
 receives is redirected by the kernel to the other one's egress; Python never sees it, and while
 bytes flow Python does nothing per connection: each connection's task sleeps until one shared
-task (:class:`trio_sni.forward._hangup_watch.HangupWatch`: one epoll instance for every spliced
-socket, plus one periodic job for the whole forwarder) tells it that something happened.
+task (:class:`trio_sni.forward._hangup_watch.HangupWatch`: one epoll instance for every socket
+in the sockhash, plus one periodic job for the whole forwarder) tells it that something happened.
 
-* **End of a direction.** The shared epoll instance watches every spliced socket for
+* **End of a direction.** The shared epoll instance watches every socket in the sockhash for
   ``EPOLLRDHUP`` only (plus ``EPOLLERR``/``EPOLLHUP``, always reported), edge-triggered: waiting
-  for ``POLLIN`` on a spliced socket spins (docs/kernel-facts.md, "poll(POLLIN) on spliced
-  sockets"). On a FIN from one side the peer's write side is shut only once the peer has
+  for ``POLLIN`` on a socket in the sockhash spins (docs/kernel-facts.md, "poll(POLLIN) on
+  spliced sockets"). On a FIN from one side the peer's write side is shut only once the peer has
   taken everything the kernel redirected to it (``tcpi_bytes_acked + SIOCOUTQ`` of the peer has
   grown by the bytes the verdict program redirected from the source, read from its ``progress``
   entry), polled from 2 ms; shutting it at once cuts the tail.
@@ -65,7 +65,7 @@ from collections.abc import Iterator
 import attrs
 import trio
 
-from ..accel import SockhashSplice, Splice
+from ..accel import SockhashPair, SockhashPlane
 from ._ends import (
     ACK_POLL,
     SIOCOUTQ,
@@ -247,7 +247,7 @@ class KernelForwarder:
 
     def __init__(
         self,
-        plane: SockhashSplice,
+        plane: SockhashPlane,
         *,
         copy: CopyForwarder,
         idle_timeout: float,
@@ -344,11 +344,11 @@ class KernelForwarder:
         )
         with contextlib.ExitStack() as registration, _borrowed(cfd) as cs, _borrowed(ufd) as us:
             try:
-                splice = registration.enter_context(self.plane.register(cs, us, bound=self._bound))
+                pair = registration.enter_context(self.plane.register(cs, us, bound=self._bound))
             except OSError as exc:
                 log.debug("sockhash registration failed (%s): copying this connection", exc)
                 return await self._fall_back(client, upstream, counters, [])
-            watcher = _Watcher(self, splice, dirs, counters, base_to_upstream, base_to_client)
+            watcher = _Watcher(self, pair, dirs, counters, base_to_upstream, base_to_client)
             self.registered += 1
             try:
                 return await watcher.run()
@@ -427,14 +427,14 @@ class _Watcher:
     def __init__(
         self,
         fwd: KernelForwarder,
-        splice: Splice,
+        pair: SockhashPair,
         dirs: tuple[_Direction, _Direction],
         counters: ByteCounters,
         base_to_upstream: int,
         base_to_client: int,
     ) -> None:
         self.fwd = fwd
-        self.splice = splice
+        self.pair = pair
         self.dirs = dirs
         self.counters = counters
         self.base = {Side.CLIENT: base_to_upstream, Side.UPSTREAM: base_to_client}
@@ -450,7 +450,7 @@ class _Watcher:
         self.counts_final = False
         self._waiting: trio.CancelScope | None = None
         self.last_activity = trio.current_time()
-        for side in splice.stopped_at_insert:
+        for side in pair.stopped_at_insert:
             self._from(Side(side)).state = _State.USER
 
     def _from(self, side: Side) -> _Direction:
@@ -490,7 +490,7 @@ class _Watcher:
                     self.fwd._watch.watch(d.src_fd, functools.partial(self._on_event, d))
                 )
                 if d.state is _State.KERNEL:
-                    cookie = self.splice.cookie(d.src_side)
+                    cookie = self.pair.cookie(d.src_side)
                     live[cookie] = (self, d)
                     watching.callback(live.pop, cookie, None)
             async with trio.open_nursery() as nursery:
@@ -498,7 +498,7 @@ class _Watcher:
                 for d in self.dirs:
                     if d.state is _State.USER:
                         self._start_pump(d)
-                for side in self.splice.reset_at_kick:
+                for side in self.pair.reset_at_kick:
                     self._mark_reset(Side(side))
                 try:
                     await self._loop()
@@ -592,7 +592,7 @@ class _Watcher:
         if d.pump is not None:
             d.pump.cancel()
         d.state = _State.DONE
-        self.fwd._live.pop(self.splice.cookie(d.src_side), None)
+        self.fwd._live.pop(self.pair.cookie(d.src_side), None)
 
     def on_stop(self, d: _Direction) -> None:
         """The program stopped ``d``'s source socket: copy that direction from now on."""
@@ -602,7 +602,7 @@ class _Watcher:
             return
         d.state = _State.USER
         self.fwd.budget_stops += 1
-        self.fwd._live.pop(self.splice.cookie(d.src_side), None)
+        self.fwd._live.pop(self.pair.cookie(d.src_side), None)
         self._start_pump(d)
 
     def _start_pump(self, d: _Direction) -> None:
@@ -656,7 +656,7 @@ class _Watcher:
         """
         if self._dst_gone(d):
             return math.inf
-        redirected, stopped = self.splice.progress(d.src_side)
+        redirected, stopped = self.pair.progress(d.src_side)
         if stopped:
             self.on_stop(d)  # its bytes since the stop wait in its own queue: userspace
             return math.inf
@@ -697,7 +697,7 @@ class _Watcher:
         return delay
 
     async def _userspace(self, d: _Direction) -> None:
-        """Copy ``d`` in userspace from now on (in-flight bound reached, or no splice)."""
+        """Copy ``d`` in userspace from now on (in-flight bound reached, or not in the sockhash)."""
         assert d.pump is not None
         with d.pump:
             if await self._copy_rest(d):
@@ -705,9 +705,9 @@ class _Watcher:
 
     async def _copy_rest(self, d: _Direction) -> bool:
         """Copy until the source ends (True: pass its end on) or the destination is reset."""
-        redirected, _ = self.splice.progress(d.src_side)
+        redirected, _ = self.pair.progress(d.src_side)
         d.redirected = redirected
-        if d.src_side not in self.splice.stopped_at_insert:
+        if d.src_side not in self.pair.stopped_at_insert:
             # Every byte redirected before the stop must be in dst's send queue before the
             # first byte copied here, or the order breaks.
             while d.sent_since() < redirected:
