@@ -24,7 +24,17 @@ from collections.abc import Callable, Collection, Mapping
 import attrs
 import trio
 
-from .errors import DestinationRefused, TrioSniError, UpstreamError
+from .errors import (
+    ClientReset,
+    DestinationRefused,
+    HelloTimeout,
+    NameRefused,
+    ProxyHeaderTimeout,
+    Refused,
+    RequestTimeout,
+    TrioSniError,
+    UpstreamError,
+)
 from .forward import ByteCounters, Forwarder
 from .resolver import Resolver
 from .sansio import http_request, proxy_protocol
@@ -39,39 +49,6 @@ from .sansio.proxy_protocol import ProxyHeader, ProxyHeaderError, ProxyHeaderRea
 from .upstream import connect_to_addresses, connect_via_socks5
 
 log = logging.getLogger("trio_sni")
-
-
-class HelloTimeout(TrioSniError):
-    """The client did not finish its ClientHello within the total deadline."""
-
-    reason = "hello_timeout"
-
-
-class ClientReset(TrioSniError):
-    """The client reset the connection before the first byte of what it must send first (a
-    scanner, a client that gave up): it sent nothing wrong, so no reader's error fits."""
-
-    reason = "client_reset"
-
-
-class ProxyHeaderTimeout(TrioSniError):
-    """A listener with ``accept_proxy_protocol`` got no complete PROXY header in time."""
-
-    reason = "proxy_header_timeout"
-
-
-class RequestTimeout(TrioSniError):
-    """An ``http`` listener's client did not finish its request head within the deadline."""
-
-    reason = "request_timeout"
-
-
-class Refused(TrioSniError):
-    """Policy or limits refused the connection; ``reason`` comes from the :class:`Deny`."""
-
-    def __init__(self, deny: Deny) -> None:
-        super().__init__(deny.detail)
-        self.reason = deny.reason
 
 
 @attrs.define(eq=False)
@@ -193,7 +170,6 @@ async def handle_connection(
     ctx.live[id(info)] = info
     upstream: trio.SocketStream | None = None
     acquired = False
-    alert: Alert | None = None
     answer_http = False  # an http listener answers refusals once it has read the request
     # One total deadline for everything a client sends before it can be routed (the PROXY
     # header, then the ClientHello or request head): trickling bytes cannot hold a slot.
@@ -239,8 +215,7 @@ async def handle_connection(
 
         decision = ctx.policy.decide(name, listener.target_port)
         if isinstance(decision, Deny):
-            alert = Alert.UNRECOGNIZED_NAME
-            raise Refused(decision)
+            raise NameRefused(decision)
         route: Route = decision
         info.rule = route.rule.label
         info.decision = "allow"
@@ -279,14 +254,14 @@ async def handle_connection(
     except TrioSniError as exc:
         if info.decision == "pending" or isinstance(exc, DestinationRefused):
             info.decision = "deny"
-        info.reason = getattr(exc, "reason", "error")
+        info.reason = exc.reason
         info.error = str(exc)
         if isinstance(exc, ProxyHeaderError):
             log.warning("%s: refused %s: %s", listener.label, _format_endpoint(info.client), exc)
         if answer_http:
             await _send_http_error(stream, _http_status(exc))
-        elif alert is not None and listener.protocol == "tls":
-            await _send_alert(stream, alert)
+        elif isinstance(exc, NameRefused) and listener.protocol == "tls":
+            await _send_alert(stream, Alert.UNRECOGNIZED_NAME)
     except Exception as exc:  # a bug: log it, keep serving everyone else
         log.exception("internal error while serving %s", _format_endpoint(info.client))
         info.decision = "error"
@@ -354,7 +329,7 @@ async def _read_proxy_header(
                     f"peer reset the connection during the PROXY protocol header: {exc}"
                 ) from None
             reader.receive_data(data)
-    raise ProxyHeaderTimeout(f"no complete PROXY protocol header within {total:g} s")
+    raise ProxyHeaderTimeout(total)
 
 
 async def _read_http_request(
@@ -385,7 +360,7 @@ async def _read_http_request(
                     f"client reset the connection during the request head: {exc}"
                 ) from None
             reader.receive_data(data)
-    raise RequestTimeout(f"no complete HTTP request head within {ctx.hello_timeout:g} s")
+    raise RequestTimeout(ctx.hello_timeout)
 
 
 async def _send_proxy_header(
@@ -477,7 +452,7 @@ async def _read_client_hello(
                 ) from None
             reader.receive_data(data)
     assert deadline_scope.cancelled_caught
-    raise HelloTimeout(f"no complete ClientHello within {ctx.hello_timeout:g} s")
+    raise HelloTimeout(ctx.hello_timeout)
 
 
 async def _connect_via_socks5(

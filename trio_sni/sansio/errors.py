@@ -9,15 +9,18 @@ from __future__ import annotations
 
 
 class TrioSniError(Exception):
-    """Base class of every error trio-sni raises on purpose."""
+    """Base class of every error trio-sni raises on purpose.
+
+    ``reason`` is a short, stable token naming what went wrong, used in access logs and
+    metrics (``not_tls``, ``no_sni``, ``too_large``, ...); each family narrows it. The message
+    is for humans.
+    """
+
+    reason: str = "error"
 
 
 class ClientHelloError(TrioSniError):
-    """The client's first bytes are not a ClientHello we can route.
-
-    ``reason`` is a short, stable token used in access logs and metrics
-    (``not_tls``, ``no_sni``, ``too_large``, ...); the message is for humans.
-    """
+    """The client's first bytes are not a ClientHello we can route."""
 
     reason = "bad_client_hello"
 
