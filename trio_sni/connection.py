@@ -1,14 +1,15 @@
 """One client connection, from accept to close, in one cancel scope.
 
 Theory of operation: :func:`handle_connection` runs as one task per accepted connection.
-Everything it does (client checks, reading the ClientHello under one total deadline, policy,
+Everything it does (client checks, reading the first bytes under one total deadline, policy,
 resolution, the SSRF guard, connecting, forwarding) happens inside that task, so cancelling
-the task (shutdown, drain deadline) cancels all of it. Cleanup (releasing the client's limiter
-slot, closing both sockets, writing the access-log line) is in ``finally`` and runs on every
-path, including cancellation and bugs. Each stage that refuses the connection raises a
-:class:`~trio_sni.errors.TrioSniError` subclass whose ``reason`` becomes the termination
-reason; anything else is a bug, logged with its traceback, and never disturbs other
-connections.
+the task (shutdown, drain deadline) cancels all of it. One pump, :func:`read_first_bytes`,
+feeds every sans-I/O reader of the first bytes (PROXY header, ClientHello, request head).
+Cleanup (releasing the client's limiter slot, closing both sockets, writing the access-log
+line) is in ``finally`` and runs on every path, including cancellation and bugs. Each stage
+that refuses the connection raises a :class:`~trio_sni.errors.TrioSniError` subclass whose
+``reason`` becomes the termination reason; anything else is a bug, logged with its
+traceback, and never disturbs other connections.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Collection, Mapping
+from typing import Final
 
 import attrs
 import trio
@@ -27,6 +29,7 @@ import trio
 from .errors import (
     ClientReset,
     DestinationRefused,
+    FirstBytesTimeout,
     HelloTimeout,
     NameRefused,
     ProxyHeaderTimeout,
@@ -38,14 +41,16 @@ from .errors import (
 from .forward import ByteCounters, Forwarder
 from .resolver import Resolver
 from .sansio import http_request, proxy_protocol
+from .sansio._reader import NEED_DATA, BufferedReader, EventT
 from .sansio.addresses import IPAddress, refusal_reason
 from .sansio.alerts import Alert, alert_record
-from .sansio.clienthello import NEED_DATA, ClientHello, ClientHelloReader
+from .sansio.clienthello import ClientHelloReader
 from .sansio.config import QOS_PRIORITY, Listener, Socks5
 from .sansio.errors import MalformedHelloError
-from .sansio.http_request import HttpRequest, HttpRequestError, HttpRequestReader
+from .sansio.http_request import DEFAULT_MAX_SIZE as MAX_REQUEST_HEAD
+from .sansio.http_request import HttpRequestError, HttpRequestReader
 from .sansio.policy import ClientLimiter, Deny, Policy, Route, check_proxy_sender
-from .sansio.proxy_protocol import ProxyHeader, ProxyHeaderError, ProxyHeaderReader
+from .sansio.proxy_protocol import MAX_V1_LENGTH, ProxyHeaderError, ProxyHeaderReader
 from .upstream import connect_to_addresses, connect_via_socks5
 
 log = logging.getLogger("trio_sni")
@@ -154,6 +159,10 @@ async def handle_connection(
 ) -> None:
     """Serve one client connection and close it; never raises for a bad client.
 
+    The stages follow the README's tour: admit the client, read the name it asks for, route
+    it, connect to the target, forward. Each refusal is a :class:`TrioSniError`, handled here
+    once; cleanup is in ``finally``.
+
     ``peer`` is the address accept() returned. It stays known after the client has reset the
     connection (getpeername() then fails), so that connection too gets its log line.
 
@@ -173,68 +182,54 @@ async def handle_connection(
     answer_http = False  # an http listener answers refusals once it has read the request
     # One total deadline for everything a client sends before it can be routed (the PROXY
     # header, then the ClientHello or request head): trickling bytes cannot hold a slot.
-    deadline = trio.current_time() + ctx.hello_timeout
+    total = ctx.hello_timeout
+    deadline = trio.current_time() + total
     try:
+        # Admit. A PROXY header comes before the client checks: its address is the client's.
         local = _endpoint(stream.socket.getsockname())
         early = b""
         if listener.accept_proxy_protocol:
-            # ctx.live includes this connection and every one still waiting for its header.
-            if len(ctx.live) > ctx.max_connections:
-                raise Refused(
-                    Deny(
-                        "max_connections",
-                        f"the proxy has {len(ctx.live) - 1} connections, some still waiting "
-                        f"for their PROXY header (max_connections = {ctx.max_connections})",
-                    )
-                )
-            deny = check_proxy_sender(listener, client_ip)
-            if deny is not None:
-                raise Refused(deny)
-            # The header comes before the client checks: its address is the client's.
-            header, early = await _read_proxy_header(stream, deadline, ctx.hello_timeout)
+            _admit_proxy_sender(listener, client_ip, ctx)
+            header, early = await read_first_bytes(
+                stream, ProxyHeaderReader(), b"", PROXY_HEADER, MAX_V1_LENGTH, deadline, total
+            )
             if header.source is not None and header.destination is not None:
                 info.peer = info.client
-                client_ip = header.source[0]
+                client_ip, local = header.source[0], header.destination
                 info.client = (str(client_ip), header.source[1])
-                local = header.destination
-        deny = ctx.policy.check_client(client_ip) or ctx.limiter.acquire(
-            client_ip, trio.current_time()
-        )
-        if deny is not None:
-            raise Refused(deny)
+        _admit_client(client_ip, ctx)
         acquired = True
 
+        # Read the name. Every byte read is forwarded as it came, after the event's own.
         if listener.protocol == "http":
             answer_http = True
-            request, first_bytes = await _read_http_request(stream, ctx, early, deadline)
+            request, after = await read_first_bytes(
+                stream, HttpRequestReader(), early, REQUEST_HEAD, MAX_REQUEST_HEAD, deadline, total
+            )
             name = info.sni = request.host
+            first_bytes = request.raw + after
         else:
-            hello, first_bytes = await _read_client_hello(stream, ctx, early, deadline)
-            info.sni, info.alpn, info.hello_size = hello.server_name, hello.alpn, hello.size
-            name = hello.server_name
+            max_size = ctx.max_hello_size
+            hello, after = await read_first_bytes(
+                stream, ClientHelloReader(max_size), early, CLIENT_HELLO, max_size, deadline, total
+            )
+            name = info.sni = hello.server_name
+            info.alpn, info.hello_size = hello.alpn, hello.size
+            first_bytes = hello.raw + after
 
-        decision = ctx.policy.decide(name, listener.target_port)
-        if isinstance(decision, Deny):
-            raise NameRefused(decision)
-        route: Route = decision
-        info.rule = route.rule.label
-        info.decision = "allow"
+        # Route.
+        route = ctx.policy.decide(name, listener.target_port)
+        if isinstance(route, Deny):
+            raise NameRefused(route)
+        info.rule, info.decision = route.rule.label, "allow"
         _set_qos_class(stream, route.rule.qos)
 
-        socks5 = ctx.socks5
-        via = route.rule.via or ("socks5" if socks5 is not None else "direct")
-        info.via = via
-        if via == "socks5":
-            assert socks5 is not None  # the config refuses via "socks5" without the section
-            upstream, from_target = await _connect_via_socks5(route, socks5, ctx, info)
+        # Connect.
+        info.via = route.rule.via or ("socks5" if ctx.socks5 is not None else "direct")
+        if info.via == "socks5":
+            upstream, from_target = await _connect_via_socks5(route, ctx, info)
         else:
-            addresses = await _resolve_route(route, ctx)
-            addresses = _guard_destinations(route, addresses, ctx.own_addresses)
-            upstream, address = await connect_to_addresses(
-                addresses, route.port, timeout=ctx.connect_timeout
-            )
-            info.target = (str(address), route.port)
-            from_target = b""
+            upstream, from_target = await _connect_direct(route, ctx, info), b""
         if route.rule.proxy_protocol is not None:
             await _send_proxy_header(
                 upstream, route.rule.proxy_protocol, (client_ip, info.client[1]), local
@@ -245,6 +240,8 @@ async def handle_connection(
             # bytes reached it; they belong to the client, before anything else.
             await stream.send_all(from_target)
             info.counters.to_client += len(from_target)
+
+        # Forward.
         info.requested_mode = route.rule.mode or ctx.default_mode
         forwarder = ctx.forwarders.get(info.requested_mode, ctx.forwarder)
         info.mode = forwarder.mode
@@ -268,10 +265,8 @@ async def handle_connection(
         info.reason = "internal_error"
         info.error = f"{type(exc).__name__}: {exc}"
     finally:
-        if info.reason is None:
-            info.reason = (
-                "shutdown"  # cancelled: the drain deadline passed, or a second stop signal
-            )
+        if info.reason is None:  # cancelled: the drain deadline passed, or a second stop signal
+            info.reason = "shutdown"
         if acquired:
             ctx.limiter.release(client_ip)
         # Shielded: in an already-cancelled scope an unshielded close would raise Cancelled
@@ -282,6 +277,91 @@ async def handle_connection(
             await trio.aclose_forcefully(stream)
         del ctx.live[id(info)]
         ctx.write_access_log(info.access_record(trio.current_time()))
+
+
+def _admit_proxy_sender(listener: Listener, sender: IPAddress, ctx: ConnectionContext) -> None:
+    """Refuse, before its PROXY header is read, a sender the listener does not trust, or one
+    connection too many (the limiter cannot count it until the header names its client)."""
+    # ctx.live includes this connection and every one still waiting for its header.
+    if len(ctx.live) > ctx.max_connections:
+        raise Refused(
+            Deny(
+                "max_connections",
+                f"the proxy has {len(ctx.live) - 1} connections, some still waiting "
+                f"for their PROXY header (max_connections = {ctx.max_connections})",
+            )
+        )
+    deny = check_proxy_sender(listener, sender)
+    if deny is not None:
+        raise Refused(deny)
+
+
+def _admit_client(client_ip: IPAddress, ctx: ConnectionContext) -> None:
+    """Apply the client allow/deny lists, then take a slot from the client's limiter.
+
+    On return the slot is the caller's to release.
+    """
+    deny = ctx.policy.check_client(client_ip) or ctx.limiter.acquire(client_ip, trio.current_time())
+    if deny is not None:
+        raise Refused(deny)
+
+
+@attrs.frozen
+class FirstBytes:
+    """One thing a connection must send before it can be routed, as the errors name it."""
+
+    #: Who sends it: ``"client"``, or ``"peer"`` for the load balancer's PROXY header.
+    sender: str
+    #: What it is called in messages.
+    what: str
+    #: The reader's error for one that a reset cut short.
+    cut_short: type[TrioSniError]
+    timeout: type[FirstBytesTimeout]
+
+
+PROXY_HEADER: Final = FirstBytes(
+    "peer", "PROXY protocol header", proxy_protocol.BadProxyHeaderError, ProxyHeaderTimeout
+)
+REQUEST_HEAD: Final = FirstBytes(
+    "client", "request head", http_request.MalformedRequestError, RequestTimeout
+)
+CLIENT_HELLO: Final = FirstBytes("client", "ClientHello", MalformedHelloError, HelloTimeout)
+
+
+async def read_first_bytes(
+    stream: trio.SocketStream,
+    reader: BufferedReader[EventT],
+    early: bytes,
+    first: FirstBytes,
+    receive_size: int,
+    deadline: float,
+    total: float,
+) -> tuple[EventT, bytes]:
+    """Feed ``reader`` from the client until its event is complete, by ``deadline``.
+
+    The one pump for the PROXY header, the request head and the ClientHello. ``early`` is
+    what the previous reader read past its own event; one read takes at most ``receive_size``
+    bytes (the PROXY header reads few: the client's bytes behind it are the next reader's);
+    ``total`` is the deadline's length, for the timeout's message. Returns the event and the
+    bytes read after it.
+    """
+    if early:
+        reader.receive_data(early)
+    with trio.move_on_at(deadline):
+        while (event := reader.next_event()) is NEED_DATA:
+            try:
+                data = await stream.receive_some(receive_size)
+            except trio.BrokenResourceError as exc:
+                if not reader.bytes_received:
+                    raise ClientReset(
+                        f"{first.sender} reset the connection before its {first.what}: {exc}"
+                    ) from None
+                raise first.cut_short(
+                    f"{first.sender} reset the connection during the {first.what}: {exc}"
+                ) from None
+            reader.receive_data(data)
+        return event, reader.trailing_data
+    raise first.timeout(total)
 
 
 def _set_qos_class(stream: trio.SocketStream, qos: str) -> None:
@@ -304,63 +384,6 @@ def _endpoint(
     sockaddr: tuple[str, int] | tuple[str, int, int, int],
 ) -> tuple[IPAddress, int]:
     return ipaddress.ip_address(sockaddr[0]), sockaddr[1]
-
-
-async def _read_proxy_header(
-    stream: trio.SocketStream, deadline: float, total: float
-) -> tuple[ProxyHeader, bytes]:
-    """Read the PROXY protocol header; return it and the client bytes read after it."""
-    reader = ProxyHeaderReader()
-    with trio.move_on_at(deadline):
-        while True:
-            event = reader.next_event()
-            if event is not proxy_protocol.NEED_DATA:
-                assert isinstance(event, ProxyHeader)
-                return event, reader.trailing_data
-            try:
-                # Small reads: what follows the header is the client's, read by the next reader.
-                data = await stream.receive_some(proxy_protocol.MAX_V1_LENGTH)
-            except trio.BrokenResourceError as exc:
-                if not reader.bytes_received:
-                    raise ClientReset(
-                        f"peer reset the connection before its PROXY protocol header: {exc}"
-                    ) from None
-                raise proxy_protocol.BadProxyHeaderError(
-                    f"peer reset the connection during the PROXY protocol header: {exc}"
-                ) from None
-            reader.receive_data(data)
-    raise ProxyHeaderTimeout(total)
-
-
-async def _read_http_request(
-    stream: trio.SocketStream, ctx: ConnectionContext, early: bytes, deadline: float
-) -> tuple[HttpRequest, bytes]:
-    """Read the first request head on an ``http`` listener, under the same total deadline.
-
-    Returns the head and every byte read (head, then any body or pipelined bytes), to be
-    forwarded unchanged.
-    """
-    reader = HttpRequestReader(max_size=http_request.DEFAULT_MAX_SIZE)
-    if early:
-        reader.receive_data(early)
-    with trio.move_on_at(deadline):
-        while True:
-            event = reader.next_event()
-            if event is not http_request.NEED_DATA:
-                assert isinstance(event, HttpRequest)
-                return event, event.raw + reader.trailing_data
-            try:
-                data = await stream.receive_some(http_request.DEFAULT_MAX_SIZE)
-            except trio.BrokenResourceError as exc:
-                if not reader.bytes_received:
-                    raise ClientReset(
-                        f"client reset the connection before its request head: {exc}"
-                    ) from None
-                raise http_request.MalformedRequestError(
-                    f"client reset the connection during the request head: {exc}"
-                ) from None
-            reader.receive_data(data)
-    raise RequestTimeout(ctx.hello_timeout)
 
 
 async def _send_proxy_header(
@@ -422,41 +445,8 @@ async def _send_http_error(stream: trio.SocketStream, status: int) -> None:
             drained += len(data)
 
 
-async def _read_client_hello(
-    stream: trio.SocketStream, ctx: ConnectionContext, early: bytes, deadline: float
-) -> tuple[ClientHello, bytes]:
-    """Read until a whole ClientHello has arrived, under one total deadline.
-
-    ``early`` is what was read after a PROXY header; the deadline is shared with it.
-    Returns the hello and every byte read from the client (the hello's records plus anything
-    the client sent after them, such as TLS 1.3 early data), to be forwarded as is.
-    """
-    reader = ClientHelloReader(max_size=ctx.max_hello_size)
-    if early:
-        reader.receive_data(early)
-    with trio.move_on_at(deadline) as deadline_scope:
-        while True:
-            event = reader.next_event()
-            if event is not NEED_DATA:
-                assert isinstance(event, ClientHello)
-                return event, event.raw + reader.trailing_data
-            try:
-                data = await stream.receive_some(ctx.max_hello_size)
-            except trio.BrokenResourceError as exc:
-                if not reader.bytes_received:
-                    raise ClientReset(
-                        f"client reset the connection before its ClientHello: {exc}"
-                    ) from None
-                raise MalformedHelloError(
-                    f"client reset the connection during the ClientHello: {exc}"
-                ) from None
-            reader.receive_data(data)
-    assert deadline_scope.cancelled_caught
-    raise HelloTimeout(ctx.hello_timeout)
-
-
 async def _connect_via_socks5(
-    route: Route, socks5: Socks5, ctx: ConnectionContext, info: ConnectionInfo
+    route: Route, ctx: ConnectionContext, info: ConnectionInfo
 ) -> tuple[trio.SocketStream, bytes]:
     """Reach the route's target through the SOCKS5 server.
 
@@ -469,13 +459,15 @@ async def _connect_via_socks5(
     - a name, without ``remote_dns``: resolved here, checked by the SSRF guard, and the
       checked addresses are sent (ATYP IPv4/IPv6), one CONNECT per address until one works.
     """
+    socks5 = ctx.socks5
+    assert socks5 is not None  # the config refuses via "socks5" without the section
     destinations: tuple[str | IPAddress, ...]
     try:
         destinations = (ipaddress.ip_address(route.host),)
     except ValueError:
         destinations = (route.host,)
     if isinstance(destinations[0], str) and not socks5.remote_dns:
-        destinations = await _resolve_route(route, ctx)
+        destinations = await ctx.resolver.resolve(route.host)
     if not isinstance(destinations[0], str):
         destinations = _guard_destinations(
             route, tuple(d for d in destinations if not isinstance(d, str)), ctx.own_addresses
@@ -487,11 +479,20 @@ async def _connect_via_socks5(
     return upstream, from_target
 
 
-async def _resolve_route(route: Route, ctx: ConnectionContext) -> tuple[IPAddress, ...]:
+async def _connect_direct(
+    route: Route, ctx: ConnectionContext, info: ConnectionInfo
+) -> trio.SocketStream:
+    """Resolve the route's target here, let the SSRF guard check the addresses, connect."""
     try:
-        return (ipaddress.ip_address(route.host),)
+        addresses: tuple[IPAddress, ...] = (ipaddress.ip_address(route.host),)
     except ValueError:
-        return await ctx.resolver.resolve(route.host)
+        addresses = await ctx.resolver.resolve(route.host)
+    addresses = _guard_destinations(route, addresses, ctx.own_addresses)
+    upstream, address = await connect_to_addresses(
+        addresses, route.port, timeout=ctx.connect_timeout
+    )
+    info.target = (str(address), route.port)
+    return upstream
 
 
 def _guard_destinations(
