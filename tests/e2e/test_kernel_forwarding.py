@@ -197,7 +197,7 @@ async def test_bulk_256_mib_each_way_all_in_the_kernel(
     assert BIG - 4 * MiB <= counters["bytes_to_client"] <= BIG
     assert counters["budget_stops"] == 0
     assert counters["redirect_failures"] == 0
-    assert plane_of(running).budget_stops == 0
+    assert plane_of(running).userspace_directions == 0
     await stop(running)
     assert witness.entries[-1] == EMPTY
 
@@ -413,7 +413,7 @@ async def test_stalled_reader_is_bounded_and_loses_nothing(
         # Wait until the pushing stalls: the bound stopped the splice and TCP's windows closed.
         await transfer.until_stalled(note_memory)
         assert transfer.sent < transfer.total // 2  # it really stalled
-        assert forwarder.budget_stops >= 1
+        assert forwarder.userspace_directions >= 1
         drop = before - lowest
         assert drop <= bound + slack, f"available memory dropped by {drop / MiB:.0f} MiB"
         transfer.resume.set()

@@ -1,0 +1,100 @@
+"""The kernel forwarder's socket arithmetic: TCP counters, and emptying a receive queue
+before the sockets enter the sockhash."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import fcntl
+import socket
+import struct
+from collections.abc import Iterator
+
+from ._ends import SIOCOUTQ, SocketLike
+
+SIOCINQ = 0x541B  # FIONREAD
+_TCP_INFO_LEN = 136
+
+
+def _tcp_counts(sock: SocketLike) -> tuple[int, int]:
+    """``(tcpi_bytes_acked, tcpi_bytes_received)``; each includes SYN/FIN sequence numbers."""
+    data = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    if len(data) < _TCP_INFO_LEN:
+        raise OSError(errno.ENOTSUP, "TCP_INFO without bytes_acked/bytes_received")
+    acked, received = struct.unpack_from("<QQ", data, 120)
+    return acked, received
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    value: int = struct.unpack("i", fcntl.ioctl(fd, request, b"\0\0\0\0"))[0]
+    return value
+
+
+def written(sock: SocketLike) -> int:
+    """Every sequence number handed to the socket to send: ``bytes_acked + SIOCOUTQ``."""
+    return _tcp_counts(sock)[0] + _ioctl_int(sock.fileno(), SIOCOUTQ)
+
+
+def received(sock: SocketLike) -> int:
+    return _tcp_counts(sock)[1]
+
+
+def consumed(sock: SocketLike) -> int:
+    """Bytes userspace has read from the socket: received minus still queued (stable read)."""
+    while True:
+        before = received(sock)
+        queued = _ioctl_int(sock.fileno(), SIOCINQ)
+        if received(sock) == before:
+            return before - queued
+
+
+#: recv() size when emptying a receive queue before the insert.
+_DRAIN_CHUNK = 1 << 20
+
+
+class Ended(enum.Enum):
+    """How a socket read during the hand-off ended."""
+
+    EOF = enum.auto()
+    RESET = enum.auto()
+
+
+def drain_queued(fd: int) -> tuple[bytes, Ended | None]:
+    """Read everything queued on ``fd`` now; ``(data, how it ended or None)``.
+
+    A read shorter than asked for has emptied the queue, so no partly read skb is left. A
+    reset read here is consumed (the kernel reports it once): the caller must pass it on.
+    """
+    chunks: list[bytes] = []
+    with borrowed(fd) as sock:
+        while True:
+            try:
+                data = sock.recv(_DRAIN_CHUNK, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return b"".join(chunks), None
+            except OSError:
+                return b"".join(chunks), Ended.RESET
+            if not data:
+                return b"".join(chunks), Ended.EOF
+            chunks.append(data)
+            if len(data) < _DRAIN_CHUNK:
+                return b"".join(chunks), None
+
+
+@contextlib.contextmanager
+def borrowed(fd: int) -> Iterator[socket.socket]:
+    """A stdlib socket object for ``fd`` that does not close it."""
+    sock = socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
+def socket_error(sock: SocketLike) -> int:
+    """The pending error (``SO_ERROR``), consumed by this read."""
+    try:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR, 4), "little")
+    except OSError as exc:
+        return exc.errno or errno.EBADF

@@ -1,0 +1,450 @@
+"""One spliced connection's end, as the kernel forwarder's shared watch reports it.
+
+A :class:`Watcher` per connection sleeps until the shared epoll instance (or the stop ring,
+or the sweep) says something happened to one of its sockets, and then moves each direction
+through :class:`State` (see :mod:`trio_sni.forward.kernel` for the whole story, and README
+"How a connection ends"). What every watcher of one forwarder shares is behind the small
+:class:`Owner` protocol, so a watcher does not reach into the forwarder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import math
+import select
+import socket
+from typing import Protocol
+
+import attrs
+import trio
+
+from ..accel import SockhashPair
+from ._ends import (
+    ACK_POLL,
+    TCP_CLOSE,
+    Ending,
+    closed_by_reset,
+    how_it_ended,
+    reset_on_close,
+    tcp_state,
+    unacknowledged,
+)
+from ._handoff import borrowed, received, socket_error, written
+from ._hangup_watch import HangupWatch
+from .interface import ByteCounters, Side
+
+#: How often a draining direction checks whether the peer has sent everything (seconds):
+#: at least this often, at most MAX_DRAIN_POLL, adapted to the rate the queue drains at.
+DRAIN_POLL = 0.002
+MAX_DRAIN_POLL = 0.05
+#: How long a userspace direction that read its source's end waits for bytes the psock may
+#: still hold back (its retry runs after one jiffy, docs/kernel-facts.md, fact 43), in DRAIN_POLLs:
+#: first when the count may be off by the FIN only, then at most.
+_HELD_BACK_POLLS = (10, 250)
+
+
+class Owner(Protocol):
+    """What a :class:`Watcher` needs from the forwarder whose connection it watches."""
+
+    watch: HangupWatch
+    #: The kernel-forwarded directions by their source socket's cookie (for the stop ring and
+    #: the sweep).
+    live: dict[int, tuple[Watcher, Direction]]
+    buffer_size: int
+    userspace_directions: int
+
+    def join(self, watcher: Watcher) -> None: ...
+
+    def leave(self, watcher: Watcher) -> None: ...
+
+
+class State(enum.Enum):
+    """Where one direction is (``KERNEL`` → ``DRAINING`` → ``DONE``, or through ``USER``)."""
+
+    #: The verdict program redirects its bytes.
+    KERNEL = enum.auto()
+    #: A userspace pump copies them (the in-flight bound stopped it, or it was never inserted).
+    USER = enum.auto()
+    #: Its source ended (FIN or reset): waiting until the destination has been handed
+    #: everything the kernel redirected.
+    DRAINING = enum.auto()
+    #: Its source was reset and everything before the reset is in the destination's send
+    #: queue: waiting until the destination's peer has acknowledged it all, to reset it too.
+    ACKING = enum.auto()
+    DONE = enum.auto()
+
+
+@attrs.define(eq=False)
+class Direction:
+    """Bytes received on ``src`` going out of ``dst``."""
+
+    src_side: Side  # whose bytes these are
+    src: trio.SocketStream
+    dst: trio.SocketStream
+    src_fd: int
+    dst_fd: int
+    consumed0: int  # src bytes read by the proxy before registration (+ SYN)
+    written0: int  # dst's written() at registration
+    state: State = State.KERNEL
+    fin_received: bool = False
+    drain_seen: int = 0  # sent_since() at the last drain check
+    redirected: int = 0  # by the kernel, as of the last look
+    copied: int = 0  # by the userspace pump
+    pump: trio.CancelScope | None = None  # the userspace pump, in state USER
+    unacked: int = -1  # dst's unacknowledged bytes at the last look, in state ACKING
+    ack_poll: float = ACK_POLL[0]
+
+    @property
+    def dst_side(self) -> Side:
+        return self.src_side.other
+
+    def sent_since(self) -> int:
+        return written(self.dst.socket) - self.written0
+
+    def received_since(self) -> int:
+        """Bytes (and the FIN, if one came) received on ``src`` since registration."""
+        return received(self.src.socket) - self.consumed0
+
+
+class Watcher:
+    """One connection of a kernel forwarder (see :mod:`trio_sni.forward.kernel`): sleeps until the
+    shared watch reports something, and does the end-of-connection work."""
+
+    def __init__(
+        self,
+        owner: Owner,
+        pair: SockhashPair,
+        dirs: tuple[Direction, Direction],
+        counters: ByteCounters,
+        base_to_upstream: int,
+        base_to_client: int,
+    ) -> None:
+        self.owner = owner
+        self.pair = pair
+        self.dirs = dirs
+        self.counters = counters
+        self.base = {Side.CLIENT: base_to_upstream, Side.UPSTREAM: base_to_client}
+        self.counted0 = {Side.CLIENT: counters.to_upstream, Side.UPSTREAM: counters.to_client}
+        #: Sides the proxy has sent a FIN to.
+        self.fin_sent: set[Side] = set()
+        #: Sides whose socket was reset, in the order the resets were seen.
+        self.resets: list[Side] = []
+        self.reason: str | None = None
+        #: Set once the connection is ending: late ring records and events are ignored.
+        self.finished = False
+        #: The counts are exact already (a destination died): the sweep leaves them alone.
+        self.counts_final = False
+        self._waiting: trio.CancelScope | None = None
+        self.last_activity = trio.current_time()
+        for side in pair.stopped_at_insert:
+            self._from(Side(side)).state = State.USER
+
+    def _from(self, side: Side) -> Direction:
+        """The direction carrying ``side``'s bytes."""
+        return self.dirs[0] if side is Side.CLIENT else self.dirs[1]
+
+    def update_counters(self) -> None:
+        """The exact byte counts: what each destination was given to send."""
+        for d in self.dirs:
+            try:
+                sent = written(d.dst.socket) - self.base[d.src_side]
+            except OSError:
+                continue
+            sent -= 1 if d.dst_side in self.fin_sent else 0
+            self._set_count(d, sent)
+
+    def live_counters(self) -> None:
+        """Cheap counts for the status page (no syscall): redirected as of the last sweep."""
+        if self.counts_final:
+            return
+        for d in self.dirs:
+            self._set_count(d, self.counted0[d.src_side] + d.redirected + d.copied)
+
+    def _set_count(self, d: Direction, value: int) -> None:
+        if d.src_side is Side.CLIENT:
+            self.counters.to_upstream = value
+        else:
+            self.counters.to_client = value
+
+    async def run(self) -> str:
+        live = self.owner.live
+        with contextlib.ExitStack() as watching:
+            self.owner.join(self)
+            watching.callback(self.owner.leave, self)
+            for d in self.dirs:
+                watching.enter_context(
+                    self.owner.watch.watch(d.src_fd, functools.partial(self._on_event, d))
+                )
+                if d.state is State.KERNEL:
+                    cookie = self.pair.cookie(d.src_side)
+                    live[cookie] = (self, d)
+                    watching.callback(live.pop, cookie, None)
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                for d in self.dirs:
+                    if d.state is State.USER:
+                        self._start_pump(d)
+                for side in self.pair.reset_at_kick:
+                    self._mark_reset(Side(side))
+                try:
+                    await self._loop()
+                finally:
+                    self.finished = True
+                nursery.cancel_scope.cancel()
+        assert self.reason is not None
+        return self.reason
+
+    def _wake(self) -> None:
+        """Make the loop look again now (a direction changed state)."""
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def end(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.nursery.cancel_scope.cancel()
+
+    async def _loop(self) -> None:
+        while self.reason is None:
+            delay = math.inf
+            for d in self.dirs:
+                if d.state is State.DRAINING:
+                    delay = min(delay, self._check_drained(d))
+                if d.state is State.ACKING:
+                    delay = min(delay, self._check_acknowledged(d))
+            if all(d.state is State.DONE for d in self.dirs):
+                self.reason = f"{self.resets[0]}_reset" if self.resets else "normal"
+                return
+            with trio.move_on_after(delay) as self._waiting:
+                await trio.sleep_forever()
+            self._waiting = None
+
+    def _on_event(self, d: Direction, events: int) -> None:
+        """What the shared epoll instance reported for ``d``'s source socket."""
+        side = d.src_side
+        if self.finished or side in self.resets:
+            return
+        if events & select.EPOLLERR and socket_error(d.src.socket):
+            self._mark_reset(side)
+            return
+        if not events & (select.EPOLLRDHUP | select.EPOLLHUP):
+            return
+        if closed_by_reset(d.src.socket, fin_sent=side in self.fin_sent):
+            self._mark_reset(side)
+            return
+        if tcp_state(d.src.socket) == TCP_CLOSE:
+            self.owner.watch.forget(d.src_fd)  # closed both ways, cleanly: nothing more to see
+        else:
+            self.owner.watch.errors_only(d.src_fd)  # a reset may still follow the FIN
+        if d.fin_received:
+            return
+        d.fin_received = True
+        self.last_activity = trio.current_time()
+        if d.state is State.KERNEL:
+            with borrowed(d.src_fd) as sock:
+                try:
+                    sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # process the queue
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    self._mark_reset(side)  # read (and consumed) here: pass it on
+                    return
+            d.state = State.DRAINING
+            self._wake()
+        # USER: its pump reads the EOF itself.
+
+    def _mark_reset(self, side: Side) -> None:
+        """``side``'s socket was reset: nothing more can be written to it, so the direction
+        into it ends now; the direction out of it delivers what came first, then resets the
+        other side."""
+        if side in self.resets or self.finished:
+            return
+        self.resets.append(side)
+        self.owner.watch.forget(self._from(side).src_fd)  # nothing more to learn from it
+        into = self._from(side.other)
+        self._set_done(into)
+        out = self._from(side)
+        if out.state is State.KERNEL:
+            out.state = State.DRAINING
+        elif out.state is State.DONE and out.dst_side not in self.resets:
+            out.state = State.ACKING  # its FIN went on already; the reset follows it
+        # DRAINING goes on to ACKING; USER: the pump reads the end itself.
+        self.update_counters()
+        self.counts_final = True
+        self.last_activity = trio.current_time()
+        self._wake()
+
+    def _set_done(self, d: Direction) -> None:
+        if d.pump is not None:
+            d.pump.cancel()
+        d.state = State.DONE
+        self.owner.live.pop(self.pair.cookie(d.src_side), None)
+
+    def on_stop(self, d: Direction) -> None:
+        """The program stopped ``d``'s source socket: copy that direction from now on."""
+        if self.finished or self.reason is not None:
+            return
+        if d.state not in (State.KERNEL, State.DRAINING):
+            return
+        d.state = State.USER
+        self.owner.userspace_directions += 1
+        self.owner.live.pop(self.pair.cookie(d.src_side), None)
+        self._start_pump(d)
+
+    def _start_pump(self, d: Direction) -> None:
+        d.pump = trio.CancelScope()
+        self.nursery.start_soon(self._userspace, d)
+
+    def _source_done(self, d: Direction) -> None:
+        """Everything ``d``'s source sent is in the destination's send queue: pass its end on
+        (a FIN now; a reset once the destination's peer has acknowledged it all)."""
+        d.pump = None
+        reset = d.src_side in self.resets
+        if not reset or self._fin_came_first(d):
+            with contextlib.suppress(OSError):
+                d.dst.socket.shutdown(socket.SHUT_WR)
+                self.fin_sent.add(d.dst_side)
+        if reset and d.dst_side not in self.resets:
+            d.state = State.ACKING
+        else:
+            d.state = State.DONE
+        self._wake()
+
+    def _fin_came_first(self, d: Direction) -> bool:
+        """Whether the reset ``d``'s source ended with came after a FIN.
+
+        The FIN may have been seen already; if the reset came close behind it, only the count
+        tells: ``tcpi_bytes_received`` counts a FIN (docs/kernel-facts.md, fact 42), so it is
+        one more than the bytes redirected and copied."""
+        if d.fin_received:
+            return True
+        try:
+            return d.received_since() - d.redirected - d.copied >= 1
+        except OSError:
+            return False
+
+    def _dst_gone(self, d: Direction) -> bool:
+        """Whether ``d``'s destination was reset (also if its reset was read elsewhere)."""
+        if d.dst_side in self.resets:
+            return True
+        if closed_by_reset(d.dst.socket, fin_sent=d.dst_side in self.fin_sent):
+            self._mark_reset(d.dst_side)
+            return True
+        return False
+
+    def _check_drained(self, d: Direction) -> float:
+        """Pass ``d``'s end on once its destination has sent everything; else when to look
+        again.
+
+        The kernel's queue can take seconds to drain (docs/kernel-facts.md, "FIN not passed
+        on": 0.1-1.3 s at EOF in bulk tests): look again in about half the time the rest should take
+        at the rate seen since the last look, from DRAIN_POLL up to MAX_DRAIN_POLL.
+        """
+        if self._dst_gone(d):
+            return math.inf
+        redirected, stopped = self.pair.progress(d.src_side)
+        if stopped:
+            self.on_stop(d)  # its bytes since the stop wait in its own queue: userspace
+            return math.inf
+        d.redirected = redirected
+        try:
+            sent = d.sent_since()
+        except OSError:
+            sent = redirected
+        if sent >= redirected:
+            self._source_done(d)
+            return 0.0
+        progress = sent - d.drain_seen
+        d.drain_seen = sent
+        if progress <= 0:
+            return DRAIN_POLL
+        return max(DRAIN_POLL, min(MAX_DRAIN_POLL, DRAIN_POLL * (redirected - sent) / progress / 2))
+
+    def _check_acknowledged(self, d: Direction) -> float:
+        """Reset ``d``'s destination once its peer has acknowledged everything (closing with
+        SO_LINGER 0 discards the send queue); else when to look again."""
+        if d.dst_side in self.resets:
+            d.state = State.DONE
+            return math.inf
+        try:
+            left = unacknowledged(d.dst.socket)
+        except OSError:
+            left = 0
+        if left == 0 or tcp_state(d.dst.socket) == TCP_CLOSE:
+            reset_on_close(d.dst)
+            d.state = State.DONE
+            return math.inf
+        if 0 <= left < d.unacked:
+            self.last_activity = trio.current_time()
+            d.ack_poll = ACK_POLL[0]
+        d.unacked = left
+        delay = d.ack_poll
+        d.ack_poll = min(ACK_POLL[1], delay * 2)
+        return delay
+
+    async def _userspace(self, d: Direction) -> None:
+        """Copy ``d`` in userspace from now on (in-flight bound reached, or not in the sockhash)."""
+        assert d.pump is not None
+        with d.pump:
+            if await self._copy_rest(d):
+                self._source_done(d)
+
+    async def _copy_rest(self, d: Direction) -> bool:
+        """Copy until the source ends (True: pass its end on) or the destination is reset."""
+        redirected, _ = self.pair.progress(d.src_side)
+        d.redirected = redirected
+        if d.src_side not in self.pair.stopped_at_insert:
+            # Every byte redirected before the stop must be in dst's send queue before the
+            # first byte copied here, or the order breaks.
+            while d.sent_since() < redirected:
+                if self._dst_gone(d):
+                    return False
+                await trio.sleep(DRAIN_POLL)
+        polls = 0
+        while True:
+            try:
+                data = await d.src.receive_some(self.owner.buffer_size)
+            except trio.BrokenResourceError:
+                self._mark_reset(d.src_side)
+                data = b""
+            if not data:
+                if self._read_everything(d, polls):
+                    if d.src_side not in self.resets:
+                        ending = how_it_ended(d.src.socket, fin_sent=d.src_side in self.fin_sent)
+                        d.fin_received = ending is not Ending.RESET
+                        if ending is not Ending.FIN:
+                            self._mark_reset(d.src_side)
+                    return True
+                polls += 1
+                await trio.sleep(DRAIN_POLL)
+                continue
+            d.copied += len(data)
+            self.last_activity = trio.current_time()
+            try:
+                await d.dst.send_all(data)
+            except trio.BrokenResourceError:
+                self._mark_reset(d.dst_side)
+                return False
+
+    def _read_everything(self, d: Direction, polls: int) -> bool:
+        """Whether every byte ``d``'s source received has been redirected or copied, once a
+        read reported its end.
+
+        On a socket in the sockhash, recv() reports the end once the FIN (or RST) has arrived
+        even if SK_PASSed skbs still wait in the psock's retry queue (docs/kernel-facts.md,
+        fact 42).
+        The received count includes the FIN if one came, which a reset socket cannot tell:
+        a difference of one is the FIN when the socket is not closed, and is taken as it after
+        a short wait otherwise; after the longest wait the rest is given up.
+        """
+        try:
+            pending = d.received_since() - d.redirected - d.copied
+        except OSError:
+            return True
+        if pending <= 0 or polls >= _HELD_BACK_POLLS[1]:
+            return True
+        if pending == 1:
+            return tcp_state(d.src.socket) != TCP_CLOSE or polls >= _HELD_BACK_POLLS[0]
+        return False
