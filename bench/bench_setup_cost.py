@@ -121,12 +121,12 @@ def config(mode: str, backend_port: int, access_log: str | None) -> dict[str, An
 
 
 #: Stages of a connection and the functions whose cumulative time is that stage (the first
-#: name found in the profile counts; later ones are alternatives for renamed code).
+#: name found in the profile counts).
 STAGES = {
     "accept": ["_accept_loop"],
-    "first bytes": ["read_first_bytes", "_read_client_hello"],
+    "first bytes": ["read_first_bytes"],
     "policy": ["decide", "check_client", "acquire"],
-    "resolve": ["_resolve_route", "resolve"],
+    "resolve": ["resolve"],
     "connect": ["connect_to_addresses"],
     "forward": ["forward"],
     "close and log": ["aclose_forcefully", "write_access_log", "access_record", "wrap"],
