@@ -140,3 +140,28 @@ def test_forwarders_do_not_reach_back_up(path: Path) -> None:
         if name.split(".")[0] == "trio_sni" and not name.startswith(FORWARD_MAY_USE)
     }
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_status_and_metrics_do_not_import_each_other() -> None:
+    """Both read the kernel features' status model below them (trio_sni.features), so
+    neither needs the other: /metrics is one registry the status server is handed."""
+    status = imports_of(ROOT / "trio_sni/status.py")
+    metrics = imports_of(ROOT / "trio_sni/metrics.py")
+    assert not {n for n in status if n.startswith("trio_sni.metrics")}
+    assert not {n for n in metrics if n.startswith("trio_sni.status")}
+
+
+#: What the kernel features must not use: the proxy that runs them, what reads their reports,
+#: and the connection handler (a feature knows listeners, never connections).
+FEATURES_MUST_NOT_USE = (
+    "trio_sni.server",
+    "trio_sni.status",
+    "trio_sni.metrics",
+    "trio_sni.connection",
+)
+
+
+@pytest.mark.parametrize("path", python_files("trio_sni/features"), ids=lambda p: p.name)
+def test_features_do_not_reach_back_up(path: Path) -> None:
+    bad = {name for name in imports_of(path) if name.startswith(FEATURES_MUST_NOT_USE)}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"

@@ -42,8 +42,8 @@ from prometheus_client.core import (
     Metric,
 )
 
+from .features import PER_CPU_FEATURES, AccelerationStatus
 from .forward import Mode
-from .status import PER_CPU_FEATURES, AccelerationStatus, live_mode
 
 if TYPE_CHECKING:
     from .connection import ConnectionContext
@@ -219,7 +219,7 @@ class _Collector:
         byte_totals = dict(m.bytes)
         rule_bytes = dict(m.rule_bytes)
         for info in live:
-            mode, rule = _label(live_mode(info)), _label(info.rule)
+            mode, rule = _label(info.counters.mode or info.mode), _label(info.rule)
             for direction, value in (
                 ("to_upstream", info.counters.to_upstream),
                 ("to_client", info.counters.to_client),
@@ -343,7 +343,7 @@ def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
         family = CounterMetricFamily(
             f"trio_sni_ebpf_{stem}",
             _EBPF_HELP.get(stem, f"eBPF counter {stem}")
-            + (", summed across CPUs." if stem.split("_", 1)[0] in PER_CPU_PREFIXES else "."),
+            + (", summed across CPUs." if stem.split("_", 1)[0] in PER_CPU_FEATURES else "."),
             labels=list(names) or None,
         )
         for values, value in sorted(rows):
@@ -380,8 +380,6 @@ _EBPF_HELP = {
     "dns_cache_corrupt": "Undecodable shared DNS cache entries this process deleted",
     "dns_cache_errors": "Failed operations on the shared DNS cache map (this process)",
 }
-#: Counter-name prefixes of the programs whose counters live in per-CPU maps.
-PER_CPU_PREFIXES = ("sockmap", *PER_CPU_FEATURES)
 
 #: How a flat counter name (``AccelerationStatus.counters``) becomes a family and labels; the
 #: first pattern that matches wins, a name that matches none is a family without labels.

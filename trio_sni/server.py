@@ -7,6 +7,10 @@ inner one, so the proxy stops accepting while live connections go on; they then 
 swaps policy, limits, resolver settings and timeouts for new connections; live connections
 keep what they started with.
 
+Kernel features (:mod:`trio_sni.features`: kernel forwarding, the DNS cache, the XDP guard,
+the TC shaper) are built with the proxy but load nothing until ``serve()`` starts them, once
+the listeners are bound and before the first accept; ``serve()`` closes them on every path.
+
 Start it as ``listeners = await nursery.start(proxy.serve)`` (tests and ``main`` share this
 entry point).
 """
@@ -19,28 +23,27 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import trio
 
-from .accel.dns_cache import SharedCacheUnavailable, SharedDnsCache
 from .connection import ConnectionContext, handle_connection
-from .edge_guard import EdgeGuard
-from .forward import Mode, choose_forwarder
+from .features import (
+    AccelerationStatus,
+    BoundListeners,
+    DnsCacheFeature,
+    KernelFeature,
+    SockhashFeature,
+    TcFeature,
+    XdpFeature,
+    acceleration_from_config,
+)
+from .forward import CopyForwarder
 from .metrics import ProxyMetrics
 from .resolver import Resolver
 from .sansio.config import Config, Listener, parse_host_port
 from .sansio.policy import ClientLimiter, Policy
-from .status import (
-    AccelerationStatus,
-    FeatureReport,
-    MapStatus,
-    acceleration_from_config,
-    serve_status,
-)
-
-if TYPE_CHECKING:
-    from .accel import TcShaper
+from .status import serve_status
 
 log = logging.getLogger("trio_sni")
 
@@ -108,27 +111,16 @@ class Proxy:
         access_log: Callable[[dict[str, object]], None] | None = None,
     ) -> None:
         self.config = config
-        plan = choose_forwarder(config)
-        log.info("forwarding mode: %s (%s)", plan.forwarder.mode, plan.why)
-        for asked, used, why in plan.fallbacks:
-            if asked != config.forwarding.mode:  # the default's reason is in the line above
-                log.warning("forwarding mode %s (asked by rules): %s (%s)", asked, used, why)
-        for spec in config.effective_listeners:
-            if spec.accept_proxy_protocol and not spec.proxy_protocol_from:
-                log.warning(
-                    "listener %s accepts PROXY headers from anyone who reaches it, who can "
-                    "then claim any client address: set its proxy_protocol_from to your load "
-                    "balancers' networks",
-                    spec.label,
-                )
-        self._forwarding_why = plan.why  # for /ebpf/status: why sockmap is not active
-        self._plan = plan  # closed when serve() ends: the kernel forwarder holds BPF objects
+        _warn_about_open_proxy_protocol(config)
         self._access_log = AccessLog(config.log.access_log) if access_log is None else None
         self.context = ConnectionContext(
             policy=Policy.from_config(config),
             limiter=ClientLimiter(config.limits, config.max_connections),
             resolver=Resolver(config.resolver, timeout=config.timeouts.resolve),
-            forwarder=plan.forwarder,
+            # Until serve() has chosen the forwarding plan (the sockhash feature's start).
+            forwarder=CopyForwarder(
+                buffer_size=config.forwarding.buffer_size, idle_timeout=config.timeouts.idle
+            ),
             max_hello_size=config.limits.max_client_hello_size,
             hello_timeout=config.timeouts.client_hello,
             connect_timeout=config.timeouts.connect,
@@ -136,7 +128,6 @@ class Proxy:
             write_access_log=access_log or self._access_log.write,  # type: ignore[union-attr]
             socks5=config.socks5,
             max_connections=config.max_connections,
-            forwarders=plan.by_mode,
             default_mode=config.forwarding.mode,
         )
         self._accepting: trio.CancelScope | None = None
@@ -146,14 +137,16 @@ class Proxy:
         self.metrics = ProxyMetrics(self.context, acceleration=self.acceleration_status)
         self.context.write_access_log = self.metrics.wrap(self.context.write_access_log)
         self.status_listeners: list[trio.SocketListener] = []
-        #: feature name (``dns_cache``, ``xdp``, ``tc``) -> how that running feature reports
-        #: itself to ``/ebpf/status`` and the metrics; filled by whatever starts the feature.
-        self.feature_reporters: dict[str, Callable[[], FeatureReport]] = {}
-        #: The XDP guard, started once the listeners are bound (their ports are guarded).
-        self.edge_guard: EdgeGuard | None = None
-        #: The running TC shaper (``ebpf.tc``), started once the listening ports are known.
-        self.tc_shaper: TcShaper | None = None
-        self._dns_cache: SharedDnsCache | None = None
+        #: Kernel forwarding: starting it chooses the forwarding plan.
+        self.forwarding = SockhashFeature(config)
+        #: The kernel features, in ``/ebpf/status`` order; nothing is loaded before serve()
+        #: starts them, once the listeners are bound.
+        self.features: tuple[KernelFeature, ...] = (
+            self.forwarding,
+            DnsCacheFeature(config, self.context.resolver),
+            XdpFeature(config),
+            TcFeature(config),
+        )
 
     async def serve(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
@@ -164,7 +157,6 @@ class Proxy:
         say "not ready" until the listeners are bound) and runs until the proxy has drained.
         """
         try:
-            self._open_dns_cache()
             if self.config.status.listen is None:
                 await self._serve_proxy(task_status=task_status)
                 return
@@ -174,57 +166,10 @@ class Proxy:
                 await self._serve_proxy(task_status=task_status)
                 status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
         finally:
-            self._close_dns_cache()
-            self._plan.close()  # the kernel forwarder's BPF objects, on every path
-            if self.edge_guard is not None:
-                self.edge_guard.close()  # detaches the XDP program
-            if self.tc_shaper is not None:
-                self.tc_shaper.close()  # detaches the TC shaper
+            for feature in reversed(self.features):
+                feature.close()  # what each one loaded and attached, on every path
             if self._access_log is not None:
                 self._access_log.close()  # also when the status port was busy (idempotent)
-
-    def _open_dns_cache(self) -> None:
-        """Put the pinned BPF map behind the resolver's cache, or say once why not.
-
-        Whatever happens is what ``/ebpf/status`` reports for ``dns_cache``.
-        """
-        ebpf = self.config.ebpf
-        settings = ebpf.dns_cache
-        if not ebpf.enabled or not settings.enabled:
-            why = "ebpf.enabled is false" if not ebpf.enabled else "ebpf.dns_cache.enabled is false"
-            log.info("DNS cache: in-process tier only (%s)", why)
-            self.feature_reporters["dns_cache"] = lambda: FeatureReport("disabled", why)
-            return
-        try:
-            cache = SharedDnsCache.open(settings.pin_path, settings.max_entries)
-        except SharedCacheUnavailable as exc:
-            reason = str(exc)
-            log.warning(
-                "DNS cache: in-process tier only; the shared BPF map is unavailable: %s", reason
-            )
-            self.feature_reporters["dns_cache"] = lambda: FeatureReport("unavailable", reason)
-            return
-        if cache.replaced is not None:
-            log.warning(
-                "DNS cache: replaced incompatible pinned state at %s (%s)",
-                cache.pin_path,
-                cache.replaced,
-            )
-        log.info(
-            "DNS cache: in-process tier, then the BPF map pinned at %s (max %d names)",
-            cache.pin_path,
-            cache.max_entries,
-        )
-        self._dns_cache = cache
-        self.context.resolver.use_shared_cache(cache)
-        self.feature_reporters["dns_cache"] = lambda: _dns_cache_report(cache)
-
-    def _close_dns_cache(self) -> None:
-        if self._dns_cache is not None:
-            self.feature_reporters.pop("dns_cache", None)  # its maps are closed: not serving
-            self.context.resolver.use_shared_cache(None)
-            self._dns_cache.close()
-            self._dns_cache = None
 
     async def _serve_proxy(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
@@ -239,10 +184,7 @@ class Proxy:
                         pairs = await _open_listeners(self.config.effective_listeners)
                         self.listeners = [listener for listener, _ in pairs]
                         self.context.own_addresses = _own_addresses(self.listeners)
-                        if self.config.ebpf.enabled and self.config.ebpf.xdp.enabled:
-                            self.edge_guard = EdgeGuard.start(self.config, pairs)
-                            self.feature_reporters["xdp"] = self.edge_guard.report
-                        self._start_tc()
+                        self._start_features(pairs)
                         for listener, spec in pairs:
                             accepting.start_soon(
                                 self._accept_loop, listener.socket, spec, connections
@@ -281,68 +223,25 @@ class Proxy:
             return "listeners not bound yet"
         return None
 
-    def acceleration_status(self) -> AccelerationStatus:
-        """Kernel feature states, reasons, maps and counters for ``/ebpf/status`` and metrics.
+    def _start_features(self, listeners: BoundListeners) -> None:
+        """Start every kernel feature, then hand connections to the chosen forwarders.
 
-        The config and the chosen forwarder decide the states; the kernel forwarder, when
-        it runs, adds its sockhash fill and its counters (read now: one syscall per
-        counter, at scrape time only).
+        Raises:
+            AccelerationUnavailable: ``fallback_mode`` is ``"none"`` and a forwarding mode the
+                config asks for is unavailable.
         """
-        return acceleration_from_config(
-            self.config,
-            forwarding_mode=self.context.forwarder.mode,
-            forwarding_why=self._forwarding_why,
-            sockmap_report=self._sockmap_report(),
-            reports={name: report() for name, report in self.feature_reporters.items()},
-        )
+        for feature in self.features:
+            feature.start(listeners)
+        plan = self.forwarding.plan
+        self.context.forwarder = plan.forwarder
+        self.context.forwarders = plan.by_mode
 
-    def _sockmap_report(self) -> tuple[int, dict[str, int]] | None:
-        """``(sockets in the sockhash, counters)`` when the kernel forwarder runs."""
-        kernel = self._plan.statistics(Mode.KERNEL)
-        if kernel is None:
-            return None
-        counters = dict(kernel.data_plane)
-        counters["fallbacks"] = kernel.fallbacks
-        counters["userspace_directions"] = kernel.userspace_directions
-        return kernel.sockhash_sockets, counters
-
-    def _start_tc(self) -> None:
-        """Attach the TC shaper (``ebpf.tc``) for the bound listening ports, or say once why
-        not; a shaper that cannot start never stops the proxy."""
-        tc = self.config.ebpf.tc
-        if not (self.config.ebpf.enabled and tc.enabled) or self.tc_shaper is not None:
-            return
-        ports = {listener.socket.getsockname()[1] for listener in self.listeners}
-        try:
-            from .accel import LoaderError, TcShaper
-        except ImportError as exc:  # e.g. cffi missing on this platform
-            self._tc_unavailable(f"cannot import the BPF loader: {exc}")
-            return
-        try:
-            self.tc_shaper = TcShaper.start(tc, ports)
-        except (OSError, LoaderError) as exc:
-            self._tc_unavailable(f"attaching tc_shaper.bpf.o to {tc.interface} failed: {exc}")
-            return
-        log.info(
-            "TC shaper on %s egress: %s bit/s per client (high %s, bulk %s), buckets of %d "
-            "bytes or 250 ms of their rate",
-            tc.interface,
-            tc.per_client_bps or "no cap",
-            tc.high_bps or "no cap",
-            tc.bulk_bps or "no cap",
-            tc.burst_bytes,
-        )
-        self.feature_reporters["tc"] = self._tc_report
-
-    def _tc_unavailable(self, reason: str) -> None:
-        log.warning("TC shaping unavailable: %s", reason)
-        self.feature_reporters["tc"] = lambda: FeatureReport("unavailable", reason)
-
-    def _tc_report(self) -> FeatureReport:
-        assert self.tc_shaper is not None
-        shaper = self.tc_shaper
-        buckets = MapStatus(shaper.bucket_count(), shaper.buckets.spec.max_entries)
-        return FeatureReport("active", maps={"tc_buckets": buckets}, counters=shaper.counters())
+    def acceleration_status(self) -> AccelerationStatus:
+        """Kernel feature states, reasons, maps and counters for ``/ebpf/status`` and metrics:
+        what each started feature reports (counters read now: one syscall each, at scrape
+        time only), the config's switches for the others."""
+        reports = {f.name: r for f in self.features if (r := f.report()) is not None}
+        return acceleration_from_config(self.config, reports)
 
     def reload(self, config: Config) -> None:
         """Apply a new, already validated config to new connections.
@@ -363,18 +262,8 @@ class Proxy:
         ctx.connect_timeout = config.timeouts.connect
         ctx.socks5 = config.socks5
         ctx.max_connections = config.max_connections
-        if self.edge_guard is not None:
-            self.edge_guard.reload(config)
-        elif config.ebpf.xdp.enabled and not self.config.ebpf.xdp.enabled:
-            log.warning("reload: ebpf.xdp.enabled takes effect only after a restart")
-        new_tc, old_tc = config.ebpf.tc, self.config.ebpf.tc
-        if (new_tc.enabled, new_tc.interface) != (old_tc.enabled, old_tc.interface):
-            log.warning("reload: ebpf.tc.enabled and .interface take effect after a restart")
-        if self.tc_shaper is not None:
-            try:
-                self.tc_shaper.configure(new_tc)  # rates, burst and exempt list, live
-            except OSError as exc:  # a BPF map update refused: the old caps may stay in part
-                log.error("reload: updating the TC shaper's maps failed: %s", exc)
+        for feature in self.features:
+            feature.reload(config)  # XDP lists and TC rates live; the rest after a restart
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 
@@ -405,26 +294,15 @@ class Proxy:
             )
 
 
-def _dns_cache_report(cache: SharedDnsCache) -> FeatureReport:
-    """The shared DNS cache's state, map fill and counters (reads the map: scrape time only)."""
-    stats = cache.statistics()
-    notes = []
-    if cache.replaced is not None:
-        notes.append(f"replaced incompatible pinned state at {cache.pin_path}: {cache.replaced}")
-    if cache.last_error is not None:
-        notes.append(f"{stats.errors} map operation(s) failed, last: {cache.last_error}")
-    return FeatureReport(
-        "active",
-        "; ".join(notes) or None,
-        maps={"dns_cache": MapStatus(stats.entries, stats.max_entries, stats.hit_rate)},
-        counters={
-            "dns_cache_hits": stats.hits,
-            "dns_cache_misses": stats.misses,
-            "dns_cache_evictions": stats.evictions,
-            "dns_cache_corrupt": stats.corrupt,
-            "dns_cache_errors": stats.errors,
-        },
-    )
+def _warn_about_open_proxy_protocol(config: Config) -> None:
+    for spec in config.effective_listeners:
+        if spec.accept_proxy_protocol and not spec.proxy_protocol_from:
+            log.warning(
+                "listener %s accepts PROXY headers from anyone who reaches it, who can "
+                "then claim any client address: set its proxy_protocol_from to your load "
+                "balancers' networks",
+                spec.label,
+            )
 
 
 async def _open_listeners(

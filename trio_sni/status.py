@@ -41,10 +41,10 @@ and gets 400 (or h11's ``error_status_hint``), an unknown path 404 with the list
 ones, and a bug in a handler is logged with its traceback and answered with 500; none of
 them affects the proxy.
 
-The acceleration part of ``/ebpf/status`` comes from :class:`AccelerationStatus`, which
-:func:`acceleration_from_config` builds from the config's switches (off: ``disabled``), the
-forwarding mode the proxy chose, and what each running feature reports about itself
-(:class:`FeatureReport`: ``active``, or ``unavailable`` with the reason it could not start).
+The acceleration part of ``/ebpf/status`` is the proxy's
+:class:`~trio_sni.features.AccelerationStatus`: what each started kernel feature reports about
+itself (``active``, or ``unavailable`` with the reason it could not start), and the config's
+switches for the others (off: ``disabled``).
 """
 
 from __future__ import annotations
@@ -53,9 +53,8 @@ import errno
 import json
 import logging
 import os
-from collections.abc import Mapping
 from itertools import islice
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -66,8 +65,10 @@ from prometheus_client.exposition import choose_encoder
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from .connection import ConnectionContext, ConnectionInfo
-    from .metrics import ProxyMetrics
+    from prometheus_client import CollectorRegistry
+
+    from .connection import ConnectionContext
+    from .features import AccelerationStatus
     from .sansio.config import Config
 
 log = logging.getLogger("trio_sni.status")
@@ -96,177 +97,15 @@ ACCEPT_BACKOFF = 0.1
 ENDPOINTS = ("/healthz", "/readyz", "/connections", "/metrics", "/ebpf/status")
 ALLOWED_METHODS = "GET, HEAD"
 
-FeatureState = Literal["active", "disabled", "unavailable"]
-#: The kernel features ``/ebpf/status`` reports, in the design's order plus ``tc``.
-FEATURES = ("sockmap", "dns_cache", "xdp", "tc", "stats")
-NOT_CHOSEN = "no forwarding mode was chosen"
-#: Why a switched-on feature is not active before the proxy has started it.
-NOT_STARTED = "not started: the proxy starts it when it serves"
-#: Features besides ``sockmap`` whose programs count in per-CPU maps; ``ebpf.stats.enabled:
-#: false`` leaves those counters out of ``/ebpf/status`` and ``/metrics``.
-PER_CPU_FEATURES = ("xdp", "tc")
-
 
 # ------------------------------------------------------------------------------------------
 # What the proxy tells the status server
 
 
-@attrs.frozen
-class MapStatus:
-    """One BPF map: ``entries`` now (None if unknown), its ``max_entries``, and for the DNS
-    cache its ``hit_rate``."""
+class MetricsExport(Protocol):
+    """What ``/metrics`` exports (:class:`~trio_sni.metrics.ProxyMetrics`): its registry."""
 
-    entries: int | None
-    max_entries: int | None
-    hit_rate: float | None = None
-
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"entries": self.entries, "max_entries": self.max_entries}
-        if self.hit_rate is not None:
-            out["hit_rate"] = self.hit_rate
-        return out
-
-
-@attrs.frozen
-class FeatureReport:
-    """What a running kernel feature (DNS cache, XDP guard, TC shaper) says about itself.
-
-    Given to :func:`acceleration_from_config` by the part of the proxy that runs the feature;
-    it replaces the config's guess for that feature. ``maps`` are named as in ``/ebpf/status``
-    (``dns_cache``), ``counters`` as in :attr:`AccelerationStatus.counters` (``xdp_dropped``).
-    """
-
-    state: FeatureState
-    reason: str | None = None
-    maps: Mapping[str, MapStatus] = attrs.field(factory=dict)
-    counters: Mapping[str, int] = attrs.field(factory=dict)
-    #: JSON-able facts about how the feature runs (XDP: interface, attach mode, ports), shown
-    #: under ``details`` in ``/ebpf/status``.
-    details: Mapping[str, object] = attrs.field(factory=dict)
-
-
-@attrs.frozen
-class AccelerationStatus:
-    """The kernel features' states, why each inactive one is not active, the maps, and the
-    kernel counters (summed across CPUs, named like ``sockmap_redirects``; exported as
-    ``trio_sni_ebpf_<name>_total``).
-
-    This is the interface the kernel layer fills in (``Proxy.acceleration_status()``); every
-    feature in :data:`FEATURES` must have a state, and every state other than ``active`` a
-    reason.
-    """
-
-    features: Mapping[str, FeatureState]
-    reasons: Mapping[str, str]
-    maps: Mapping[str, MapStatus] = attrs.field(factory=dict)
-    counters: Mapping[str, int] = attrs.field(factory=dict)
-    #: feature -> :attr:`FeatureReport.details`, for the features that report any.
-    details: Mapping[str, Mapping[str, object]] = attrs.field(factory=dict)
-
-    def __attrs_post_init__(self) -> None:
-        missing = [f for f in FEATURES if f not in self.features]
-        if missing:
-            raise ValueError(f"features: no state for {', '.join(missing)}")
-        unexplained = [
-            f for f, s in self.features.items() if s != "active" and f not in self.reasons
-        ]
-        if unexplained:
-            raise ValueError(f"reasons: no reason given for {', '.join(unexplained)}")
-
-    @property
-    def enabled(self) -> bool:
-        """True when at least one kernel feature is active."""
-        return any(state == "active" for state in self.features.values())
-
-
-def acceleration_from_config(
-    config: Config,
-    *,
-    forwarding_mode: str = "copy",
-    forwarding_why: str = NOT_CHOSEN,
-    sockmap_report: tuple[int, Mapping[str, int]] | None = None,
-    reports: Mapping[str, FeatureReport] | None = None,
-) -> AccelerationStatus:
-    """Feature states as far as the config and the chosen forwarder decide them.
-
-    ``sockmap`` is ``active`` when the proxy forwards in ``kernel`` mode; otherwise it is
-    ``disabled`` if switched off in the config, else ``unavailable`` with ``forwarding_why``
-    (why :func:`~trio_sni.forward.choose_forwarder` did not pick the kernel). ``stats`` is
-    ``active`` when the kernel forwarder reports its per-CPU counters. The other features
-    are ``disabled`` when switched off (the reason names the switch) and ``unavailable``
-    when switched on, until the kernel layer implements them.
-
-    Args:
-        config: the proxy's config.
-        forwarding_mode: the mode the forwarder was chosen for (``Forwarder.mode``).
-        forwarding_why: the reason that choice was made (``ForwardingPlan.why``).
-        sockmap_report: what the kernel forwarder reports (``KernelForwarder.status()``):
-            the sockets in its sockhash (two per connection) and its counters, summed across
-            CPUs. It becomes ``maps["sockmap"]`` (in connections, the unit of
-            ``ebpf.sockmap.max_entries``) and the ``sockmap_*`` counters.
-        reports: what the other running features say about themselves; each replaces the
-            config's guess for its feature when ``ebpf.enabled`` is true.
-    """
-    reports = reports or {}
-    ebpf = config.ebpf
-    features: dict[str, FeatureState] = {}
-    reasons: dict[str, str] = {}
-    switches = {
-        "sockmap": ebpf.sockmap.enabled,
-        "dns_cache": ebpf.dns_cache.enabled,
-        "xdp": ebpf.xdp.enabled,
-        "tc": ebpf.tc.enabled,
-        "stats": ebpf.stats.enabled,
-    }
-    #: The kernel programs that keep per-CPU counters (what ``ebpf.stats`` is about).
-    per_cpu = [f for f in PER_CPU_FEATURES if f in reports and reports[f].state == "active"]
-    if sockmap_report is not None:
-        per_cpu.insert(0, "sockmap")
-    for feature in FEATURES:
-        if not ebpf.enabled:
-            features[feature], reasons[feature] = "disabled", "ebpf.enabled is false"
-        elif feature in reports:
-            report = reports[feature]
-            features[feature] = report.state
-            if report.reason is not None:
-                reasons[feature] = report.reason
-        elif feature == "sockmap" and forwarding_mode == "kernel":
-            features[feature] = "active"
-        elif not switches[feature]:
-            features[feature] = "disabled"
-            reasons[feature] = f"ebpf.{feature}.enabled is false"
-        elif feature == "sockmap":
-            features[feature], reasons[feature] = "unavailable", forwarding_why
-        elif feature == "stats" and per_cpu:
-            features[feature] = "active"  # the programs' per-CPU counters, read at scrape
-        elif feature == "stats":
-            features[feature] = "unavailable"
-            reasons[feature] = (
-                "no kernel program with per-CPU counters (sockmap, xdp, tc) is running"
-            )
-        else:
-            # dns_cache, xdp, tc: the proxy reports what really happened once it serves.
-            features[feature], reasons[feature] = "unavailable", NOT_STARTED
-    maps: dict[str, MapStatus] = {}
-    counters: dict[str, int] = {}
-    if sockmap_report is not None:
-        sockets, kernel_counters = sockmap_report
-        maps["sockmap"] = MapStatus(
-            entries=sockets // 2, max_entries=config.ebpf.sockmap.max_entries
-        )
-        if ebpf.stats.enabled:
-            counters = {f"sockmap_{name}": value for name, value in kernel_counters.items()}
-    details: dict[str, Mapping[str, object]] = {}
-    if ebpf.enabled:
-        for name, report in reports.items():
-            maps.update(report.maps)
-            if ebpf.stats.enabled or name not in PER_CPU_FEATURES:
-                counters.update(report.counters)
-            if report.details:
-                details[name] = report.details
-    return AccelerationStatus(
-        features=features, reasons=reasons, maps=maps, counters=counters, details=details
-    )
+    registry: CollectorRegistry
 
 
 class StatusSource(Protocol):
@@ -274,7 +113,9 @@ class StatusSource(Protocol):
 
     config: Config
     context: ConnectionContext
-    metrics: ProxyMetrics
+
+    @property
+    def metrics(self) -> MetricsExport: ...
 
     def not_ready_reason(self) -> str | None: ...
 
@@ -326,20 +167,14 @@ def connections_document(context: ConnectionContext, limit: int) -> dict[str, ob
                 "rule": info.rule,
                 "decision": info.decision,
                 "target": _endpoint(info.target) if info.target else None,
-                "mode": live_mode(info),
+                # The forwarder's per-connection answer (kernel can fall back to copy).
+                "mode": info.counters.mode or info.mode,
                 "bytes_to_upstream": info.counters.to_upstream,
                 "bytes_to_client": info.counters.to_client,
                 "age": round(now - info.started, 3),
             }
         )
     return {"total": len(context.live), "limit": limit, "connections": shown}
-
-
-def live_mode(info: ConnectionInfo) -> str | None:
-    """The mode moving a live connection's bytes: the forwarder's per-connection answer if it
-    gives one (kernel forwarding can fall back to copy), else the proxy's mode."""
-    mode: str | None = getattr(info.counters, "mode", None) or info.mode
-    return mode
 
 
 def _endpoint(endpoint: tuple[str, int]) -> str:

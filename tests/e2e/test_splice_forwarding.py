@@ -313,20 +313,21 @@ def test_rule_fallbacks_are_listed_for_the_log(caplog: pytest.LogCaptureFixture)
     assert plan.for_mode("kernel").mode == "splice"
     assert plan.for_mode(None) is plan.forwarder
     assert [(a, u) for a, u, _ in plan.fallbacks] == [("kernel", "splice")]
-    from trio_sni.server import Proxy
+    from trio_sni.features import SockhashFeature
 
-    with caplog.at_level(logging.INFO, logger="trio_sni"):
-        Proxy(
-            load_config(
-                {
-                    "listen_addr": "127.0.0.1:8443",
-                    "ebpf": {"sockmap": {"enabled": False}},
-                    "forwarding": {"mode": "copy"},
-                    "rules": [{"match": "a.test", "mode": "kernel"}],
-                }
-            ),
-            access_log=lambda r: None,
+    forwarding = SockhashFeature(
+        load_config(
+            {
+                "listen_addr": "127.0.0.1:8443",
+                "ebpf": {"sockmap": {"enabled": False}},
+                "forwarding": {"mode": "copy"},
+                "rules": [{"match": "a.test", "mode": "kernel"}],
+            }
         )
+    )
+    with caplog.at_level(logging.INFO, logger="trio_sni"):
+        forwarding.start([])  # what Proxy.serve() does once the listeners are bound
+    forwarding.close()
     lines = [r.getMessage() for r in caplog.records if "forwarding mode" in r.getMessage()]
     assert lines == [
         "forwarding mode: copy (forwarding.mode copy)",

@@ -25,6 +25,7 @@ from proxytest import client_hello, drain, receive_exactly, serve_tcp, wait_for
 
 import loader
 from trio_sni.accel import TcShaper
+from trio_sni.features import TcFeature
 from trio_sni.sansio.config_load import load_config
 from trio_sni.server import Proxy
 
@@ -117,11 +118,18 @@ def tc_counters(proxy: Proxy) -> dict[str, int]:
     return {k: v for k, v in proxy.acceleration_status().counters.items() if k.startswith("tc_")}
 
 
+def shaper_of(proxy: Proxy) -> TcShaper:
+    """The proxy's running TC shaper."""
+    [feature] = [f for f in proxy.features if isinstance(f, TcFeature)]
+    assert feature.shaper is not None
+    return feature.shaper
+
+
 def attached_link(proxy: Proxy, ns: VethNamespace) -> int:
     """The id of the shaper's TCX link, checked to be on the egress of the host end."""
-    assert proxy.tc_shaper is not None
-    assert proxy.tc_shaper.link is not None
-    info = proxy.tc_shaper.link.info()
+    link = shaper_of(proxy).link
+    assert link is not None
+    info = link.info()
     assert (info.target, info.attach_type) == (
         socket.if_nametoindex(ns.host_if),
         loader.AttachType.TCX_EGRESS,
@@ -213,9 +221,9 @@ async def test_the_shaper_is_detached_when_the_proxy_stops(
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.serve)
         link = attached_link(proxy, ns)
+        shaper = shaper_of(proxy)
         proxy.shutdown()
-    assert proxy.tc_shaper is not None
-    assert proxy.tc_shaper.closed
+    assert shaper.closed
     assert link not in link_ids()
 
 

@@ -32,6 +32,7 @@ from statusclient import metric_samples, sample
 
 import loader
 from trio_sni.accel.xdp import XdpGuard
+from trio_sni.features import XdpFeature
 from trio_sni.sansio.config import Clients, XdpConfig
 from trio_sni.sansio.config_load import load_config
 from trio_sni.server import Proxy
@@ -225,9 +226,9 @@ async def test_reload_changes_the_lists_without_detaching(
 ) -> None:
     first = guarded_config(ns, tls_backend.port, clients={"allow": [f"{ns.peer_v4}/32"]})
     async with running_proxy(first, ns) as proxy:
-        assert proxy.edge_guard is not None
-        assert proxy.edge_guard.guard is not None
-        link = proxy.edge_guard.guard.link_info()
+        [edge_guard] = [f for f in proxy.features if isinstance(f, XdpFeature)]
+        assert edge_guard.guard is not None
+        link = edge_guard.guard.link_info()
         prog = xdp_prog_on(ns.host_if)
         assert prog is not None
         assert await handshake_fails(ns, v4(ns, 3), proxy)
@@ -240,7 +241,7 @@ async def test_reload_changes_the_lists_without_detaching(
             b"hello from the backend\n"
         )
         assert await handshake_fails(ns, ns.peer_v4, proxy)
-        assert proxy.edge_guard.guard.link_info() == link
+        assert edge_guard.guard.link_info() == link
         assert xdp_prog_on(ns.host_if) == prog
         assert accepted(proxy) == 2
 

@@ -1,8 +1,9 @@
 """The status server's pieces without a network: deadlines on the autojump clock (exact),
-the connection bound with a fake listener, the acceleration states derived from the config,
-and the metrics arithmetic (finished plus live, never going backwards).
+the connection bound with a fake listener, and the metrics arithmetic (finished plus live,
+never going backwards).
 
-Real HTTP over real sockets is in tests/e2e/test_status_e2e.py.
+Real HTTP over real sockets is in tests/e2e/test_status_e2e.py; the acceleration states the
+kernel features report are in tests/shell/test_features.py.
 """
 
 from __future__ import annotations
@@ -17,20 +18,13 @@ from hypothesis import strategies as st
 from statusclient import metric_samples, sample
 
 from trio_sni.connection import ConnectionInfo
+from trio_sni.features import FEATURES, AccelerationStatus
 from trio_sni.sansio.config_load import load_config
 from trio_sni.server import Proxy
 from trio_sni.status import (
     ERROR_SEND_TIMEOUT,
-    FEATURES,
-    NOT_CHOSEN,
-    NOT_STARTED,
     REQUEST_TIMEOUT,
-    AccelerationStatus,
-    FeatureReport,
-    FeatureState,
-    MapStatus,
     _accept_loop,
-    acceleration_from_config,
     handle_status_connection,
 )
 
@@ -230,118 +224,6 @@ async def test_at_most_max_connections_are_served_at_once(
 
 
 # ------------------------------------------------------------------------------------------
-# Acceleration states from the config
-
-
-def test_default_config_features_are_unavailable_or_disabled_with_reasons() -> None:
-    status = acceleration_from_config(load_config(CONFIG))
-    assert dict(status.features) == {
-        "sockmap": "unavailable",
-        "dns_cache": "unavailable",
-        "xdp": "disabled",
-        "tc": "disabled",
-        "stats": "unavailable",
-    }
-    assert dict(status.reasons) == {
-        "sockmap": NOT_CHOSEN,
-        "dns_cache": NOT_STARTED,
-        "xdp": "ebpf.xdp.enabled is false",
-        "tc": "ebpf.tc.enabled is false",
-        "stats": "no kernel program with per-CPU counters (sockmap, xdp, tc) is running",
-    }
-    assert not status.enabled
-
-
-def test_switches_off_make_features_disabled() -> None:
-    ebpf = {"sockmap": {"enabled": False}, "xdp": {"enabled": True}}
-    config = load_config({**CONFIG, "ebpf": ebpf})
-    status = acceleration_from_config(config)
-    assert status.features["sockmap"] == "disabled"
-    assert status.reasons["sockmap"] == "ebpf.sockmap.enabled is false"
-    assert status.features["xdp"] == "unavailable"
-
-    off = acceleration_from_config(load_config({**CONFIG, "ebpf": {"enabled": False}}))
-    assert set(off.features.values()) == {"disabled"}
-    assert set(off.reasons.values()) == {"ebpf.enabled is false"}
-
-
-def test_tc_is_unavailable_when_enabled_until_the_shaper_reports() -> None:
-    config = load_config({**CONFIG, "ebpf": {"tc": {"enabled": True, "interface": "veth9"}}})
-    status = acceleration_from_config(config)
-    assert status.features["tc"] == "unavailable"
-    assert status.reasons["tc"] == NOT_STARTED
-    running = acceleration_from_config(
-        config,
-        reports={
-            "tc": FeatureReport(
-                "active",
-                maps={"tc_buckets": MapStatus(entries=2, max_entries=65536)},
-                counters={"tc_bytes_dropped_normal": 7},
-            )
-        },
-    )
-    assert running.features["tc"] == "active"
-    assert "tc" not in running.reasons
-    assert running.counters == {"tc_bytes_dropped_normal": 7}
-
-
-def test_sockmap_follows_the_chosen_forwarder() -> None:
-    config = load_config(CONFIG)
-    kernel = acceleration_from_config(
-        config,
-        forwarding_mode="kernel",
-        forwarding_why="probed",
-        sockmap_report=(6, {"redirect_failures": 1, "fallbacks": 2}),
-    )
-    assert kernel.features["sockmap"] == kernel.features["stats"] == "active"
-    assert "sockmap" not in kernel.reasons
-    assert "stats" not in kernel.reasons
-    assert kernel.enabled
-    # Two sockets per connection in the sockhash; max_entries counts connections (config).
-    assert kernel.maps["sockmap"] == MapStatus(entries=3, max_entries=65536)
-    assert kernel.counters == {"sockmap_redirect_failures": 1, "sockmap_fallbacks": 2}
-    copy = acceleration_from_config(
-        config, forwarding_mode="copy", forwarding_why="missing CAP_BPF (uid 1000)"
-    )
-    assert copy.features["sockmap"] == "unavailable"
-    assert copy.reasons["sockmap"] == "missing CAP_BPF (uid 1000)"
-
-
-def test_feature_reports_replace_the_config_guess_and_add_maps_and_counters() -> None:
-    reports = {
-        "dns_cache": FeatureReport(
-            "active",
-            maps={"dns_cache": MapStatus(entries=5, max_entries=10, hit_rate=0.5)},
-            counters={"dns_cache_hits": 3},
-        ),
-        "xdp": FeatureReport("unavailable", reason="native XDP refused by eth9"),
-    }
-    ebpf = {"xdp": {"enabled": True}}
-    status = acceleration_from_config(load_config({**CONFIG, "ebpf": ebpf}), reports=reports)
-    assert status.features["dns_cache"] == "active"
-    assert "dns_cache" not in status.reasons
-    assert status.maps["dns_cache"].hit_rate == 0.5
-    assert status.counters == {"dns_cache_hits": 3}
-    assert status.reasons["xdp"] == "native XDP refused by eth9"
-    # The master switch wins over what a feature says.
-    off = acceleration_from_config(
-        load_config({**CONFIG, "ebpf": {"enabled": False}}), reports=reports
-    )
-    assert set(off.features.values()) == {"disabled"}
-    assert not off.maps
-    assert not off.counters
-
-
-def test_acceleration_status_demands_every_feature_and_a_reason_for_each_inactive_one() -> None:
-    active: dict[str, FeatureState] = dict.fromkeys(FEATURES, "active")
-    assert AccelerationStatus(features=active, reasons={}).enabled
-    with pytest.raises(ValueError, match="features: no state for tc"):
-        AccelerationStatus(features={k: v for k, v in active.items() if k != "tc"}, reasons={})
-    with pytest.raises(ValueError, match="reasons: no reason given for xdp"):
-        AccelerationStatus(features={**active, "xdp": "unavailable"}, reasons={})
-
-
-# ------------------------------------------------------------------------------------------
 # Metrics arithmetic
 
 
@@ -474,28 +356,3 @@ def test_a_reload_that_moves_the_status_endpoint_says_it_needs_a_restart(
     with caplog.at_level("WARNING", logger="trio_sni"):
         proxy.reload(load_config({**config, "status": {"listen": "127.0.0.1:9091"}}))
     assert caplog.messages == []
-
-
-def test_the_stats_switch_leaves_the_per_cpu_counters_out() -> None:
-    reports = {
-        "xdp": FeatureReport("active", counters={"xdp_passed": 5}),
-        "dns_cache": FeatureReport("active", counters={"dns_cache_hits": 3}),
-    }
-    on = acceleration_from_config(
-        load_config({**CONFIG, "ebpf": {"xdp": {"enabled": True}}}),
-        sockmap_report=(2, {"redirect_failures": 1}),
-        reports=reports,
-    )
-    assert on.features["stats"] == "active"
-    assert on.counters == {"sockmap_redirect_failures": 1, "xdp_passed": 5, "dns_cache_hits": 3}
-    off = acceleration_from_config(
-        load_config({**CONFIG, "ebpf": {"xdp": {"enabled": True}, "stats": {"enabled": False}}}),
-        sockmap_report=(2, {"redirect_failures": 1}),
-        reports=reports,
-    )
-    assert off.features["stats"] == "disabled"
-    assert off.counters == {"dns_cache_hits": 3}  # a process counter, not a per-CPU map
-    # XDP alone is enough for per-CPU counters to exist
-    assert acceleration_from_config(load_config(CONFIG), reports=reports).features["stats"] == (
-        "active"
-    )

@@ -7,7 +7,6 @@ fallback chain, with the reasons to log.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -133,9 +132,6 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
                 bound=config.ebpf.sockmap.max_in_flight,
                 buffer_size=config.forwarding.buffer_size,
             )
-            # A Proxy that is built but never served still releases the BPF objects once the
-            # forwarder is collected (the finalizer holds the data plane, not the forwarder).
-            weakref.finalize(kernel, plane.close)
             available["kernel"] = kernel
     else:
         unavailable["kernel"] = "no rule and not forwarding.mode asks for it"

@@ -1,4 +1,4 @@
-"""The proxy's side of the XDP edge guard: start it or say why not, reload it, report, stop.
+"""The XDP edge guard as a kernel feature: start it or say why not, reload it, report, stop.
 
 The guard is an optimisation of policy the proxy enforces anyway (``clients.allow`` /
 ``clients.deny`` are checked again in userspace for every connection), so failing to start it
@@ -13,30 +13,31 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .status import FeatureReport, MapStatus
+from .interface import BoundListeners
+from .report import FeatureReport, MapStatus
 
 if TYPE_CHECKING:
-    import trio
-
-    from .accel.xdp import XdpGuard
-    from .sansio.config import Config, Listener
+    from ..accel.xdp import XdpGuard
+    from ..sansio.config import Config
 
 log = logging.getLogger("trio_sni.xdp")
 
 
-class EdgeGuard:
-    """One proxy's XDP guard, running (``guard``) or not (``reason``)."""
+class XdpFeature:
+    """One proxy's XDP guard: running (``guard``), refused (``reason``), or not tried."""
 
-    def __init__(self, guard: XdpGuard | None, reason: str | None, config: Config) -> None:
-        self.guard = guard
-        self.reason = reason
+    name = "xdp"
+
+    def __init__(self, config: Config) -> None:
         self._config = config
+        self.guard: XdpGuard | None = None
+        self.reason: str | None = None
 
-    @classmethod
-    def start(
-        cls, config: Config, listeners: list[tuple[trio.SocketListener, Listener]]
-    ) -> EdgeGuard:
+    def start(self, listeners: BoundListeners) -> None:
         """Attach the guard for the bound ``listeners``' ports, or record why it could not."""
+        config = self._config
+        if not (config.ebpf.enabled and config.ebpf.xdp.enabled):
+            return
         xdp = config.ebpf.xdp
         ports = sorted(
             {
@@ -46,38 +47,43 @@ class EdgeGuard:
             }
         )
         if not ports:
-            return cls._unavailable(
-                config,
+            self._unavailable(
                 "every listener expects the PROXY protocol (the "
-                "packets' source is the load balancer, not the client)",
+                "packets' source is the load balancer, not the client)"
             )
+            return
         try:
-            from .accel import LoaderError
-            from .accel.xdp import XdpGuard
+            from ..accel import LoaderError
+            from ..accel.xdp import XdpGuard
         except (ImportError, OSError) as exc:
-            return cls._unavailable(config, f"cannot import the BPF loader: {exc}")
+            self._unavailable(f"cannot import the BPF loader: {exc}")
+            return
         try:
-            guard = XdpGuard.start(xdp, config.clients, ports)
+            self.guard = XdpGuard.start(xdp, config.clients, ports)
         except (LoaderError, OSError) as exc:
-            return cls._unavailable(config, f"XDP on {xdp.interface}: {exc}")
+            self._unavailable(f"XDP on {xdp.interface}: {exc}")
+            return
         log.info(
             "XDP guard attached to %s (%s mode) for port(s) %s",
             xdp.interface,
-            guard.mode,
+            self.guard.mode,
             ", ".join(map(str, ports)),
         )
-        return cls(guard, None, config)
 
-    @classmethod
-    def _unavailable(cls, config: Config, reason: str) -> EdgeGuard:
+    def _unavailable(self, reason: str) -> None:
         log.warning(
             "XDP guard not started: %s; clients.allow/deny still apply in userspace", reason
         )
-        return cls(None, reason, config)
+        self.reason = reason
 
     def reload(self, config: Config) -> None:
         """New lists and settings in place (the program stays attached)."""
         old, new = self._config.ebpf.xdp, config.ebpf.xdp
+        if self.guard is None and self.reason is None:  # never tried: switched off at start
+            if new.enabled and not old.enabled:
+                log.warning("reload: ebpf.xdp.enabled takes effect only after a restart")
+            self._config = config
+            return
         if (old.enabled, old.interface, old.mode, old.flood_guard.tracked_sources) != (
             new.enabled,
             new.interface,
@@ -91,7 +97,7 @@ class EdgeGuard:
         self._config = config
         if self.guard is None:
             return
-        from .accel import LoaderError
+        from ..accel import LoaderError
 
         try:
             self.guard.update(new, config.clients)
@@ -100,10 +106,10 @@ class EdgeGuard:
             return
         log.info("reload: XDP guard lists and limits updated")
 
-    def report(self) -> FeatureReport:
+    def report(self) -> FeatureReport | None:
         """For ``/ebpf/status`` and ``/metrics`` (counters read now: one syscall each)."""
         if self.guard is None:
-            return FeatureReport("unavailable", reason=self.reason)
+            return None if self.reason is None else FeatureReport("unavailable", self.reason)
         status = self.guard.status()
         xdp = self._config.ebpf.xdp
         return FeatureReport(
@@ -126,3 +132,4 @@ class EdgeGuard:
         """Detach; idempotent."""
         if self.guard is not None:
             self.guard.close()
+            self.guard = None
