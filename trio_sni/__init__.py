@@ -2,7 +2,8 @@
 
 General layout: ``trio_sni.sansio`` is the I/O-free core (ClientHello reader, policy, config);
 the modules here are the Trio shell that does the I/O (``server``, ``connection``,
-``resolver``, ``upstream``, ``forward``); ``loader`` (a separate package) is the BPF loader.
+``resolver``, ``upstream``, ``forward``, ``features``); ``loader`` (a separate package) is the
+BPF loader.
 """
 
 from ._version import __version__ as __version__
