@@ -16,7 +16,7 @@ import trio
 
 from ._version import __version__
 from .defaults import default_config_text
-from .errors import AccelerationUnavailable, ConfigError
+from .errors import AccelerationUnavailable, ConfigError, StatusUnavailable
 from .sansio.config import Config
 from .sansio.config_load import dump_config, load_config_text
 from .server import Proxy
@@ -236,10 +236,6 @@ def _sockname(listener: trio.SocketListener) -> str:
 
 # ------------------------------------------------------------------------------------------
 # ``python -m trio_sni status``
-
-
-class StatusUnavailable(Exception):
-    """The status endpoint could not be reached or did not answer as expected."""
 
 
 def status_command(url: str, *, limit: int, raw: bool, timeout: float) -> int:

@@ -40,8 +40,7 @@ from .errors import (
 )
 from .forward import ByteCounters, Forwarder
 from .resolver import Resolver
-from .sansio import http_request, proxy_protocol
-from .sansio._reader import NEED_DATA, BufferedReader, EventT
+from .sansio import NEED_DATA, BufferedReader, EventT, http_request, proxy_protocol
 from .sansio.addresses import IPAddress, refusal_reason
 from .sansio.alerts import Alert, alert_record
 from .sansio.clienthello import ClientHelloReader
@@ -82,12 +81,18 @@ class ConnectionInfo:
     counters: ByteCounters = attrs.Factory(ByteCounters)
 
     @property
+    def forwarded_mode(self) -> str | None:
+        """The mode that moved the bytes: the forwarder's, or the one that took over for this
+        connection (``kernel`` can fall back to ``copy`` per connection)."""
+        return self.counters.mode or self.mode
+
+    @property
     def fallback_from(self) -> str | None:
         """The mode asked for when another one forwarded this connection, else ``None``:
         unavailable at startup (kernel → splice → copy) or given up per connection (a socket
         the sockhash refused, pipes that could not be created)."""
         wanted = self.mode if self.requested_mode in (None, "auto") else self.requested_mode
-        used = self.counters.mode or self.mode
+        used = self.forwarded_mode
         return wanted if used is not None and wanted is not None and used != wanted else None
 
     def access_record(self, now: float) -> dict[str, object]:
@@ -107,7 +112,7 @@ class ConnectionInfo:
             "bytes_to_upstream": self.counters.to_upstream,
             "bytes_to_client": self.counters.to_client,
             "duration": round(now - self.started, 6),
-            "mode": self.counters.mode or self.mode,  # kernel can fall back to copy per connection
+            "mode": self.forwarded_mode,
             "fallback_from": self.fallback_from,
             "reason": self.reason,
             "error": self.error,

@@ -100,3 +100,13 @@ class RequestTimeout(FirstBytesTimeout):
 
     reason = "request_timeout"
     awaited = "HTTP request head"
+
+
+class SharedCacheUnavailable(Exception):
+    """The shared (pinned BPF map) DNS cache tier cannot be used here; the message says why,
+    for an operator. Not a connection's error: the proxy runs on with its in-process cache."""
+
+
+class StatusUnavailable(Exception):
+    """``python -m trio_sni status``: the status endpoint could not be reached or did not
+    answer as expected."""

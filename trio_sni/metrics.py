@@ -219,7 +219,7 @@ class _Collector:
         byte_totals = dict(m.bytes)
         rule_bytes = dict(m.rule_bytes)
         for info in live:
-            mode, rule = _label(info.counters.mode or info.mode), _label(info.rule)
+            mode, rule = _label(info.forwarded_mode), _label(info.rule)
             for direction, value in (
                 ("to_upstream", info.counters.to_upstream),
                 ("to_client", info.counters.to_client),

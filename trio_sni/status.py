@@ -168,7 +168,7 @@ def connections_document(context: ConnectionContext, limit: int) -> dict[str, ob
                 "decision": info.decision,
                 "target": _endpoint(info.target) if info.target else None,
                 # The forwarder's per-connection answer (kernel can fall back to copy).
-                "mode": info.counters.mode or info.mode,
+                "mode": info.forwarded_mode,
                 "bytes_to_upstream": info.counters.to_upstream,
                 "bytes_to_client": info.counters.to_client,
                 "age": round(now - info.started, 3),

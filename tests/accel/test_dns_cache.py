@@ -18,7 +18,8 @@ from proxytest import loader_fds_opened_since
 
 import loader
 from trio_sni.accel import dns_cache
-from trio_sni.accel.dns_cache import SharedCacheUnavailable, SharedDnsCache
+from trio_sni.accel.dns_cache import SharedDnsCache
+from trio_sni.errors import SharedCacheUnavailable
 from trio_sni.sansio import dns_record
 from trio_sni.sansio.dns_record import Families
 
@@ -243,7 +244,8 @@ def test_without_capabilities_it_is_unavailable_with_the_reason(pin_dir: str) ->
     """A real process without capabilities (root's bounding set emptied by setpriv) gets a
     reason, not a crash, and leaves nothing pinned."""
     code = (
-        "from trio_sni.accel.dns_cache import SharedDnsCache, SharedCacheUnavailable\n"
+        "from trio_sni.accel.dns_cache import SharedDnsCache\n"
+        "from trio_sni.errors import SharedCacheUnavailable\n"
         "try:\n"
         f"    SharedDnsCache.open({pin_dir!r}, 100)\n"
         "except SharedCacheUnavailable as exc:\n"

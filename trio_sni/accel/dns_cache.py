@@ -53,6 +53,7 @@ import attrs
 
 import loader
 
+from ..errors import SharedCacheUnavailable
 from ..sansio import dns_record
 from ..sansio.dns_record import DnsRecord, Families, RecordError, Stat
 from .objects import prebuilt_spec
@@ -74,10 +75,6 @@ _COUNT_BATCH = 512
 def boottime_ns() -> int:
     """CLOCK_BOOTTIME in nanoseconds: the clock entry expiries are written on."""
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-
-
-class SharedCacheUnavailable(Exception):
-    """The shared tier cannot be used here; the message says why, for an operator."""
 
 
 @attrs.frozen

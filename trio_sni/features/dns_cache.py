@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from ..accel.dns_cache import SharedCacheUnavailable, SharedDnsCache
+from ..accel.dns_cache import SharedDnsCache
+from ..errors import SharedCacheUnavailable
 from .interface import BoundListeners
 from .report import FeatureReport, MapStatus
 

@@ -6,6 +6,8 @@ every piece easy to fuzz and usable from any event loop; the Trio shell in ``tri
 the I/O.
 """
 
+from ._reader import BufferedReader as BufferedReader
+from ._reader import EventT as EventT
 from .addresses import OWN_ADDRESS as OWN_ADDRESS
 from .addresses import IPAddress as IPAddress
 from .addresses import refusal_reason as refusal_reason
@@ -51,6 +53,7 @@ __all__ = [
     "NEED_DATA",
     "OWN_ADDRESS",
     "Alert",
+    "BufferedReader",
     "ClientHello",
     "ClientHelloError",
     "ClientHelloReader",
@@ -58,6 +61,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Deny",
+    "EventT",
     "HttpRequest",
     "HttpRequestError",
     "HttpRequestReader",
