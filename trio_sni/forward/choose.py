@@ -111,7 +111,9 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
     splice_why = splice_unavailable()  # cheap; a reload may bring rules that ask for splice
     if splice_why is None:
         available["splice"] = SpliceForwarder(
-            pipe_size=config.forwarding.pipe_size, idle_timeout=config.timeouts.idle, copy=copy
+            pipe_size=config.forwarding.pipe_size,
+            idle_timeout=config.timeouts.idle,
+            buffer_size=config.forwarding.buffer_size,
         )
     else:
         unavailable["splice"] = splice_why

@@ -58,6 +58,8 @@ class ForwarderStatistics:
     fallbacks: int = 0
     #: ``splice``: pipes that got less than ``forwarding.pipe_size`` (the kernel's size kept).
     small_pipes: int = 0
+    #: ``splice``: pipes kept for the next burst (no connection holds a pipe while idle).
+    idle_pipes: int = 0
     #: ``kernel``: sockets in the sockhash now (two per registered connection).
     sockhash_sockets: int = 0
     #: ``kernel``: directions the in-flight bound moved to userspace.

@@ -10,10 +10,16 @@ a reset of the source, what is still in the pipe goes to the other side first; b
 handed to the destination socket, and the idle timeout is one deadline on the pair pushed forward by
 every chunk.
 
-Memory per connection: at most two pipes of ``forwarding.pipe_size`` bytes (plus the
-sockets' own buffers). ``F_SETPIPE_SZ`` above ``/proc/sys/fs/pipe-max-size`` or beyond the
-user's pipe page allowance (``pipe-user-pages-soft``) is refused (EPERM) or the pipe is
-smaller: the pipe then keeps the size the kernel gives it (docs/kernel-facts.md, fact 36).
+Memory and fds per connection: its two sockets. A direction borrows a pipe from the
+forwarder's :class:`PipePool` only while bytes are in flight and gives it back, empty, as soon
+as it has drained, so an idle connection holds no pipe (each pipe is two fds; a process
+allowed 20,000 fds would otherwise hold only 3,333 idle connections). The pool keeps a few
+idle pipes (:data:`PIPES_KEPT`) for the next burst. ``F_SETPIPE_SZ`` above
+``/proc/sys/fs/pipe-max-size`` or beyond the user's pipe page allowance
+(``pipe-user-pages-soft``) is refused (EPERM) or the pipe is smaller: the pipe then keeps the
+size the kernel gives it (docs/kernel-facts.md, fact 36). A pipe that cannot be created (out of
+fds) is not waited for: that chunk is copied with recv/send instead, and the access log says
+``copy`` for the connection.
 
 Never use this on a socket that is in the BPF sockhash (docs/kernel-facts.md, fact 13): bytes the
 verdict program passes are invisible to splice(2). The kernel forwarder falls back to copy,
@@ -30,9 +36,9 @@ import socket
 
 import trio
 
+from ._ends import send_counted
 from ._userspace import Direction, PumpEnd, pump_both_ways
-from .copy import CopyForwarder
-from .interface import ByteCounters, ForwarderStatistics, Mode, Side
+from .interface import ByteCounters, ForwarderStatistics, Mode
 
 log = logging.getLogger("trio_sni")
 
@@ -87,35 +93,78 @@ def open_pipe(size: int) -> tuple[int, int, int]:
     return r, w, capacity
 
 
+#: Idle pipes the pool keeps for the next burst (two fds each); more are closed when given back.
+PIPES_KEPT = 16
+
+
+class PipePool:
+    """Pipes lent to directions while their bytes are in flight, and given back empty."""
+
+    def __init__(self, pipe_size: int) -> None:
+        self._pipe_size = pipe_size
+        self._idle: list[tuple[int, int, int]] = []
+        #: Pipes that got less than ``pipe_size`` (EPERM/EBUSY): the kernel's size was kept.
+        self.small_pipes = 0
+
+    def take(self) -> tuple[int, int, int]:
+        """An empty pipe ``(read_fd, write_fd, capacity)``; OSError if none can be made."""
+        if self._idle:
+            return self._idle.pop()
+        pipe = open_pipe(self._pipe_size)
+        if pipe[2] < self._pipe_size:
+            self.small_pipes += 1
+        return pipe
+
+    def give_back(self, pipe: tuple[int, int, int]) -> None:
+        """Return an *empty* pipe (one still holding bytes must be closed: :func:`close_pipe`)."""
+        if len(self._idle) < PIPES_KEPT:
+            self._idle.append(pipe)
+        else:
+            close_pipe(pipe)
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> None:
+        while self._idle:
+            close_pipe(self._idle.pop())
+
+
+def close_pipe(pipe: tuple[int, int, int]) -> None:
+    os.close(pipe[0])
+    os.close(pipe[1])
+
+
 class SpliceForwarder:
-    """splice(2) through a pipe per direction, one Trio task per direction.
+    """splice(2) through a pipe per direction while bytes move, one Trio task per direction.
 
     Args:
         pipe_size: the size asked for each pipe (``forwarding.pipe_size``).
         idle_timeout: seconds without a byte either way.
-        copy: copies a connection whose pipes cannot be created (out of fds); the first
-            such fallback is logged, all are counted in ``fallbacks``.
+        buffer_size: recv() size for a chunk copied because no pipe could be made.
     """
 
     mode = Mode.SPLICE
 
-    def __init__(
-        self, *, pipe_size: int, idle_timeout: float, copy: CopyForwarder | None = None
-    ) -> None:
-        self._pipe_size = pipe_size
+    def __init__(self, *, pipe_size: int, idle_timeout: float, buffer_size: int) -> None:
         self._idle_timeout = idle_timeout
-        self._copy = copy
-        #: Pipes that got less than ``pipe_size`` (EPERM/EBUSY): the kernel's size was kept.
-        self.small_pipes = 0
-        #: Connections copied instead because their pipes could not be created (EMFILE...).
+        self._buffer_size = buffer_size
+        self._pipes = PipePool(pipe_size)
+        #: Connections that copied a chunk because no pipe could be made (EMFILE...); the
+        #: first is logged.
         self.fallbacks = 0
 
     def close(self) -> None:
-        """Nothing to release (pipes live as long as their connection)."""
+        """Close the idle pipes."""
+        self._pipes.close()
 
     def statistics(self) -> ForwarderStatistics:
         return ForwarderStatistics(
-            self.mode, fallbacks=self.fallbacks, small_pipes=self.small_pipes
+            self.mode,
+            fallbacks=self.fallbacks,
+            small_pipes=self._pipes.small_pipes,
+            idle_pipes=self._pipes.idle,
         )
 
     async def forward(
@@ -126,96 +175,103 @@ class SpliceForwarder:
         first_bytes: bytes,
         counters: ByteCounters,
     ) -> str:
-        fds: list[int] = []
+        async def pump(
+            src: trio.SocketStream, dst: trio.SocketStream, direction: Direction
+        ) -> PumpEnd:
+            return await self._splice_through(src, dst, direction)
+
+        return await pump_both_ways(
+            self.mode,
+            client,
+            upstream,
+            first_bytes=first_bytes,
+            counters=counters,
+            idle_timeout=self._idle_timeout,
+            pump=pump,
+        )
+
+    async def _splice_through(
+        self, src: trio.SocketStream, dst: trio.SocketStream, direction: Direction
+    ) -> PumpEnd:
+        """One direction: socket -> pipe -> socket until the source ends (EOF or reset: what
+        is in the pipe is delivered first) or the destination fails. The pipe is borrowed
+        when the source has bytes and given back once it has drained."""
+        sfd, dfd = src.socket.fileno(), dst.socket.fileno()
+        pipe: tuple[int, int, int] | None = None
+        in_pipe = 0
+        ended: PumpEnd | None = None
         try:
-            pipes = []
-            try:
-                for _ in range(2):
-                    r, w, capacity = open_pipe(self._pipe_size)
-                    fds += (r, w)
-                    if capacity < self._pipe_size:
-                        self.small_pipes += 1
-                    pipes.append((r, w, capacity))
-            except OSError as exc:
-                if self._copy is None:
-                    raise
-                self.fallbacks += 1
-                if self.fallbacks == 1:
-                    log.warning(
-                        "cannot create pipes for splice (%s): copying such connections", exc
-                    )
-                counters.mode = Mode.COPY
-                return await self._copy.forward(
-                    client, upstream, first_bytes=first_bytes, counters=counters
-                )
-            pipe_of = {Side.CLIENT: pipes[0], Side.UPSTREAM: pipes[1]}
-
-            async def pump(
-                src: trio.SocketStream, dst: trio.SocketStream, direction: Direction
-            ) -> PumpEnd:
-                return await _splice_through(pipe_of[direction.source], src, dst, direction)
-
-            return await pump_both_ways(
-                self.mode,
-                client,
-                upstream,
-                first_bytes=first_bytes,
-                counters=counters,
-                idle_timeout=self._idle_timeout,
-                pump=pump,
-            )
+            while True:
+                if pipe is None:
+                    if ended is not None:
+                        return ended
+                    await trio.lowlevel.wait_readable(sfd)
+                    try:
+                        pipe = self._pipes.take()
+                    except OSError as exc:
+                        ended = await self._copy_chunk(src, dst, direction, exc)
+                        continue
+                rfd, wfd, capacity = pipe
+                progressed = False
+                if ended is None and in_pipe < capacity:
+                    try:
+                        n = os.splice(sfd, wfd, capacity - in_pipe, flags=_FLAGS)
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        if exc.errno not in _RESETS:
+                            raise
+                        ended = PumpEnd.SOURCE_RESET
+                    else:
+                        if n == 0:
+                            ended = PumpEnd.EOF
+                        in_pipe += n
+                        progressed = True
+                if in_pipe:
+                    try:
+                        m = os.splice(rfd, dfd, in_pipe, flags=_FLAGS)
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:
+                        if exc.errno in _RESETS:
+                            return PumpEnd.DESTINATION_RESET
+                        raise
+                    else:
+                        in_pipe -= m
+                        direction.moved(m)
+                        progressed = progressed or m > 0
+                if not in_pipe:
+                    self._pipes.give_back(pipe)  # drained: an idle direction holds no pipe
+                    pipe = None
+                    if progressed:
+                        await trio.lowlevel.checkpoint()
+                elif progressed:
+                    await trio.lowlevel.checkpoint()
+                else:
+                    # The destination is full (or the pipe is, and only draining helps).
+                    await trio.lowlevel.wait_writable(dfd)
         finally:
-            for fd in fds:
-                os.close(fd)
+            if pipe is not None:
+                close_pipe(pipe)  # it may still hold bytes: never lend it again
 
-
-async def _splice_through(
-    pipe: tuple[int, int, int],
-    src: trio.SocketStream,
-    dst: trio.SocketStream,
-    direction: Direction,
-) -> PumpEnd:
-    """One direction: socket -> pipe -> socket until the source ends (EOF or reset: what is
-    in the pipe is delivered first) or the destination fails."""
-    rfd, wfd, capacity = pipe
-    sfd, dfd = src.socket.fileno(), dst.socket.fileno()
-    in_pipe = 0
-    ended: PumpEnd | None = None
-    while True:
-        progressed = False
-        if ended is None and in_pipe < capacity:
-            try:
-                n = os.splice(sfd, wfd, capacity - in_pipe, flags=_FLAGS)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno not in _RESETS:
-                    raise
-                ended = PumpEnd.SOURCE_RESET
-            else:
-                if n == 0:
-                    ended = PumpEnd.EOF
-                in_pipe += n
-                progressed = True
-        if in_pipe:
-            try:
-                m = os.splice(rfd, dfd, in_pipe, flags=_FLAGS)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno in _RESETS:
-                    return PumpEnd.DESTINATION_RESET
-                raise
-            else:
-                in_pipe -= m
-                direction.moved(m)
-                progressed = progressed or m > 0
-        if ended is not None and not in_pipe:
-            return ended
-        if progressed:
-            await trio.lowlevel.checkpoint()
-        elif in_pipe:
-            # The destination is full (or the pipe is, and only draining helps).
-            await trio.lowlevel.wait_writable(dfd)
-        else:
-            await trio.lowlevel.wait_readable(sfd)
+    async def _copy_chunk(
+        self, src: trio.SocketStream, dst: trio.SocketStream, direction: Direction, why: OSError
+    ) -> PumpEnd | None:
+        """Move one chunk with recv/send because no pipe could be made; how the direction
+        ended, or None if it goes on."""
+        counters = direction.pair.counters
+        if counters.mode is not Mode.COPY:
+            counters.mode = Mode.COPY  # the access log says the connection was (partly) copied
+            self.fallbacks += 1
+            if self.fallbacks == 1:
+                log.warning("cannot create pipes for splice (%s): copying such chunks", why)
+        try:
+            data = await src.receive_some(self._buffer_size)
+        except trio.BrokenResourceError:
+            return PumpEnd.SOURCE_RESET
+        if not data:
+            return PumpEnd.EOF
+        if not await send_counted(dst, data, counters, direction.destination):
+            return PumpEnd.DESTINATION_RESET
+        direction.pair.active()
+        return None
