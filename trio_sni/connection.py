@@ -156,6 +156,27 @@ class ConnectionContext:
     live: dict[int, ConnectionInfo] = attrs.Factory(dict)
 
 
+def log_refused_at_accept(
+    peer: tuple[str, int] | tuple[str, int, int, int],
+    listener: Listener,
+    ctx: ConnectionContext,
+    reason: str,
+    error: str,
+) -> None:
+    """The access-log line of a connection the accept loop refused before any handler ran
+    (every accepted connection gets one)."""
+    info = ConnectionInfo(
+        client=(str(ipaddress.ip_address(peer[0])), peer[1]),
+        listener=listener.label,
+        started_wall=time.time(),
+        started=trio.current_time(),
+        decision="deny",
+        reason=reason,
+        error=error,
+    )
+    ctx.write_access_log(info.access_record(info.started))
+
+
 async def handle_connection(
     stream: trio.SocketStream,
     peer: tuple[str, int] | tuple[str, int, int, int],

@@ -21,13 +21,17 @@ import errno
 import ipaddress
 import json
 import logging
+import math
+import os
+import socket
+import struct
 import sys
 from collections.abc import Callable
 from typing import TextIO
 
 import trio
 
-from .connection import ConnectionContext, handle_connection
+from .connection import ConnectionContext, handle_connection, log_refused_at_accept
 from .features import (
     AccelerationStatus,
     BoundListeners,
@@ -174,6 +178,7 @@ class Proxy:
     async def _serve_proxy(
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        reserve: ReserveFd | None = None
         try:
             async with trio.open_nursery() as connections:
                 try:
@@ -185,15 +190,18 @@ class Proxy:
                         self.listeners = [listener for listener, _ in pairs]
                         self.context.own_addresses = _own_addresses(self.listeners)
                         self._start_features(pairs)
+                        reserve = ReserveFd()
                         for listener, spec in pairs:
                             accepting.start_soon(
-                                self._accept_loop, listener.socket, spec, connections
+                                self._accept_loop, listener.socket, spec, connections, reserve
                             )
                         task_status.started(self.listeners)
                 finally:
                     with trio.CancelScope(shield=True):  # close all, even when cancelled
                         for listener in self.listeners:
                             await trio.aclose_forcefully(listener)
+                    if reserve is not None:
+                        reserve.close()
                 live = len(self.context.live)
                 if live:
                     log.info(
@@ -268,7 +276,11 @@ class Proxy:
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 
     async def _accept_loop(
-        self, listening: trio.socket.SocketType, spec: Listener, connections: trio.Nursery
+        self,
+        listening: trio.socket.SocketType,
+        spec: Listener,
+        connections: trio.Nursery,
+        reserve: ReserveFd,
     ) -> None:
         """Accept on the listening socket itself, not through trio's SocketListener, which
         drops the address accept() returns: a client that resets before its handler runs
@@ -278,6 +290,12 @@ class Proxy:
                 sock, peer = await listening.accept()
             except OSError as exc:
                 if exc.errno in ACCEPT_SKIP_ERRNOS:
+                    continue
+                if exc.errno == errno.EMFILE and reserve.ready():
+                    if not reserve.refuse_one(listening, spec, self.context):
+                        # Linux takes the fd before it looks for a client: nobody waits. Try
+                        # again when someone does, rather than every ACCEPT_BACKOFF.
+                        await trio.lowlevel.wait_readable(listening)
                     continue
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                     log.error(
@@ -292,6 +310,71 @@ class Proxy:
             connections.start_soon(
                 handle_connection, trio.SocketStream(sock), peer, spec, self.context
             )
+
+
+#: The access log's reason for a client refused because the proxy is out of file descriptors.
+FD_LIMIT_REASON = "fd_limit"
+
+
+class ReserveFd:
+    """One file descriptor held in reserve for the moment the process reaches its fd limit.
+
+    accept() then fails with EMFILE and the client waits in the listen backlog until it gives
+    up. Giving the reserve up for a moment lets the proxy accept that client and refuse it at
+    once (an RST), with an access-log line and a logged reason, then take the reserve back.
+    """
+
+    def __init__(self) -> None:
+        self._fd = self._open()
+        self._last_warning = -math.inf
+
+    @staticmethod
+    def _open() -> int:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def ready(self) -> bool:
+        """Whether the reserve is held (taken again if an earlier attempt lost it)."""
+        if self._fd == -1:
+            self._fd = self._open()
+        return self._fd != -1
+
+    def refuse_one(
+        self, listening: trio.socket.SocketType, spec: Listener, ctx: ConnectionContext
+    ) -> bool:
+        """Accept one waiting client and reset it; False if no client was waiting. Call only
+        when :meth:`ready`."""
+        os.close(self._fd)
+        self._fd = -1
+        try:
+            borrowed = socket.socket(listening.family, listening.type, 0, listening.fileno())
+            try:
+                conn, peer = borrowed.accept()
+            except OSError:
+                return False
+            finally:
+                borrowed.detach()
+            with conn:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            self._fd = self._open()
+        error = (
+            "the proxy is out of file descriptors (EMFILE): refused at once; raise its fd "
+            "limit (LimitNOFILE, ulimit -n) or lower max_connections"
+        )
+        now = trio.current_time()
+        if now - self._last_warning >= 1.0:  # at most one line a second while it lasts
+            self._last_warning = now
+            log.warning("%s: %s", spec.label, error)
+        log_refused_at_accept(peer, spec, ctx, FD_LIMIT_REASON, error)
+        return True
+
+    def close(self) -> None:
+        if self._fd != -1:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _warn_about_open_proxy_protocol(config: Config) -> None:

@@ -13,7 +13,7 @@ from proxytest import wait_for
 
 from trio_sni.sansio.config import Listener
 from trio_sni.sansio.config_load import load_config
-from trio_sni.server import ACCEPT_BACKOFF, ACCEPT_SKIP_ERRNOS, Proxy
+from trio_sni.server import ACCEPT_BACKOFF, ACCEPT_SKIP_ERRNOS, Proxy, ReserveFd
 
 CONFIG = {"listeners": [{"host": "127.0.0.1", "port": 0}], "log": {"access_log": None}}
 
@@ -36,7 +36,9 @@ class FlakySocket(trio.socket.SocketType):
         return await self.real.accept()
 
 
-async def test_overload_errors_back_off_and_retry(autojump_clock: trio.testing.MockClock) -> None:
+async def test_overload_errors_back_off_and_retry(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     proxy = Proxy(load_config(CONFIG), access_log=lambda record: None)
     [real] = await trio.open_tcp_listeners(0, host="127.0.0.1")
     overloads = [
@@ -44,14 +46,19 @@ async def test_overload_errors_back_off_and_retry(autojump_clock: trio.testing.M
     ]
     flaky = FlakySocket(real.socket, overloads)
     spec = Listener(host="127.0.0.1", port=0)
+    # No reserve fd could be taken (tests/e2e/test_fd_limit.py has the real EMFILE with one):
+    # every error backs off.
+    monkeypatch.setattr(ReserveFd, "_open", staticmethod(lambda: -1))
+    reserve = ReserveFd()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(proxy._accept_loop, flaky, spec, nursery)
+            nursery.start_soon(proxy._accept_loop, flaky, spec, nursery, reserve)
             client = await trio.open_tcp_stream("127.0.0.1", real.socket.getsockname()[1])
             await wait_for(lambda: not proxy.context.live and len(flaky.failures_at) == 4)
             await client.aclose()
             nursery.cancel_scope.cancel()
     finally:
+        reserve.close()
         await real.aclose()
     assert flaky.failures_at == [0, ACCEPT_BACKOFF, 2 * ACCEPT_BACKOFF, 3 * ACCEPT_BACKOFF]
 
@@ -60,11 +67,15 @@ async def test_other_accept_errors_crash_loudly() -> None:
     proxy = Proxy(load_config(CONFIG), access_log=lambda record: None)
     [real] = await trio.open_tcp_listeners(0, host="127.0.0.1")
     flaky = FlakySocket(real.socket, [OSError(errno.EBADF, "bad fd")])
+    reserve = ReserveFd()
     try:
         with pytest.RaisesGroup(pytest.RaisesExc(OSError, match="bad fd")):
             async with trio.open_nursery() as nursery:
-                await proxy._accept_loop(flaky, Listener(host="127.0.0.1", port=0), nursery)
+                await proxy._accept_loop(
+                    flaky, Listener(host="127.0.0.1", port=0), nursery, reserve
+                )
     finally:
+        reserve.close()
         await real.aclose()
 
 
@@ -78,8 +89,9 @@ async def test_a_connection_gone_in_accept_is_skipped_at_once(
     flaky = FlakySocket(real.socket, gone)
     try:
         async with trio.open_nursery() as nursery:
+            reserve = ReserveFd()
             nursery.start_soon(
-                proxy._accept_loop, flaky, Listener(host="127.0.0.1", port=0), nursery
+                proxy._accept_loop, flaky, Listener(host="127.0.0.1", port=0), nursery, reserve
             )
             client = await trio.open_tcp_stream("127.0.0.1", real.socket.getsockname()[1])
             client_port = client.socket.getsockname()[1]
@@ -87,6 +99,7 @@ async def test_a_connection_gone_in_accept_is_skipped_at_once(
             await client.aclose()
             await wait_for(lambda: len(records) == 1)
             nursery.cancel_scope.cancel()
+        reserve.close()
     finally:
         await real.aclose()
     # At once (no backoff), and without a log line: those accepts accepted nothing.
