@@ -51,12 +51,13 @@ class Cursor:
         base: the offset of ``data[0]`` in the outermost buffer, used only in error messages.
     """
 
-    __slots__ = ("_base", "_data", "_pos")
+    __slots__ = ("_base", "_data", "_end", "_pos")
 
     def __init__(self, data: bytes | bytearray | memoryview, *, base: int = 0) -> None:
         view = memoryview(data)
         self._data = view if view.format == "B" else view.cast("B")
         self._pos = 0
+        self._end = len(self._data)
         self._base = base
 
     @property
@@ -67,31 +68,55 @@ class Cursor:
     @property
     def remaining(self) -> int:
         """Bytes left in this cursor's span."""
-        return len(self._data) - self._pos
+        return self._end - self._pos
 
     def at_end(self) -> bool:
         """True when every byte of this span has been read."""
-        return self._pos == len(self._data)
+        return self._pos == self._end
+
+    # The readers below are the parser's inner loop (a ClientHello is ~100 reads): they index
+    # the view directly instead of slicing it and converting the slice.
+
+    def _truncated(self, n: int, what: str) -> DecodeError:
+        return DecodeError(
+            f"{what} is truncated: needs {n} bytes, {self.remaining} left", self.offset
+        )
 
     def _take(self, n: int, what: str) -> memoryview:
-        if n > self.remaining:
-            raise DecodeError(
-                f"{what} is truncated: needs {n} bytes, {self.remaining} left", self.offset
-            )
-        view = self._data[self._pos : self._pos + n]
-        self._pos += n
-        return view
+        pos = self._pos
+        end = pos + n
+        if end > self._end:
+            raise self._truncated(n, what)
+        self._pos = end
+        return self._data[pos:end]
 
     def _uint(self, width: int, what: str) -> int:
-        return int.from_bytes(self._take(width, what), "big")
+        pos = self._pos
+        if pos + width > self._end:
+            raise self._truncated(width, what)
+        data = self._data
+        value = data[pos]
+        for i in range(pos + 1, pos + width):
+            value = (value << 8) | data[i]
+        self._pos = pos + width
+        return value
 
     def u8(self, what: str) -> int:
         """Read a uint8 named ``what``."""
-        return self._uint(1, what)
+        pos = self._pos
+        if pos >= self._end:
+            raise self._truncated(1, what)
+        self._pos = pos + 1
+        return self._data[pos]
 
     def u16(self, what: str) -> int:
         """Read a big-endian uint16 named ``what``."""
-        return self._uint(2, what)
+        pos = self._pos
+        if pos + 2 > self._end:
+            raise self._truncated(2, what)
+        self._pos = pos + 2
+        data = self._data
+        return (data[pos] << 8) | data[pos + 1]
 
     def u24(self, what: str) -> int:
         """Read a big-endian uint24 named ``what`` (handshake message lengths)."""
@@ -120,18 +145,30 @@ class Cursor:
         """
         if width not in _LENGTH_WIDTHS:
             raise ValueError(f"vector length prefix must be 1, 2 or 3 bytes, not {width}")
-        start = self.offset
-        length = self._uint(width, f"{what} length")
+        pos = self._pos
+        start = self._base + pos
+        if pos + width > self._end:
+            raise self._truncated(width, f"{what} length")
+        data = self._data
+        length = data[pos]
+        for i in range(pos + 1, pos + width):
+            length = (length << 8) | data[i]
+        pos += width
         upper = (1 << (8 * width)) - 1 if max_len is None else max_len
         if not min_len <= length <= upper:
             raise DecodeError(f"{what} length {length} is outside {min_len}..{upper}", start)
-        if length > self.remaining:
+        if pos + length > self._end:
             raise DecodeError(
-                f"{what} length {length} overruns its container ({self.remaining} bytes left)",
+                f"{what} length {length} overruns its container ({self._end - pos} bytes left)",
                 start,
             )
-        body_base = self.offset
-        return Cursor(self._take(length, what), base=body_base)
+        self._pos = pos + length
+        child = Cursor.__new__(Cursor)  # the slice of a "B" view is one already: no checks
+        child._data = data[pos : pos + length]
+        child._pos = 0
+        child._end = length
+        child._base = self._base + pos
+        return child
 
     def expect_end(self, what: str) -> None:
         """Raise unless every byte of ``what`` was consumed (no trailing junk is allowed)."""
