@@ -7,6 +7,8 @@ receives is redirected by the kernel to the other one's egress; Python never see
 bytes flow Python does nothing per connection: each connection's task sleeps until one shared
 task (:class:`trio_sni.forward._hangup_watch.HangupWatch`: one epoll instance for every socket
 in the sockhash, plus one periodic job for the whole forwarder) tells it that something happened.
+That per-connection part, a state machine per direction, is :mod:`._kernel_watch`; this module
+holds the hand-off, the stop ring and the sweep.
 
 * **End of a direction.** The shared epoll instance watches every socket in the sockhash for
   ``EPOLLRDHUP`` only (plus ``EPOLLERR``/``EPOLLHUP``, always reported), edge-triggered: waiting
