@@ -90,11 +90,3 @@ def borrowed(fd: int) -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.detach()
-
-
-def socket_error(sock: SocketLike) -> int:
-    """The pending error (``SO_ERROR``), consumed by this read."""
-    try:
-        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR, 4), "little")
-    except OSError as exc:
-        return exc.errno or errno.EBADF

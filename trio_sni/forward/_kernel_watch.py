@@ -27,11 +27,12 @@ from ._ends import (
     Ending,
     closed_by_reset,
     how_it_ended,
+    pending_error,
     reset_on_close,
     tcp_state,
     unacknowledged,
 )
-from ._handoff import borrowed, received, socket_error, written
+from ._handoff import borrowed, received, written
 from ._hangup_watch import HangupWatch
 from .interface import ByteCounters, Side
 
@@ -226,7 +227,7 @@ class Watcher:
         side = d.src_side
         if self.finished or side in self.resets:
             return
-        if events & select.EPOLLERR and socket_error(d.src.socket):
+        if events & select.EPOLLERR and pending_error(d.src.socket):
             self._mark_reset(side)
             return
         if not events & (select.EPOLLRDHUP | select.EPOLLHUP):

@@ -57,12 +57,23 @@ class CopyForwarder:
         self, src: trio.SocketStream, dst: trio.SocketStream, direction: Direction
     ) -> PumpEnd:
         while True:
-            try:
-                data = await src.receive_some(self._buffer_size)
-            except trio.BrokenResourceError:
-                return PumpEnd.SOURCE_RESET
-            if not data:
-                return PumpEnd.EOF
-            if not await send_counted(dst, data, direction.pair.counters, direction.destination):
-                return PumpEnd.DESTINATION_RESET
-            direction.pair.active()
+            end = await copy_chunk(src, dst, direction, self._buffer_size)
+            if end is not None:
+                return end
+
+
+async def copy_chunk(
+    src: trio.SocketStream, dst: trio.SocketStream, direction: Direction, size: int
+) -> PumpEnd | None:
+    """Move one chunk of at most ``size`` bytes with recv/send; how the direction ended, or
+    None if it goes on. The copy pump's step, and splice's when no pipe can be made."""
+    try:
+        data = await src.receive_some(size)
+    except trio.BrokenResourceError:
+        return PumpEnd.SOURCE_RESET
+    if not data:
+        return PumpEnd.EOF
+    if not await send_counted(dst, data, direction.pair.counters, direction.destination):
+        return PumpEnd.DESTINATION_RESET
+    direction.pair.active()
+    return None

@@ -36,8 +36,8 @@ import socket
 
 import trio
 
-from ._ends import send_counted
 from ._userspace import Direction, PumpEnd, pump_both_ways
+from .copy import copy_chunk
 from .interface import ByteCounters, ForwarderStatistics, Mode
 
 log = logging.getLogger("trio_sni")
@@ -265,13 +265,4 @@ class SpliceForwarder:
             self.fallbacks += 1
             if self.fallbacks == 1:
                 log.warning("cannot create pipes for splice (%s): copying such chunks", why)
-        try:
-            data = await src.receive_some(self._buffer_size)
-        except trio.BrokenResourceError:
-            return PumpEnd.SOURCE_RESET
-        if not data:
-            return PumpEnd.EOF
-        if not await send_counted(dst, data, counters, direction.destination):
-            return PumpEnd.DESTINATION_RESET
-        direction.pair.active()
-        return None
+        return await copy_chunk(src, dst, direction, self._buffer_size)
