@@ -38,7 +38,7 @@ from .errors import (
     TrioSniError,
     UpstreamError,
 )
-from .forward import ByteCounters, Forwarder
+from .forward import ByteCounters, Forwarder, HandedOff
 from .resolver import Resolver
 from .sansio import NEED_DATA, BufferedReader, EventT, http_request, proxy_protocol
 from .sansio.addresses import IPAddress, refusal_reason
@@ -154,6 +154,10 @@ class ConnectionContext:
     #: ``forwarding.mode``: what a rule without ``mode`` asks for (``forwarder`` serves it).
     default_mode: str = "auto"
     live: dict[int, ConnectionInfo] = attrs.Factory(dict)
+    #: The live connections whose task has returned: a forwarder watches their end.
+    handed_off: dict[int, HandedOff] = attrs.Factory(dict)
+    #: Unparked whenever a connection ends (the drain waits on it).
+    ended: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
 
 
 def log_refused_at_accept(
@@ -202,9 +206,28 @@ async def handle_connection(
         started_wall=time.time(),
         started=trio.current_time(),
     )
+
+    def end(reason: str) -> None:
+        """The connection's cleanup, once: in ``finally`` below, or called by the forwarder
+        that the connection was handed off to. Plain syscalls only (a socket's close needs no
+        checkpoint), so it runs the same in a cancelled scope or outside this task."""
+        info.reason = info.reason or reason
+        ctx.handed_off.pop(id(info), None)
+        if acquired:
+            ctx.limiter.release(client_ip)
+        try:
+            if upstream is not None:
+                upstream.socket.close()
+            stream.socket.close()
+        finally:
+            del ctx.live[id(info)]
+            ctx.write_access_log(info.access_record(trio.current_time()))
+            ctx.ended.unpark_all()
+
     ctx.live[id(info)] = info
     upstream: trio.SocketStream | None = None
     acquired = False
+    handed_off = False  # the forwarder ends the connection (calls ``end``) after we return
     answer_http = False  # an http listener answers refusals once it has read the request
     # One total deadline for everything a client sends before it can be routed (the PROXY
     # header, then the ClientHello or request head): trickling bytes cannot hold a slot.
@@ -271,9 +294,14 @@ async def handle_connection(
         info.requested_mode = route.rule.mode or ctx.default_mode
         forwarder = ctx.forwarders.get(info.requested_mode, ctx.forwarder)
         info.mode = forwarder.mode
-        info.reason = await forwarder.forward(
-            stream, upstream, first_bytes=first_bytes, counters=info.counters
+        outcome = await forwarder.forward(
+            stream, upstream, first_bytes=first_bytes, counters=info.counters, on_end=end
         )
+        if isinstance(outcome, str):
+            info.reason = outcome
+        else:
+            handed_off = True
+            ctx.handed_off[id(info)] = outcome
     except TrioSniError as exc:
         if info.decision == "pending" or isinstance(exc, DestinationRefused):
             info.decision = "deny"
@@ -291,18 +319,9 @@ async def handle_connection(
         info.reason = "internal_error"
         info.error = f"{type(exc).__name__}: {exc}"
     finally:
-        if info.reason is None:  # cancelled: the drain deadline passed, or a second stop signal
-            info.reason = "shutdown"
-        if acquired:
-            ctx.limiter.release(client_ip)
-        # Shielded: in an already-cancelled scope an unshielded close would raise Cancelled
-        # at its checkpoint and skip the closes after it.
-        with trio.CancelScope(shield=True):
-            if upstream is not None:
-                await trio.aclose_forcefully(upstream)
-            await trio.aclose_forcefully(stream)
-        del ctx.live[id(info)]
-        ctx.write_access_log(info.access_record(trio.current_time()))
+        if not handed_off:
+            # Cancelled without a reason: the drain deadline passed, or a second stop signal.
+            end(info.reason or "shutdown")
 
 
 def _admit_proxy_sender(listener: Listener, sender: IPAddress, ctx: ConnectionContext) -> None:

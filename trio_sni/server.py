@@ -3,9 +3,11 @@
 Theory of operation: :meth:`Proxy.serve` owns two nurseries. The outer one holds the
 connection tasks, the inner one the accept loops. :meth:`Proxy.shutdown` cancels only the
 inner one, so the proxy stops accepting while live connections go on; they then get
-``timeouts.drain`` seconds to finish before the outer nursery is cancelled. :meth:`Proxy.reload`
-swaps policy, limits, resolver settings and timeouts for new connections; live connections
-keep what they started with.
+``timeouts.drain`` seconds to finish before the outer nursery is cancelled. Connections handed
+off to the kernel forwarder have no task (``ConnectionContext.handed_off``): they get the same
+deadline, then are ended with reason ``shutdown`` on every path out of the proxy.
+:meth:`Proxy.reload` swaps policy, limits, resolver settings and timeouts for new connections;
+live connections keep what they started with.
 
 Kernel features (:mod:`trio_sni.features`: kernel forwarding, the DNS cache, the XDP guard,
 the TC shaper) are built with the proxy but load nothing until ``serve()`` starts them, once
@@ -179,6 +181,7 @@ class Proxy:
         self, *, task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         reserve: ReserveFd | None = None
+        drain_deadline = math.inf
         try:
             async with trio.open_nursery() as connections:
                 try:
@@ -209,10 +212,16 @@ class Proxy:
                         live,
                         self.config.timeouts.drain,
                     )
-                    connections.cancel_scope.deadline = (
-                        trio.current_time() + self.config.timeouts.drain
-                    )
+                    drain_deadline = trio.current_time() + self.config.timeouts.drain
+                    connections.cancel_scope.deadline = drain_deadline
+            # The connection tasks are done; the connections handed off to the kernel
+            # forwarder get the same deadline.
+            with trio.move_on_at(drain_deadline):
+                while self.context.handed_off:
+                    await self.context.ended.park()
         finally:
+            for handed_off in list(self.context.handed_off.values()):
+                handed_off.end("shutdown")  # past the deadline, or cancelled
             if self._access_log is not None:
                 self._access_log.close()
         log.info("proxy stopped")

@@ -29,6 +29,7 @@ from typing import Any
 import attrs
 import pytest
 import trustme
+from proxytest import client_hello
 
 import trio_sni
 from trio_sni.accel import probe
@@ -597,6 +598,73 @@ def test_sigterm_drains_an_idle_connection_for_timeouts_drain(
     assert record["sni"] == "bench.test"
     assert record["reason"] == "shutdown"
     assert proxy.log_lines()[-1].endswith("proxy stopped")
+
+
+@pytest.mark.bpf
+def test_sigterm_ends_1000_kernel_forwarded_connections_with_exact_counts(
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    """Connections handed to the kernel have no task (issue 14); SIGTERM still waits
+    ``timeouts.drain`` for them, then closes every one (a FIN to each side), with its exact
+    byte counts in the access log and nothing left in the proxy."""
+    count = 1000
+    hello = client_hello("bench.test")
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    with contextlib.ExitStack() as closing, socket.socket() as backend:
+        backend.bind(("127.0.0.1", 0))
+        backend.listen(count)
+        backend.settimeout(STARTUP_TIMEOUT)
+        served = serve_config(
+            lambda port: routing_config(
+                port,
+                backend.getsockname()[1],
+                timeouts={"drain": 1},
+                forwarding={"mode": "kernel"},
+                fallback_mode="none",
+                limits={"per_client_rate": 0, "per_client_connections": 0},
+            )
+        )
+        sent: dict[str, tuple[int, int]] = {}
+        for number in range(count):
+            client = closing.enter_context(socket.create_connection(("127.0.0.1", served.port)))
+            client.settimeout(STARTUP_TIMEOUT)
+            up, down = bytes([number % 251]) * (number % 97), bytes([number % 241]) * number
+            client.sendall(hello + up)
+            server = closing.enter_context(backend.accept()[0])
+            server.settimeout(STARTUP_TIMEOUT)
+            assert _receive_exactly(server, len(hello + up)) == hello + up
+            server.sendall(down)
+            assert _receive_exactly(client, len(down)) == down
+            pairs.append((client, server))
+            host, port = client.getsockname()
+            sent[f"{host}:{port}"] = (len(hello + up), len(down))
+        proxy = served.process
+        status, elapsed = stop(proxy, signal.SIGTERM)
+        assert status == 0, proxy.stderr
+        assert 0.9 <= elapsed < 6, f"exit took {elapsed:.2f} s with timeouts.drain = 1"
+        for client, server in pairs:
+            assert client.recv(1) == b""  # a FIN: everything before it was read above
+            assert server.recv(1) == b""
+    assert f"draining {count} connection(s) for up to 1 s" in proxy.stderr
+    records = proxy.access_log()
+    assert len(records) == count
+    got = {
+        r["client"]: (r["bytes_to_upstream"], r["bytes_to_client"])
+        for r in records
+        if (r["reason"], r["mode"]) == ("shutdown", "kernel")
+    }
+    assert got == sent
+    assert proxy.log_lines()[-1].endswith("proxy stopped")
+    assert "ERROR" not in proxy.stderr
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return data
 
 
 def test_second_sigint_stops_at_once(

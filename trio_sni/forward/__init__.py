@@ -10,7 +10,7 @@ loader can run, by :func:`choose_forwarder`.
 
 from .choose import ForwardingPlan, choose_forwarder
 from .copy import CopyForwarder
-from .interface import ByteCounters, Forwarder, ForwarderStatistics, Mode, Side
+from .interface import ByteCounters, Forwarder, ForwarderStatistics, HandedOff, Mode, Side
 from .splice import SpliceForwarder
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Forwarder",
     "ForwarderStatistics",
     "ForwardingPlan",
+    "HandedOff",
     "Mode",
     "Side",
     "SpliceForwarder",

@@ -9,9 +9,10 @@ connection, those spurious wake-ups cost one look per :data:`SPURIOUS_BACKOFF` i
 than per connection, and a thousand quiet connections cost nothing at all.
 
 The task also runs one periodic job for its owner (``periodic()`` returns the seconds until it
-wants to run again), so the owner needs no timer per connection either. The task is a Trio
-system task started by the first :meth:`HangupWatch.watch` of a run; it ends, and closes the
-epoll instance, once nothing is watched any more.
+wants to run again; :meth:`HangupWatch.poke` runs it at once), so the owner needs no timer or
+task per connection either. The task is a Trio system task started by the first
+:meth:`HangupWatch.watch` of a run; it ends, and closes the epoll instance, once nothing is
+watched any more.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class HangupWatch:
         self._epoll: select.epoll | None = None
         self._token: trio.lowlevel.TrioToken | None = None  # the run the task lives in
         self._waiting: trio.CancelScope | None = None  # the task's current wait
+        self._poked = False
 
     @property
     def running(self) -> bool:
@@ -77,6 +79,13 @@ class HangupWatch:
         if not self._callbacks and self._waiting is not None:
             self._waiting.cancel()  # let the task end now
 
+    def poke(self) -> None:
+        """Run the periodic job as soon as the task gets control (the owner has work due now,
+        e.g. a callback or another task changed its state)."""
+        self._poked = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
     def errors_only(self, fd: int) -> None:
         """Stop reporting ``fd``'s hang-up (it stays visible and would be reported again on
         every wake-up); errors and EPOLLHUP still are."""
@@ -102,7 +111,8 @@ class HangupWatch:
             spurious = False
             while self._callbacks:
                 now = trio.current_time()
-                if self._periodic is not None and now >= next_job:
+                if self._periodic is not None and (self._poked or now >= next_job):
+                    self._poked = False
                     next_job = now + self._run_periodic()
                 timeout = max(0.0, next_job - now) if self._periodic is not None else math.inf
                 with trio.move_on_after(

@@ -1,10 +1,13 @@
 """One spliced connection's end, as the kernel forwarder's shared watch reports it.
 
-A :class:`Watcher` per connection sleeps until the shared epoll instance (or the stop ring,
-or the sweep) says something happened to one of its sockets, and then moves each direction
-through :class:`State` (see :mod:`trio_sni.forward.kernel` for the whole story, and README
-"How a connection ends"). What every watcher of one forwarder shares is behind the small
-:class:`Owner` protocol, so a watcher does not reach into the forwarder.
+A :class:`Watcher` per connection is a record, not a task: the shared epoll instance, the stop
+ring and the sweep call it when something happened to one of its sockets, and it moves each
+direction through :class:`State` (see :mod:`trio_sni.forward.kernel` for the whole story, and
+README "How a connection ends"). Its timed checks (draining, waiting for acknowledgements) run
+in the owner's periodic job; only a direction moved to userspace gets a task, its pump. When
+both directions are done it cleans up (watches, map entries) and calls its ``on_end`` with the
+reason. What every watcher of one forwarder shares is behind the small :class:`Owner`
+protocol, so a watcher does not reach into the forwarder.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import logging
 import math
 import select
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -35,6 +40,8 @@ from ._ends import (
 from ._handoff import borrowed, received, written
 from ._hangup_watch import HangupWatch
 from .interface import ByteCounters, Side
+
+log = logging.getLogger("trio_sni")
 
 #: How often a draining direction checks whether the peer has sent everything (seconds):
 #: at least this often, at most MAX_DRAIN_POLL, adapted to the rate the queue drains at.
@@ -59,6 +66,10 @@ class Owner(Protocol):
     def join(self, watcher: Watcher) -> None: ...
 
     def leave(self, watcher: Watcher) -> None: ...
+
+    def schedule(self, watcher: Watcher, delay: float) -> None:
+        """Call ``watcher.step()`` from the periodic job in ``delay`` seconds (or sooner)."""
+        ...
 
 
 class State(enum.Enum):
@@ -110,17 +121,25 @@ class Direction:
 
 
 class Watcher:
-    """One connection of a kernel forwarder (see :mod:`trio_sni.forward.kernel`): sleeps until the
-    shared watch reports something, and does the end-of-connection work."""
+    """One connection of a kernel forwarder (see :mod:`trio_sni.forward.kernel`): called by the
+    shared watch when something happens, it does the end-of-connection work.
+
+    Args:
+        registration: holds the connection's map entries; closed when the connection ends.
+        on_end: called once, with the reason, when the connection has ended and everything
+            the watcher holds is released (the caller's cleanup: closing the sockets, ...).
+    """
 
     def __init__(
         self,
         owner: Owner,
         pair: SockhashPair,
+        registration: contextlib.ExitStack,
         dirs: tuple[Direction, Direction],
         counters: ByteCounters,
         base_to_upstream: int,
         base_to_client: int,
+        on_end: Callable[[str], None],
     ) -> None:
         self.owner = owner
         self.pair = pair
@@ -133,12 +152,15 @@ class Watcher:
         #: Sides whose socket was reset, in the order the resets were seen.
         self.resets: list[Side] = []
         self.reason: str | None = None
-        #: Set once the connection is ending: late ring records and events are ignored.
+        #: Set once the connection has ended: late ring records, events and steps are ignored.
         self.finished = False
         #: The counts are exact already (a destination died): the sweep leaves them alone.
         self.counts_final = False
-        self._waiting: trio.CancelScope | None = None
         self.last_activity = trio.current_time()
+        self._on_end = on_end
+        #: The watches, the owner's bookkeeping and the map entries, released in that order.
+        self._held = contextlib.ExitStack()
+        self._held.push(registration)
         for side in pair.stopped_at_insert:
             self._from(Side(side)).state = State.USER
 
@@ -169,58 +191,74 @@ class Watcher:
         else:
             self.counters.to_client = value
 
-    async def run(self) -> str:
+    def start(self) -> None:
+        """Start watching (no await: the caller's task may end right after). If this raises,
+        everything is released and ``on_end`` is not called."""
+        try:
+            self._start()
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self) -> None:
         live = self.owner.live
-        with contextlib.ExitStack() as watching:
-            self.owner.join(self)
-            watching.callback(self.owner.leave, self)
-            for d in self.dirs:
-                watching.enter_context(
-                    self.owner.watch.watch(d.src_fd, functools.partial(self._on_event, d))
-                )
-                if d.state is State.KERNEL:
-                    cookie = self.pair.cookie(d.src_side)
-                    live[cookie] = (self, d)
-                    watching.callback(live.pop, cookie, None)
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                for d in self.dirs:
-                    if d.state is State.USER:
-                        self._start_pump(d)
-                for side in self.pair.reset_at_kick:
-                    self._mark_reset(Side(side))
-                try:
-                    await self._loop()
-                finally:
-                    self.finished = True
-                nursery.cancel_scope.cancel()
-        assert self.reason is not None
-        return self.reason
+        held = self._held
+        self.owner.join(self)
+        held.callback(self.owner.leave, self)
+        for d in self.dirs:
+            held.enter_context(
+                self.owner.watch.watch(d.src_fd, functools.partial(self._on_event, d))
+            )
+            if d.state is State.KERNEL:
+                cookie = self.pair.cookie(d.src_side)
+                live[cookie] = (self, d)
+                held.callback(live.pop, cookie, None)
+        for d in self.dirs:
+            if d.state is State.USER:
+                self._start_pump(d)
+        for side in self.pair.reset_at_kick:
+            self._mark_reset(Side(side))
 
     def _wake(self) -> None:
-        """Make the loop look again now (a direction changed state)."""
-        if self._waiting is not None:
-            self._waiting.cancel()
+        """Look again now (a direction changed state)."""
+        self.owner.schedule(self, 0.0)
 
     def end(self, reason: str) -> None:
+        """End the connection now (idle timeout, shutdown) or with the reason already found."""
+        if self.finished:
+            return
         if self.reason is None:
             self.reason = reason
-        self.nursery.cancel_scope.cancel()
+        try:
+            self.update_counters()
+        finally:
+            self._release()
+            self._on_end(self.reason)
 
-    async def _loop(self) -> None:
-        while self.reason is None:
-            delay = math.inf
-            for d in self.dirs:
-                if d.state is State.DRAINING:
-                    delay = min(delay, self._check_drained(d))
-                if d.state is State.ACKING:
-                    delay = min(delay, self._check_acknowledged(d))
-            if all(d.state is State.DONE for d in self.dirs):
-                self.reason = f"{self.resets[0]}_reset" if self.resets else "normal"
-                return
-            with trio.move_on_after(delay) as self._waiting:
-                await trio.sleep_forever()
-            self._waiting = None
+    def _release(self) -> None:
+        """Stop the pumps, the watches, then remove the map entries (the sockets are the
+        caller's to close)."""
+        self.finished = True
+        for d in self.dirs:
+            if d.pump is not None:
+                d.pump.cancel()
+        self._held.close()
+
+    def step(self) -> None:
+        """The timed checks of draining and acknowledging directions; ends the connection when
+        both directions are done, else asks the owner to call again when one is due."""
+        if self.finished:
+            return
+        delay = math.inf
+        for d in self.dirs:
+            if d.state is State.DRAINING:
+                delay = min(delay, self._check_drained(d))
+            if d.state is State.ACKING:
+                delay = min(delay, self._check_acknowledged(d))
+        if all(d.state is State.DONE for d in self.dirs):
+            self.end(f"{self.resets[0]}_reset" if self.resets else "normal")
+        elif delay < math.inf:
+            self.owner.schedule(self, delay)
 
     def _on_event(self, d: Direction, events: int) -> None:
         """What the shared epoll instance reported for ``d``'s source socket."""
@@ -295,8 +333,11 @@ class Watcher:
         self._start_pump(d)
 
     def _start_pump(self, d: Direction) -> None:
+        """A task for ``d`` (a system task: the connection's own task may be gone)."""
         d.pump = trio.CancelScope()
-        self.nursery.start_soon(self._userspace, d)
+        trio.lowlevel.spawn_system_task(
+            self._userspace, d, name=f"trio_sni kernel-mode {d.src_side} pump"
+        )
 
     def _source_done(self, d: Direction) -> None:
         """Everything ``d``'s source sent is in the destination's send queue: pass its end on
@@ -386,11 +427,20 @@ class Watcher:
         return delay
 
     async def _userspace(self, d: Direction) -> None:
-        """Copy ``d`` in userspace from now on (in-flight bound reached, or not in the sockhash)."""
+        """Copy ``d`` in userspace from now on (in-flight bound reached, or not in the sockhash).
+
+        A system task must not raise: a bug ends this connection only.
+        """
         assert d.pump is not None
-        with d.pump:
-            if await self._copy_rest(d):
-                self._source_done(d)
+        try:
+            with d.pump:
+                if await self._copy_rest(d):
+                    self._source_done(d)
+        except Exception:
+            if self.finished:
+                return  # e.g. ClosedResourceError: the connection ended while it waited
+            log.exception("kernel forwarder: userspace direction failed")
+            self.end("internal_error")
 
     async def _copy_rest(self, d: Direction) -> bool:
         """Copy until the source ends (True: pass its end on) or the destination is reset."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import trio
 
@@ -31,11 +31,12 @@ class CopyForwarder:
         *,
         first_bytes: bytes,
         counters: ByteCounters,
+        on_end: Callable[[str], None] | None = None,
         reset: Collection[Side] = (),
     ) -> str:
-        """As :meth:`Forwarder.forward`; ``reset`` names sides whose reset another forwarder
-        has already read (the kernel forwarder hands a connection over after its hand-off
-        found one)."""
+        """As :meth:`Forwarder.forward` (never handed off); ``reset`` names sides whose reset
+        another forwarder has already read (the kernel forwarder hands a connection over after
+        its hand-off found one)."""
         return await pump_both_ways(
             self.mode,
             client,

@@ -9,7 +9,7 @@ a connection ends"), counts bytes, and returns why the connection ended: ``norma
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import attrs
@@ -68,6 +68,15 @@ class ForwarderStatistics:
     data_plane: Mapping[str, int] = attrs.field(factory=dict)
 
 
+class HandedOff(Protocol):
+    """A connection whose end a forwarder watches without the caller's task (see
+    :meth:`Forwarder.forward`'s ``on_end``)."""
+
+    def end(self, reason: str) -> None:
+        """End it now (shutdown): the forwarder's cleanup, then ``on_end(reason)``."""
+        ...
+
+
 class Forwarder(Protocol):
     """What every forwarding mode implements."""
 
@@ -80,7 +89,8 @@ class Forwarder(Protocol):
         *,
         first_bytes: bytes,
         counters: ByteCounters,
-    ) -> str:
+        on_end: Callable[[str], None] | None = None,
+    ) -> str | HandedOff:
         """Move bytes until both directions are finished; return the termination reason.
 
         Args:
@@ -89,8 +99,14 @@ class Forwarder(Protocol):
             first_bytes: what the proxy already read from the client (the ClientHello and
                 anything after it); it is sent to the target before anything else.
             counters: updated as bytes move, so observers see live numbers.
+            on_end: given, a forwarder that can watch the connection's end without a task
+                (``kernel``, once the sockets are in the sockhash) returns a
+                :class:`HandedOff` at once instead of the reason, and calls ``on_end(reason)``
+                exactly once when the connection has ended, outside the caller's task. The
+                others ignore it.
 
-        The caller closes both streams afterwards, whatever happens here.
+        The caller closes both streams once it has the reason (from the return value or from
+        ``on_end``), whatever happens here.
         """
         ...
 

@@ -4,11 +4,13 @@ Theory of operation. After the proxy has sent what it read from the client (the 
 anything after it) to the target, :meth:`KernelForwarder.forward` registers both sockets with
 the data plane (:class:`trio_sni.accel.SockhashPlane`). From then on every byte either socket
 receives is redirected by the kernel to the other one's egress; Python never sees it, and while
-bytes flow Python does nothing per connection: each connection's task sleeps until one shared
-task (:class:`trio_sni.forward._hangup_watch.HangupWatch`: one epoll instance for every socket
-in the sockhash, plus one periodic job for the whole forwarder) tells it that something happened.
-That per-connection part, a state machine per direction, is :mod:`._kernel_watch`; this module
-holds the hand-off, the stop ring and the sweep.
+bytes flow Python does nothing per connection. The connection's task returns (when the caller
+passed ``on_end``): what is left of it is one :class:`~._kernel_watch.Watcher` record, which
+one shared task (:class:`trio_sni.forward._hangup_watch.HangupWatch`: one epoll instance for
+every socket in the sockhash, plus one periodic job for the whole forwarder) calls when
+something happened to its sockets or a timed check is due. That per-connection part, a state
+machine per direction, is :mod:`._kernel_watch`; this module holds the hand-off, the stop ring,
+the timed checks and the sweep.
 
 * **End of a direction.** The shared epoll instance watches every socket in the sockhash for
   ``EPOLLRDHUP`` only (plus ``EPOLLERR``/``EPOLLHUP``, always reported), edge-triggered: waiting
@@ -46,16 +48,19 @@ holds the hand-off, the stop ring and the sweep.
   log's counts are exact: what each socket was given to send (``bytes_acked + SIOCOUTQ``)
   since forwarding began.
 
-Every map entry is removed when :meth:`forward` returns, raises or is cancelled (the
-registration is a ``with`` block of plain syscalls).
+Every map entry is removed when the connection ends: by the watcher once both directions are
+done (or at the idle timeout), by :meth:`KernelForwarder.close` for those still registered
+(reason ``shutdown``), or when :meth:`forward` raises or is cancelled before it returned.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import select
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -65,7 +70,7 @@ from ._handoff import Ended, borrowed, consumed, drain_queued, written
 from ._hangup_watch import HangupWatch
 from ._kernel_watch import Direction, Watcher
 from .copy import CopyForwarder
-from .interface import ByteCounters, ForwarderStatistics, Mode, Side
+from .interface import ByteCounters, ForwarderStatistics, HandedOff, Mode, Side
 
 log = logging.getLogger("trio_sni")
 
@@ -105,16 +110,18 @@ class KernelForwarder:
         self.fallbacks = 0
         #: Directions moved to userspace by the in-flight bound.
         self.userspace_directions = 0
-        #: Connections registered in the sockhash right now.
-        self.registered = 0
         self.watch = HangupWatch(self._periodic)
         self.watchers: set[Watcher] = set()
         self.live: dict[int, tuple[Watcher, Direction]] = {}  # src cookie -> kernel direction
+        self._due: dict[Watcher, float] = {}  # when each watcher's next check is due
         self._next_sweep = 0.0
         self.watching_stops = contextlib.ExitStack()
 
     def close(self) -> None:
-        """Detach the verdict program and close the maps (idempotent)."""
+        """End every connection still registered (reason ``shutdown``), then detach the
+        verdict program and close the maps (idempotent)."""
+        for watcher in list(self.watchers):
+            watcher.end("shutdown")
         self.plane.close()
 
     def statistics(self) -> ForwarderStatistics:
@@ -134,7 +141,13 @@ class KernelForwarder:
         *,
         first_bytes: bytes,
         counters: ByteCounters,
-    ) -> str:
+        on_end: Callable[[str], None] | None = None,
+    ) -> str | HandedOff:
+        """As :meth:`Forwarder.forward`. With ``on_end``, returns the connection's
+        :class:`~._kernel_watch.Watcher` as soon as both sockets are in the sockhash: from then
+        on the connection costs no task (a direction the in-flight bound moves to userspace
+        gets one, its pump). A connection that falls back to copy is forwarded here, in the
+        caller's task."""
         counters.mode = Mode.KERNEL
         for stream in (client, upstream):
             stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
@@ -145,8 +158,8 @@ class KernelForwarder:
         # Read whatever is queued on both sockets and send it on ourselves, before the insert
         # (docs/kernel-facts.md, facts 7 and 41): the kernel takes over whole skbs from the
         # receive queue and ignores how much of the first one userspace had read already, so a
-        # partly read skb would be sent twice (measured: the 16 KiB the ClientHello reader had taken
-        # from a 64 KiB skb arrived again).
+        # partly read skb would be sent twice (measured: the 16 KiB the ClientHello reader had
+        # taken from a 64 KiB skb arrived again).
         to_upstream, client_end = drain_queued(cfd)
         to_client, upstream_end = drain_queued(ufd)
         resets = [
@@ -184,19 +197,37 @@ class KernelForwarder:
                 written(client.socket),
             ),
         )
-        with contextlib.ExitStack() as registration, borrowed(cfd) as cs, borrowed(ufd) as us:
+        with contextlib.ExitStack() as registering, borrowed(cfd) as cs, borrowed(ufd) as us:
             try:
-                pair = registration.enter_context(self.plane.register(cs, us, bound=self._bound))
+                pair = registering.enter_context(self.plane.register(cs, us, bound=self._bound))
             except OSError as exc:
                 log.debug("sockhash registration failed (%s): copying this connection", exc)
                 return await self._fall_back(client, upstream, counters, [])
-            watcher = Watcher(self, pair, dirs, counters, base_to_upstream, base_to_client)
-            self.registered += 1
-            try:
-                return await watcher.run()
-            finally:
-                self.registered -= 1
-                watcher.update_counters()
+            registration = registering.pop_all()  # the watcher's from here on
+        if on_end is not None:
+            watcher = Watcher(
+                self, pair, registration, dirs, counters, base_to_upstream, base_to_client, on_end
+            )
+            watcher.start()
+            return watcher
+        ended = trio.Event()
+        watcher = Watcher(
+            self,
+            pair,
+            registration,
+            dirs,
+            counters,
+            base_to_upstream,
+            base_to_client,
+            lambda _reason: ended.set(),
+        )
+        watcher.start()
+        try:
+            await ended.wait()
+        finally:
+            watcher.end("shutdown")  # cancelled: release what it holds (the caller's reason)
+        assert watcher.reason is not None
+        return watcher.reason
 
     async def _fall_back(
         self,
@@ -211,6 +242,11 @@ class KernelForwarder:
             client, upstream, first_bytes=b"", counters=counters, reset=resets
         )
 
+    @property
+    def registered(self) -> int:
+        """Connections registered in the sockhash right now."""
+        return len(self.watchers)
+
     def join(self, watcher: Watcher) -> None:
         if not self.watchers:
             self.watching_stops.enter_context(
@@ -221,8 +257,15 @@ class KernelForwarder:
 
     def leave(self, watcher: Watcher) -> None:
         self.watchers.discard(watcher)
+        self._due.pop(watcher, None)
         if not self.watchers:
             self.watching_stops.close()
+
+    def schedule(self, watcher: Watcher, delay: float) -> None:
+        when = trio.current_time() + delay
+        if when < self._due.get(watcher, math.inf):
+            self._due[watcher] = when
+            self.watch.poke()
 
     def _on_stops(self, _events: int) -> None:
         """The program stopped some sockets: copy their directions from now on."""
@@ -235,12 +278,25 @@ class KernelForwarder:
         return min(MAX_SWEEP, self._idle_timeout / 20)
 
     def _periodic(self) -> float:
-        """The sweep: who was active (idle timeout), live byte counts, stops the ring missed.
+        """The watchers' checks that are due, then the sweep when it is due.
+
+        Returns when to run again: at the earliest check a watcher asked for, or the next
+        sweep, whichever comes first.
+        """
+        now = trio.current_time()
+        while due := [w for w, when in self._due.items() if when <= now]:
+            for watcher in due:
+                del self._due[watcher]
+                watcher.step()  # may schedule itself again, even for now
+        after_sweep = self._sweep(now)
+        return min(after_sweep, min(self._due.values(), default=math.inf) - now)
+
+    def _sweep(self, now: float) -> float:
+        """Who was active (idle timeout), live byte counts, stops the ring missed.
 
         Returns when to sweep again: every :meth:`_sweep_interval`, or at the earliest idle
         deadline if that comes first.
         """
-        now = trio.current_time()
         if self.plane.closed or not self.watchers or now < self._next_sweep:
             return max(0.0, self._next_sweep - now) or self._sweep_interval()
         progress = self.plane.all_progress()

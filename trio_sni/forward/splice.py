@@ -33,6 +33,7 @@ import fcntl
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -174,7 +175,10 @@ class SpliceForwarder:
         *,
         first_bytes: bytes,
         counters: ByteCounters,
+        on_end: Callable[[str], None] | None = None,
     ) -> str:
+        """As :meth:`Forwarder.forward` (a pump per direction: never handed off)."""
+
         async def pump(
             src: trio.SocketStream, dst: trio.SocketStream, direction: Direction
         ) -> PumpEnd:
