@@ -19,8 +19,9 @@ only the bookkeeping:
   stopped socket's cookie in the ``stops`` ring buffer (:attr:`SockhashPlane.stops`, whose fd
   is epoll-readable while records wait); :meth:`SockhashPlane.all_progress` reads every
   socket's progress in one batch.
-* Removal on every exit path: the ``with`` block deletes every entry it made, with plain
-  syscalls (no checkpoint), so cancellation cannot skip it.
+* Removal on every exit path: :meth:`SockhashPair.release` (or the end of a ``with`` block on
+  the pair) deletes every entry, with plain syscalls (no checkpoint), so cancellation cannot
+  skip it.
 
 Map and program fds are owned by one :class:`SockhashPlane`, loaded once at startup and
 closed with :meth:`SockhashPlane.close`.
@@ -31,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from collections.abc import Iterator
 from types import TracebackType
 
 import attrs
@@ -79,6 +79,29 @@ class SockhashPair:
         if raw is None:
             return 0, True
         return _progress(raw)
+
+    def release(self) -> None:
+        """Take both sockets out of the data plane: delete every entry :meth:`SockhashPlane.
+        register` made (plain syscalls, no checkpoint: cancellation cannot skip it)."""
+        plane = self.plane
+        if plane.closed:
+            return
+        entries = [
+            (plane.sock_hash, self.cookie(side))
+            for side in ("client", "upstream")
+            if side not in self.stopped_at_insert
+        ]
+        for m in (plane.targets, plane.peer_map, plane.progress_map):
+            entries += [(m, self.client_cookie), (m, self.upstream_cookie)]
+        plane._delete(entries)
+
+    def __enter__(self) -> SockhashPair:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
 
     def _set_peer(self, side: str) -> None:
         peer = self.upstream_cookie if side == "client" else self.client_cookie
@@ -186,12 +209,12 @@ class SockhashPlane:
             )
         }
 
-    @contextlib.contextmanager
     def register(
         self, client: socket.socket, upstream: socket.socket, *, bound: int
-    ) -> Iterator[SockhashPair]:
-        """Put ``client`` and ``upstream`` in the sockhash for the ``with`` block: the kernel
-        redirects what either receives to the other until the block ends.
+    ) -> SockhashPair:
+        """Put ``client`` and ``upstream`` in the sockhash until the returned pair's
+        :meth:`SockhashPair.release` (or the end of a ``with`` block on it): the kernel
+        redirects what either receives to the other until then.
 
         Send whatever the proxy already read from the client to ``upstream`` *before* this
         (docs/kernel-facts.md, fact 7). ``bound`` is the in-flight bound per direction: the
@@ -234,12 +257,16 @@ class SockhashPlane:
                 for side, sock in (("client", client), ("upstream", upstream))
                 if side not in stopped and _kick(sock)
             )
-            yield pair
-        finally:
-            # sock_hash first (no more verdicts), then the rest; all plain syscalls.
-            for m, cookie in sorted(made, key=lambda mc: mc[0] is not self.sock_hash):
-                with contextlib.suppress(OSError, ValueError):
-                    m.delete(cookie)
+            return pair
+        except BaseException:
+            self._delete(made)
+            raise
+
+    def _delete(self, entries: list[tuple[loader.Map, int]]) -> None:
+        """Delete map entries, ``sock_hash`` first (no more verdicts); plain syscalls."""
+        for m, cookie in sorted(entries, key=lambda mc: mc[0] is not self.sock_hash):
+            with contextlib.suppress(OSError, ValueError):
+                m.delete(cookie)
 
 
 def _kick(sock: socket.socket) -> bool:

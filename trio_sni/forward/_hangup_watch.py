@@ -58,19 +58,24 @@ class HangupWatch:
     def watch(
         self, fd: int, callback: Callable[[int], None], events: int = HANGUP
     ) -> Iterator[None]:
-        """Watch ``fd`` for the ``with`` block: edge-triggered hang-up and errors, or other
-        ``events`` (e.g. level-triggered ``EPOLLIN`` on a BPF ring buffer)."""
-        epoll = self._start()
-        epoll.register(fd, events)
-        self._callbacks[fd] = callback
+        """Watch ``fd`` for the ``with`` block (see :meth:`add`)."""
+        self.add(fd, callback, events)
         try:
             yield
         finally:
             self.forget(fd)
 
+    def add(self, fd: int, callback: Callable[[int], None], events: int = HANGUP) -> None:
+        """Watch ``fd`` until :meth:`forget`: edge-triggered hang-up and errors, or other
+        ``events`` (e.g. level-triggered ``EPOLLIN`` on a BPF ring buffer)."""
+        epoll = self._start()
+        epoll.register(fd, events)
+        self._callbacks[fd] = callback
+
     def forget(self, fd: int) -> None:
-        """Stop watching ``fd`` before its ``with`` block ends (e.g. a socket that was reset:
-        it would report EPOLLHUP again on every wake-up, and there is nothing more to learn)."""
+        """Stop watching ``fd`` (no-op if not watched), also before its ``with`` block ends
+        (e.g. a socket that was reset: it would report EPOLLHUP again on every wake-up, and
+        there is nothing more to learn)."""
         if self._callbacks.pop(fd, None) is None:
             return
         if self._epoll is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import functools
 import logging
 import math
 import select
@@ -53,13 +52,16 @@ MAX_DRAIN_POLL = 0.05
 _HELD_BACK_POLLS = (10, 250)
 
 
+_NO_SIDES: frozenset[Side] = frozenset()
+
+
 class Owner(Protocol):
     """What a :class:`Watcher` needs from the forwarder whose connection it watches."""
 
     watch: HangupWatch
     #: The kernel-forwarded directions by their source socket's cookie (for the stop ring and
     #: the sweep).
-    live: dict[int, tuple[Watcher, Direction]]
+    live: dict[int, Direction]
     buffer_size: int
     userspace_directions: int
 
@@ -99,18 +101,29 @@ class Direction:
     dst_fd: int
     consumed0: int  # src bytes read by the proxy before registration (+ SYN)
     written0: int  # dst's written() at registration
+    #: dst's written() minus the bytes counted for this direction before forwarding began.
+    base: int
+    #: The bytes counted for this direction before registration (the live counts' start).
+    counted0: int
     state: State = State.KERNEL
     fin_received: bool = False
     drain_seen: int = 0  # sent_since() at the last drain check
     redirected: int = 0  # by the kernel, as of the last look
     copied: int = 0  # by the userspace pump
     pump: trio.CancelScope | None = None  # the userspace pump, in state USER
+    #: The connection's watcher (set by it).
+    watcher: Watcher = attrs.field(init=False)
     unacked: int = -1  # dst's unacknowledged bytes at the last look, in state ACKING
     ack_poll: float = ACK_POLL[0]
 
     @property
     def dst_side(self) -> Side:
         return self.src_side.other
+
+    def __call__(self, events: int) -> None:
+        """What the shared epoll instance reported for the source socket (the direction is
+        its own callback: no bound method or partial per socket)."""
+        self.watcher.on_event(self, events)
 
     def sent_since(self) -> int:
         return written(self.dst.socket) - self.written0
@@ -125,32 +138,45 @@ class Watcher:
     shared watch when something happens, it does the end-of-connection work.
 
     Args:
-        registration: holds the connection's map entries; closed when the connection ends.
+        pair: the connection's map entries, released when it ends.
         on_end: called once, with the reason, when the connection has ended and everything
             the watcher holds is released (the caller's cleanup: closing the sockets, ...).
     """
+
+    # One per handed-off connection: no instance dict.
+    __slots__ = (
+        "_on_end",
+        "counters",
+        "counts_final",
+        "dirs",
+        "fin_sent",
+        "finished",
+        "last_activity",
+        "owner",
+        "pair",
+        "reason",
+        "resets",
+    )
 
     def __init__(
         self,
         owner: Owner,
         pair: SockhashPair,
-        registration: contextlib.ExitStack,
         dirs: tuple[Direction, Direction],
         counters: ByteCounters,
-        base_to_upstream: int,
-        base_to_client: int,
         on_end: Callable[[str], None],
     ) -> None:
         self.owner = owner
         self.pair = pair
         self.dirs = dirs
+        for d in dirs:
+            d.watcher = self
         self.counters = counters
-        self.base = {Side.CLIENT: base_to_upstream, Side.UPSTREAM: base_to_client}
-        self.counted0 = {Side.CLIENT: counters.to_upstream, Side.UPSTREAM: counters.to_client}
-        #: Sides the proxy has sent a FIN to.
-        self.fin_sent: set[Side] = set()
+        #: Sides the proxy has sent a FIN to (immutable: the empty one is shared, so a quiet
+        #: connection carries no set of its own).
+        self.fin_sent = _NO_SIDES
         #: Sides whose socket was reset, in the order the resets were seen.
-        self.resets: list[Side] = []
+        self.resets: tuple[Side, ...] = ()
         self.reason: str | None = None
         #: Set once the connection has ended: late ring records, events and steps are ignored.
         self.finished = False
@@ -158,9 +184,6 @@ class Watcher:
         self.counts_final = False
         self.last_activity = trio.current_time()
         self._on_end = on_end
-        #: The watches, the owner's bookkeeping and the map entries, released in that order.
-        self._held = contextlib.ExitStack()
-        self._held.push(registration)
         for side in pair.stopped_at_insert:
             self._from(Side(side)).state = State.USER
 
@@ -172,7 +195,7 @@ class Watcher:
         """The exact byte counts: what each destination was given to send."""
         for d in self.dirs:
             try:
-                sent = written(d.dst.socket) - self.base[d.src_side]
+                sent = written(d.dst.socket) - d.base
             except OSError:
                 continue
             sent -= 1 if d.dst_side in self.fin_sent else 0
@@ -183,7 +206,7 @@ class Watcher:
         if self.counts_final:
             return
         for d in self.dirs:
-            self._set_count(d, self.counted0[d.src_side] + d.redirected + d.copied)
+            self._set_count(d, d.counted0 + d.redirected + d.copied)
 
     def _set_count(self, d: Direction, value: int) -> None:
         if d.src_side is Side.CLIENT:
@@ -201,18 +224,12 @@ class Watcher:
             raise
 
     def _start(self) -> None:
-        live = self.owner.live
-        held = self._held
-        self.owner.join(self)
-        held.callback(self.owner.leave, self)
+        owner = self.owner
+        owner.join(self)
         for d in self.dirs:
-            held.enter_context(
-                self.owner.watch.watch(d.src_fd, functools.partial(self._on_event, d))
-            )
+            owner.watch.add(d.src_fd, d)
             if d.state is State.KERNEL:
-                cookie = self.pair.cookie(d.src_side)
-                live[cookie] = (self, d)
-                held.callback(live.pop, cookie, None)
+                owner.live[self.pair.cookie(d.src_side)] = d
         for d in self.dirs:
             if d.state is State.USER:
                 self._start_pump(d)
@@ -236,13 +253,17 @@ class Watcher:
             self._on_end(self.reason)
 
     def _release(self) -> None:
-        """Stop the pumps, the watches, then remove the map entries (the sockets are the
-        caller's to close)."""
+        """Stop the pumps, the watches, the owner's bookkeeping, then remove the map entries
+        (the sockets are the caller's to close)."""
         self.finished = True
+        owner = self.owner
         for d in self.dirs:
             if d.pump is not None:
                 d.pump.cancel()
-        self._held.close()
+            owner.watch.forget(d.src_fd)
+            owner.live.pop(self.pair.cookie(d.src_side), None)
+        owner.leave(self)
+        self.pair.release()
 
     def step(self) -> None:
         """The timed checks of draining and acknowledging directions; ends the connection when
@@ -260,7 +281,7 @@ class Watcher:
         elif delay < math.inf:
             self.owner.schedule(self, delay)
 
-    def _on_event(self, d: Direction, events: int) -> None:
+    def on_event(self, d: Direction, events: int) -> None:
         """What the shared epoll instance reported for ``d``'s source socket."""
         side = d.src_side
         if self.finished or side in self.resets:
@@ -300,7 +321,7 @@ class Watcher:
         other side."""
         if side in self.resets or self.finished:
             return
-        self.resets.append(side)
+        self.resets = (*self.resets, side)
         self.owner.watch.forget(self._from(side).src_fd)  # nothing more to learn from it
         into = self._from(side.other)
         self._set_done(into)
@@ -347,7 +368,7 @@ class Watcher:
         if not reset or self._fin_came_first(d):
             with contextlib.suppress(OSError):
                 d.dst.socket.shutdown(socket.SHUT_WR)
-                self.fin_sent.add(d.dst_side)
+                self.fin_sent |= {d.dst_side}
         if reset and d.dst_side not in self.resets:
             d.state = State.ACKING
         else:

@@ -112,7 +112,7 @@ class KernelForwarder:
         self.userspace_directions = 0
         self.watch = HangupWatch(self._periodic)
         self.watchers: set[Watcher] = set()
-        self.live: dict[int, tuple[Watcher, Direction]] = {}  # src cookie -> kernel direction
+        self.live: dict[int, Direction] = {}  # src cookie -> kernel direction
         self._due: dict[Watcher, float] = {}  # when each watcher's next check is due
         self._next_sweep = 0.0
         self.watching_stops = contextlib.ExitStack()
@@ -186,6 +186,8 @@ class KernelForwarder:
                 ufd,
                 consumed(client.socket),
                 written(upstream.socket),
+                base_to_upstream,
+                counters.to_upstream,
             ),
             Direction(
                 Side.UPSTREAM,
@@ -195,32 +197,24 @@ class KernelForwarder:
                 cfd,
                 consumed(upstream.socket),
                 written(client.socket),
+                base_to_client,
+                counters.to_client,
             ),
         )
-        with contextlib.ExitStack() as registering, borrowed(cfd) as cs, borrowed(ufd) as us:
+        with borrowed(cfd) as cs, borrowed(ufd) as us:
             try:
-                pair = registering.enter_context(self.plane.register(cs, us, bound=self._bound))
+                pair = self.plane.register(cs, us, bound=self._bound)
             except OSError as exc:
                 log.debug("sockhash registration failed (%s): copying this connection", exc)
-                return await self._fall_back(client, upstream, counters, [])
-            registration = registering.pop_all()  # the watcher's from here on
+                pair = None
+        if pair is None:
+            return await self._fall_back(client, upstream, counters, [])
         if on_end is not None:
-            watcher = Watcher(
-                self, pair, registration, dirs, counters, base_to_upstream, base_to_client, on_end
-            )
+            watcher = Watcher(self, pair, dirs, counters, on_end)
             watcher.start()
             return watcher
         ended = trio.Event()
-        watcher = Watcher(
-            self,
-            pair,
-            registration,
-            dirs,
-            counters,
-            base_to_upstream,
-            base_to_client,
-            lambda _reason: ended.set(),
-        )
+        watcher = Watcher(self, pair, dirs, counters, lambda _reason: ended.set())
         watcher.start()
         try:
             await ended.wait()
@@ -270,9 +264,9 @@ class KernelForwarder:
     def _on_stops(self, _events: int) -> None:
         """The program stopped some sockets: copy their directions from now on."""
         for cookie in self.plane.stopped_cookies():
-            watcher, d = self.live.get(cookie, (None, None))
-            if watcher is not None and d is not None:
-                watcher.on_stop(d)
+            d = self.live.get(cookie)
+            if d is not None:
+                d.watcher.on_stop(d)
 
     def _sweep_interval(self) -> float:
         return min(MAX_SWEEP, self._idle_timeout / 20)
@@ -300,13 +294,13 @@ class KernelForwarder:
         if self.plane.closed or not self.watchers or now < self._next_sweep:
             return max(0.0, self._next_sweep - now) or self._sweep_interval()
         progress = self.plane.all_progress()
-        for cookie, (watcher, d) in list(self.live.items()):
+        for cookie, d in list(self.live.items()):
             redirected, stopped = progress.get(cookie, (d.redirected, False))
             if redirected != d.redirected:
                 d.redirected = redirected
-                watcher.last_activity = now
+                d.watcher.last_activity = now
             if stopped:
-                watcher.on_stop(d)  # its ring record was lost (ring full)
+                d.watcher.on_stop(d)  # its ring record was lost (ring full)
         self._next_sweep = now + self._sweep_interval()
         for watcher in list(self.watchers):
             deadline = watcher.last_activity + self._idle_timeout
