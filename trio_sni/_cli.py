@@ -6,17 +6,26 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import trio
 
 from ._version import __version__
+from .connection import format_endpoint
 from .defaults import default_config_text
 from .errors import AccelerationUnavailable, ConfigError, StatusUnavailable
+from .handover import (
+    HandoverFailed,
+    InheritedSocketError,
+    Notifier,
+    hand_over,
+    take_inherited_sockets,
+)
 from .sansio.config import Config
 from .sansio.config_load import dump_config, load_config_text
 from .server import Proxy
@@ -34,7 +43,12 @@ signals: SIGTERM/SIGINT stop accepting and drain live connections (timeouts.drai
 SIGINT stops at once. SIGHUP re-reads --config and applies policy, limits, resolver settings
 and timeouts to new connections, and the XDP lists and TC rates in place (listeners,
 forwarding mode and which kernel features run need a restart); a bad new config is reported
-and the old one stays.
+and the old one stays. SIGUSR2 restarts without refusing anyone: the proxy starts a new one
+(same command line) on its listening sockets, and once that one is ready it stops accepting
+and drains; a new one that fails is reported and the old one keeps serving.
+
+systemd: listening sockets passed with LISTEN_FDS (socket activation) are served on instead
+of binding; with NOTIFY_SOCKET set the proxy reports READY, RELOADING and STOPPING.
 
 examples:
   python -m trio_sni --print-default-config > trio-sni.json
@@ -157,7 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     # except*: trio's nurseries wrap a bind error (EADDRINUSE) in exception groups, which a
     # plain ``except OSError`` would miss (a traceback instead of one clear line).
     try:
-        trio.run(run, config, args.config)
+        inherited = take_inherited_sockets()
+    except InheritedSocketError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(1)
+    try:
+        trio.run(run, config, args.config, inherited)
     except* AccelerationUnavailable as group:
         for error in _leaves(group):
             log.error("%s", error)
@@ -176,15 +195,21 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return leaves
 
 
-async def run(config: Config, config_path: str | None) -> None:
+async def run(
+    config: Config, config_path: str | None, inherited: Sequence[socket.socket] = ()
+) -> None:
     """Serve ``config`` and handle signals until the proxy has drained."""
-    proxy = Proxy(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    proxy = Proxy(config, inherited=inherited)
+    notifier = Notifier()
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+    with trio.open_signal_receiver(*signals) as received:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
             for listener in listeners:
-                log.info("listening on %s", _sockname(listener))
-            nursery.start_soon(_handle_signals, signals, proxy, config_path, nursery)
+                log.info("listening on %s", format_endpoint(listener.socket.getsockname()))
+            notifier.ready(f"serving on {len(listeners)} listening socket(s)")
+            handler = _SignalHandler(proxy, config_path, notifier, nursery)
+            nursery.start_soon(handler.run, received)
 
 
 async def _serve_then_stop(
@@ -198,23 +223,59 @@ async def _serve_then_stop(
     everything.cancel()
 
 
-async def _handle_signals(
-    signals: object,
-    proxy: Proxy,
-    config_path: str | None,
-    nursery: trio.Nursery,
-) -> None:
-    stopping = False
-    async for signum in signals:  # type: ignore[attr-defined]
-        if signum == signal.SIGHUP:
-            _reload(proxy, config_path)
-        elif not stopping:
-            stopping = True
-            log.info("%s: stopping; send SIGINT again to stop at once", signal.Signals(signum).name)
-            proxy.shutdown()
-        else:
-            log.info("second stop signal: closing all connections now")
-            nursery.cancel_scope.cancel()
+class _SignalHandler:
+    """What each signal does (see EPILOG)."""
+
+    def __init__(
+        self, proxy: Proxy, config_path: str | None, notifier: Notifier, nursery: trio.Nursery
+    ) -> None:
+        self.proxy = proxy
+        self.config_path = config_path
+        self.notifier = notifier
+        self.nursery = nursery
+        self.stopping = False
+        self.handing_over = False
+
+    async def run(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                self.notifier.reloading()
+                _reload(self.proxy, self.config_path)
+                self.notifier.ready("serving")
+            elif signum == signal.SIGUSR2:
+                if self.stopping or self.handing_over:
+                    log.warning("SIGUSR2: already stopping or handing over; ignored")
+                else:
+                    self.handing_over = True
+                    self.nursery.start_soon(self._hand_over)
+            elif not self.stopping:
+                log.info(
+                    "%s: stopping; send SIGINT again to stop at once", signal.Signals(signum).name
+                )
+                self._stop()
+            else:
+                log.info("second stop signal: closing all connections now")
+                self.nursery.cancel_scope.cancel()
+
+    def _stop(self) -> None:
+        self.stopping = True
+        self.notifier.stopping()
+        self.proxy.shutdown()
+
+    async def _hand_over(self) -> None:
+        log.info("SIGUSR2: starting a new proxy on the listening sockets")
+        argv = [sys.executable, *sys.orig_argv[1:]]
+        try:
+            pid = await hand_over(self.proxy.listeners, argv)
+        except (HandoverFailed, OSError) as exc:
+            log.error("SIGUSR2: %s; this proxy keeps serving", exc)
+            self.handing_over = False
+            return
+        if self.stopping:
+            return
+        log.info("SIGUSR2: the new proxy (pid %d) serves; stopping accepting and draining", pid)
+        self.notifier.new_main_process(pid)
+        self._stop()
 
 
 def _reload(proxy: Proxy, config_path: str | None) -> None:
@@ -227,11 +288,6 @@ def _reload(proxy: Proxy, config_path: str | None) -> None:
         log.error("SIGHUP: %s: %s\nkeeping the current config", config_path, exc)
         return
     proxy.reload(config)
-
-
-def _sockname(listener: trio.SocketListener) -> str:
-    host, port = listener.socket.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ------------------------------------------------------------------------------------------

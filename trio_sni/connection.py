@@ -99,16 +99,16 @@ class ConnectionInfo:
         """The JSON access-log record (one line per connection)."""
         return {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_wall)),
-            "client": _format_endpoint(self.client),
+            "client": format_endpoint(self.client),
             "listener": self.listener,
             "sni": self.sni,
             "alpn": list(self.alpn),
             "hello_size": self.hello_size,
             "decision": self.decision,
             "rule": self.rule,
-            "target": _format_endpoint(self.target) if self.target else None,
+            "target": format_endpoint(self.target) if self.target else None,
             "via": self.via,
-            "peer": _format_endpoint(self.peer) if self.peer else None,
+            "peer": format_endpoint(self.peer) if self.peer else None,
             "bytes_to_upstream": self.counters.to_upstream,
             "bytes_to_client": self.counters.to_client,
             "duration": round(now - self.started, 6),
@@ -119,8 +119,9 @@ class ConnectionInfo:
         }
 
 
-def _format_endpoint(endpoint: tuple[str, int]) -> str:
-    host, port = endpoint
+def format_endpoint(endpoint: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """``host:port``, or ``[host]:port`` for IPv6 (a socket address as logs show it)."""
+    host, port = endpoint[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -308,13 +309,13 @@ async def handle_connection(
         info.reason = exc.reason
         info.error = str(exc)
         if isinstance(exc, ProxyHeaderError):
-            log.warning("%s: refused %s: %s", listener.label, _format_endpoint(info.client), exc)
+            log.warning("%s: refused %s: %s", listener.label, format_endpoint(info.client), exc)
         if answer_http:
             await _send_http_error(stream, _http_status(exc))
         elif isinstance(exc, NameRefused) and listener.protocol == "tls":
             await _send_alert(stream, Alert.UNRECOGNIZED_NAME)
     except Exception as exc:  # a bug: log it, keep serving everyone else
-        log.exception("internal error while serving %s", _format_endpoint(info.client))
+        log.exception("internal error while serving %s", format_endpoint(info.client))
         info.decision = "error"
         info.reason = "internal_error"
         info.error = f"{type(exc).__name__}: {exc}"

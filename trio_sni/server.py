@@ -28,12 +28,17 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TextIO
 
 import trio
 
-from .connection import ConnectionContext, handle_connection, log_refused_at_accept
+from .connection import (
+    ConnectionContext,
+    format_endpoint,
+    handle_connection,
+    log_refused_at_accept,
+)
 from .features import (
     AccelerationStatus,
     BoundListeners,
@@ -115,8 +120,13 @@ class Proxy:
         config: Config,
         *,
         access_log: Callable[[dict[str, object]], None] | None = None,
+        inherited: Sequence[socket.socket] = (),
     ) -> None:
+        """``inherited``: listening sockets this process was started with
+        (:func:`trio_sni.handover.take_inherited_sockets`); a listener whose address one of
+        them has serves on it instead of binding, the others are closed at start."""
         self.config = config
+        self._inherited = list(inherited)
         _warn_about_open_proxy_protocol(config)
         self._access_log = AccessLog(config.log.access_log) if access_log is None else None
         self.context = ConnectionContext(
@@ -189,7 +199,9 @@ class Proxy:
                         self._accepting = accepting.cancel_scope
                         if self._shutdown_requested.is_set():
                             accepting.cancel_scope.cancel()
-                        pairs = await _open_listeners(self.config.effective_listeners)
+                        pairs = await _open_listeners(
+                            self.config.effective_listeners, self._inherited
+                        )
                         self.listeners = [listener for listener, _ in pairs]
                         self.context.own_addresses = _own_addresses(self.listeners)
                         self._start_features(pairs)
@@ -398,12 +410,20 @@ def _warn_about_open_proxy_protocol(config: Config) -> None:
 
 
 async def _open_listeners(
-    specs: tuple[Listener, ...],
+    specs: tuple[Listener, ...], inherited: list[socket.socket]
 ) -> list[tuple[trio.SocketListener, Listener]]:
-    """Bind every listener or none (a partial bind would serve a config nobody wrote)."""
+    """Bind every listener or none (a partial bind would serve a config nobody wrote).
+
+    A listener whose addresses are among the ``inherited`` sockets' serves on those instead
+    (taken from the list); whatever is left in the list is closed.
+    """
     opened: list[tuple[trio.SocketListener, Listener]] = []
     try:
         for spec in specs:
+            adopted = await _adopt_inherited(spec, inherited)
+            if adopted:
+                opened.extend((listener, spec) for listener in adopted)
+                continue
             try:
                 listeners = await trio.open_tcp_listeners(spec.port, host=spec.host)
             except OSError as exc:
@@ -415,7 +435,41 @@ async def _open_listeners(
             for listener, _ in opened:
                 await trio.aclose_forcefully(listener)
         raise
+    finally:
+        for sock in inherited:
+            log.warning(
+                "inherited listening socket %s matches no listener of the config: closed",
+                format_endpoint(sock.getsockname()),
+            )
+            sock.close()
+        inherited.clear()
     return opened
+
+
+async def _adopt_inherited(
+    spec: Listener, inherited: list[socket.socket]
+) -> list[trio.SocketListener]:
+    """The inherited sockets bound where ``spec`` would bind (every address its host resolves
+    to, as trio.open_tcp_listeners binds them; any port for ``port: 0``), taken from the list."""
+    if not inherited:
+        return []
+    infos = await trio.socket.getaddrinfo(
+        spec.host, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    wanted = {(ipaddress.ip_address(info[4][0]), spec.port) for info in infos}
+    adopted = []
+    for sock in list(inherited):
+        address, port = sock.getsockname()[:2]
+        # port 0 in the config: whatever port the inherited socket has
+        if (ipaddress.ip_address(address), port if spec.port else 0) in wanted:
+            inherited.remove(sock)
+            log.info(
+                "%s: serving on the inherited socket %s",
+                spec.label,
+                format_endpoint((address, port)),
+            )
+            adopted.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+    return adopted
 
 
 def _own_addresses(

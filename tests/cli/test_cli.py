@@ -757,3 +757,178 @@ def test_embedded_default_config_serves_on_8443(
     assert "SIGINT: stopping" in proxy.stderr
     assert proxy.log_lines()[-1].endswith("proxy stopped")
     assert "Traceback" not in proxy.stderr
+
+
+# ==========================================================================================
+# Restarts that refuse no one: SIGUSR2 handover, systemd socket activation and sd_notify
+
+
+@attrs.define(eq=False)
+class ClientLoop:
+    """One TLS request through the proxy after another, in a thread, counting outcomes."""
+
+    port: int
+    context: ssl.SSLContext
+    ok: int = 0
+    failures: list[str] = attrs.Factory(list)
+    _stop: threading.Event = attrs.Factory(threading.Event)
+    _thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                response = https_get_once(self.port, self.context)
+            except (OSError, AssertionError) as exc:
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+            else:
+                if response.startswith(b"HTTP/1.1 200 OK\r\n"):
+                    self.ok += 1
+                else:
+                    self.failures.append(repr(response[:60]))
+
+    def __enter__(self) -> ClientLoop:
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(EXIT_TIMEOUT)
+
+
+def _stop_pid(pid: int) -> None:
+    """SIGTERM a proxy that is not our child (a successor), and wait until it has exited."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        return state in ("Z", "X")
+
+    wait_until(gone, timeout=EXIT_TIMEOUT, what=f"pid {pid} to exit")
+
+
+def test_sigusr2_hands_the_listeners_to_a_new_proxy_refusing_no_one(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    served = serve_config(
+        lambda port: routing_config(port, tls_backend.port, timeouts={"drain": 1})
+    )
+    old = served.process
+    successor = None
+    try:
+        with ClientLoop(served.port, client_context) as loop:
+            wait_until(lambda: loop.ok >= 20, timeout=STARTUP_TIMEOUT, what="requests")
+            old.signal(signal.SIGUSR2)
+            old.wait_for_log("SIGUSR2: the new proxy (pid ")
+            successor = int(old.stderr.split("SIGUSR2: the new proxy (pid ")[1].split(")")[0])
+            assert old.wait() == 0, old.stderr
+            before = loop.ok
+            # The old proxy is gone: every request now goes to the successor.
+            wait_until(lambda: loop.ok >= before + 20, timeout=STARTUP_TIMEOUT, what="requests")
+        assert loop.failures == [], loop.failures[:5]
+        assert f"serving on the inherited socket 127.0.0.1:{served.port}" in old.stderr
+        assert "ERROR" not in old.stderr
+    finally:
+        if successor is not None:
+            _stop_pid(successor)
+
+
+def test_a_successor_that_fails_leaves_the_old_proxy_serving(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    served = serve_config(lambda port: routing_config(port, tls_backend.port))
+    proxy = served.process
+    served.write_config("{not json")  # the successor reads this and refuses to start
+    proxy.signal(signal.SIGUSR2)
+    proxy.wait_for_log("this proxy keeps serving")
+    assert "exited with status 1 before it was ready" in proxy.stderr
+    assert https_get_once(served.port, client_context).startswith(b"HTTP/1.1 200 OK\r\n")
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
+
+
+def as_fd_3(fd: int, *args: str) -> list[str]:
+    """A command line that runs ``python -m trio_sni ARGS`` with ``fd`` moved to fd 3, where
+    systemd passes the first socket."""
+    move = (
+        f"import os, sys; os.dup2({fd}, 3); os.close({fd}); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    return [sys.executable, "-c", move, "-m", "trio_sni", *args]
+
+
+def test_systemd_socket_activation_and_notifications(
+    tmp_path: Path, tls_backend: Backend, client_context: ssl.SSLContext
+) -> None:
+    """As systemd runs it: the listening socket comes as fd 3 (LISTEN_FDS=1) and state changes
+    go to NOTIFY_SOCKET."""
+    notify_path = str(tmp_path / "notify")
+    with (
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify,
+        socket.create_server(("127.0.0.1", 0)) as listening,
+    ):
+        notify.bind(notify_path)
+        notify.settimeout(STARTUP_TIMEOUT)
+        port = listening.getsockname()[1]
+        config = tmp_path / "activated.json"
+        config.write_text(json.dumps(routing_config(port, tls_backend.port)), "utf-8")
+        fd = listening.fileno()
+        stderr_path = tmp_path / "activated.stderr"
+        with open(stderr_path, "wb") as stderr:
+            proc = subprocess.Popen(
+                as_fd_3(fd, "--config", str(config)),
+                pass_fds=[fd],
+                env={**os.environ, "LISTEN_FDS": "1", "NOTIFY_SOCKET": notify_path},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        proxy = ProxyProcess(proc, stderr_path)
+        try:
+            listening.close()  # the proxy's copy is the only one now
+
+            def message() -> list[str]:
+                return notify.recv(4096).decode().split("\n")
+
+            assert "READY=1" in message()
+            assert f"serving on the inherited socket 127.0.0.1:{port}" in proxy.stderr
+            response = https_get_once(port, client_context)
+            assert response.startswith(b"HTTP/1.1 200 OK\r\n")
+            proxy.signal(signal.SIGHUP)
+            assert "RELOADING=1" in message()
+            assert "READY=1" in message()
+            status, _ = stop(proxy, signal.SIGTERM)
+            assert status == 0, proxy.stderr
+            assert "STOPPING=1" in message()
+        finally:
+            proxy.kill()
+
+
+def test_listen_fds_that_are_not_listening_sockets_are_a_clear_startup_error(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(routing_config(free_port(), 443)), "utf-8")
+    with socket.socket() as unbound:
+        fd = unbound.fileno()
+        result = subprocess.run(
+            as_fd_3(fd, "--config", str(path)),
+            pass_fds=[fd],
+            env={**os.environ, "LISTEN_FDS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert "cannot start: LISTEN_FDS: fd 3 is not a listening TCP socket" in result.stderr
+    assert "Traceback" not in result.stderr
