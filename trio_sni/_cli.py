@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -29,6 +30,7 @@ from .handover import (
 from .sansio.config import Config
 from .sansio.config_load import dump_config, load_config_text
 from .server import Proxy
+from .supervisor import WORKER_ENV, Supervisor, worker_config
 
 log = logging.getLogger("trio_sni")
 
@@ -164,19 +166,24 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"{args.config or '<default config>'}: {exc}", file=sys.stderr)
         sys.exit(1)
+    worker = os.environ.pop(WORKER_ENV, None)
+    name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
     logging.basicConfig(
         level=(args.log_level or config.log.level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {name}: %(message)s",
     )
-    # except*: trio's nurseries wrap a bind error (EADDRINUSE) in exception groups, which a
-    # plain ``except OSError`` would miss (a traceback instead of one clear line).
     try:
         inherited = take_inherited_sockets()
     except InheritedSocketError as exc:
         log.error("cannot start: %s", exc)
         sys.exit(1)
+    # except*: trio's nurseries wrap a bind error (EADDRINUSE) in exception groups, which a
+    # plain ``except OSError`` would miss (a traceback instead of one clear line).
     try:
-        trio.run(run, config, args.config, inherited)
+        if worker is None and config.workers != 1:
+            supervisor = Supervisor(config, args.config, inherited, read_config)
+            sys.exit(trio.run(supervisor.run))
+        trio.run(run, config, args.config, inherited, None if worker is None else int(worker))
     except* AccelerationUnavailable as group:
         for error in _leaves(group):
             log.error("%s", error)
@@ -196,10 +203,16 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 async def run(
-    config: Config, config_path: str | None, inherited: Sequence[socket.socket] = ()
+    config: Config,
+    config_path: str | None,
+    inherited: Sequence[socket.socket] = (),
+    worker: int | None = None,
 ) -> None:
-    """Serve ``config`` and handle signals until the proxy has drained."""
-    proxy = Proxy(config, inherited=inherited)
+    """Serve ``config`` and handle signals until the proxy has drained. ``worker``: this
+    process is that worker of a supervisor (:mod:`trio_sni.supervisor`)."""
+    if worker is not None:
+        config = worker_config(config, worker)
+    proxy = Proxy(config, inherited=inherited, worker=worker)
     notifier = Notifier()
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
     with trio.open_signal_receiver(*signals) as received:
@@ -208,8 +221,23 @@ async def run(
             for listener in listeners:
                 log.info("listening on %s", format_endpoint(listener.socket.getsockname()))
             notifier.ready(f"serving on {len(listeners)} listening socket(s)")
-            handler = _SignalHandler(proxy, config_path, notifier, nursery)
+            handler = _SignalHandler(proxy, config_path, notifier, nursery, worker)
             nursery.start_soon(handler.run, received)
+            if worker is not None:
+                nursery.start_soon(_stop_with_the_supervisor, handler)
+
+
+async def _stop_with_the_supervisor(handler: _SignalHandler) -> None:
+    """A worker whose supervisor is gone (killed: it could not stop its workers) drains and
+    stops, rather than serving on unsupervised."""
+    parent = os.pidfd_open(os.getppid())
+    try:
+        await trio.lowlevel.wait_readable(parent)
+    finally:
+        os.close(parent)
+    if not handler.stopping:
+        log.warning("the supervisor is gone: stopping")
+        handler.stop()
 
 
 async def _serve_then_stop(
@@ -227,12 +255,18 @@ class _SignalHandler:
     """What each signal does (see EPILOG)."""
 
     def __init__(
-        self, proxy: Proxy, config_path: str | None, notifier: Notifier, nursery: trio.Nursery
+        self,
+        proxy: Proxy,
+        config_path: str | None,
+        notifier: Notifier,
+        nursery: trio.Nursery,
+        worker: int | None,
     ) -> None:
         self.proxy = proxy
         self.config_path = config_path
         self.notifier = notifier
         self.nursery = nursery
+        self.worker = worker
         self.stopping = False
         self.handing_over = False
 
@@ -240,10 +274,12 @@ class _SignalHandler:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 self.notifier.reloading()
-                _reload(self.proxy, self.config_path)
+                _reload(self.proxy, self.config_path, self.worker)
                 self.notifier.ready("serving")
             elif signum == signal.SIGUSR2:
-                if self.stopping or self.handing_over:
+                if self.worker is not None:
+                    log.warning("SIGUSR2: a worker does not hand over; signal the supervisor")
+                elif self.stopping or self.handing_over:
                     log.warning("SIGUSR2: already stopping or handing over; ignored")
                 else:
                     self.handing_over = True
@@ -252,12 +288,12 @@ class _SignalHandler:
                 log.info(
                     "%s: stopping; send SIGINT again to stop at once", signal.Signals(signum).name
                 )
-                self._stop()
+                self.stop()
             else:
                 log.info("second stop signal: closing all connections now")
                 self.nursery.cancel_scope.cancel()
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         self.stopping = True
         self.notifier.stopping()
         self.proxy.shutdown()
@@ -275,10 +311,10 @@ class _SignalHandler:
             return
         log.info("SIGUSR2: the new proxy (pid %d) serves; stopping accepting and draining", pid)
         self.notifier.new_main_process(pid)
-        self._stop()
+        self.stop()
 
 
-def _reload(proxy: Proxy, config_path: str | None) -> None:
+def _reload(proxy: Proxy, config_path: str | None, worker: int | None) -> None:
     if config_path is None:
         log.warning("SIGHUP: running on the embedded default config; nothing to reload")
         return
@@ -287,7 +323,7 @@ def _reload(proxy: Proxy, config_path: str | None) -> None:
     except ConfigError as exc:
         log.error("SIGHUP: %s: %s\nkeeping the current config", config_path, exc)
         return
-    proxy.reload(config)
+    proxy.reload(config if worker is None else worker_config(config, worker))
 
 
 # ------------------------------------------------------------------------------------------

@@ -121,10 +121,12 @@ class Proxy:
         *,
         access_log: Callable[[dict[str, object]], None] | None = None,
         inherited: Sequence[socket.socket] = (),
+        worker: int | None = None,
     ) -> None:
         """``inherited``: listening sockets this process was started with
         (:func:`trio_sni.handover.take_inherited_sockets`); a listener whose address one of
-        them has serves on it instead of binding, the others are closed at start."""
+        them has serves on it instead of binding, the others are closed at start. ``worker``:
+        this proxy is that worker of a supervisor (its access-log lines say which)."""
         self.config = config
         self._inherited = list(inherited)
         _warn_about_open_proxy_protocol(config)
@@ -152,6 +154,14 @@ class Proxy:
         # Metrics count each finished connection from its access-log record.
         self.metrics = ProxyMetrics(self.context, acceleration=self.acceleration_status)
         self.context.write_access_log = self.metrics.wrap(self.context.write_access_log)
+        if worker is not None:
+            write = self.context.write_access_log
+
+            def write_with_worker(record: dict[str, object]) -> None:
+                record["worker"] = worker
+                write(record)
+
+            self.context.write_access_log = write_with_worker
         self.status_listeners: list[trio.SocketListener] = []
         #: Kernel forwarding: starting it chooses the forwarding plan.
         self.forwarding = SockhashFeature(config)
@@ -199,7 +209,7 @@ class Proxy:
                         self._accepting = accepting.cancel_scope
                         if self._shutdown_requested.is_set():
                             accepting.cancel_scope.cancel()
-                        pairs = await _open_listeners(
+                        pairs = await open_listeners(
                             self.config.effective_listeners, self._inherited
                         )
                         self.listeners = [listener for listener, _ in pairs]
@@ -409,7 +419,7 @@ def _warn_about_open_proxy_protocol(config: Config) -> None:
             )
 
 
-async def _open_listeners(
+async def open_listeners(
     specs: tuple[Listener, ...], inherited: list[socket.socket]
 ) -> list[tuple[trio.SocketListener, Listener]]:
     """Bind every listener or none (a partial bind would serve a config nobody wrote).

@@ -10,6 +10,8 @@ killed and reaped when its test ends; the autouse fd check covers the test proce
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -932,3 +934,117 @@ def test_listen_fds_that_are_not_listening_sockets_are_a_clear_startup_error(
     assert result.returncode == 1
     assert "cannot start: LISTEN_FDS: fd 3 is not a listening TCP socket" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ==========================================================================================
+# workers: a supervisor and N worker processes on the same listeners
+
+
+def _worker_pids(proxy: ProxyProcess) -> dict[int, int]:
+    """The latest pid of each worker, from the supervisor's log."""
+    pids: dict[int, int] = {}
+    for line in proxy.log_lines():
+        if " started (pid " in line and "trio_sni: worker " in line:
+            index = int(line.split("trio_sni: worker ")[1].split()[0])
+            pids[index] = int(line.split("(pid ")[1].rstrip(")"))
+    return pids
+
+
+def _requests_in_parallel(port: int, context: ssl.SSLContext, count: int) -> list[bytes]:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda _: https_get_once(port, context), range(count)))
+
+
+def test_workers_share_the_connections_and_drain_together(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    served = serve_config(
+        lambda port: routing_config(port, tls_backend.port, workers=2, timeouts={"drain": 1})
+    )
+    proxy = served.process
+    proxy.wait_for_log("2 workers serving")
+    responses = _requests_in_parallel(served.port, client_context, 200)
+    assert all(r.startswith(b"HTTP/1.1 200 OK\r\n") for r in responses)
+    proxy.wait_for_records(200)
+    served_by = collections.Counter(r["worker"] for r in proxy.access_log())
+    assert set(served_by) == {0, 1}, served_by  # the kernel spreads them over both
+    conn, _ = https_get(served.port, client_context)  # one stays open through the stop
+    try:
+        status, elapsed = stop(proxy, signal.SIGTERM)
+        assert status == 0, proxy.stderr
+        assert 0.9 <= elapsed < 5, f"exit took {elapsed:.2f} s with timeouts.drain = 1"
+        _assert_closed(conn)
+    finally:
+        conn.close()
+    assert proxy.stderr.count("proxy stopped") == 2
+    assert [r["reason"] for r in proxy.access_log()].count("shutdown") == 1
+    assert proxy.log_lines()[-1].endswith("supervisor stopped")
+    assert "ERROR" not in proxy.stderr
+
+
+def test_a_killed_worker_is_replaced_and_the_proxy_keeps_serving(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    served = serve_config(lambda port: routing_config(port, tls_backend.port, workers=2))
+    proxy = served.process
+    proxy.wait_for_log("2 workers serving")
+    killed = _worker_pids(proxy)[1]
+    os.kill(killed, signal.SIGKILL)
+    wait_until(
+        lambda: _worker_pids(proxy)[1] != killed, timeout=STARTUP_TIMEOUT, what="a new worker 1"
+    )
+    assert f"worker 1 (pid {killed}) was killed by SIGKILL; starting it again" in proxy.stderr
+    responses = _requests_in_parallel(served.port, client_context, 40)
+    assert all(r.startswith(b"HTTP/1.1 200 OK\r\n") for r in responses)
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
+
+
+def test_sighup_reloads_every_worker_and_a_bad_config_reaches_none(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    served = serve_config(lambda port: routing_config(port, tls_backend.port, workers=2))
+    proxy = served.process
+    proxy.wait_for_log("2 workers serving")
+    served.write_config("{not json")
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log("keeping the current config")
+    assert proxy.stderr.count("keeping the current config") == 1  # said once, by the supervisor
+    denying = routing_config(served.port, tls_backend.port, workers=2)
+    denying["rules"] = [{"match": "bench.test", "action": "deny"}]
+    served.write_config(denying)
+    proxy.signal(signal.SIGHUP)
+    wait_until(
+        lambda: proxy.stderr.count("reload: new policy") == 2,
+        timeout=STARTUP_TIMEOUT,
+        what="both workers to reload",
+    )
+    for _ in range(20):  # whichever worker accepts, the new policy refuses
+        _assert_refused(served.port, client_context)
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
+
+
+def test_workers_that_keep_dying_stop_the_proxy_with_status_1(
+    tls_backend: Backend, serve_config: Callable[..., ServedProxy]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        status_address = f"127.0.0.1:{busy.getsockname()[1]}"
+        # Worker 0 serves the status endpoint, whose port is taken: it exits at every start.
+        proxy = serve_config(
+            lambda port: routing_config(
+                port, tls_backend.port, workers=2, status={"listen": status_address}
+            )
+        ).process
+        assert proxy.wait(timeout=30) == 1
+    assert "worker deaths within 60 s: stopping the proxy" in proxy.stderr
+    assert "starting it again in 0.1 s" in proxy.stderr
+    assert "starting it again in 0.2 s" in proxy.stderr

@@ -609,6 +609,15 @@ class Socks5:
         return ipaddress.ip_address(host), port
 
 
+#: The most worker processes ``workers`` may ask for.
+MAX_WORKERS = 256
+
+
+def _workers(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= MAX_WORKERS:
+        raise ValueError(f"workers: must be from 0 (one per CPU) to {MAX_WORKERS}, got {value}")
+
+
 @attrs.frozen
 class Config:
     """The whole configuration. ``listen_addr`` is the design's one-listener shorthand."""
@@ -616,6 +625,8 @@ class Config:
     listeners: tuple[Listener, ...] = ()
     listen_addr: str | None = None
     max_connections: int = attrs.field(default=50000, validator=_positive)
+    #: Worker processes sharing the listeners (``0``: one per CPU this process may run on).
+    workers: int = attrs.field(default=1, validator=_workers)
     rules: tuple[Rule, ...] = ()
     clients: Clients = Clients()
     limits: Limits = Limits()
