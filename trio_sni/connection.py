@@ -222,8 +222,8 @@ async def handle_connection(
             stream.socket.close()
         finally:
             del ctx.live[id(info)]
-            ctx.write_access_log(info.access_record(trio.current_time()))
             ctx.ended.unpark_all()
+            ctx.write_access_log(info.access_record(trio.current_time()))
 
     ctx.live[id(info)] = info
     upstream: trio.SocketStream | None = None
