@@ -393,21 +393,44 @@ async def read_first_bytes(
     """
     if early:
         reader.receive_data(early)
-    with trio.move_on_at(deadline):
+    try:
+        # Fast path: the bytes are usually queued by the time the handler runs; read them
+        # without a deadline scope or Trio's checkpoints (tests/shell/test_first_bytes.py runs
+        # each case both ways).
         while (event := reader.next_event()) is NEED_DATA:
-            try:
-                data = await stream.receive_some(receive_size)
-            except trio.BrokenResourceError as exc:
-                if not reader.bytes_received:
-                    raise ClientReset(
-                        f"{first.sender} reset the connection before its {first.what}: {exc}"
-                    ) from None
-                raise first.cut_short(
-                    f"{first.sender} reset the connection during the {first.what}: {exc}"
-                ) from None
+            data = _receive_queued(stream, receive_size)
+            if data is None:
+                break
             reader.receive_data(data)
-        return event, reader.trailing_data
+        else:
+            return event, reader.trailing_data
+        with trio.move_on_at(deadline):
+            while (event := reader.next_event()) is NEED_DATA:
+                reader.receive_data(await stream.receive_some(receive_size))
+            return event, reader.trailing_data
+    except trio.BrokenResourceError as exc:
+        if not reader.bytes_received:
+            raise ClientReset(
+                f"{first.sender} reset the connection before its {first.what}: {exc}"
+            ) from None
+        raise first.cut_short(
+            f"{first.sender} reset the connection during the {first.what}: {exc}"
+        ) from None
     raise first.timeout(total)
+
+
+def _receive_queued(stream: trio.SocketStream, size: int) -> bytes | None:
+    """What is queued on the socket now (``b""`` at its end), or None if nothing is; errors
+    as :meth:`trio.SocketStream.receive_some` raises them."""
+    sock = socket.socket(fileno=stream.socket.fileno())
+    try:
+        return sock.recv(size, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+    finally:
+        sock.detach()
 
 
 def _set_qos_class(stream: trio.SocketStream, qos: str) -> None:

@@ -3,7 +3,8 @@
 Every reader (PROXY header, HTTP request head, ClientHello) goes through the same pump, so
 each case runs for all three: what arrives in pieces is reassembled, bytes behind the event are
 handed on, a reset names the client's fault only once a byte of it arrived, and the deadline
-is one for all.
+is one for all. Each case runs with the fast path (bytes already queued are read without
+awaiting) and without it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import trio
 from proxytest import client_hello
 
+from trio_sni import connection
 from trio_sni.connection import (
     CLIENT_HELLO,
     PROXY_HEADER,
@@ -57,6 +59,16 @@ async def tcp_pair() -> AsyncIterator[tuple[trio.SocketStream, trio.socket.Socke
             yield stream, client
         finally:
             await trio.aclose_forcefully(stream)
+
+
+@pytest.fixture(autouse=True, params=["queued", "awaited"])
+def read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every case both ways: the fast path that reads what is already queued, and the awaited
+    reads under the deadline (what the fast path leaves to it, here all of it)."""
+    if request.param == "awaited":
+        monkeypatch.setattr(connection, "_receive_queued", lambda stream, size: None)
+    path: str = request.param
+    return path
 
 
 def reset(client: trio.socket.SocketType) -> None:
