@@ -30,7 +30,7 @@ from .handover import (
 from .sansio.config import Config
 from .sansio.config_load import dump_config, load_config_text
 from .server import Proxy
-from .supervisor import WORKER_ENV, Supervisor, worker_config
+from .supervisor import STATUS_SOCKET_ENV, WORKER_ENV, Supervisor, worker_config
 
 log = logging.getLogger("trio_sni")
 
@@ -210,9 +210,11 @@ async def run(
 ) -> None:
     """Serve ``config`` and handle signals until the proxy has drained. ``worker``: this
     process is that worker of a supervisor (:mod:`trio_sni.supervisor`)."""
+    status_socket = None
     if worker is not None:
         config = worker_config(config, worker)
-    proxy = Proxy(config, inherited=inherited, worker=worker)
+        status_socket = os.environ.pop(STATUS_SOCKET_ENV, None)
+    proxy = Proxy(config, inherited=inherited, worker=worker, status_socket=status_socket)
     notifier = Notifier()
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
     with trio.open_signal_receiver(*signals) as received:

@@ -54,7 +54,7 @@ from .metrics import ProxyMetrics
 from .resolver import Resolver
 from .sansio.config import Config, Listener, parse_host_port
 from .sansio.policy import ClientLimiter, Policy
-from .status import serve_status
+from .status import serve_status, serve_status_on, unix_listener
 
 log = logging.getLogger("trio_sni")
 
@@ -122,12 +122,16 @@ class Proxy:
         access_log: Callable[[dict[str, object]], None] | None = None,
         inherited: Sequence[socket.socket] = (),
         worker: int | None = None,
+        status_socket: str | None = None,
     ) -> None:
         """``inherited``: listening sockets this process was started with
         (:func:`trio_sni.handover.take_inherited_sockets`); a listener whose address one of
         them has serves on it instead of binding, the others are closed at start. ``worker``:
-        this proxy is that worker of a supervisor (its access-log lines say which)."""
+        this proxy is that worker of a supervisor (its access-log lines say which).
+        ``status_socket``: serve the status endpoint on this abstract unix socket (a worker's,
+        for its supervisor) instead of ``status.listen``."""
         self.config = config
+        self._status_socket = status_socket
         self._inherited = list(inherited)
         _warn_about_open_proxy_protocol(config)
         self._access_log = AccessLog(config.log.access_log) if access_log is None else None
@@ -179,16 +183,22 @@ class Proxy:
     ) -> None:
         """Open the listeners, report them through ``task_status``, serve until shutdown.
 
-        With ``status.listen`` set, the status endpoint is bound first (so ``/readyz`` can
-        say "not ready" until the listeners are bound) and runs until the proxy has drained.
+        With ``status.listen`` set (or, for a supervised worker, its private status socket),
+        the status endpoint is bound first (so ``/readyz`` can say "not ready" until the
+        listeners are bound) and runs until the proxy has drained.
         """
         try:
-            if self.config.status.listen is None:
+            if self.config.status.listen is None and self._status_socket is None:
                 await self._serve_proxy(task_status=task_status)
                 return
-            host, port = parse_host_port(self.config.status.listen)
             async with trio.open_nursery() as status:
-                self.status_listeners = await status.start(serve_status, self, host, port)
+                if self._status_socket is not None:
+                    listeners = [await unix_listener(self._status_socket)]
+                    self.status_listeners = await status.start(serve_status_on, self, listeners)
+                else:
+                    assert self.config.status.listen is not None
+                    host, port = parse_host_port(self.config.status.listen)
+                    self.status_listeners = await status.start(serve_status, self, host, port)
                 await self._serve_proxy(task_status=task_status)
                 status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
         finally:

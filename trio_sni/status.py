@@ -53,6 +53,8 @@ import errno
 import json
 import logging
 import os
+import socket
+from collections.abc import Awaitable, Callable
 from itertools import islice
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -194,11 +196,11 @@ class Answer:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def _text(status: int, text: str, *headers: tuple[str, str]) -> Answer:
+def text_answer(status: int, text: str, *headers: tuple[str, str]) -> Answer:
     return Answer(status, text.encode("utf-8") + b"\n", headers=headers)
 
 
-def _json(status: int, document: object) -> Answer:
+def json_answer(status: int, document: object) -> Answer:
     body = json.dumps(document, indent=2).encode("utf-8") + b"\n"
     return Answer(status, body, "application/json")
 
@@ -207,36 +209,36 @@ def answer_request(source: StatusSource, request: h11.Request) -> Answer:
     """The answer to one parsed request; synchronous and cheap (see the module docstring)."""
     declared = _header(request, b"content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_SIZE):
-        return _text(413, "request body too large: the status endpoints take no body")
+        return text_answer(413, "request body too large: the status endpoints take no body")
     split = urlsplit(request.target.decode("ascii", "replace"))
     path = split.path.rstrip("/") or "/"
     if path not in ENDPOINTS and path != "/":
-        return _text(404, f"no such endpoint: {path}; try {', '.join(ENDPOINTS)}")
+        return text_answer(404, f"no such endpoint: {path}; try {', '.join(ENDPOINTS)}")
     if request.method not in (b"GET", b"HEAD"):
-        return _text(
+        return text_answer(
             405,
             f"method {request.method.decode('ascii', 'replace')} not allowed; use GET",
             ("Allow", ALLOWED_METHODS),
         )
     if path == "/":
-        return _text(200, "trio-sni status endpoints: " + " ".join(ENDPOINTS))
+        return text_answer(200, "trio-sni status endpoints: " + " ".join(ENDPOINTS))
     if path == "/healthz":
-        return _text(200, "ok")
+        return text_answer(200, "ok")
     if path == "/readyz":
         why = source.not_ready_reason()
-        return _text(200, "ready") if why is None else _text(503, f"not ready: {why}")
+        return text_answer(200, "ready") if why is None else text_answer(503, f"not ready: {why}")
     if path == "/connections":
         try:
-            limit = _limit(split.query)
+            limit = connections_limit(split.query)
         except ValueError as exc:
-            return _text(400, str(exc))
-        return _json(200, connections_document(source.context, limit))
+            return text_answer(400, str(exc))
+        return json_answer(200, connections_document(source.context, limit))
     if path == "/metrics":
         accept = _header(request, b"accept") or ""
         encoder, content_type = choose_encoder(accept)
         return Answer(200, encoder(source.metrics.registry), content_type)
     assert path == "/ebpf/status"
-    return _json(200, ebpf_status_document(source))
+    return json_answer(200, ebpf_status_document(source))
 
 
 def _header(request: h11.Request, name: bytes) -> str | None:
@@ -246,7 +248,7 @@ def _header(request: h11.Request, name: bytes) -> str | None:
     return None
 
 
-def _limit(query: str) -> int:
+def connections_limit(query: str) -> int:
     """``?limit=N`` (default 100; clamped to 1000).
 
     Raises:
@@ -298,9 +300,24 @@ def _raw_response(answer: Answer) -> bytes:
     return head + b"\r\n" + answer.body
 
 
+#: Answers a parsed request: a proxy's own state (:func:`answer_request`), or a supervisor's
+#: sum of its workers' answers (:mod:`trio_sni.supervisor`).
+Answerer = Callable[[h11.Request], Awaitable[Answer]]
+
+
+def _answerer(source: StatusSource | Answerer) -> Answerer:
+    if callable(source):  # a proxy is not
+        return source
+
+    async def answer(request: h11.Request) -> Answer:
+        return answer_request(source, request)
+
+    return answer
+
+
 async def handle_status_connection(
     stream: trio.abc.Stream,
-    source: StatusSource,
+    source: StatusSource | Answerer,
     *,
     request_timeout: float = REQUEST_TIMEOUT,
     max_head_size: int = MAX_HEAD_SIZE,
@@ -310,11 +327,12 @@ async def handle_status_connection(
 
     Args:
         stream: the accepted connection.
-        source: the proxy whose state is reported.
+        source: the proxy whose state is reported, or what answers in its place.
         request_timeout: deadline for the whole exchange, seconds.
         max_head_size: request line plus headers, bytes; 431 beyond it.
     """
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_size)
+    answer_for = _answerer(source)
     answered = False
     try:
         with trio.move_on_after(request_timeout):
@@ -331,15 +349,15 @@ async def handle_status_connection(
                     else f"bad request: {exc}"
                 )
                 answered = True
-                await stream.send_all(_raw_response(_text(status, why)))
+                await stream.send_all(_raw_response(text_answer(status, why)))
                 return
             if request is None:
                 return  # the client closed without asking anything
             try:
-                answer = answer_request(source, request)
+                answer = await answer_for(request)
             except Exception:  # a bug: say so, keep the proxy and the status server running
                 log.exception("status: error answering %r", request.target)
-                answer = _text(500, "internal error; see the proxy's log")
+                answer = text_answer(500, "internal error; see the proxy's log")
             answered = True
             data = conn.send(
                 h11.Response(
@@ -355,7 +373,7 @@ async def handle_status_connection(
         if not answered:
             with trio.move_on_after(ERROR_SEND_TIMEOUT):
                 late = f"request not complete within {request_timeout:g} s"
-                await stream.send_all(_raw_response(_text(408, late)))
+                await stream.send_all(_raw_response(text_answer(408, late)))
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client went away; nothing to answer
     finally:
@@ -398,7 +416,7 @@ def _head_size(request: h11.Request) -> int:
 
 
 async def serve_status(
-    source: StatusSource,
+    source: StatusSource | Answerer,
     host: str,
     port: int,
     *,
@@ -418,6 +436,37 @@ async def serve_status(
     except OSError as exc:
         shown = f"[{host}]" if ":" in host else host
         raise OSError(exc.errno, f"status.listen {shown}:{port}: {exc.strerror}") from exc
+    await serve_status_on(
+        source,
+        listeners,
+        max_connections=max_connections,
+        request_timeout=request_timeout,
+        task_status=task_status,
+    )
+
+
+async def unix_listener(name: str) -> trio.SocketListener:
+    """A listener on the abstract unix socket ``name`` (no file: it goes with the process),
+    for a worker's status endpoint, which only its supervisor asks."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind("\0" + name)
+        sock.listen(MAX_CONNECTIONS)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+async def serve_status_on(
+    source: StatusSource | Answerer,
+    listeners: list[trio.SocketListener],
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    request_timeout: float = REQUEST_TIMEOUT,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the status endpoints on ``listeners`` (now owned here) until cancelled."""
     try:
         slots = trio.Semaphore(max_connections)
         async with trio.open_nursery() as nursery:
@@ -432,7 +481,7 @@ async def serve_status(
 
 async def _accept_loop(
     listener: trio.abc.Listener[trio.abc.Stream],
-    source: StatusSource,
+    source: StatusSource | Answerer,
     slots: trio.Semaphore,
     request_timeout: float,
     nursery: trio.Nursery,
@@ -455,7 +504,10 @@ async def _accept_loop(
 
 
 async def _handle_and_release(
-    stream: trio.abc.Stream, source: StatusSource, slots: trio.Semaphore, request_timeout: float
+    stream: trio.abc.Stream,
+    source: StatusSource | Answerer,
+    slots: trio.Semaphore,
+    request_timeout: float,
 ) -> None:
     try:
         await handle_status_connection(stream, source, request_timeout=request_timeout)

@@ -12,8 +12,9 @@ Trio loop serving on those sockets; the supervisor runs no proxy and loads no BP
   when systemd passes them (one per ``ListenStream=``) and across a SIGUSR2 handover. The cost:
   every idle worker wakes for each new connection and all but one find nothing to accept.
 * **What only one process may do**: worker 0 alone runs the XDP guard and the TC shaper (an
-  interface takes one XDP link; N shapers would each count the same traffic) and the status
-  endpoint (one address); the other workers run them off. Each worker has its own sockhash
+  interface takes one XDP link; N shapers would each count the same traffic); the other
+  workers run them off. The supervisor serves ``status.listen``, summing what every worker's
+  private status socket says (:mod:`trio_sni.workers_status`). Each worker has its own sockhash
   plane, whose map entries die with it; the DNS cache is one pinned map for all.
 * **A worker that dies** is started again after a delay that doubles from
   :data:`RESTART_DELAY` to :data:`MAX_RESTART_DELAY` while it keeps dying and resets once it
@@ -43,13 +44,17 @@ import trio
 
 from .errors import ConfigError
 from .handover import HandoverFailed, Notifier, hand_over, spawn_with_sockets
-from .sansio.config import Config
+from .sansio.config import Config, parse_host_port
 from .server import open_listeners
+from .status import serve_status
+from .workers_status import WorkersStatus, WorkerView, status_socket_name
 
 log = logging.getLogger("trio_sni")
 
 #: The environment variable that makes ``python -m trio_sni`` a worker, and its index.
 WORKER_ENV = "TRIO_SNI_WORKER"
+#: The abstract unix socket a worker serves its status endpoint on, for the supervisor.
+STATUS_SOCKET_ENV = "TRIO_SNI_STATUS_SOCKET"
 RESTART_DELAY = 0.1
 MAX_RESTART_DELAY = 10.0
 #: A worker that has lived this long (seconds) is well again: its next restart is immediate.
@@ -59,7 +64,9 @@ DEATH_WINDOW = 60.0
 
 
 def worker_config(config: Config, index: int) -> Config:
-    """The config worker ``index`` serves: only worker 0 runs what one process may run."""
+    """The config worker ``index`` serves: only worker 0 runs what one process may run, and
+    none serves ``status.listen`` (the supervisor does, asking each worker)."""
+    config = attrs.evolve(config, status=attrs.evolve(config.status, listen=None))
     if index == 0:
         return config
     ebpf = attrs.evolve(
@@ -67,7 +74,7 @@ def worker_config(config: Config, index: int) -> Config:
         xdp=attrs.evolve(config.ebpf.xdp, enabled=False),
         tc=attrs.evolve(config.ebpf.tc, enabled=False),
     )
-    return attrs.evolve(config, ebpf=ebpf, status=attrs.evolve(config.status, listen=None))
+    return attrs.evolve(config, ebpf=ebpf)
 
 
 def worker_count(config: Config) -> int:
@@ -83,6 +90,7 @@ class Worker:
     started: float = 0.0
     ready: bool = False
     delay: float = RESTART_DELAY
+    restarts: int = 0
 
 
 class Supervisor:
@@ -109,6 +117,12 @@ class Supervisor:
         self._ready_socket: trio.socket.SocketType | None = None
         self._notify_name = f"@trio-sni-workers-{os.getpid()}-{time.monotonic_ns()}"
         self._all_ready = trio.Event()
+        #: The workers' private status sockets, when the proxy has a status endpoint.
+        self.status_sockets = (
+            [status_socket_name(os.getpid(), w.index) for w in self.workers]
+            if config.status.listen is not None
+            else []
+        )
 
     async def run(self) -> int:
         """Serve until every worker has stopped; the process exit status."""
@@ -124,6 +138,12 @@ class Supervisor:
                 ready.bind("\0" + self._notify_name[1:])
                 self._ready_socket = trio.socket.from_stdlib_socket(ready)
                 async with trio.open_nursery() as nursery:
+                    if self.config.status.listen is not None:
+                        host, port = parse_host_port(self.config.status.listen)
+                        answers = WorkersStatus(
+                            self.status_sockets, self._views, self._not_ready_reason
+                        )
+                        await nursery.start(serve_status, answers, host, port)
                     nursery.start_soon(self._collect_readiness)
                     nursery.start_soon(self._handle_signals, received, nursery)
                     async with trio.open_nursery() as watching:
@@ -145,6 +165,8 @@ class Supervisor:
             WORKER_ENV: str(worker.index),
             "NOTIFY_SOCKET": self._notify_name,
         }
+        if self.status_sockets:
+            env[STATUS_SOCKET_ENV] = self.status_sockets[worker.index]
         argv = [sys.executable, *sys.orig_argv[1:]]
         worker.pid = spawn_with_sockets(argv, [lst.socket.fileno() for lst in self.listeners], env)
         worker.pidfd = os.pidfd_open(worker.pid)
@@ -187,7 +209,17 @@ class Supervisor:
             worker.delay = min(MAX_RESTART_DELAY, worker.delay * 2)
             if self.stopping:
                 return
+            worker.restarts += 1
             self._start(worker)
+
+    def _views(self) -> list[WorkerView]:
+        return [WorkerView(w.index, w.pid, w.ready, w.restarts) for w in self.workers]
+
+    def _not_ready_reason(self) -> str | None:
+        if self.stopping:
+            return "shutting down: not accepting new connections"
+        waiting = [str(w.index) for w in self.workers if not w.ready]
+        return f"worker(s) {', '.join(waiting)} not ready" if waiting else None
 
     async def _collect_readiness(self) -> None:
         """Mark each worker ready when its ``READY=1`` arrives (the sender's pid, from its

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1032,19 +1034,85 @@ def test_sighup_reloads_every_worker_and_a_bad_config_reaches_none(
 
 
 def test_workers_that_keep_dying_stop_the_proxy_with_status_1(
-    tls_backend: Backend, serve_config: Callable[..., ServedProxy]
+    tls_backend: Backend, tmp_path: Path, spawn_proxy: Callable[..., ProxyProcess]
 ) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        status_address = f"127.0.0.1:{busy.getsockname()[1]}"
-        # Worker 0 serves the status endpoint, whose port is taken: it exits at every start.
-        proxy = serve_config(
-            lambda port: routing_config(
-                port, tls_backend.port, workers=2, status={"listen": status_address}
-            )
-        ).process
-        assert proxy.wait(timeout=30) == 1
+    # Each worker refuses to start: the mode it must use is off, with no fallback.
+    config = routing_config(
+        free_port(),
+        tls_backend.port,
+        workers=2,
+        forwarding={"mode": "kernel"},
+        fallback_mode="none",
+        ebpf={"sockmap": {"enabled": False}},
+    )
+    path = tmp_path / "dying.json"
+    path.write_text(json.dumps(config), "utf-8")
+    proxy = spawn_proxy("--config", str(path))
+    assert proxy.wait(timeout=30) == 1
     assert "worker deaths within 60 s: stopping the proxy" in proxy.stderr
     assert "starting it again in 0.1 s" in proxy.stderr
     assert "starting it again in 0.2 s" in proxy.stderr
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _metric(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in /metrics")
+
+
+def test_the_supervisors_status_endpoint_sums_every_worker(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    status_port = free_port()
+    base = f"http://127.0.0.1:{status_port}"
+    served = serve_config(
+        lambda port: routing_config(
+            port, tls_backend.port, workers=2, status={"listen": f"127.0.0.1:{status_port}"}
+        )
+    )
+    proxy = served.process
+    proxy.wait_for_log("2 workers serving")
+    assert _get(f"{base}/readyz") == (200, "ready\n")
+    responses = _requests_in_parallel(served.port, client_context, 60)
+    assert all(r.startswith(b"HTTP/1.1 200 OK\r\n") for r in responses)
+    held = [https_get(served.port, client_context)[0] for _ in range(12)]
+    try:
+        proxy.wait_for_records(60)
+        _, metrics = _get(f"{base}/metrics")
+        assert _metric(metrics, "trio_sni_connections_accepted_total") == 72
+        assert _metric(metrics, "trio_sni_connections_active") == 12
+        assert _metric(metrics, "trio_sni_workers") == 2
+        per_worker = [
+            _metric(metrics, f'trio_sni_worker_connections_active{{worker="{i}"}}') for i in (0, 1)
+        ]
+        assert sum(per_worker) == 12
+        code, body = _get(f"{base}/connections")
+        document = json.loads(body)
+        assert (code, document["total"], len(document["connections"])) == (200, 12, 12)
+        assert {row["worker"] for row in document["connections"]} <= {0, 1}
+        code, body = _get(f"{base}/ebpf/status")
+        assert code == 200
+        assert [w["index"] for w in json.loads(body)["workers"]] == [0, 1]
+        assert _get(f"{base}/nope")[0] == 404
+        os.kill(_worker_pids(proxy)[1], signal.SIGKILL)
+        wait_until(
+            lambda: 'trio_sni_worker_restarts_total{worker="1"} 1.0' in _get(f"{base}/metrics")[1],
+            timeout=STARTUP_TIMEOUT,
+            what="the restart in /metrics",
+        )
+    finally:
+        for conn in held:
+            conn.close()
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr

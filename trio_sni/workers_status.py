@@ -1,0 +1,256 @@
+"""The status endpoint of a supervisor (``workers: N``): every worker's answer, summed.
+
+Each worker serves the status endpoints on a private abstract unix socket
+(:func:`status_socket_name`); the supervisor serves ``status.listen`` with the same HTTP
+server (:func:`trio_sni.status.serve_status`) and answers each request by asking every worker
+the same thing, at once, and combining what they say:
+
+* ``/metrics``: counters and histograms are summed per series; gauges too (connections open,
+  resolver cache entries), except the kernel feature states, which are worker 0's (it alone
+  runs XDP and TC). Plus, from the supervisor: ``trio_sni_workers`` and, per worker,
+  ``trio_sni_worker_restarts_total`` and ``trio_sni_worker_connections_active``.
+* ``/connections``: every worker's, oldest first, each with its ``worker``; ``total`` summed.
+* ``/ebpf/status``: worker 0's document (its features are the whole proxy's), its kernel
+  forwarder counters (``sockmap_*``) summed over every worker, and a ``workers`` list.
+* ``/readyz``: ready once every worker has reported ready and answers ready.
+* Anything else (``/``, ``/healthz``, errors such as 404 or 405): worker 0's answer, or the
+  supervisor's own where no worker is needed.
+
+A worker that does not answer within :data:`WORKER_TIMEOUT` (it is being restarted, say) is
+left out of the sums and makes ``/readyz`` answer 503.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import h11
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from .status import Answer, connections_limit, json_answer, text_answer
+
+#: A JSON document as the workers send it.
+JSON = dict[str, Any]
+
+#: Seconds a worker may take to answer one status request.
+WORKER_TIMEOUT = 2.0
+#: The most bytes read from one worker's answer.
+MAX_WORKER_ANSWER = 64 * 1024 * 1024
+#: Gauges that are the same in every worker: worker 0's value stands for the proxy's.
+FROM_WORKER_0 = frozenset({"trio_sni_ebpf_feature_state"})
+
+
+def status_socket_name(supervisor_pid: int, index: int) -> str:
+    return f"trio-sni-status-{supervisor_pid}-{index}"
+
+
+@attrs.frozen
+class WorkerAnswer:
+    status: int
+    body: bytes
+    content_type: str
+
+
+async def ask_worker(name: str, target: bytes) -> WorkerAnswer | None:
+    """``GET target`` from the worker's status socket; None if it does not answer in time."""
+    with trio.move_on_after(WORKER_TIMEOUT):
+        try:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await sock.connect("\0" + name)
+            except BaseException:
+                sock.close()
+                raise
+            async with trio.SocketStream(sock) as stream:
+                await stream.send_all(
+                    b"GET %s HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n" % target
+                )
+                data = b""
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+                    if len(data) > MAX_WORKER_ANSWER:
+                        return None
+        except (OSError, trio.BrokenResourceError):
+            return None
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        try:
+            status = int(lines[0].split()[1])
+        except (IndexError, ValueError):
+            return None
+        content_type = next(
+            (
+                line.split(b":", 1)[1].strip().decode("latin-1")
+                for line in lines[1:]
+                if line.lower().startswith(b"content-type:")
+            ),
+            "text/plain; charset=utf-8",
+        )
+        return WorkerAnswer(status, body, content_type)
+    return None
+
+
+@attrs.define(eq=False)
+class WorkerView:
+    """What the supervisor knows of one worker, for the sums."""
+
+    index: int
+    pid: int
+    ready: bool
+    restarts: int
+
+
+class WorkersStatus:
+    """Answers status requests for a supervisor (an :data:`trio_sni.status.Answerer`)."""
+
+    def __init__(
+        self,
+        socket_names: Sequence[str],
+        workers: Callable[[], Sequence[WorkerView]],
+        not_ready_reason: Callable[[], str | None],
+    ) -> None:
+        self._names = list(socket_names)
+        self._workers = workers
+        self._not_ready_reason = not_ready_reason
+
+    async def __call__(self, request: h11.Request) -> Answer:
+        split = urlsplit(request.target.decode("ascii", "replace"))
+        path = split.path.rstrip("/") or "/"
+        if path == "/healthz" and request.method in (b"GET", b"HEAD"):
+            return Answer(200, b"ok\n")
+        answers = await self._ask_all(request.target)
+        first = answers[0]
+        if path == "/readyz":
+            why = self._not_ready_reason() or next(
+                (
+                    f"worker {i}: "
+                    + ("not answering" if a is None else a.body.decode("utf-8", "replace").strip())
+                    for i, a in enumerate(answers)
+                    if a is None or a.status != 200
+                ),
+                None,
+            )
+            return Answer(200, b"ready\n") if why is None else text_answer(503, f"not ready: {why}")
+        if first is None:
+            return text_answer(503, "worker 0 is not answering; try again")
+        if first.status != 200 or request.method not in (b"GET", b"HEAD"):
+            return Answer(first.status, first.body, first.content_type)
+        given = [(i, a) for i, a in enumerate(answers) if a is not None and a.status == 200]
+        if path == "/metrics":
+            accept = next((v.decode("latin-1") for k, v in request.headers if k == b"accept"), "")
+            return self._metrics(given, accept)
+        if path == "/connections":
+            documents = [(i, json.loads(a.body)) for i, a in given]
+            return json_answer(200, merge_connections(documents, split.query))
+        if path == "/ebpf/status":
+            document = merge_ebpf_status([(i, json.loads(a.body)) for i, a in given])
+            document["workers"] = [attrs.asdict(w) for w in self._workers()]
+            return json_answer(200, document)
+        return Answer(first.status, first.body, first.content_type)
+
+    async def _ask_all(self, target: bytes) -> list[WorkerAnswer | None]:
+        answers: list[WorkerAnswer | None] = [None] * len(self._names)
+
+        async def ask(i: int, name: str) -> None:
+            answers[i] = await ask_worker(name, target)
+
+        async with trio.open_nursery() as nursery:
+            for i, name in enumerate(self._names):
+                nursery.start_soon(ask, i, name)
+        return answers
+
+    def _metrics(self, given: list[tuple[int, WorkerAnswer]], accept: str) -> Answer:
+        families = merge_metrics([(i, a.body.decode("utf-8")) for i, a in given])
+        active = {
+            i: sample.value
+            for i, a in given
+            for family in text_string_to_metric_families(a.body.decode("utf-8"))
+            if family.name == "trio_sni_connections_active"
+            for sample in family.samples
+        }
+        workers = Metric("trio_sni_workers", "Worker processes the supervisor runs.", "gauge")
+        views = list(self._workers())
+        workers.add_sample("trio_sni_workers", {}, len(views))
+        restarts = Metric(
+            "trio_sni_worker_restarts", "Times the supervisor started a worker again.", "counter"
+        )
+        per_worker = Metric(
+            "trio_sni_worker_connections_active",
+            "Client connections open now, per worker.",
+            "gauge",
+        )
+        for view in views:
+            labels = {"worker": str(view.index)}
+            restarts.add_sample("trio_sni_worker_restarts_total", labels, view.restarts)
+            per_worker.add_sample(
+                "trio_sni_worker_connections_active", labels, active.get(view.index, 0)
+            )
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Fixed([*families, workers, restarts, per_worker]))
+        encoder, content_type = choose_encoder(accept)
+        return Answer(200, encoder(registry), content_type)
+
+
+class _Fixed:
+    """A collector that yields families computed already."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def merge_metrics(texts: Sequence[tuple[int, str]]) -> list[Metric]:
+    """Every series of every worker's exposition, summed (see the module docstring)."""
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for index, text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name in FROM_WORKER_0 and index != 0:
+                continue
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            series = values[family.name]
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue  # a per-process time, not a count
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                series[key] = series.get(key, 0.0) + sample.value
+    for name, family in merged.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(merged.values())
+
+
+def merge_connections(documents: Sequence[tuple[int, JSON]], query: str) -> JSON:
+    """Every worker's live connections, oldest first, each with its worker."""
+    limit = connections_limit(query)  # a bad one: worker 0 answered 400 already
+    rows = [
+        {**row, "worker": index}
+        for index, document in documents
+        for row in document.get("connections", [])
+    ]
+    rows.sort(key=lambda row: -float(row.get("age", 0)))
+    total = sum(int(document.get("total", 0)) for _, document in documents)
+    return {"total": total, "limit": limit, "connections": rows[:limit]}
+
+
+def merge_ebpf_status(documents: Sequence[tuple[int, JSON]]) -> JSON:
+    """Worker 0's document, with the kernel forwarder's counters summed over every worker."""
+    base = dict(next((d for i, d in documents if i == 0), documents[0][1] if documents else {}))
+    counters = dict(base.get("counters", {}))
+    for key in [k for k in counters if k.startswith("sockmap_")]:
+        counters[key] = sum(int(d.get("counters", {}).get(key, 0)) for _, d in documents)
+    base["counters"] = counters
+    return base
