@@ -216,8 +216,8 @@ def merge_metrics(texts: Sequence[tuple[int, str]]) -> list[Metric]:
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for index, text in texts:
         for family in text_string_to_metric_families(text):
-            if family.name in FROM_WORKER_0 and index != 0:
-                continue
+            if (family.name in FROM_WORKER_0 and index != 0) or family.name.endswith("_created"):
+                continue  # the text parser makes a counter's creation time a family of its own
             if family.name not in merged:
                 merged[family.name] = Metric(family.name, family.documentation, family.type)
                 values[family.name] = {}
