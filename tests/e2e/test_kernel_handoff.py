@@ -16,7 +16,7 @@ from __future__ import annotations
 import fcntl
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -72,6 +72,18 @@ def forwarder_of(running: Any) -> KernelForwarder:
     return forwarder
 
 
+#: Every connection a test opened, closed when it ends (also when it fails).
+OPENED: list[trio.SocketStream] = []
+
+
+@pytest.fixture(autouse=True)
+def close_what_was_opened() -> Iterator[None]:
+    yield
+    for stream in OPENED:
+        stream.socket.close()
+    OPENED.clear()
+
+
 async def open_connections(
     running: Any, backend: trio.socket.SocketType, count: int, start: int = 0
 ) -> list[Conn]:
@@ -79,11 +91,13 @@ async def open_connections(
     conns = []
     for number in range(start, start + count):
         client = await trio.open_tcp_stream("127.0.0.1", running.port)
+        OPENED.append(client)
         conn = Conn(number, client, client, b"")
         conn.hello = client_hello(conn.name)
         await client.send_all(conn.hello)
         sock, _ = await backend.accept()
         conn.server = trio.SocketStream(sock)
+        OPENED.append(conn.server)
         assert await receive_exactly(conn.server, len(conn.hello)) == conn.hello
         conn.to_upstream = len(conn.hello)
         await exchange(conn, up=100 + number, down=200 + number)
@@ -217,7 +231,8 @@ async def test_idle_handed_off_connections_time_out_with_exact_counts(
 ) -> None:
     running = await start_proxy(kernel_config(backend.getsockname()[1], timeouts={"idle": 1}))
     conns = await open_connections(running, backend, 30)
-    assert len(running.proxy.context.handed_off) == 30
+    # Handed off, or (the first, on a slow machine) timed out already.
+    assert len(running.proxy.context.handed_off) + len(running.access_log) == 30
     with trio.fail_after(10):
         for conn in conns:
             # The proxy closes both sockets: a FIN each way, nothing lost.

@@ -73,9 +73,9 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         "(allowed: host, port, protocol, target_port, name, accept_proxy_protocol, "
         "proxy_protocol_from)",
         "timeouts.idle: expected number, got bool",
-        "lsten_addr: unknown key (allowed: listeners, listen_addr, max_connections, rules, "
-        "clients, limits, timeouts, resolver, forwarding, log, status, ebpf, fallback_mode, "
-        "socks5)",
+        "lsten_addr: unknown key (allowed: listeners, listen_addr, max_connections, workers, "
+        "rules, clients, limits, timeouts, resolver, forwarding, log, status, ebpf, "
+        "fallback_mode, socks5)",
     ]
 
 
