@@ -109,13 +109,14 @@ async def measure(mode: str, n: int, python_heap: bool) -> dict[str, Any]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
-        assert peers.stdin is not None and peers.stdout is not None
+        assert peers.stdin is not None
+        assert peers.stdout is not None
         lines = b""
 
         async def expect(word: bytes) -> None:
             nonlocal lines
             while b"\n" not in lines:
-                chunk = await peers.stdout.receive_some(100)  # type: ignore[union-attr]
+                chunk = await peers.stdout.receive_some(100)
                 if not chunk:
                     raise RuntimeError("the peers process died")
                 lines += chunk
