@@ -509,12 +509,16 @@ def _parse_alpn(data: Cursor) -> tuple[str, ...]:
     protocols = []
     while not names.at_end():
         protocol = names.vector(1, "ALPN protocol name", min_len=1)
-        protocols.append(
-            bytes(protocol.raw(protocol.remaining, "ALPN protocol name")).decode(
-                "ascii", "backslashreplace"
-            )
+        name = bytes(protocol.raw(protocol.remaining, "ALPN protocol name")).decode(
+            "ascii", "backslashreplace"
         )
+        protocols.append(_COMMON_ALPN.get(name, name))
     return tuple(protocols)
+
+
+#: The ALPN names nearly every client sends, as one shared string each: a connection keeps its
+#: ALPN list as long as it lives (the access log's ``alpn``).
+_COMMON_ALPN = {name: name for name in ("h2", "http/1.1", "http/1.0", "h3", "acme-tls/1")}
 
 
 def _parse_supported_versions(data: Cursor) -> tuple[int, ...]:

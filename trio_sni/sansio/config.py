@@ -9,6 +9,7 @@ shapes and their invariants, so a ``Config`` that exists is a ``Config`` that ca
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Literal, TypeVar
@@ -147,6 +148,11 @@ class Listener:
     @property
     def label(self) -> str:
         """The name used in logs and metrics: ``name`` or ``host:port``."""
+        return self._label
+
+    @functools.cached_property
+    def _label(self) -> str:
+        # Computed once: every connection's record keeps it while the connection lives.
         if self.name:
             return self.name
         host = f"[{self.host}]" if ":" in self.host else self.host
