@@ -9,6 +9,7 @@ tests, so each failure shrinks to a small, readable hello (hypothesis'
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from typing import Any, Literal
 
@@ -222,11 +223,10 @@ def socks5_server_replies(draw: st.DrawFn) -> Socks5Transcript:
     if method == 0x02:
         wire += b"\x01\x00"
     atyp = draw(st.sampled_from([1, 3, 4]))
-    if atyp == 1:
-        address = draw(st.ip_addresses(v=4))
-        encoded, host = address.packed, str(address)
-    elif atyp == 4:
-        address = draw(st.ip_addresses(v=6))
+    if atyp in (1, 4):
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = draw(
+            st.ip_addresses(v=4 if atyp == 1 else 6)
+        )
         encoded, host = address.packed, str(address)
     else:
         name = draw(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=40))
