@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import resource
 import socket
 import struct
 import sys
@@ -131,6 +132,7 @@ class Proxy:
         ``status_socket``: serve the status endpoint on this abstract unix socket (a worker's,
         for its supervisor) instead of ``status.listen``."""
         self.config = config
+        self._worker = worker
         self._status_socket = status_socket
         self._inherited = list(inherited)
         _warn_about_open_proxy_protocol(config)
@@ -326,7 +328,14 @@ class Proxy:
         """Accept on the listening socket itself, not through trio's SocketListener, which
         drops the address accept() returns: a client that resets before its handler runs
         can no longer be asked for it (getpeername fails), and its access-log line needs it."""
+        last_fd = -1
         while True:
+            if self._worker is not None and _near_fd_limit(last_fd):
+                # Workers share the listening socket: a full one leaves new clients to the
+                # others (the kernel does not spread accepts evenly) until one of its own
+                # connections ends, rather than refusing them (fd_limit).
+                await self.context.ended.park()
+                last_fd = -1
             try:
                 sock, peer = await listening.accept()
             except OSError as exc:
@@ -348,10 +357,23 @@ class Proxy:
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 raise
+            last_fd = sock.fileno()
             connections.start_soon(
                 handle_connection, trio.SocketStream(sock), peer, spec, self.context
             )
 
+
+#: The fds a worker keeps free for everything else (the upstream socket of the connection it
+#: accepts, the splice pipe pool, status and log files, ...) before it leaves new connections
+#: to the other workers.
+FD_HEADROOM = 256
+
+
+def _near_fd_limit(last_fd: int) -> bool:
+    """Whether the fd accept() returned last is within :data:`FD_HEADROOM` of the process's
+    limit. The kernel hands out the lowest free fd, so the newest one's number tells how many
+    are open, without counting them."""
+    return last_fd + FD_HEADROOM >= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 #: The access log's reason for a client refused because the proxy is out of file descriptors.
 FD_LIMIT_REASON = "fd_limit"

@@ -14,6 +14,7 @@ connection moves its bytes in the kernel meanwhile), so every task counted is th
 from __future__ import annotations
 
 import fcntl
+import os
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -79,8 +80,10 @@ OPENED: list[trio.SocketStream] = []
 @pytest.fixture(autouse=True)
 def close_what_was_opened() -> Iterator[None]:
     yield
-    for stream in OPENED:
-        stream.socket.close()
+    for stream in OPENED:  # after the Trio run: close the fds, not Trio's sockets
+        fd = stream.socket.detach()
+        if fd != -1:
+            os.close(fd)
     OPENED.clear()
 
 
@@ -275,3 +278,49 @@ async def test_shutdown_ends_handed_off_connections_at_the_drain_deadline(
         conn.server.socket.close()
     await wait_for(lambda: forwarder.plane.closed, timeout=10)
     assert not running.proxy.context.live
+
+
+async def test_a_worker_at_its_fd_limit_stops_accepting_until_a_connection_ends(
+    nursery: trio.Nursery, backend: trio.socket.SocketType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers share the listening socket: one that is full leaves new clients in the backlog
+    for the others (here there are none, so the client waits) instead of refusing them."""
+    from trio_sni import server
+    from trio_sni.sansio.config_load import load_config
+
+    records: list[dict[str, object]] = []
+    proxy = server.Proxy(
+        load_config(kernel_config(backend.getsockname()[1])), access_log=records.append, worker=0
+    )
+    [listener] = await nursery.start(proxy.serve)
+    running = attrs.make_class("Running", ["port", "proxy"])(
+        listener.socket.getsockname()[1], proxy
+    )
+    # Room for a few connections: each takes four fds of this process (both ends of both),
+    # and the kernel hands out the lowest free fd.
+    lowest_free = os.dup(0)
+    os.close(lowest_free)
+    limit = lowest_free + server.FD_HEADROOM + 12
+    monkeypatch.setattr(server.resource, "getrlimit", lambda _which: (limit, limit))
+    conns: list[Conn] = []
+    for number in range(20):
+        client = await trio.open_tcp_stream("127.0.0.1", running.port)
+        OPENED.append(client)
+        hello = client_hello(f"c{number:04}.handoff.test")
+        await client.send_all(hello)
+        with trio.move_on_after(0.5):
+            sock, _ = await backend.accept()
+            OPENED.append(trio.SocketStream(sock))
+            conns.append(Conn(number, client, trio.SocketStream(sock), hello))
+            continue
+        break  # this one waits in the backlog
+    else:
+        raise AssertionError("the proxy never stopped accepting")
+    assert 1 <= len(conns) < 20
+    conns[0].client.socket.close()
+    conns[0].server.socket.close()
+    with trio.fail_after(5):
+        sock, _ = await backend.accept()  # accepted once a connection ended, and routed
+    OPENED.append(trio.SocketStream(sock))
+    assert not [r for r in records if r["reason"] == "fd_limit"]
+    proxy.shutdown()
