@@ -375,6 +375,7 @@ def _near_fd_limit(last_fd: int) -> bool:
     are open, without counting them."""
     return last_fd + FD_HEADROOM >= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
+
 #: The access log's reason for a client refused because the proxy is out of file descriptors.
 FD_LIMIT_REASON = "fd_limit"
 
