@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import select
 import socket
 from collections.abc import Sequence
 
@@ -160,27 +161,64 @@ async def _connect_to_one(
     timeout: float,  # noqa: ASYNC109  (as connect_to_addresses: the message names the wait)
 ) -> tuple[trio.SocketStream, IPAddress]:
     """What the race in :func:`connect_to_addresses` does for one address, without its nursery,
-    tasks and events (most targets resolve to one address; bench/bench_setup_cost.py)."""
+    tasks and events (most targets resolve to one address; bench/bench_setup_cost.py).
+
+    connect() is called directly: where the kernel completes the handshake within the call (a
+    target on this host), the socket is used at once, with no wait, deadline scope or
+    checkpoint; otherwise it waits for the connect to finish, up to ``timeout``.
+    """
     attempt = _Attempt(address, started=True)
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    sock: trio.socket.SocketType | None = None
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    handed = False
     try:
-        with trio.move_on_after(timeout):
-            try:
-                sock = trio.socket.socket(family, socket.SOCK_STREAM)
-                await sock.connect((str(address), port))
-            except OSError as exc:
-                if exc.errno not in _ACCEPTED_THEN_RESET:
-                    attempt.error = exc
-            if attempt.error is None:
-                assert sock is not None
-                stream = trio.SocketStream(sock)
-                sock = None  # the caller's now
-                return stream, address
+        try:
+            if not _connect_now(sock, (str(address), port)):
+                with trio.move_on_after(timeout) as waiting:
+                    await trio.lowlevel.wait_writable(sock)
+                if waiting.cancelled_caught:
+                    raise UpstreamError(_failure_message([attempt], port, timeout))
+                _raise_connect_error(sock)
+        except OSError as exc:
+            if exc.errno not in _ACCEPTED_THEN_RESET:
+                attempt.error = exc
+                raise UpstreamError(_failure_message([attempt], port, timeout)) from None
+        stream = trio.SocketStream(sock)
+        handed = True
+        return stream, address
     finally:
-        if sock is not None:
+        if not handed:
             sock.close()
-    raise UpstreamError(_failure_message([attempt], port, timeout))
+
+
+def _connect_now(sock: trio.socket.SocketType, address: tuple[str, int]) -> bool:
+    """Start connecting; True if connected already (the handshake completed within the
+    call, as on loopback). Raises OSError for a connect that failed at once."""
+    raw = socket.socket(sock.family, sock.type, fileno=sock.fileno())
+    try:
+        try:
+            raw.connect(address)
+        except BlockingIOError:
+            return _connected(sock)
+        return True
+    finally:
+        raw.detach()
+
+
+def _connected(sock: trio.socket.SocketType) -> bool:
+    """Whether a connect in progress has finished; raises its error if it failed."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    if not poller.poll(0):
+        return False
+    _raise_connect_error(sock)
+    return True
+
+
+def _raise_connect_error(sock: trio.socket.SocketType) -> None:
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
 
 
 def _failure_message(attempts: list[_Attempt], port: int, timeout: float) -> str:
