@@ -169,7 +169,11 @@ async def _connect_to_one(
     """
     attempt = _Attempt(address, started=True)
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # out of fds, say
+        attempt.error = exc
+        raise UpstreamError(_failure_message([attempt], port, timeout)) from None
     handed = False
     try:
         try:

@@ -4,13 +4,16 @@ skip it; anything else is a crash, not a spin."""
 from __future__ import annotations
 
 import errno
+import socket
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
 from proxytest import wait_for
 
+from trio_sni import server
 from trio_sni.sansio.config import Listener
 from trio_sni.sansio.config_load import load_config
 from trio_sni.server import ACCEPT_BACKOFF, ACCEPT_SKIP_ERRNOS, Proxy, ReserveFd
@@ -18,22 +21,22 @@ from trio_sni.server import ACCEPT_BACKOFF, ACCEPT_SKIP_ERRNOS, Proxy, ReserveFd
 CONFIG = {"listeners": [{"host": "127.0.0.1", "port": 0}], "log": {"access_log": None}}
 
 
-class FlakySocket(trio.socket.SocketType):
-    """A real listening socket whose first accepts fail with the given errors (errno
-    injection); the accept loop uses nothing else of it."""
+ACCEPT_NOW = server.accept_now  # the real one, before a test replaces it
 
-    def __init__(self, real: trio.socket.SocketType, errors: list[OSError]) -> None:
-        super().__init__()
-        self.real = real
-        self.errors = errors
-        self.failures_at: list[float] = []
 
-    async def accept(self) -> tuple[trio.socket.SocketType, Any]:
-        await trio.lowlevel.checkpoint()
+@attrs.define
+class FlakyAccept:
+    """accept() on the real listening socket, except that the first calls fail with the
+    given errors (errno injection)."""
+
+    errors: list[OSError]
+    failures_at: list[float] = attrs.Factory(list)
+
+    def __call__(self, listening: socket.socket) -> tuple[socket.socket, Any]:
         if self.errors:
             self.failures_at.append(trio.current_time())
             raise self.errors.pop(0)
-        return await self.real.accept()
+        return ACCEPT_NOW(listening)
 
 
 async def test_overload_errors_back_off_and_retry(
@@ -44,7 +47,8 @@ async def test_overload_errors_back_off_and_retry(
     overloads = [
         OSError(e, "overloaded") for e in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
     ]
-    flaky = FlakySocket(real.socket, overloads)
+    flaky = FlakyAccept(overloads)
+    monkeypatch.setattr(server, "accept_now", flaky)
     spec = Listener(host="127.0.0.1", port=0)
     # No reserve fd could be taken (tests/e2e/test_fd_limit.py has the real EMFILE with one):
     # every error backs off.
@@ -52,7 +56,7 @@ async def test_overload_errors_back_off_and_retry(
     reserve = ReserveFd()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(proxy._accept_loop, flaky, spec, nursery, reserve)
+            nursery.start_soon(proxy._accept_loop, real.socket, spec, nursery, reserve)
             client = await trio.open_tcp_stream("127.0.0.1", real.socket.getsockname()[1])
             await wait_for(lambda: not proxy.context.live and len(flaky.failures_at) == 4)
             await client.aclose()
@@ -63,16 +67,16 @@ async def test_overload_errors_back_off_and_retry(
     assert flaky.failures_at == [0, ACCEPT_BACKOFF, 2 * ACCEPT_BACKOFF, 3 * ACCEPT_BACKOFF]
 
 
-async def test_other_accept_errors_crash_loudly() -> None:
+async def test_other_accept_errors_crash_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     proxy = Proxy(load_config(CONFIG), access_log=lambda record: None)
     [real] = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    flaky = FlakySocket(real.socket, [OSError(errno.EBADF, "bad fd")])
+    monkeypatch.setattr(server, "accept_now", FlakyAccept([OSError(errno.EBADF, "bad fd")]))
     reserve = ReserveFd()
     try:
         with pytest.RaisesGroup(pytest.RaisesExc(OSError, match="bad fd")):
             async with trio.open_nursery() as nursery:
                 await proxy._accept_loop(
-                    flaky, Listener(host="127.0.0.1", port=0), nursery, reserve
+                    real.socket, Listener(host="127.0.0.1", port=0), nursery, reserve
                 )
     finally:
         reserve.close()
@@ -80,18 +84,23 @@ async def test_other_accept_errors_crash_loudly() -> None:
 
 
 async def test_a_connection_gone_in_accept_is_skipped_at_once(
-    autojump_clock: trio.testing.MockClock,
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     records: list[dict[str, object]] = []
     proxy = Proxy(load_config(CONFIG), access_log=records.append)
     [real] = await trio.open_tcp_listeners(0, host="127.0.0.1")
     gone = [OSError(e, "gone") for e in sorted(ACCEPT_SKIP_ERRNOS)]
-    flaky = FlakySocket(real.socket, gone)
+    flaky = FlakyAccept(gone)
+    monkeypatch.setattr(server, "accept_now", flaky)
     try:
         async with trio.open_nursery() as nursery:
             reserve = ReserveFd()
             nursery.start_soon(
-                proxy._accept_loop, flaky, Listener(host="127.0.0.1", port=0), nursery, reserve
+                proxy._accept_loop,
+                real.socket,
+                Listener(host="127.0.0.1", port=0),
+                nursery,
+                reserve,
             )
             client = await trio.open_tcp_stream("127.0.0.1", real.socket.getsockname()[1])
             client_port = client.socket.getsockname()[1]
