@@ -236,7 +236,7 @@ async def handle_connection(
     deadline = trio.current_time() + total
     try:
         # Admit. A PROXY header comes before the client checks: its address is the client's.
-        local = _endpoint(stream.socket.getsockname())
+        local: tuple[IPAddress, int] | None = None  # asked of the socket only if needed
         early = b""
         if listener.accept_proxy_protocol:
             _admit_proxy_sender(listener, client_ip, ctx)
@@ -282,7 +282,10 @@ async def handle_connection(
             upstream, from_target = await _connect_direct(route, ctx, info), b""
         if route.rule.proxy_protocol is not None:
             await _send_proxy_header(
-                upstream, route.rule.proxy_protocol, (client_ip, info.client[1]), local
+                upstream,
+                route.rule.proxy_protocol,
+                (client_ip, info.client[1]),
+                local or _endpoint(stream.socket.getsockname()),
             )
         answer_http = False  # from here on the target answers the client
         if from_target:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import socket
 from collections.abc import Awaitable, Callable, Collection
 
 import attrs
@@ -112,8 +111,6 @@ async def pump_both_ways(
     """
     if counters.mode is None:
         counters.mode = mode
-    for stream in (client, upstream):
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     streams = {Side.CLIENT: client, Side.UPSTREAM: upstream}
     with trio.CancelScope(deadline=trio.current_time() + idle_timeout) as idle:
         pair = _Pair(streams, counters, idle, idle_timeout)

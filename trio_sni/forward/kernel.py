@@ -59,7 +59,6 @@ import contextlib
 import logging
 import math
 import select
-import socket
 from collections.abc import Callable
 
 import trio
@@ -148,9 +147,7 @@ class KernelForwarder:
         on the connection costs no task (a direction the in-flight bound moves to userspace
         gets one, its pump). A connection that falls back to copy is forwarded here, in the
         caller's task."""
-        counters.mode = Mode.KERNEL
-        for stream in (client, upstream):
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        counters.mode = Mode.KERNEL  # (TCP_NODELAY: trio.SocketStream sets it on both)
         cfd, ufd = client.socket.fileno(), upstream.socket.fileno()
         # Counts so far (e.g. bytes a SOCKS server passed on) plus what is sent from here on.
         base_to_upstream = written(upstream.socket) - counters.to_upstream
