@@ -304,7 +304,7 @@ class _SignalHandler:
         log.info("SIGUSR2: starting a new proxy on the listening sockets")
         argv = [sys.executable, *sys.orig_argv[1:]]
         try:
-            pid = await hand_over(self.proxy.listeners, argv)
+            pid = await hand_over([*self.proxy.listeners, *self.proxy.status_listeners], argv)
         except (HandoverFailed, OSError) as exc:
             log.error("SIGUSR2: %s; this proxy keeps serving", exc)
             self.handing_over = False

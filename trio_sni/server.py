@@ -55,7 +55,7 @@ from .metrics import ProxyMetrics
 from .resolver import Resolver
 from .sansio.config import Config, Listener, parse_host_port
 from .sansio.policy import ClientLimiter, Policy
-from .status import serve_status, serve_status_on, unix_listener
+from .status import Answerer, StatusSource, serve_status, serve_status_on, unix_listener
 
 log = logging.getLogger("trio_sni")
 
@@ -202,7 +202,9 @@ class Proxy:
                 else:
                     assert self.config.status.listen is not None
                     host, port = parse_host_port(self.config.status.listen)
-                    self.status_listeners = await status.start(serve_status, self, host, port)
+                    self.status_listeners = await start_status(
+                        status, self, host, port, self._inherited
+                    )
                 await self._serve_proxy(task_status=task_status)
                 status.cancel_scope.cancel()  # the proxy has drained: nothing left to report
         finally:
@@ -520,6 +522,24 @@ async def open_listeners(
             sock.close()
         inherited.clear()
     return opened
+
+
+async def start_status(
+    nursery: trio.Nursery,
+    answers: StatusSource | Answerer,
+    host: str,
+    port: int,
+    inherited: list[socket.socket],
+) -> list[trio.SocketListener]:
+    """Serve the status endpoint in ``nursery`` on the inherited socket bound to
+    ``host:port`` (taken from the list), or on a newly bound one: a new process started by a
+    handover gets the status socket too, so it can serve it while the old one still runs."""
+    adopted = await _adopt_inherited(Listener(host=host, port=port), inherited)
+    if adopted:
+        started: list[trio.SocketListener] = await nursery.start(serve_status_on, answers, adopted)
+    else:
+        started = await nursery.start(serve_status, answers, host, port)
+    return started
 
 
 async def _adopt_inherited(

@@ -45,8 +45,7 @@ import trio
 from .errors import ConfigError
 from .handover import HandoverFailed, Notifier, hand_over, spawn_with_sockets
 from .sansio.config import Config, parse_host_port
-from .server import open_listeners
-from .status import serve_status
+from .server import open_listeners, start_status
 from .workers_status import WorkersStatus, WorkerView, status_socket_name
 
 log = logging.getLogger("trio_sni")
@@ -109,6 +108,7 @@ class Supervisor:
         self.read_config = read_config
         self.workers = [Worker(i) for i in range(worker_count(config))]
         self.listeners: list[trio.SocketListener] = []
+        self.status_listeners: list[trio.SocketListener] = []
         self.notifier = Notifier()
         self.stopping = False
         self.handing_over = False
@@ -126,8 +126,6 @@ class Supervisor:
 
     async def run(self) -> int:
         """Serve until every worker has stopped; the process exit status."""
-        pairs = await open_listeners(self.config.effective_listeners, self.inherited)
-        self.listeners = [listener for listener, _ in pairs]
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
         try:
             with (
@@ -143,7 +141,11 @@ class Supervisor:
                         answers = WorkersStatus(
                             self.status_sockets, self._views, self._not_ready_reason
                         )
-                        await nursery.start(serve_status, answers, host, port)
+                        self.status_listeners = await start_status(
+                            nursery, answers, host, port, self.inherited
+                        )
+                    pairs = await open_listeners(self.config.effective_listeners, self.inherited)
+                    self.listeners = [listener for listener, _ in pairs]
                     nursery.start_soon(self._collect_readiness)
                     nursery.start_soon(self._handle_signals, received, nursery)
                     async with trio.open_nursery() as watching:
@@ -295,7 +297,8 @@ class Supervisor:
     async def _hand_over(self) -> None:
         log.info("SIGUSR2: starting a new proxy on the listening sockets")
         try:
-            pid = await hand_over(self.listeners, [sys.executable, *sys.orig_argv[1:]])
+            listening = [*self.listeners, *self.status_listeners]
+            pid = await hand_over(listening, [sys.executable, *sys.orig_argv[1:]])
         except (HandoverFailed, OSError) as exc:
             log.error("SIGUSR2: %s; this proxy keeps serving", exc)
             self.handing_over = False

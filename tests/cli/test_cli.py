@@ -816,13 +816,23 @@ def _stop_pid(pid: int) -> None:
     wait_until(gone, timeout=EXIT_TIMEOUT, what=f"pid {pid} to exit")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigusr2_hands_the_listeners_to_a_new_proxy_refusing_no_one(
+    workers: int,
     tls_backend: Backend,
     client_context: ssl.SSLContext,
     serve_config: Callable[..., ServedProxy],
 ) -> None:
+    """The same for a single process and for a supervisor with its workers."""
+    status_port = free_port()
     served = serve_config(
-        lambda port: routing_config(port, tls_backend.port, timeouts={"drain": 1})
+        lambda port: routing_config(
+            port,
+            tls_backend.port,
+            workers=workers,
+            timeouts={"drain": 1},
+            status={"listen": f"127.0.0.1:{status_port}"},
+        )
     )
     old = served.process
     successor = None
@@ -838,6 +848,9 @@ def test_sigusr2_hands_the_listeners_to_a_new_proxy_refusing_no_one(
             wait_until(lambda: loop.ok >= before + 20, timeout=STARTUP_TIMEOUT, what="requests")
         assert loop.failures == [], loop.failures[:5]
         assert f"serving on the inherited socket 127.0.0.1:{served.port}" in old.stderr
+        # The status socket went over too: the successor serves it.
+        assert f"serving on the inherited socket 127.0.0.1:{status_port}" in old.stderr
+        assert _get(f"http://127.0.0.1:{status_port}/readyz") == (200, "ready\n")
         assert "ERROR" not in old.stderr
     finally:
         if successor is not None:
