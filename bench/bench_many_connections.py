@@ -29,7 +29,6 @@ import os
 import selectors
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -37,18 +36,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from proxytest import client_hello  # noqa: E402  (a real ClientHello, as the tests send)
+
 PER_PROCESS = 9000  # connections per client or backend process (two fds each at most)
 PER_TARGET = 20000  # connections per target address
-
-
-def client_hello(name: str) -> bytes:
-    out = ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out, server_hostname=name)
-    try:
-        tls.do_handshake()
-    except ssl.SSLWantReadError:
-        return out.read()
-    raise RuntimeError("unreachable")
 
 
 # ------------------------------------------------------------------------------------------
