@@ -3,15 +3,13 @@ before the sockets enter the sockhash."""
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import fcntl
 import socket
 import struct
-from collections.abc import Iterator
 
-from ._ends import SIOCOUTQ, SocketLike
+from ._ends import SIOCOUTQ, SocketLike, borrowed
 
 SIOCINQ = 0x541B  # FIONREAD
 _TCP_INFO_LEN = 136
@@ -80,13 +78,3 @@ def drain_queued(fd: int) -> tuple[bytes, Ended | None]:
             chunks.append(data)
             if len(data) < _DRAIN_CHUNK:
                 return b"".join(chunks), None
-
-
-@contextlib.contextmanager
-def borrowed(fd: int) -> Iterator[socket.socket]:
-    """A stdlib socket object for ``fd`` that does not close it."""
-    sock = socket.socket(fileno=fd)
-    try:
-        yield sock
-    finally:
-        sock.detach()

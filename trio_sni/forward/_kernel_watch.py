@@ -29,6 +29,7 @@ from ._ends import (
     ACK_POLL,
     TCP_CLOSE,
     Ending,
+    borrowed,
     closed_by_reset,
     how_it_ended,
     pending_error,
@@ -36,7 +37,7 @@ from ._ends import (
     tcp_state,
     unacknowledged,
 )
-from ._handoff import borrowed, received, written
+from ._handoff import received, written
 from ._hangup_watch import HangupWatch
 from .interface import ByteCounters, Side
 

@@ -64,8 +64,8 @@ from collections.abc import Callable
 import trio
 
 from ..accel import SockhashPlane
-from ._ends import send_counted
-from ._handoff import Ended, borrowed, consumed, drain_queued, written
+from ._ends import borrowed, send_counted
+from ._handoff import Ended, consumed, drain_queued, written
 from ._hangup_watch import HangupWatch
 from ._kernel_watch import Direction, Watcher
 from .copy import CopyForwarder
