@@ -127,9 +127,16 @@ def test_public_names_are_reexported() -> None:
         assert hasattr(sansio, name), name
 
 
-#: What the forwarders may use from the rest of the shell: the data plane, the error family and
-#: the config. A connection's walk goes down from ``server`` to ``forward/`` and never back up.
-FORWARD_MAY_USE = ("trio_sni.forward", "trio_sni.accel", "trio_sni.errors", "trio_sni.sansio")
+#: What the forwarders may use from the rest of the shell: the data plane, the error family,
+#: the config and the fd-borrowing helper. A connection's walk goes down from ``server`` to
+#: ``forward/`` and never back up.
+FORWARD_MAY_USE = (
+    "trio_sni.forward",
+    "trio_sni.accel",
+    "trio_sni.errors",
+    "trio_sni.sansio",
+    "trio_sni._fd",
+)
 
 
 @pytest.mark.parametrize("path", python_files("trio_sni/forward"), ids=lambda p: p.name)

@@ -25,6 +25,7 @@ from .handover import (
     InheritedSocketError,
     Notifier,
     hand_over,
+    own_command_line,
     take_inherited_sockets,
 )
 from .sansio.config import Config
@@ -305,9 +306,9 @@ class _SignalHandler:
 
     async def _hand_over(self) -> None:
         log.info("SIGUSR2: starting a new proxy on the listening sockets")
-        argv = [sys.executable, *sys.orig_argv[1:]]
+        listening = [*self.proxy.listeners, *self.proxy.status_listeners]
         try:
-            pid = await hand_over([*self.proxy.listeners, *self.proxy.status_listeners], argv)
+            pid = await hand_over(listening, own_command_line())
         except (HandoverFailed, OSError) as exc:
             log.error("SIGUSR2: %s; this proxy keeps serving", exc)
             self.handing_over = False

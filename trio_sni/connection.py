@@ -26,6 +26,7 @@ from typing import Final
 import attrs
 import trio
 
+from ._fd import borrowed
 from .errors import (
     ClientReset,
     DestinationRefused,
@@ -425,15 +426,13 @@ async def read_first_bytes(
 def _receive_queued(stream: trio.SocketStream, size: int) -> bytes | None:
     """What is queued on the socket now (``b""`` at its end), or None if nothing is; errors
     as :meth:`trio.SocketStream.receive_some` raises them."""
-    sock = socket.socket(fileno=stream.socket.fileno())
-    try:
-        return sock.recv(size, socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return None
-    except OSError as exc:
-        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-    finally:
-        sock.detach()
+    with borrowed(stream.socket.fileno()) as sock:
+        try:
+            return sock.recv(size, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 def _set_qos_class(stream: trio.SocketStream, qos: str) -> None:

@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
 
@@ -103,6 +104,12 @@ def spawn_with_sockets(argv: Sequence[str], fds: Sequence[int], env: Mapping[str
     finally:
         for fd in high:
             os.close(fd)
+
+
+def own_command_line() -> list[str]:
+    """This process's command line, to start another like it (a successor, a worker): the
+    same interpreter, its options and arguments."""
+    return [sys.executable, *sys.orig_argv[1:]]
 
 
 class Notifier:

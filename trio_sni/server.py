@@ -34,6 +34,7 @@ from typing import Any, TextIO
 
 import trio
 
+from ._fd import borrowed
 from .connection import (
     ConnectionContext,
     format_endpoint,
@@ -336,11 +337,8 @@ class Proxy:
         accept() is called directly while clients wait, up to :data:`ACCEPT_BATCH` in a row
         before other tasks get a turn, and the loop waits for the socket only when none
         does: no checkpoint and scheduler pass per connection (bench/bench_setup_cost.py)."""
-        raw = socket.socket(listening.family, listening.type, fileno=listening.fileno())
-        try:
+        with borrowed(listening.fileno()) as raw:
             await self._accept_from(raw, listening, spec, connections, reserve)
-        finally:
-            raw.detach()
 
     async def _accept_from(
         self,
@@ -448,13 +446,11 @@ class ReserveFd:
         os.close(self._fd)
         self._fd = -1
         try:
-            borrowed = socket.socket(listening.family, listening.type, 0, listening.fileno())
-            try:
-                conn, peer = borrowed.accept()
-            except OSError:
-                return False
-            finally:
-                borrowed.detach()
+            with borrowed(listening.fileno()) as raw:
+                try:
+                    conn, peer = raw.accept()
+                except OSError:
+                    return False
             with conn:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         finally:

@@ -35,7 +35,6 @@ import os
 import signal
 import socket
 import struct
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -43,7 +42,13 @@ import attrs
 import trio
 
 from .errors import ConfigError
-from .handover import HandoverFailed, Notifier, hand_over, spawn_with_sockets
+from .handover import (
+    HandoverFailed,
+    Notifier,
+    hand_over,
+    own_command_line,
+    spawn_with_sockets,
+)
 from .sansio.config import Config, parse_host_port
 from .server import open_listeners, start_status
 from .workers_status import WorkersStatus, WorkerView, status_socket_name
@@ -169,8 +174,8 @@ class Supervisor:
         }
         if self.status_sockets:
             env[STATUS_SOCKET_ENV] = self.status_sockets[worker.index]
-        argv = [sys.executable, *sys.orig_argv[1:]]
-        worker.pid = spawn_with_sockets(argv, [lst.socket.fileno() for lst in self.listeners], env)
+        fds = [lst.socket.fileno() for lst in self.listeners]
+        worker.pid = spawn_with_sockets(own_command_line(), fds, env)
         worker.pidfd = os.pidfd_open(worker.pid)
         worker.started = trio.current_time()
         worker.ready = False
@@ -298,7 +303,7 @@ class Supervisor:
         log.info("SIGUSR2: starting a new proxy on the listening sockets")
         try:
             listening = [*self.listeners, *self.status_listeners]
-            pid = await hand_over(listening, [sys.executable, *sys.orig_argv[1:]])
+            pid = await hand_over(listening, own_command_line())
         except (HandoverFailed, OSError) as exc:
             log.error("SIGUSR2: %s; this proxy keeps serving", exc)
             self.handing_over = False

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
+from ._fd import borrowed
 from .errors import UpstreamError
 from .sansio.config import Socks5
 from .sansio.socks5 import (
@@ -198,15 +199,12 @@ async def _connect_to_one(
 def _connect_now(sock: trio.socket.SocketType, address: tuple[str, int]) -> bool:
     """Start connecting; True if connected already (the handshake completed within the
     call, as on loopback). Raises OSError for a connect that failed at once."""
-    raw = socket.socket(sock.family, sock.type, fileno=sock.fileno())
-    try:
+    with borrowed(sock.fileno()) as raw:
         try:
             raw.connect(address)
         except BlockingIOError:
             return _connected(sock)
         return True
-    finally:
-        raw.detach()
 
 
 def _connected(sock: trio.socket.SocketType) -> bool:

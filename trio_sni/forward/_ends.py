@@ -13,11 +13,12 @@ import enum
 import fcntl
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
+from .._fd import borrowed
 from .interface import ByteCounters, Side
 
 #: ``ioctl`` request for the bytes a TCP socket holds that its peer has not acknowledged.
@@ -166,13 +167,3 @@ def _count(counters: ByteCounters, destination: Side, n: int) -> None:
         counters.to_upstream += n
     else:
         counters.to_client += n
-
-
-@contextlib.contextmanager
-def borrowed(fd: int) -> Iterator[socket.socket]:
-    """A stdlib socket object for ``fd`` that does not close it."""
-    sock = socket.socket(fileno=fd)
-    try:
-        yield sock
-    finally:
-        sock.detach()

@@ -9,7 +9,8 @@ import fcntl
 import socket
 import struct
 
-from ._ends import SIOCOUTQ, SocketLike, borrowed
+from .._fd import borrowed
+from ._ends import SIOCOUTQ, SocketLike
 
 SIOCINQ = 0x541B  # FIONREAD
 _TCP_INFO_LEN = 136

@@ -24,12 +24,12 @@ from typing import Protocol
 import attrs
 import trio
 
+from .._fd import borrowed
 from ..accel import SockhashPair
 from ._ends import (
     ACK_POLL,
     TCP_CLOSE,
     Ending,
-    borrowed,
     closed_by_reset,
     how_it_ended,
     pending_error,

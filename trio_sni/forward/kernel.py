@@ -63,8 +63,9 @@ from collections.abc import Callable
 
 import trio
 
+from .._fd import borrowed
 from ..accel import SockhashPlane
-from ._ends import borrowed, send_counted
+from ._ends import send_counted
 from ._handoff import Ended, consumed, drain_queued, written
 from ._hangup_watch import HangupWatch
 from ._kernel_watch import Direction, Watcher
@@ -210,7 +211,7 @@ class KernelForwarder:
             watcher = Watcher(self, pair, dirs, counters, on_end)
             watcher.start()
             return watcher
-        ended = trio.Event()
+        ended = trio.Event()  # the caller waits for the end in its own task
         watcher = Watcher(self, pair, dirs, counters, lambda _reason: ended.set())
         watcher.start()
         try:
