@@ -426,7 +426,7 @@ async def read_first_bytes(
 def _receive_queued(stream: trio.SocketStream, size: int) -> bytes | None:
     """What is queued on the socket now (``b""`` at its end), or None if nothing is; errors
     as :meth:`trio.SocketStream.receive_some` raises them."""
-    with borrowed(stream.socket.fileno()) as sock:
+    with borrowed(stream.socket) as sock:
         try:
             return sock.recv(size, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):

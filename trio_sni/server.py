@@ -337,7 +337,7 @@ class Proxy:
         accept() is called directly while clients wait, up to :data:`ACCEPT_BATCH` in a row
         before other tasks get a turn, and the loop waits for the socket only when none
         does: no checkpoint and scheduler pass per connection (bench/bench_setup_cost.py)."""
-        with borrowed(listening.fileno()) as raw:
+        with borrowed(listening) as raw:
             await self._accept_from(raw, listening, spec, connections, reserve)
 
     async def _accept_from(
@@ -446,7 +446,7 @@ class ReserveFd:
         os.close(self._fd)
         self._fd = -1
         try:
-            with borrowed(listening.fileno()) as raw:
+            with borrowed(listening) as raw:
                 try:
                     conn, peer = raw.accept()
                 except OSError:

@@ -199,7 +199,7 @@ async def _connect_to_one(
 def _connect_now(sock: trio.socket.SocketType, address: tuple[str, int]) -> bool:
     """Start connecting; True if connected already (the handshake completed within the
     call, as on loopback). Raises OSError for a connect that failed at once."""
-    with borrowed(sock.fileno()) as raw:
+    with borrowed(sock) as raw:
         try:
             raw.connect(address)
         except BlockingIOError:

@@ -148,6 +148,27 @@ def test_register_inserts_and_always_removes(plane: accel.SockhashPlane) -> None
 
 
 @pytest.mark.bpf
+def test_a_release_before_closing_leaves_the_sockhash_entries_to_the_close(
+    plane: accel.SockhashPlane,
+) -> None:
+    s1, outside_client, proxy_client = _pair()
+    s2, proxy_upstream, outside_upstream = _pair()
+    others = (s1, s2, outside_client, outside_upstream)
+    try:
+        plane.register(proxy_client, proxy_upstream, bound=1 << 20).release(closing=True)
+        assert plane.entries() == {"sock_hash": 2, "targets": 2, "peer": 0, "progress": 0}
+        outside_client.sendall(b"late")  # no peer entry: passed to its own queue, not lost
+        proxy_client.settimeout(5)
+        assert proxy_client.recv(4) == b"late"
+        proxy_client.close()
+        proxy_upstream.close()
+        assert plane.entries() == {"sock_hash": 0, "targets": 0, "peer": 0, "progress": 0}
+    finally:
+        for s in (*others, proxy_client, proxy_upstream):
+            s.close()
+
+
+@pytest.mark.bpf
 def test_a_half_closed_client_is_refused_and_leaves_nothing(plane: accel.SockhashPlane) -> None:
     s1, outside_client, proxy_client = _pair()
     s2, proxy_upstream, outside_upstream = _pair()

@@ -55,7 +55,6 @@ left :data:`QUIET` seconds after the last client finished.
 from __future__ import annotations
 
 import collections
-import contextlib
 import fcntl
 import json
 import logging
@@ -67,7 +66,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +74,8 @@ import attrs
 import pytest
 import trio
 from proxytest import client_hello, wait_for
+
+from trio_sni._fd import borrowed
 
 TESTS = Path(__file__).resolve().parent.parent
 
@@ -207,7 +208,7 @@ class End:
         """
         sent = 0
         try:
-            with _borrowed(self.stream.socket.fileno()) as sock:
+            with borrowed(self.stream.socket) as sock:
                 sent = sock.send(data, socket.MSG_DONTWAIT) if data else 0
         except BlockingIOError:
             pass
@@ -221,16 +222,6 @@ class End:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
-
-
-@contextlib.contextmanager
-def _borrowed(fd: int) -> Iterator[socket.socket]:
-    """A stdlib socket object for ``fd`` that does not close it (a send without a checkpoint)."""
-    sock = socket.socket(fileno=fd)
-    try:
-        yield sock
-    finally:
-        sock.detach()
 
 
 def _outq(sock: trio.socket.SocketType) -> int:

@@ -142,7 +142,7 @@ async def send_counted(
     connection almost always fit); only the rest waits for the socket.
     """
     view = memoryview(data)
-    with borrowed(stream.socket.fileno()) as sock:
+    with borrowed(stream.socket) as sock:
         while view:
             try:
                 n = sock.send(view, socket.MSG_DONTWAIT)

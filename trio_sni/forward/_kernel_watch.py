@@ -255,7 +255,8 @@ class Watcher:
 
     def _release(self) -> None:
         """Stop the pumps, the watches, the owner's bookkeeping, then remove the map entries
-        (the sockets are the caller's to close)."""
+        (the sockets are the caller's to close, at once: that takes them out of the
+        sockhashes)."""
         self.finished = True
         owner = self.owner
         for d in self.dirs:
@@ -264,7 +265,7 @@ class Watcher:
             owner.watch.forget(d.src_fd)
             owner.live.pop(self.pair.cookie(d.src_side), None)
         owner.leave(self)
-        self.pair.release()
+        self.pair.release(closing=True)
 
     def step(self) -> None:
         """The timed checks of draining and acknowledging directions; ends the connection when

@@ -199,7 +199,7 @@ class KernelForwarder:
                 counters.to_client,
             ),
         )
-        with borrowed(cfd) as cs, borrowed(ufd) as us:
+        with borrowed(client.socket) as cs, borrowed(upstream.socket) as us:
             try:
                 pair = self.plane.register(cs, us, bound=self._bound)
             except OSError as exc:

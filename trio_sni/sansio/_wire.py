@@ -17,12 +17,13 @@ a caller, that is a bug in the reader.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 __all__ = ["Cursor", "DecodeError"]
 
-# Width in bytes of each length prefix TLS uses (uint8, uint16, uint24 lengths).
-_LENGTH_WIDTHS: Final = (1, 2, 3)
+# The largest length each width of length prefix TLS uses can hold (uint8, uint16, uint24).
+_LENGTH_LIMITS: Final = {1: 0xFF, 2: 0xFFFF, 3: 0xFFFFFF}
 
 
 class DecodeError(Exception):
@@ -143,28 +144,58 @@ class Cursor:
         Raises:
             DecodeError: the prefix or body does not fit, or the length is out of bounds.
         """
-        if width not in _LENGTH_WIDTHS:
-            raise ValueError(f"vector length prefix must be 1, 2 or 3 bytes, not {width}")
+        try:
+            limit = _LENGTH_LIMITS[width]
+        except KeyError:
+            raise ValueError(f"vector length prefix must be 1, 2 or 3 bytes, not {width}") from None
         pos = self._pos
-        start = self._base + pos
         if pos + width > self._end:
             raise self._truncated(width, f"{what} length")
         data = self._data
-        length = data[pos]
-        for i in range(pos + 1, pos + width):
-            length = (length << 8) | data[i]
-        pos += width
-        upper = (1 << (8 * width)) - 1 if max_len is None else max_len
+        if width == 2:
+            length = (data[pos] << 8) | data[pos + 1]
+        elif width == 1:
+            length = data[pos]
+        else:
+            length = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
+        upper = limit if max_len is None else max_len
         if not min_len <= length <= upper:
-            raise DecodeError(f"{what} length {length} is outside {min_len}..{upper}", start)
+            raise DecodeError(f"{what} length {length} is outside {min_len}..{upper}", self.offset)
+        return self._child(pos + width, length, what)
+
+    def extension(self, name_of: Callable[[int], str]) -> tuple[int, Cursor]:
+        """Read a TLS extension (RFC 8446 section 4.2): a uint16 type, then a vector with a
+        2-byte length prefix. Returns the type and a cursor over the body.
+
+        ``name_of(type)`` names the extension in an error message; it is called only then
+        (a ClientHello has a dozen extensions, and this is the parser's inner loop).
+        """
+        pos = self._pos
+        if pos + 4 > self._end:
+            if pos + 2 > self._end:
+                raise self._truncated(2, "extension type")
+            what = f"extension {name_of((self._data[pos] << 8) | self._data[pos + 1])} length"
+            self._pos = pos + 2
+            raise self._truncated(2, what)
+        data = self._data
+        ext_type = (data[pos] << 8) | data[pos + 1]
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        self._pos = pos + 2
+        if pos + 4 + length > self._end:
+            return ext_type, self._child(pos + 4, length, f"extension {name_of(ext_type)}")
+        return ext_type, self._child(pos + 4, length, "")
+
+    def _child(self, pos: int, length: int, what: str) -> Cursor:
+        """The cursor over the ``length`` bytes at ``pos`` (just past a length prefix, which
+        starts at the current position); this cursor moves past them."""
         if pos + length > self._end:
             raise DecodeError(
                 f"{what} length {length} overruns its container ({self._end - pos} bytes left)",
-                start,
+                self.offset,
             )
         self._pos = pos + length
         child = Cursor.__new__(Cursor)  # the slice of a "B" view is one already: no checks
-        child._data = data[pos : pos + length]
+        child._data = self._data[pos : pos + length]
         child._pos = 0
         child._end = length
         child._base = self._base + pos

@@ -453,11 +453,9 @@ def _parse_client_hello(body: bytes, *, raw: bytes, record_count: int) -> Client
     versions: tuple[int, ...] = ()
     while not extensions.at_end():
         start = extensions.offset
-        ext_type = extensions.u16("extension type")
-        name = _extension_name(ext_type)
-        data = extensions.vector(2, f"extension {name}")
+        ext_type, data = extensions.extension(_extension_name)
         if ext_type in seen:
-            raise DecodeError(f"extension {name} appears twice", start)
+            raise DecodeError(f"extension {_extension_name(ext_type)} appears twice", start)
         seen.add(ext_type)
         if ext_type == EXT_SERVER_NAME:
             has_sni_extension = True

@@ -88,8 +88,15 @@ def _invalid(raw: bytes | str, problem: str) -> InvalidSNIError:
     return InvalidSNIError(f"invalid server name {_show(raw)}: {problem}")
 
 
+#: Every character an address literal can have before a ``%`` scope (IPv4, IPv6, bracketed, and
+#: ``inet_aton``'s hexadecimal and octal forms).
+_IP_LITERAL_CHARACTERS: Final = frozenset("0123456789abcdefABCDEFxX.:[]")
+
+
 def _is_ip_literal(name: str) -> bool:
     """True for anything a resolver or ``inet_aton`` would read as an address, not a name."""
+    if not _IP_LITERAL_CHARACTERS.issuperset(name.split("%", 1)[0]):
+        return False  # most names: no exception from ipaddress to pay for
     candidate = name[1:-1] if name.startswith("[") and name.endswith("]") else name
     try:
         ipaddress.ip_address(candidate.split("%", 1)[0])
