@@ -31,6 +31,7 @@ from .handover import (
 from .sansio.config import Config
 from .sansio.config_load import dump_config, load_config_text
 from .server import Proxy
+from .shared_limits import LIMITS_FD_ENV, SharedLimiter
 from .supervisor import STATUS_SOCKET_ENV, WORKER_ENV, Supervisor, worker_config
 
 log = logging.getLogger("trio_sni")
@@ -214,11 +215,16 @@ async def run(
 ) -> None:
     """Serve ``config`` and handle signals until the proxy has drained. ``worker``: this
     process is that worker of a supervisor (:mod:`trio_sni.supervisor`)."""
-    status_socket = None
+    status_socket = limiter = None
     if worker is not None:
         config = worker_config(config, worker)
         status_socket = os.environ.pop(STATUS_SOCKET_ENV, None)
-    proxy = Proxy(config, inherited=inherited, worker=worker, status_socket=status_socket)
+        limiter = SharedLimiter(
+            int(os.environ.pop(LIMITS_FD_ENV)), worker, config.limits, config.max_connections
+        )
+    proxy = Proxy(
+        config, inherited=inherited, worker=worker, status_socket=status_socket, limiter=limiter
+    )
     notifier = Notifier()
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
     with trio.open_signal_receiver(*signals) as received:

@@ -21,7 +21,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Final
+from typing import Final, Protocol
 
 import attrs
 import trio
@@ -45,11 +45,11 @@ from .sansio import NEED_DATA, BufferedReader, EventT, http_request, proxy_proto
 from .sansio.addresses import IPAddress, refusal_reason
 from .sansio.alerts import Alert, alert_record
 from .sansio.clienthello import ClientHelloReader
-from .sansio.config import QOS_PRIORITY, Listener, Socks5
+from .sansio.config import QOS_PRIORITY, Limits, Listener, Socks5
 from .sansio.errors import MalformedHelloError
 from .sansio.http_request import DEFAULT_MAX_SIZE as MAX_REQUEST_HEAD
 from .sansio.http_request import HttpRequestError, HttpRequestReader
-from .sansio.policy import ClientLimiter, Deny, Policy, Route, check_proxy_sender
+from .sansio.policy import Deny, Policy, Route, check_proxy_sender
 from .sansio.proxy_protocol import MAX_V1_LENGTH, ProxyHeaderError, ProxyHeaderReader
 from .upstream import connect_to_addresses, connect_via_socks5
 
@@ -126,6 +126,15 @@ def format_endpoint(endpoint: tuple[str, int] | tuple[str, int, int, int]) -> st
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class Limiter(Protocol):
+    """The per-client limits: a :class:`~trio_sni.sansio.policy.ClientLimiter` in one process, a
+    :class:`~trio_sni.shared_limits.SharedLimiter` across workers."""
+
+    def acquire(self, ip: IPAddress, now: float) -> Deny | None: ...
+    def release(self, ip: IPAddress) -> None: ...
+    def reconfigure(self, limits: Limits, max_connections: int) -> None: ...
+
+
 @attrs.define(eq=False)
 class ConnectionContext:
     """Everything a connection handler needs, shared by all connections of a proxy.
@@ -135,7 +144,7 @@ class ConnectionContext:
     """
 
     policy: Policy
-    limiter: ClientLimiter
+    limiter: Limiter
     resolver: Resolver
     forwarder: Forwarder
     max_hello_size: int

@@ -88,15 +88,19 @@ def take_inherited_sockets(
     return sockets
 
 
-def spawn_with_sockets(argv: Sequence[str], fds: Sequence[int], env: Mapping[str, str]) -> int:
+def spawn_with_sockets(
+    argv: Sequence[str], fds: Sequence[int], env: Mapping[str, str], more: Sequence[int] = ()
+) -> int:
     """Start ``argv`` with the sockets ``fds`` as its fds 3, 4, ... and ``LISTEN_FDS`` set;
-    its pid.
+    its pid. ``more``: fds to pass after the sockets (at ``3 + len(fds)``, ...), not counted
+    in ``LISTEN_FDS``.
 
     posix_spawn's dup2 actions put each socket where the protocol wants it, in the child only,
     and without running Python code between fork and exec.
     """
+    passed = [*fds, *more]
     # Copies above every fd the actions write to, so that no action clobbers a later source.
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, LISTEN_FDS_START + len(fds)) for fd in fds]
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, LISTEN_FDS_START + len(passed)) for fd in passed]
     try:
         actions = [(os.POSIX_SPAWN_DUP2, fd, LISTEN_FDS_START + i) for i, fd in enumerate(high)]
         child_env = {**env, "LISTEN_FDS": str(len(fds))}

@@ -37,6 +37,7 @@ import trio
 from ._fd import borrowed
 from .connection import (
     ConnectionContext,
+    Limiter,
     format_endpoint,
     handle_connection,
     log_refused_at_accept,
@@ -127,13 +128,15 @@ class Proxy:
         inherited: Sequence[socket.socket] = (),
         worker: int | None = None,
         status_socket: str | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         """``inherited``: listening sockets this process was started with
         (:func:`trio_sni.handover.take_inherited_sockets`); a listener whose address one of
         them has serves on it instead of binding, the others are closed at start. ``worker``:
         this proxy is that worker of a supervisor (its access-log lines say which).
         ``status_socket``: serve the status endpoint on this abstract unix socket (a worker's,
-        for its supervisor) instead of ``status.listen``."""
+        for its supervisor) instead of ``status.listen``. ``limiter``: the per-client limits
+        (a worker's are shared with the others), else this process's own."""
         self.config = config
         self._worker = worker
         self._status_socket = status_socket
@@ -142,7 +145,9 @@ class Proxy:
         self._access_log = AccessLog(config.log.access_log) if access_log is None else None
         self.context = ConnectionContext(
             policy=Policy.from_config(config),
-            limiter=ClientLimiter(config.limits, config.max_connections),
+            limiter=ClientLimiter(config.limits, config.max_connections)
+            if limiter is None
+            else limiter,
             resolver=Resolver(config.resolver, timeout=config.timeouts.resolve),
             # Until serve() has chosen the forwarding plan (the sockhash feature's start).
             forwarder=CopyForwarder(

@@ -43,6 +43,7 @@ import trio
 
 from .errors import ConfigError
 from .handover import (
+    LISTEN_FDS_START,
     HandoverFailed,
     Notifier,
     hand_over,
@@ -51,6 +52,7 @@ from .handover import (
 )
 from .sansio.config import Config, parse_host_port
 from .server import open_listeners, start_status
+from .shared_limits import LIMITS_FD_ENV, SharedLimiter
 from .workers_status import WorkersStatus, WorkerView, status_socket_name
 
 log = logging.getLogger("trio_sni")
@@ -112,6 +114,8 @@ class Supervisor:
         self.inherited = list(inherited)
         self.read_config = read_config
         self.workers = [Worker(i) for i in range(worker_count(config))]
+        #: The per-client limits every worker counts against (:mod:`trio_sni.shared_limits`).
+        self.limiter = SharedLimiter.create(config, len(self.workers))
         self.listeners: list[trio.SocketListener] = []
         self.status_listeners: list[trio.SocketListener] = []
         self.notifier = Notifier()
@@ -163,6 +167,7 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 for listener in self.listeners:
                     await trio.aclose_forcefully(listener)
+            self.limiter.close()
         log.info("supervisor stopped")
         return self.exit_status
 
@@ -175,7 +180,8 @@ class Supervisor:
         if self.status_sockets:
             env[STATUS_SOCKET_ENV] = self.status_sockets[worker.index]
         fds = [lst.socket.fileno() for lst in self.listeners]
-        worker.pid = spawn_with_sockets(own_command_line(), fds, env)
+        env[LIMITS_FD_ENV] = str(LISTEN_FDS_START + len(fds))
+        worker.pid = spawn_with_sockets(own_command_line(), fds, env, [self.limiter.fd])
         worker.pidfd = os.pidfd_open(worker.pid)
         worker.started = trio.current_time()
         worker.ready = False
@@ -186,6 +192,15 @@ class Supervisor:
         while True:
             await trio.lowlevel.wait_readable(worker.pidfd)
             status = _reap(worker)
+            connections, clients = self.limiter.forget_worker(worker.index)
+            if connections:
+                log.info(
+                    "worker %d's %d connection(s) of %d client(s) no longer count against "
+                    "the limits",
+                    worker.index,
+                    connections,
+                    clients,
+                )
             if self.stopping:
                 log.info("worker %d (pid %d) stopped (%s)", worker.index, worker.pid, status)
                 return

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import socketserver
@@ -976,7 +977,13 @@ def test_workers_share_the_connections_and_drain_together(
     serve_config: Callable[..., ServedProxy],
 ) -> None:
     served = serve_config(
-        lambda port: routing_config(port, tls_backend.port, workers=2, timeouts={"drain": 1})
+        lambda port: routing_config(
+            port,
+            tls_backend.port,
+            workers=2,
+            timeouts={"drain": 1},
+            limits={"per_client_rate": 0},  # 200 at once: more than one client's burst
+        )
     )
     proxy = served.process
     proxy.wait_for_log("2 workers serving")
@@ -1042,6 +1049,57 @@ def test_sighup_reloads_every_worker_and_a_bad_config_reaches_none(
     )
     for _ in range(20):  # whichever worker accepts, the new policy refuses
         _assert_refused(served.port, client_context)
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
+
+
+def _refused_for_the_limit(port: int, context: ssl.SSLContext) -> bool:
+    """Whether a new connection is refused (a per-client or global limit): reset or closed
+    before the TLS handshake completes."""
+    try:
+        conn, _ = https_get(port, context)
+    except (ssl.SSLError, OSError):
+        return True
+    conn.close()
+    return False
+
+
+def test_per_client_limits_count_the_connections_of_every_worker(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    """per_client_connections is one limit for the whole proxy, whichever worker accepts:
+    three connections are admitted, then none while they live, and after a worker is killed
+    the connections it held no longer count."""
+    limits = {"per_client_connections": 3, "per_client_rate": 0}
+    served = serve_config(
+        lambda port: routing_config(port, tls_backend.port, workers=2, limits=limits)
+    )
+    proxy = served.process
+    proxy.wait_for_log("2 workers serving")
+    held = [https_get(served.port, client_context)[0] for _ in range(3)]
+    try:
+        assert all(_refused_for_the_limit(served.port, client_context) for _ in range(6))
+        refused = [r for r in proxy.access_log() if r["reason"] == "too_many_connections"]
+        assert len(refused) == 6
+        assert {r["worker"] for r in refused} == {0, 1}  # both workers refused: one count
+        pids = _worker_pids(proxy)
+        for index in (0, 1):
+            os.kill(pids[index], signal.SIGKILL)
+        wait_until(
+            lambda: all(_worker_pids(proxy)[i] != pids[i] for i in (0, 1)),
+            timeout=STARTUP_TIMEOUT,
+            what="new workers",
+        )
+        given_back = re.findall(r"worker \d's (\d+) connection\(s\)", proxy.stderr)
+        assert sum(int(n) for n in given_back) == 3
+        again = [https_get(served.port, client_context)[0] for _ in range(3)]
+        for conn in again:
+            conn.close()
+    finally:
+        for conn in held:
+            conn.close()
     status, _ = stop(proxy, signal.SIGTERM)
     assert status == 0, proxy.stderr
 

@@ -347,7 +347,7 @@ DEFAULT_MAX_CLIENTS: Final = 100_000
 _IPV6_CLIENT_PREFIX: Final = 64
 _IPV6_HOST_MASK: Final = (1 << (128 - _IPV6_CLIENT_PREFIX)) - 1
 
-_ClientKey: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Network
+ClientKey: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Network
 
 
 @attrs.define(eq=False, slots=True)
@@ -357,7 +357,7 @@ class _ClientState:
     stamp: float  # the time ``tokens`` was last brought up to date
 
 
-def _client_key(ip: IPAddress) -> _ClientKey:
+def client_key(ip: IPAddress) -> ClientKey:
     """The unit a limit applies to: an IPv4 address, or an IPv6 /64.
 
     An IPv6 subscriber (or cloud VM) is routinely given a whole /64 and may pick a fresh source
@@ -371,11 +371,11 @@ def _client_key(ip: IPAddress) -> _ClientKey:
     return ipaddress.IPv6Network((int(ip) & ~_IPV6_HOST_MASK, _IPV6_CLIENT_PREFIX))
 
 
-def _connections(count: int) -> str:
+def live_connections(count: int) -> str:
     return f"{count} live connection" + ("" if count == 1 else "s")
 
 
-def _describe(key: _ClientKey) -> str:
+def describe_client_key(key: ClientKey) -> str:
     return f"client {key}" if isinstance(key, ipaddress.IPv4Address) else f"client network {key}"
 
 
@@ -411,11 +411,11 @@ class ClientLimiter:
     _max_clients_setting: int = attrs.field(
         default=DEFAULT_MAX_CLIENTS, kw_only=True, alias="max_clients"
     )
-    _table: dict[_ClientKey, _ClientState] = attrs.field(factory=dict, init=False, repr=False)
+    _table: dict[ClientKey, _ClientState] = attrs.field(factory=dict, init=False, repr=False)
     # Idle clients (no live connections) with the time after which their bucket is certainly
     # full; insertion order is release order, which (for a non-decreasing clock) is also
     # deadline order, so expired entries are always at the front.
-    _idle: dict[_ClientKey, float] = attrs.field(factory=dict, init=False, repr=False)
+    _idle: dict[ClientKey, float] = attrs.field(factory=dict, init=False, repr=False)
     _now: float = attrs.field(default=float("-inf"), init=False)  # latest time acquire() saw
     _active: int = attrs.field(default=0, init=False)
     # Derived from the settings by reconfigure():
@@ -438,7 +438,7 @@ class ClientLimiter:
 
     def active_for(self, ip: IPAddress) -> int:
         """Live connections of the client (or IPv6 /64) that ``ip`` belongs to."""
-        state = self._table.get(_client_key(ip))
+        state = self._table.get(client_key(ip))
         return 0 if state is None else state.active
 
     def reconfigure(self, limits: Limits, max_connections: int) -> None:
@@ -483,16 +483,16 @@ class ClientLimiter:
         if self._active >= self._max_connections:
             return Deny(
                 "max_connections",
-                f"the proxy has {_connections(self._active)} "
+                f"the proxy has {live_connections(self._active)} "
                 f"(max_connections = {self._max_connections})",
             )
-        key = _client_key(ip)
+        key = client_key(ip)
         state = self._table.get(key)
         limit = self._limits.per_client_connections
         if state is not None and limit and state.active >= limit:
             return Deny(
                 "too_many_connections",
-                f"{_describe(key)} has {_connections(state.active)} "
+                f"{describe_client_key(key)} has {live_connections(state.active)} "
                 f"(per_client_connections = {limit})",
             )
         if state is None:
@@ -508,7 +508,7 @@ class ClientLimiter:
                 # client keeps its place (and deadline) in the idle queue.
                 return Deny(
                     "rate_limited",
-                    f"{_describe(key)} exceeded per_client_rate "
+                    f"{describe_client_key(key)} exceeded per_client_rate "
                     f"({self._rate:g}/s, burst {self._limits.per_client_burst})",
                 )
             state.tokens -= 1
@@ -525,10 +525,12 @@ class ClientLimiter:
             ValueError: if ``ip``'s client has no live connection: a release without its
                 acquire is a bug in the caller and would corrupt every later count.
         """
-        key = _client_key(ip)
+        key = client_key(ip)
         state = self._table.get(key)
         if state is None or state.active == 0:
-            raise ValueError(f"release() for {_describe(key)} without a matching acquire()")
+            raise ValueError(
+                f"release() for {describe_client_key(key)} without a matching acquire()"
+            )
         state.active -= 1
         self._active -= 1
         if state.active == 0:
@@ -539,7 +541,7 @@ class ClientLimiter:
                 # within capacity / rate seconds of that.
                 self._idle[key] = self._now + self._capacity / self._rate
 
-    def _new_state(self, key: _ClientKey, now: float) -> _ClientState:
+    def _new_state(self, key: ClientKey, now: float) -> _ClientState:
         if len(self._table) >= self._max_clients:
             # At the cap: forget the least recently released idle client early. There is
             # one, because _max_clients > max_connections >= clients with live connections
