@@ -107,6 +107,7 @@ def start_proxy(mode: str, backend_port: int, tmp: Path) -> tuple[subprocess.Pop
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config: dict[str, object] = {
+        "workers": 1,
         "listeners": [{"host": "127.0.0.1", "port": port, "target_port": backend_port}],
         "rules": [{"match": HELLO_NAME, "allow_private": True}],
         "resolver": {"hosts": {HELLO_NAME: ["127.0.0.1"]}},

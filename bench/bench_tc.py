@@ -172,6 +172,7 @@ def start_proxy(
         "fast.test": backends[fast_size].getsockname()[1],
     }
     config = {
+        "workers": 1,  # one process: the shaper and the counters are its own
         "listeners": [{"host": ns.host_v4, "port": port}],
         "rules": [
             {"match": n, "allow_private": True, "qos": q, "target": f"127.0.0.1:{targets[n]}"}

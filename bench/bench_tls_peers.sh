@@ -8,8 +8,10 @@
 #   PEERS=direct,haproxy,nginx-stream bench/bench_tls_peers.sh -s rate,latency,idle
 #
 # PEERS chooses the other systems (default: direct,haproxy,haproxy-splice,nginx-stream).
+# MODES chooses trio_sni's configs (default: "kernel splice copy"; "kernel-workers" is kernel
+# mode with a worker per CPU, as HAProxy runs a thread per CPU; the others are one process).
 # The report lands in $BENCH_STATE/results/<UTC time>/report.md. The configs are
-# bench/peers/trio_sni-{kernel,splice,copy}.json.in (one mode each, no fallback, no access log).
+# bench/peers/trio_sni-<mode>.json.in (no fallback, no access log).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 shared="${SHARED_BENCH:-$here/../../shared/bench}"
@@ -17,7 +19,7 @@ export BENCH_STATE="${BENCH_STATE:-/tmp/sni-bench}"
 python="${PYTHON:-$(command -v python3)}"
 args=()
 systems="${PEERS:-direct,haproxy,haproxy-splice,nginx-stream}"
-for mode in kernel splice copy; do
+for mode in ${MODES:-kernel splice copy}; do
     args+=(--proxy "$python -m trio_sni --config @CONF@" --name "trio_sni-$mode"
            --config-template "$here/peers/trio_sni-$mode.json.in")
     systems+=",trio_sni-$mode"

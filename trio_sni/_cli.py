@@ -54,8 +54,9 @@ and drains; a new one that fails is reported and the old one keeps serving.
 systemd: listening sockets passed with LISTEN_FDS (socket activation) are served on instead
 of binding; with NOTIFY_SOCKET set the proxy reports READY, RELOADING and STOPPING.
 
-workers: with "workers" other than 1 in the config, this process supervises that many worker
-processes (0: one per CPU) on the same listeners; send the signals above to it, not to them.
+workers: unless the config says "workers": 1, this process supervises worker processes on
+the same listeners (one per CPU by default, "workers": N for N); they share the limits. Send
+the signals above to it, not to them.
 
 examples:
   python -m trio_sni --print-default-config > trio-sni.json

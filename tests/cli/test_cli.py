@@ -352,8 +352,11 @@ def serve_config(
 
 
 def routing_config(port: int, backend_port: int, **overrides: Any) -> dict[str, Any]:
-    """A listener on 127.0.0.1:``port`` forwarding bench.test to 127.0.0.1:``backend_port``."""
+    """A listener on 127.0.0.1:``port`` forwarding bench.test to 127.0.0.1:``backend_port``,
+    served by one process (``workers: 1``: these tests read its log line by line) unless
+    ``workers`` is overridden."""
     config: dict[str, Any] = {
+        "workers": 1,
         "listeners": [{"host": "127.0.0.1", "port": port, "target_port": backend_port}],
         "rules": [{"match": "bench.test", "allow_private": True}],
         "resolver": {"hosts": {"bench.test": ["127.0.0.1"]}},
@@ -760,7 +763,11 @@ def test_embedded_default_config_serves_on_8443(
     assert status == 0, proxy.stderr
     assert elapsed < 5
     assert "SIGINT: stopping" in proxy.stderr
-    assert proxy.log_lines()[-1].endswith("proxy stopped")
+    # The embedded config leaves ``workers`` at its default: one worker per CPU.
+    workers = len(os.sched_getaffinity(0))
+    assert f"{workers} workers serving" in proxy.stderr
+    assert proxy.stderr.count("proxy stopped") == workers
+    assert proxy.log_lines()[-1].endswith("supervisor stopped")
     assert "Traceback" not in proxy.stderr
 
 

@@ -91,6 +91,7 @@ async def spawn(
         index = len(started)
         port, status_port = free_port(), free_port()
         config = {
+            "workers": 1,  # one process: its log is read line by line
             "listeners": [{"host": "127.0.0.1", "port": port, "target_port": tls_backend.port}],
             "rules": [{"suffix": "example.test", "allow_private": True}],
             "resolver": {"nameservers": [dns_server.nameserver], **resolver},

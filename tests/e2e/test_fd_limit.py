@@ -37,6 +37,7 @@ async def test_clients_beyond_the_fd_limit_are_refused_at_once(
     backend_port = await serve_tcp(nursery, hold)
     access_log = tmp_path / "access.log"
     config = {
+        "workers": 1,  # one process: its log is read line by line
         "listeners": [{"host": "127.0.0.1", "port": 0, "target_port": backend_port}],
         "rules": [{"match": "bench.test", "allow_private": True}],
         "resolver": {"hosts": {"bench.test": ["127.0.0.1"]}},

@@ -632,7 +632,7 @@ class Config:
     listen_addr: str | None = None
     max_connections: int = attrs.field(default=50000, validator=_positive)
     #: Worker processes sharing the listeners (``0``: one per CPU this process may run on).
-    workers: int = attrs.field(default=1, validator=_workers)
+    workers: int = attrs.field(default=0, validator=_workers)
     rules: tuple[Rule, ...] = ()
     clients: Clients = Clients()
     limits: Limits = Limits()
