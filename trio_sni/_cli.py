@@ -45,11 +45,13 @@ TLS), and forwards bytes. With no --config it runs on the embedded default confi
 EPILOG = """\
 signals: SIGTERM/SIGINT stop accepting and drain live connections (timeouts.drain); a second
 SIGINT stops at once. SIGHUP re-reads --config and applies policy, limits, resolver settings
-and timeouts to new connections, and the XDP lists and TC rates in place (listeners,
+and timeouts to new connections, log.level and log.access_log at once (--log-level, if given,
+stays), and the XDP lists and TC rates in place (listeners,
 forwarding mode and which kernel features run need a restart); a bad new config is reported
 and the old one stays. SIGUSR2 restarts without refusing anyone: the proxy starts a new one
 (same command line) on its listening sockets, and once that one is ready it stops accepting
-and drains; a new one that fails is reported and the old one keeps serving.
+and drains; a new one that fails is reported and the old one keeps serving. SIGUSR1 opens
+the access-log file again (after logrotate has renamed it).
 
 systemd: listening sockets passed with LISTEN_FDS (socket activation) are served on instead
 of binding; with NOTIFY_SOCKET set the proxy reports READY, RELOADING and STOPPING.
@@ -174,10 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     worker = os.environ.pop(WORKER_ENV, None)
     name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
-    logging.basicConfig(
-        level=(args.log_level or config.log.level).upper(),
-        format=f"%(asctime)s %(levelname)s {name}: %(message)s",
-    )
+    logging.basicConfig(format=f"%(asctime)s %(levelname)s {name}: %(message)s")
+    logging.getLogger().setLevel(logging.NOTSET)
+    apply_log_level(config, args.log_level)
     try:
         inherited = take_inherited_sockets()
     except InheritedSocketError as exc:
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     # plain ``except OSError`` would miss (a traceback instead of one clear line).
     try:
         if worker is None and config.workers != 1:
-            supervisor = Supervisor(config, args.config, inherited, read_config)
+            supervisor = Supervisor(config, args.config, inherited, read_config, apply_log_level)
             sys.exit(trio.run(supervisor.run))
         trio.run(run, config, args.config, inherited, None if worker is None else int(worker))
     except* AccelerationUnavailable as group:
@@ -198,6 +199,28 @@ def main(argv: list[str] | None = None) -> None:
         for error in _leaves(group):
             log.error("cannot start: %s", error)
         sys.exit(1)
+
+
+#: Set by ``--log-level``: a reloaded config's ``log.level`` does not change it then.
+_level_from_command_line = False
+
+
+def apply_log_level(config: Config, command_line: str | None = None) -> None:
+    """Log at ``command_line`` (``--log-level``, at start) or else ``config``'s
+    ``log.level`` (at start and on every reload; a change is logged)."""
+    global _level_from_command_line
+    root = logging.getLogger()
+    if command_line is not None:
+        _level_from_command_line = True
+        root.setLevel(command_line.upper())
+        return
+    level = logging.getLevelName(config.log.level.upper())
+    if _level_from_command_line or root.level == level:
+        return
+    changed = root.level != logging.NOTSET
+    root.setLevel(level)
+    if changed:
+        log.info("log level: now %s", config.log.level)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -227,7 +250,7 @@ async def run(
         config, inherited=inherited, worker=worker, status_socket=status_socket, limiter=limiter
     )
     notifier = Notifier()
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
     with trio.open_signal_receiver(*signals) as received:
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
@@ -289,6 +312,8 @@ class _SignalHandler:
                 self.notifier.reloading()
                 _reload(self.proxy, self.config_path, self.worker)
                 self.notifier.ready("serving")
+            elif signum == signal.SIGUSR1:
+                self.proxy.reopen_access_log()
             elif signum == signal.SIGUSR2:
                 if self.worker is not None:
                     log.warning("SIGUSR2: a worker does not hand over; signal the supervisor")
@@ -336,6 +361,7 @@ def _reload(proxy: Proxy, config_path: str | None, worker: int | None) -> None:
     except ConfigError as exc:
         log.error("SIGHUP: %s: %s\nkeeping the current config", config_path, exc)
         return
+    apply_log_level(config)
     proxy.reload(config if worker is None else worker_config(config, worker))
 
 

@@ -93,18 +93,28 @@ class AccessLog:
     """Writes one JSON line per connection to stderr, stdout or a file (or nowhere)."""
 
     def __init__(self, destination: str | None) -> None:
-        self._stream: TextIO | None
-        self._owned = False
+        self.destination = destination
+        self._stream, self._owned = self._open(destination)
+
+    @staticmethod
+    def _open(destination: str | None) -> tuple[TextIO | None, bool]:
+        """The stream for ``destination`` and whether it is ours to close."""
         if destination is None:
-            self._stream = None
-        elif destination == "stderr":
-            self._stream = sys.stderr
-        elif destination == "stdout":
-            self._stream = sys.stdout
-        else:
-            # Line-buffered: each record is one small write; no thread needed.
-            self._stream = open(destination, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-            self._owned = True
+            return None, False
+        if destination == "stderr":
+            return sys.stderr, False
+        if destination == "stdout":
+            return sys.stdout, False
+        # Line-buffered: each record is one small write; no thread needed.
+        return open(destination, "a", buffering=1, encoding="utf-8"), True
+
+    def reopen(self, destination: str | None) -> None:
+        """Write to ``destination`` from now on: the same file opened again after logrotate
+        renamed it (SIGUSR1), or another one (a reload). If it cannot be opened, this raises
+        ``OSError`` and the log keeps its current file."""
+        stream, owned = self._open(destination)
+        self.close()
+        self.destination, self._stream, self._owned = destination, stream, owned
 
     def write(self, record: dict[str, object]) -> None:
         if self._stream is not None:
@@ -176,6 +186,14 @@ class Proxy:
                 write(record)
 
             self.context.write_access_log = write_with_worker
+        write_record = self.context.write_access_log
+
+        def write_and_debug(record: dict[str, object]) -> None:
+            write_record(record)
+            if log.isEnabledFor(logging.DEBUG):  # log.level "debug": each connection's end
+                log.debug("connection ended: %s", json.dumps(record, separators=(",", ":")))
+
+        self.context.write_access_log = write_and_debug
         self.status_listeners: list[trio.SocketListener] = []
         #: Kernel forwarding: starting it chooses the forwarding plan.
         self.forwarding = SockhashFeature(config)
@@ -304,6 +322,24 @@ class Proxy:
         reports = {f.name: r for f in self.features if (r := f.report()) is not None}
         return acceleration_from_config(self.config, reports)
 
+    def reopen_access_log(self, destination: str | None = None) -> None:
+        """Open the access log's file again (SIGUSR1, after logrotate renamed it), or
+        ``destination`` (a reload that changed ``log.access_log``). Logged either way; a file
+        that cannot be opened is reported and the current one kept."""
+        if self._access_log is None:
+            return
+        old = self._access_log.destination
+        new = old if destination is None else destination
+        try:
+            self._access_log.reopen(new)
+        except OSError as exc:
+            log.error("access log: cannot open %s (%s); still writing to %s", new, exc, old)
+            return
+        if new == old:
+            log.info("access log: reopened %s", new)
+        else:
+            log.info("access log: now %s (was %s)", new, old)
+
     def reload(self, config: Config) -> None:
         """Apply a new, already validated config to new connections.
 
@@ -325,6 +361,8 @@ class Proxy:
         ctx.max_connections = config.max_connections
         for feature in self.features:
             feature.reload(config)  # XDP lists and TC rates live; the rest after a restart
+        if config.log.access_log != self.config.log.access_log:
+            self.reopen_access_log(config.log.access_log)
         self.config = config
         log.info("reload: new policy, limits, resolver settings and timeouts in effect")
 

@@ -108,11 +108,13 @@ class Supervisor:
         config_path: str | None,
         inherited: Sequence[socket.socket],
         read_config: Callable[[str], Config],
+        apply_log_level: Callable[[Config], None],
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.inherited = list(inherited)
         self.read_config = read_config
+        self.apply_log_level = apply_log_level
         self.workers = [Worker(i) for i in range(worker_count(config))]
         #: The per-client limits every worker counts against (:mod:`trio_sni.shared_limits`).
         self.limiter = SharedLimiter.create(config, len(self.workers))
@@ -135,7 +137,7 @@ class Supervisor:
 
     async def run(self) -> int:
         """Serve until every worker has stopped; the process exit status."""
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
         try:
             with (
                 trio.open_signal_receiver(*signals) as received,
@@ -275,6 +277,8 @@ class Supervisor:
         async for signum in received:
             if signum == signal.SIGHUP:
                 self._reload()
+            elif signum == signal.SIGUSR1:
+                self._signal_all(signum)  # each worker reopens its access log
             elif signum == signal.SIGUSR2:
                 if not (self.stopping or self.handing_over):
                     self.handing_over = True
@@ -308,6 +312,7 @@ class Supervisor:
         except ConfigError as exc:
             log.error("SIGHUP: %s: %s\nkeeping the current config", self.config_path, exc)
             return
+        self.apply_log_level(config)
         if worker_count(config) != len(self.workers):
             log.warning("reload: a change of workers takes effect only after a restart")
         self.notifier.reloading()

@@ -384,7 +384,7 @@ def test_help_lists_every_option_and_the_signals() -> None:
     assert result.stderr == ""
     for option in ("--config", "--check-config", "--print-default-config", "--version"):
         assert option in result.stdout
-    for signame in ("SIGTERM", "SIGINT", "SIGHUP"):
+    for signame in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2"):
         assert signame in result.stdout
     assert "timeouts.drain" in result.stdout
 
@@ -580,6 +580,85 @@ def test_reload_with_a_broken_file_keeps_the_running_config(
     status, _ = stop(proxy, signal.SIGTERM)
     assert status == 0, proxy.stderr
     assert proxy.log_lines()[-1].endswith("proxy stopped")
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigusr1_reopens_the_access_log_after_logrotate_renamed_it(
+    workers: int,
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+    tmp_path: Path,
+) -> None:
+    access_log = tmp_path / "access.log"
+    served = serve_config(
+        lambda port: routing_config(
+            port,
+            tls_backend.port,
+            workers=workers,
+            log={"level": "info", "access_log": str(access_log)},
+            limits={"per_client_rate": 0},
+        )
+    )
+    proxy = served.process
+    if workers > 1:
+        proxy.wait_for_log(f"{workers} workers serving")
+    https_get_once(served.port, client_context)
+    wait_until(lambda: len(_records(access_log)) == 1, timeout=5, what="the first record")
+    rotated = tmp_path / "access.log.1"
+    access_log.rename(rotated)
+    proxy.signal(signal.SIGUSR1)
+    wait_until(
+        lambda: proxy.stderr.count("access log: reopened") == workers,
+        timeout=STARTUP_TIMEOUT,
+        what="every process to reopen",
+    )
+    for _ in range(10):
+        https_get_once(served.port, client_context)
+    wait_until(lambda: len(_records(access_log)) == 10, timeout=5, what="10 records, new file")
+    assert len(_records(rotated)) == 1
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
+    assert "ERROR" not in proxy.stderr
+
+
+def test_sighup_applies_log_level_and_access_log(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+    tmp_path: Path,
+) -> None:
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    settings = {"per_client_rate": 0}
+
+    def config(port: int, level: str, path: Path) -> dict[str, Any]:
+        log_settings = {"level": level, "access_log": str(path)}
+        return routing_config(port, tls_backend.port, log=log_settings, limits=settings)
+
+    served = serve_config(lambda port: config(port, "info", first))
+    proxy = served.process
+    https_get_once(served.port, client_context)
+    wait_until(lambda: len(_records(first)) == 1, timeout=5, what="the first record")
+    served.write_config(config(served.port, "debug", second))
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log("reload: new policy")
+    assert "log level: now debug" in proxy.stderr
+    assert f"access log: now {second} (was {first})" in proxy.stderr
+    https_get_once(served.port, client_context)
+    wait_until(lambda: len(_records(second)) == 1, timeout=5, what="a record in the new file")
+    assert len(_records(first)) == 1
+    assert " DEBUG trio_sni" in proxy.stderr  # debug lines now appear
+    served.write_config(config(served.port, "warning", tmp_path / "missing" / "x.log"))
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log("still writing to")  # cannot open: reported, the old file kept
+    https_get_once(served.port, client_context)
+    wait_until(lambda: len(_records(second)) == 2, timeout=5, what="the old file kept")
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
 
 
 def test_sigterm_drains_an_idle_connection_for_timeouts_drain(
