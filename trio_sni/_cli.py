@@ -186,19 +186,24 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     # except*: trio's nurseries wrap a bind error (EADDRINUSE) in exception groups, which a
     # plain ``except OSError`` would miss (a traceback instead of one clear line).
+    # sys.exit() is called after the except* blocks, not in them: CPython before 3.11.4 (Debian
+    # 12's 3.11.2) turns a SystemExit raised inside except* into a traceback.
+    status = 0
     try:
         if worker is None and config.workers != 1:
             supervisor = Supervisor(config, args.config, inherited, read_config, apply_log_level)
-            sys.exit(trio.run(supervisor.run))
-        trio.run(run, config, args.config, inherited, None if worker is None else int(worker))
+            status = trio.run(supervisor.run)
+        else:
+            trio.run(run, config, args.config, inherited, None if worker is None else int(worker))
     except* AccelerationUnavailable as group:
         for error in _leaves(group):
             log.error("%s", error)
-        sys.exit(1)
+        status = 1
     except* OSError as group:
         for error in _leaves(group):
             log.error("cannot start: %s", error)
-        sys.exit(1)
+        status = 1
+    sys.exit(status)
 
 
 #: Set by ``--log-level``: a reloaded config's ``log.level`` does not change it then.

@@ -526,6 +526,11 @@ def _warn_about_open_proxy_protocol(config: Config) -> None:
             )
 
 
+#: bind() errors that mean the host does not have the address (an ``optional`` listener's
+#: is then skipped): not assigned here, or its family (IPv6) turned off.
+ADDRESS_NOT_HERE = frozenset({errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT})
+
+
 async def open_listeners(
     specs: tuple[Listener, ...], inherited: list[socket.socket]
 ) -> list[tuple[trio.SocketListener, Listener]]:
@@ -545,8 +550,19 @@ async def open_listeners(
                 listeners = await trio.open_tcp_listeners(spec.port, host=spec.host)
             except OSError as exc:
                 host = f"[{spec.host}]" if ":" in spec.host else spec.host
+                if spec.optional and exc.errno in ADDRESS_NOT_HERE:
+                    log.warning(
+                        "listener %s: %s:%d: %s; it is optional: serving without it",
+                        spec.label,
+                        host,
+                        spec.port,
+                        exc.strerror,
+                    )
+                    continue
                 raise OSError(exc.errno, f"{host}:{spec.port}: {exc.strerror}") from exc
             opened.extend((listener, spec) for listener in listeners)
+        if specs and not opened:
+            raise OSError(errno.EADDRNOTAVAIL, "no listener could be bound on this host")
     except BaseException:
         with trio.CancelScope(shield=True):
             for listener, _ in opened:

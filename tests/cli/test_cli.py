@@ -23,6 +23,7 @@ import socketserver
 import ssl
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import urllib.error
@@ -793,6 +794,48 @@ def test_busy_port_is_a_clear_startup_error(
     assert "Traceback" not in proxy.stderr
 
 
+def _debian_python() -> str | None:
+    """Debian 12's own Python (3.11.2) if it is here: except* had a bug until 3.11.4."""
+    path = Path("/usr/bin/python3")
+    if not path.exists() or sys.version_info[:2] != (3, 11):
+        return None
+    version = subprocess.run(
+        [path, "-c", "import sys; print(sys.version_info[:3] < (3, 11, 4))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return str(path) if version.stdout.strip() == "True" else None
+
+
+@pytest.mark.skipif(_debian_python() is None, reason="no Python 3.11 older than 3.11.4 here")
+def test_a_startup_error_is_one_line_on_python_before_3_11_4(tmp_path: Path) -> None:
+    """On 3.11.0-3.11.3, sys.exit() inside an except* block printed a traceback after the
+    error. The project's dependencies (this test's own, same Python minor version) are put
+    on that Python's path."""
+    python = _debian_python()
+    assert python is not None
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = tmp_path / "busy.json"
+        path.write_text(json.dumps(routing_config(port, 443)), "utf-8")
+        paths = [str(Path(trio_sni.__file__).parent.parent), sysconfig.get_paths()["purelib"]]
+        result = subprocess.run(
+            [python, "-m", "trio_sni", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+            check=False,
+        )
+    assert result.returncode == 1, result.stderr
+    assert f"cannot start: [Errno 98] 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
 @pytest.mark.skipif(
     EXPECTED_MODE == "kernel",
     reason="kernel forwarding works here (test_kernel_forwarding.py drops the capabilities)",
@@ -835,6 +878,9 @@ def test_embedded_default_config_serves_on_8443(
             pytest.skip("port 8443 was taken while the proxy started")
         raise
     assert "listening on 127.0.0.1:8443" in proxy.stderr
+    # The embedded config leaves ``workers`` at its default: one worker per CPU.
+    workers = len(os.sched_getaffinity(0))
+    proxy.wait_for_log(f"{workers} workers serving")
     with socket.create_connection(("127.0.0.1", 8443), timeout=5):
         pass  # the port accepts
     proxy.wait_for_records(1)  # that probe (no ClientHello) is logged and closed
@@ -842,12 +888,64 @@ def test_embedded_default_config_serves_on_8443(
     assert status == 0, proxy.stderr
     assert elapsed < 5
     assert "SIGINT: stopping" in proxy.stderr
-    # The embedded config leaves ``workers`` at its default: one worker per CPU.
-    workers = len(os.sched_getaffinity(0))
-    assert f"{workers} workers serving" in proxy.stderr
     assert proxy.stderr.count("proxy stopped") == workers
     assert proxy.log_lines()[-1].endswith("supervisor stopped")
     assert "Traceback" not in proxy.stderr
+
+
+@pytest.mark.root
+def test_embedded_default_config_starts_where_ipv6_is_off(tmp_path: Path) -> None:
+    """In a network namespace of the test's own with IPv6 turned off (as in many containers),
+    the default config serves on 127.0.0.1:8443 and says it does without [::1]:8443."""
+    name = f"trio-sni-noipv6-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+
+        def inside(*argv: str) -> list[str]:
+            return ["ip", "netns", "exec", name, *argv]
+
+        subprocess.run(inside("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"), check=True)
+        subprocess.run(inside("sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"), check=True)
+        subprocess.run(inside("ip", "link", "set", "lo", "up"), check=True)
+        stderr_path = tmp_path / "proxy.stderr"
+        with stderr_path.open("w") as stderr:
+            proc = subprocess.Popen(
+                inside(sys.executable, "-m", "trio_sni"),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        try:
+            wait_until(
+                lambda: "workers serving" in stderr_path.read_text() or proc.poll() is not None,
+                timeout=STARTUP_TIMEOUT,
+                what="the proxy to serve",
+            )
+            text = stderr_path.read_text()
+            assert proc.poll() is None, text
+            assert "listening on 127.0.0.1:8443" in text
+            assert (
+                "listener local6: [::1]:8443: Cannot assign requested address; it is optional: "
+                "serving without it"
+            ) in text
+            probe = subprocess.run(
+                inside(
+                    sys.executable,
+                    "-c",
+                    "import socket; socket.create_connection(('127.0.0.1', 8443), 5).close()",
+                ),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert probe.returncode == 0, probe.stderr
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, stderr_path.read_text()
+        assert "Traceback" not in stderr_path.read_text()
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, timeout=10)
 
 
 # ==========================================================================================

@@ -125,6 +125,8 @@ class Listener:
     ``proxy_protocol_from`` lists the networks (CIDR) of the load balancers allowed to send
     such headers; a connection from anywhere else is refused before its header is read (empty:
     anyone who reaches the listener may claim any client address; a warning says so).
+    ``optional``: if the host does not have the listener's address (IPv6 turned off, as in
+    many containers), the proxy starts without it, with a warning, instead of not starting.
     """
 
     host: str = attrs.field(validator=_ip_address)
@@ -139,6 +141,7 @@ class Listener:
     name: str = ""
     accept_proxy_protocol: bool = False
     proxy_protocol_from: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
+    optional: bool = False
 
     @port.validator
     def _check_port(self, attribute: attrs.Attribute[int], value: int) -> None:
