@@ -164,10 +164,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_config is not None:
         try:
             config = read_config(args.check_config)
+            problem = _access_log_problem(config.log.access_log)
+            if problem is not None:
+                raise ConfigError([problem])
         except ConfigError as exc:
             print(f"{args.check_config}: {exc}", file=sys.stderr)
             sys.exit(1)
         print(json.dumps(dump_config(config), indent=2))
+        listeners, rules = len(config.effective_listeners), len(config.rules)
+        print(
+            f"{args.check_config}: ok ({listeners} listener(s), {rules} rule(s))", file=sys.stderr
+        )
         return
     try:
         config = read_config(args.config)
@@ -204,6 +211,24 @@ def main(argv: list[str] | None = None) -> None:
             log.error("cannot start: %s", error)
         status = 1
     sys.exit(status)
+
+
+def _access_log_problem(destination: str | None) -> str | None:
+    """Why the proxy could not open ``log.access_log`` at start, if it could not (a file in a
+    missing or unwritable directory): ``--check-config`` says so before a start fails."""
+    if destination in (None, "stderr", "stdout"):
+        return None
+    path = Path(destination)
+    if path.is_dir():
+        return f"log.access_log: {destination} is a directory"
+    if path.exists():
+        ok = os.access(path, os.W_OK)
+        return None if ok else f"log.access_log: {destination} is not writable"
+    if not path.parent.is_dir():
+        return f"log.access_log: directory {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"log.access_log: cannot create files in {path.parent}"
+    return None
 
 
 #: Set by ``--log-level``: a reloaded config's ``log.level`` does not change it then.

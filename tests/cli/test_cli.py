@@ -416,7 +416,7 @@ def test_check_config_prints_the_effective_config(tmp_path: Path) -> None:
     path.write_text(run_cli("--print-default-config").stdout, "utf-8")
     result = run_cli("--check-config", str(path))
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    assert result.stderr == f"{path}: ok (2 listener(s), 1 rule(s))\n"
     effective = json.loads(result.stdout)
     assert effective == dump_config(load_config(json.loads(default_config_text())))
     # Defaults the file does not spell out are filled in.
@@ -453,6 +453,48 @@ def test_bad_config_lists_every_problem_with_its_path(tmp_path: Path, option: st
         "  rules[1].regex: '(' does not compile: missing ), unterminated subpattern at position 0",
         "  timeouts.idle: expected number, got bool",
         f"  lsten_addr: unknown key (allowed: {allowed})",
+    ]
+
+
+def test_check_config_finds_what_would_fail_at_start(tmp_path: Path) -> None:
+    """Every bad item of a list, networks with host bits set, listeners that could not both be
+    bound, and an access log in a directory that does not exist."""
+    path = tmp_path / "start.json"
+    config = {
+        "listeners": [
+            {"host": "0.0.0.0", "port": 8443},
+            {"host": "127.0.0.1", "port": 8443},
+        ],
+        "clients": {"allow": ["10.0.0.1/8", "10.0.0.0/8", "x", "2001:db8::1/32"]},
+        "rules": [{"match": "a.test"}],
+    }
+    path.write_text(json.dumps(config), "utf-8")
+    result = run_cli("--check-config", str(path))
+    assert result.returncode == 1
+    host_bits = "has host bits set: write {!r} for the network, or the address alone for one host"
+    assert result.stderr.splitlines() == [
+        f"{path}: invalid configuration:",
+        "  clients.allow[0]: '10.0.0.1/8' " + host_bits.format("10.0.0.0/8"),
+        "  clients.allow[2]: 'x' is not an IP network (CIDR)",
+        "  clients.allow[3]: '2001:db8::1/32' " + host_bits.format("2001:db8::/32"),
+    ]
+    config["clients"] = {}
+    path.write_text(json.dumps(config), "utf-8")
+    result = run_cli("--check-config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}: invalid configuration:",
+        "  listeners[1]: 127.0.0.1 port 8443 clashes with listeners[0] (0.0.0.0 port 8443); "
+        "the second could not be bound",
+    ]
+    config["listeners"] = [{"host": "127.0.0.1", "port": 8443}, {"host": "::1", "port": 8443}]
+    config["log"] = {"access_log": str(tmp_path / "missing" / "access.log")}
+    path.write_text(json.dumps(config), "utf-8")
+    result = run_cli("--check-config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}: invalid configuration:",
+        f"  log.access_log: directory {tmp_path / 'missing'} does not exist",
     ]
 
 

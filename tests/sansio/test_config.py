@@ -71,7 +71,7 @@ def test_every_problem_is_reported_at_once_with_its_path() -> None:
         "listeners[0].port: expected int, got string",
         "listeners[0].bogus: unknown key "
         "(allowed: host, port, protocol, target_port, name, accept_proxy_protocol, "
-        "proxy_protocol_from)",
+        "proxy_protocol_from, optional)",
         "timeouts.idle: expected number, got bool",
         "lsten_addr: unknown key (allowed: listeners, listen_addr, max_connections, workers, "
         "rules, clients, limits, timeouts, resolver, forwarding, log, status, ebpf, "

@@ -103,13 +103,32 @@ def _ip_address(instance: object, attribute: attrs.Attribute[str], value: str) -
 def _cidrs(
     instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
 ) -> None:
+    problems = []
     for i, text in enumerate(value):
         try:
-            ipaddress.ip_network(text, strict=False)
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
-            raise ValueError(
-                f"{attribute.name}[{i}]: {text!r} is not an IP network (CIDR)"
-            ) from None
+            problems.append(
+                ValueError(f"{attribute.name}[{i}]: {text!r} is not an IP network (CIDR)")
+            )
+            continue
+        if network.network_address != ipaddress.ip_address(text.split("/")[0]):
+            # 10.0.0.1/8 is most likely a typo for a host (/32) or for 10.0.0.0/8.
+            problems.append(
+                ValueError(
+                    f"{attribute.name}[{i}]: {text!r} has host bits set: write "
+                    f"{str(network)!r} for the network, or the address alone for one host"
+                )
+            )
+    _raise_all(attribute.name, problems)
+
+
+def _raise_all(name: str, problems: list[ValueError]) -> None:
+    """Report every bad item of a list at once (``--check-config`` lists them all)."""
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ExceptionGroup(f"{name}: {len(problems)} problems", problems)
 
 
 @attrs.frozen
@@ -291,12 +310,14 @@ class Timeouts:
 def _nameservers(
     instance: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]
 ) -> None:
+    problems = []
     for i, text in enumerate(value):
         host, _ = parse_host_port(text, default_port=53)
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            raise ValueError(f"nameservers[{i}]: {text!r} is not an IP address[:port]") from None
+            problems.append(ValueError(f"nameservers[{i}]: {text!r} is not an IP address[:port]"))
+    _raise_all(attribute.name, problems)
 
 
 def _hosts(
@@ -618,6 +639,34 @@ class Socks5:
         return ipaddress.ip_address(host), port
 
 
+def _check_listeners_distinct(listeners: tuple[Listener, ...]) -> None:
+    """Two listeners on one address and port would fail at start (EADDRINUSE), as would one
+    on a specific address beside one on the wildcard of its family (0.0.0.0, ::)."""
+    seen: dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], int] = {}
+    for i, listener in enumerate(listeners):
+        if listener.port == 0:
+            continue  # any free port: never a clash
+        address = ipaddress.ip_address(listener.host)
+        wildcard = ipaddress.ip_address("0.0.0.0" if address.version == 4 else "::")
+        for key in ((address, listener.port), (wildcard, listener.port)):
+            if key in seen:
+                other = listeners[seen[key]]
+                raise ValueError(
+                    f"listeners[{i}]: {listener.host} port {listener.port} clashes with "
+                    f"listeners[{seen[key]}] ({other.host} port {other.port}); the second "
+                    "could not be bound"
+                )
+        seen[(address, listener.port)] = i
+        if address == wildcard:  # every specific address of its family seen so far clashes
+            for (known, port), j in list(seen.items()):
+                if port == listener.port and known.version == address.version and j != i:
+                    raise ValueError(
+                        f"listeners[{i}]: {listener.host} port {listener.port} clashes with "
+                        f"listeners[{j}] ({listeners[j].host} port {port}); the second could "
+                        "not be bound"
+                    )
+
+
 #: The most worker processes ``workers`` may ask for.
 MAX_WORKERS = 256
 
@@ -666,6 +715,7 @@ class Config:
             )
         if self.listen_addr is not None and self.listeners:
             raise ValueError("give either 'listen_addr' or 'listeners', not both")
+        _check_listeners_distinct(self.listeners)
         if self.listen_addr is None and not self.listeners:
             raise ValueError("no listener: set 'listen_addr' or 'listeners'")
         if self.listen_addr is not None:

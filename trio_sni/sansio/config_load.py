@@ -195,6 +195,8 @@ def _problems(exc: BaseException, path: str) -> list[str]:
         for sub in exc.exceptions:
             lines.extend(_problems(sub, _join(path, _note_step(sub))))
         return lines
+    if isinstance(exc, ExceptionGroup):  # a validator's problems with several list items
+        return [line for sub in exc.exceptions for line in _problems(sub, path)]
     if isinstance(exc, ForbiddenExtraKeysError):
         return [
             f"{_join(path, _key_step(key))}: unknown key "
