@@ -1,0 +1,61 @@
+"""The deployment kit in docs/deploy: a systemd unit systemd accepts, a logrotate snippet that
+signals the proxy the way it listens, and the licence pyproject.toml names."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "docs" / "deploy"
+
+
+def _directives(unit: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith(f"{key}=")]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` with no complaint (it also checks that ExecStart's program
+    exists: this test's Python stands in for the unit's /opt/trio-sni venv)."""
+    text = (DEPLOY / "trio-sni.service").read_text()
+    unit = tmp_path / "trio-sni.service"
+    unit.write_text(text.replace("/opt/trio-sni/bin/python", sys.executable))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr
+
+
+def test_the_unit_grants_exactly_what_kernel_mode_needs() -> None:
+    unit = (DEPLOY / "trio-sni.service").read_text()
+    wanted = {"CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON", "CAP_NET_BIND_SERVICE"}
+    for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
+        [value] = _directives(unit, key)
+        assert set(value.split()) == wanted
+    assert _directives(unit, "User") == ["trio-sni"]
+    assert _directives(unit, "NoNewPrivileges") == ["yes"]
+    assert _directives(unit, "Type") == ["notify"]
+    assert "/sys/fs/bpf/trio_sni" in _directives(unit, "ReadWritePaths")[0]
+
+
+def test_logrotate_signals_sigusr1() -> None:
+    snippet = (DEPLOY / "trio-sni.logrotate").read_text()
+    assert "--signal=SIGUSR1" in snippet
+    assert "/var/log/trio-sni/access.log" in snippet
+
+
+def test_the_licence_is_the_one_pyproject_names() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
