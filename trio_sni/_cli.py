@@ -390,9 +390,11 @@ def _reload(proxy: Proxy, config_path: str | None, worker: int | None) -> None:
         config = read_config(config_path)
     except ConfigError as exc:
         log.error("SIGHUP: %s: %s\nkeeping the current config", config_path, exc)
+        proxy.metrics.reloads.failed()
         return
     apply_log_level(config)
     proxy.reload(config if worker is None else worker_config(config, worker))
+    proxy.metrics.reloads.succeeded()
 
 
 # ------------------------------------------------------------------------------------------

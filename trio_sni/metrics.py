@@ -30,11 +30,13 @@ vocabularies, ``rule`` is a configured rule's label (``"none"`` when no rule mat
 from __future__ import annotations
 
 import bisect
+import platform
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -42,6 +44,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from ._version import __version__
 from .features import PER_CPU_FEATURES, AccelerationStatus
 from .forward import Mode
 
@@ -102,6 +105,46 @@ def _format_bound(bound: float) -> str:
     return repr(float(bound))
 
 
+class ConfigReloads:
+    """The outcome of the latest config (re)load, for ``trio_sni_config_last_reload_*`` (the
+    names Prometheus and Alertmanager use for their own reloads)."""
+
+    def __init__(self) -> None:
+        self.successful = True
+        self.last_success = time.time()  # the start counts: the config in effect since then
+
+    def succeeded(self) -> None:
+        self.successful, self.last_success = True, time.time()
+
+    def failed(self) -> None:
+        self.successful = False
+
+    def families(self) -> Iterator[Metric]:
+        ok = GaugeMetricFamily(
+            "trio_sni_config_last_reload_successful",
+            "1 if the latest config reload (SIGHUP) was applied, 0 if it was refused.",
+        )
+        ok.add_metric([], 1 if self.successful else 0)
+        yield ok
+        when = GaugeMetricFamily(
+            "trio_sni_config_last_reload_success_timestamp_seconds",
+            "When the config in effect was applied (the start, or the latest good reload).",
+        )
+        when.add_metric([], self.last_success)
+        yield when
+
+
+def build_info() -> Metric:
+    """``trio_sni_build_info{version, python}`` 1: what runs, for dashboards and alerts."""
+    info = GaugeMetricFamily(
+        "trio_sni_build_info",
+        "Always 1; the labels say which trio_sni and which Python run.",
+        labels=["version", "python"],
+    )
+    info.add_metric([__version__, platform.python_version()], 1)
+    return info
+
+
 class ProxyMetrics:
     """The metrics of one proxy: ``observe(record)`` per finished connection, ``registry`` to
     export.
@@ -131,8 +174,12 @@ class ProxyMetrics:
         self.fallbacks: dict[tuple[str, str], int] = {}
         self.duration = _Histogram(DURATION_BUCKETS)
         self.hello_size = _Histogram(HELLO_SIZE_BUCKETS)
+        #: Set by whoever reloads the config (the command line's SIGHUP handler).
+        self.reloads = ConfigReloads()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        ProcessCollector(registry=self.registry)
 
     def observe(self, record: Mapping[str, object]) -> None:
         """Count one finished connection from its access-log record. Cheap and never raises
@@ -293,6 +340,8 @@ class _Collector:
             yield family
 
         yield from _resolver_families(m)
+        yield build_info()
+        yield from m.reloads.families()
         status = m.acceleration_status()
         if status is not None:
             yield from _acceleration_families(status)

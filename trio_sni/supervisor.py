@@ -50,6 +50,7 @@ from .handover import (
     own_command_line,
     spawn_with_sockets,
 )
+from .metrics import ConfigReloads
 from .sansio.config import Config, parse_host_port
 from .server import open_listeners, start_status
 from .shared_limits import LIMITS_FD_ENV, SharedLimiter
@@ -114,6 +115,8 @@ class Supervisor:
         self.config_path = config_path
         self.inherited = list(inherited)
         self.read_config = read_config
+        #: The workers reload only what the supervisor accepted: their reload metrics are its.
+        self.reloads = ConfigReloads()
         self.apply_log_level = apply_log_level
         self.workers = [Worker(i) for i in range(worker_count(config))]
         #: The per-client limits every worker counts against (:mod:`trio_sni.shared_limits`).
@@ -150,7 +153,7 @@ class Supervisor:
                     if self.config.status.listen is not None:
                         host, port = parse_host_port(self.config.status.listen)
                         answers = WorkersStatus(
-                            self.status_sockets, self._views, self._not_ready_reason
+                            self.status_sockets, self._views, self._not_ready_reason, self.reloads
                         )
                         self.status_listeners = await start_status(
                             nursery, answers, host, port, self.inherited
@@ -311,7 +314,9 @@ class Supervisor:
             config = self.read_config(self.config_path)
         except ConfigError as exc:
             log.error("SIGHUP: %s: %s\nkeeping the current config", self.config_path, exc)
+            self.reloads.failed()
             return
+        self.reloads.succeeded()
         self.apply_log_level(config)
         if worker_count(config) != len(self.workers):
             log.warning("reload: a change of workers takes effect only after a restart")

@@ -36,6 +36,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from .metrics import ConfigReloads
 from .status import Answer, connections_limit, json_answer, text_answer
 
 #: A JSON document as the workers send it.
@@ -46,7 +47,17 @@ WORKER_TIMEOUT = 2.0
 #: The most bytes read from one worker's answer.
 MAX_WORKER_ANSWER = 64 * 1024 * 1024
 #: Gauges that are the same in every worker: worker 0's value stands for the proxy's.
-FROM_WORKER_0 = frozenset({"trio_sni_ebpf_feature_state"})
+FROM_WORKER_0 = frozenset({"trio_sni_ebpf_feature_state", "trio_sni_build_info"})
+#: Families the supervisor answers itself (it alone decides whether a reload is applied).
+FROM_SUPERVISOR = frozenset(
+    {
+        "trio_sni_config_last_reload_successful",
+        "trio_sni_config_last_reload_success_timestamp_seconds",
+    }
+)
+#: Per-process families (``process_*``): kept per worker, with a ``worker`` label, not summed
+#: (a start time or an fd limit does not add up).
+PER_PROCESS_PREFIX = "process_"
 
 
 def status_socket_name(supervisor_pid: int, index: int) -> str:
@@ -117,10 +128,12 @@ class WorkersStatus:
         socket_names: Sequence[str],
         workers: Callable[[], Sequence[WorkerView]],
         not_ready_reason: Callable[[], str | None],
+        reloads: ConfigReloads,
     ) -> None:
         self._names = list(socket_names)
         self._workers = workers
         self._not_ready_reason = not_ready_reason
+        self._reloads = reloads
 
     async def __call__(self, request: h11.Request) -> Answer:
         split = urlsplit(request.target.decode("ascii", "replace"))
@@ -195,7 +208,8 @@ class WorkersStatus:
                 "trio_sni_worker_connections_active", labels, active.get(view.index, 0)
             )
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Fixed([*families, workers, restarts, per_worker]))
+        own = [*self._reloads.families()]
+        registry.register(_Fixed([*families, workers, restarts, per_worker, *own]))
         encoder, content_type = choose_encoder(accept)
         return Answer(200, encoder(registry), content_type)
 
@@ -216,8 +230,11 @@ def merge_metrics(texts: Sequence[tuple[int, str]]) -> list[Metric]:
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for index, text in texts:
         for family in text_string_to_metric_families(text):
-            if (family.name in FROM_WORKER_0 and index != 0) or family.name.endswith("_created"):
+            if (family.name in FROM_WORKER_0 and index != 0) or family.name in FROM_SUPERVISOR:
+                continue
+            if family.name.endswith("_created"):
                 continue  # the text parser makes a counter's creation time a family of its own
+            per_process = family.name.startswith(PER_PROCESS_PREFIX)
             if family.name not in merged:
                 merged[family.name] = Metric(family.name, family.documentation, family.type)
                 values[family.name] = {}
@@ -225,7 +242,8 @@ def merge_metrics(texts: Sequence[tuple[int, str]]) -> list[Metric]:
             for sample in family.samples:
                 if sample.name.endswith("_created"):
                     continue  # a per-process time, not a count
-                key = (sample.name, tuple(sorted(sample.labels.items())))
+                own = {**sample.labels, "worker": str(index)} if per_process else sample.labels
+                key = (sample.name, tuple(sorted(own.items())))
                 series[key] = series.get(key, 0.0) + sample.value
     for name, family in merged.items():
         for (sample_name, labels), value in values[name].items():

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import platform
 import re
 import signal
 import socket
@@ -1359,11 +1360,57 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+#: The build-info series this test run's proxies export.
+BUILD_INFO = (
+    f'trio_sni_build_info{{python="{platform.python_version()}",version="{trio_sni.__version__}"}}'
+)
+
+
 def _metric(text: str, series: str) -> float:
     for line in text.splitlines():
         if line.startswith(series + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{series} not in /metrics")
+
+
+def test_metrics_every_exporter_has(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    """process_* (fds, memory, CPU), build info, and whether the latest reload was applied."""
+    status_port = free_port()
+    base = f"http://127.0.0.1:{status_port}"
+
+    def config(port: int) -> dict[str, Any]:
+        return routing_config(port, tls_backend.port, status={"listen": f"127.0.0.1:{status_port}"})
+
+    served = serve_config(config)
+    proxy = served.process
+    https_get_once(served.port, client_context)
+    _, metrics = _get(f"{base}/metrics")
+    for series in ("process_open_fds", "process_resident_memory_bytes", "process_max_fds"):
+        assert _metric(metrics, series) > 0
+    assert "process_cpu_seconds_total " in metrics
+    version = BUILD_INFO
+    assert _metric(metrics, version) == 1
+    assert _metric(metrics, "trio_sni_config_last_reload_successful") == 1
+    started = _metric(metrics, "trio_sni_config_last_reload_success_timestamp_seconds")
+    assert abs(started - time.time()) < 60
+    served.write_config("{not json")
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log("keeping the current config")
+    _, metrics = _get(f"{base}/metrics")
+    assert _metric(metrics, "trio_sni_config_last_reload_successful") == 0
+    time.sleep(0.01)
+    served.write_config(config(served.port))
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_for_log("reload: new policy")
+    _, metrics = _get(f"{base}/metrics")
+    assert _metric(metrics, "trio_sni_config_last_reload_successful") == 1
+    assert _metric(metrics, "trio_sni_config_last_reload_success_timestamp_seconds") > started
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
 
 
 def test_the_supervisors_status_endpoint_sums_every_worker(
@@ -1402,6 +1449,17 @@ def test_the_supervisors_status_endpoint_sums_every_worker(
         assert code == 200
         assert [w["index"] for w in json.loads(body)["workers"]] == [0, 1]
         assert _get(f"{base}/nope")[0] == 404
+        version = BUILD_INFO
+        assert _metric(metrics, version) == 1  # worker 0's, not summed
+        for i in (0, 1):  # per process, not summed
+            assert _metric(metrics, f'process_open_fds{{worker="{i}"}}') > 0
+            assert _metric(metrics, f'process_resident_memory_bytes{{worker="{i}"}}') > 0
+        assert _metric(metrics, "trio_sni_config_last_reload_successful") == 1
+        served.write_config("{not json")
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_log("keeping the current config")
+        _, metrics = _get(f"{base}/metrics")
+        assert _metric(metrics, "trio_sni_config_last_reload_successful") == 0  # the supervisor's
         os.kill(_worker_pids(proxy)[1], signal.SIGKILL)
         wait_until(
             lambda: 'trio_sni_worker_restarts_total{worker="1"} 1.0' in _get(f"{base}/metrics")[1],
