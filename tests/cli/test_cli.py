@@ -896,14 +896,19 @@ def test_fallback_mode_none_refuses_to_start(
 
 
 def _port_8443_free() -> str | None:
-    """None if 127.0.0.1:8443 and [::1]:8443 can be bound, else why not."""
-    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    """None if the default config's ports (127.0.0.1:8443 and [::1]:8443, the status
+    endpoint's 127.0.0.1:9090) can be bound, else why not."""
+    for family, host, port in (
+        (socket.AF_INET, "127.0.0.1", 8443),
+        (socket.AF_INET6, "::1", 8443),
+        (socket.AF_INET, "127.0.0.1", 9090),
+    ):
         with socket.socket(family) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((host, 8443))
+                sock.bind((host, port))
             except OSError as exc:
-                return f"cannot bind [{host}]:8443: {exc.strerror}"
+                return f"cannot bind [{host}]:{port}: {exc.strerror}"
     return None
 
 
@@ -927,6 +932,10 @@ def test_embedded_default_config_serves_on_8443(
     with socket.create_connection(("127.0.0.1", 8443), timeout=5):
         pass  # the port accepts
     proxy.wait_for_records(1)  # that probe (no ClientHello) is logged and closed
+    # The status endpoint is on, where `python -m trio_sni status` looks by default.
+    assert _get("http://127.0.0.1:9090/readyz") == (200, "ready\n")
+    shown = run_cli("status")
+    assert shown.returncode == 0, shown.stderr
     status, elapsed = stop(proxy, signal.SIGINT)
     assert status == 0, proxy.stderr
     assert elapsed < 5
