@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 import attrs
+import pytest
 import trio
 
 import loader
@@ -147,3 +149,14 @@ class StalledTransfer:
             expected.update(chunk)
         await wait_for(lambda: len(self.digests) == 1, timeout=60)
         return self.digests == [expected.hexdigest()]
+
+
+def need(tool: str) -> str:
+    """The path of ``tool`` (from .ci/apt-packages). Missing: a skip on a developer's machine,
+    a failure in CI (``TRIO_SNI_REQUIRE_BPF=1``), where the check must run."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("TRIO_SNI_REQUIRE_BPF") == "1":
+            pytest.fail(f"{tool} is not installed (.ci/apt-packages installs it)")
+        pytest.skip(f"no {tool} here")
+    return path

@@ -36,7 +36,7 @@ from typing import Any
 import attrs
 import pytest
 import trustme
-from proxytest import client_hello
+from proxytest import client_hello, need
 
 import trio_sni
 from trio_sni.accel import probe
@@ -1375,6 +1375,19 @@ BUILD_INFO = (
 )
 
 
+def _assert_promtool_accepts(metrics: str) -> None:
+    """``promtool check metrics``: Prometheus's own lint of an exposition."""
+    result = subprocess.run(
+        [need("promtool"), "check", "metrics"],
+        input=metrics,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _metric(text: str, series: str) -> float:
     for line in text.splitlines():
         if line.startswith(series + " "):
@@ -1401,6 +1414,7 @@ def test_metrics_every_exporter_has(
     for series in ("process_open_fds", "process_resident_memory_bytes", "process_max_fds"):
         assert _metric(metrics, series) > 0
     assert "process_cpu_seconds_total " in metrics
+    _assert_promtool_accepts(metrics)
     version = BUILD_INFO
     assert _metric(metrics, version) == 1
     assert _metric(metrics, "trio_sni_config_last_reload_successful") == 1
@@ -1464,6 +1478,7 @@ def test_the_supervisors_status_endpoint_sums_every_worker(
             assert _metric(metrics, f'process_open_fds{{worker="{i}"}}') > 0
             assert _metric(metrics, f'process_resident_memory_bytes{{worker="{i}"}}') > 0
         assert _metric(metrics, "trio_sni_config_last_reload_successful") == 1
+        _assert_promtool_accepts(metrics)
         served.write_config("{not json")
         proxy.signal(signal.SIGHUP)
         proxy.wait_for_log("keeping the current config")

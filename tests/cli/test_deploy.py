@@ -3,13 +3,12 @@ signals the proxy the way it listens, and the licence pyproject.toml names."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
-import pytest
+from proxytest import need
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "docs" / "deploy"
@@ -19,7 +18,6 @@ def _directives(unit: str, key: str) -> list[str]:
     return [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith(f"{key}=")]
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
 def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     """``systemd-analyze verify`` with no complaint (it also checks that ExecStart's program
     exists: this test's Python stands in for the unit's /opt/trio-sni venv)."""
@@ -27,7 +25,7 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = tmp_path / "trio-sni.service"
     unit.write_text(text.replace("/opt/trio-sni/bin/python", sys.executable))
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)],
+        [need("systemd-analyze"), "verify", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -59,3 +57,20 @@ def test_the_licence_is_the_one_pyproject_names() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == "MIT"
     assert (ROOT / "LICENSE").read_text().startswith("MIT License\n")
+
+
+def test_the_alert_rules_load_and_fire_on_their_series() -> None:
+    """``promtool check rules`` on the rule file, and ``promtool test rules`` on its unit
+    tests (docs/deploy/trio-sni-alerts.test.yml: the alerts fire on the series they watch)."""
+    promtool = need("promtool")
+    for command in ("check", "test"):
+        name = "trio-sni-alerts.yml" if command == "check" else "trio-sni-alerts.test.yml"
+        result = subprocess.run(
+            [promtool, command, "rules", name],
+            cwd=DEPLOY,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr

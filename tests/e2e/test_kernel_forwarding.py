@@ -163,7 +163,9 @@ async def _bulk(backend: Callable[..., Any], start_proxy: Any, host: str, **over
             got.update(chunk)
     await client.aclose()
     assert got.digest() == hashlib.sha256(down).digest()
-    await wait_for(lambda: len(running.access_log) == 1, timeout=60)
+    # The backend's handler records its hash once it has read the proxy's FIN, which may be
+    # after the proxy has logged the connection's end.
+    await wait_for(lambda: len(running.access_log) == 1 and bool(seen), timeout=60)
     assert seen == [hashlib.sha256(HELLO + up).hexdigest()]
     [record] = running.access_log
     assert (record["reason"], record["mode"]) == ("normal", "kernel")
