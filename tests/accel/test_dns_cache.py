@@ -264,6 +264,36 @@ def test_without_capabilities_it_is_unavailable_with_the_reason(pin_dir: str) ->
     assert os.listdir(pin_dir) == []
 
 
+def test_with_cap_bpf_a_pin_directory_of_another_user_is_named_as_the_cause(
+    pin_dir: str,
+) -> None:
+    """A process holding CAP_BPF (and nothing that overrides file permissions) in front of
+    a pin directory another user owns: the message says whose directory it is, not that
+    CAP_BPF is missing. It stays uid 0 (so it can read the checkout and the venv wherever CI
+    put them); the directory is given to uid 65534."""
+    os.chown(pin_dir, 65534, 65534)
+    code = (
+        "from trio_sni.accel.dns_cache import SharedDnsCache\n"
+        "from trio_sni.errors import SharedCacheUnavailable\n"
+        "try:\n"
+        f"    SharedDnsCache.open({pin_dir!r}, 100)\n"
+        "except SharedCacheUnavailable as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-all,+bpf", "--inh-caps=-all", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("not permitted: "), result.stdout
+    assert f"CAP_BPF is held, but {pin_dir} belongs to uid 65534" in result.stdout
+    assert "this process is uid 0" in result.stdout
+    assert os.listdir(pin_dir) == []
+
+
 def test_processes_starting_together_end_up_on_one_map(pin_dir: str) -> None:
     """The flock serialises creation: eight openers at once, one map pair, one creator."""
     opened: list[SharedDnsCache] = []

@@ -571,7 +571,7 @@ def test_without_bpf_capabilities_userspace_mode_works_and_says_why_once(tmp_pat
     assert json.loads(result.stdout) == ["splice", "splice", "splice"]
     reasons = [line for line in result.stderr.splitlines() if "forwarding mode" in line]
     assert reasons == [
-        "INFO forwarding mode: splice (kernel forwarding unavailable: missing CAP_BPF, "
+        "WARNING forwarding mode: splice (kernel forwarding unavailable: missing CAP_BPF, "
         "CAP_NET_ADMIN and CAP_PERFMON (root without them); using splice)"
     ]
 

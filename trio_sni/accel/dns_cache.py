@@ -45,6 +45,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -103,6 +104,25 @@ class SharedCacheStatistics:
     def hit_rate(self) -> float | None:
         looked_up = self.hits + self.misses
         return round(self.hits / looked_up, 4) if looked_up else None
+
+
+def _why_not_permitted(pin_path: str) -> str:
+    """What to do about an EPERM/EACCES at ``pin_path``: without CAP_BPF, that is the cause;
+    with it, the pin directory (or the nearest existing parent) belongs to someone else."""
+    from . import missing_capabilities  # the package imports this module
+
+    uid = os.geteuid()
+    if "CAP_BPF" in missing_capabilities():
+        return f"needs root or CAP_BPF, and CAP_SYS_ADMIN to mount bpffs; uid {uid}"
+    path = pin_path
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    st = os.stat(path)
+    return (
+        f"CAP_BPF is held, but {path} belongs to uid {st.st_uid} with mode "
+        f"{stat.filemode(st.st_mode)}, and this process is uid {uid}: give the directory to "
+        f"this user (chown) or set ebpf.dns_cache.pin_path to one it owns"
+    )
 
 
 class SharedDnsCache:
@@ -166,8 +186,7 @@ class SharedDnsCache:
             loader.ensure_bpffs(pin_path)
         except PermissionError as exc:
             raise SharedCacheUnavailable(
-                f"cannot create {pin_path}: {exc.strerror} (needs root or CAP_BPF, and "
-                f"CAP_SYS_ADMIN to mount bpffs; uid {os.geteuid()})"
+                f"cannot create {pin_path}: {exc.strerror} ({_why_not_permitted(pin_path)})"
             ) from None
         except OSError as exc:
             raise SharedCacheUnavailable(f"cannot create {pin_path}: {exc}") from None
@@ -188,11 +207,11 @@ class SharedDnsCache:
                 except BaseException:
                     collection.close()
                     raise
-        except PermissionError as exc:
-            raise SharedCacheUnavailable(
-                f"not permitted: {exc} (needs root or CAP_BPF; uid {os.geteuid()})"
-            ) from None
         except (OSError, loader.LoaderError) as exc:
+            if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == errno.EACCES:
+                raise SharedCacheUnavailable(
+                    f"not permitted: {exc} ({_why_not_permitted(pin_path)})"
+                ) from None
             raise SharedCacheUnavailable(f"map creation failed: {exc}") from None
         return cls(collection, pin_path=pin_path, replaced=replaced, clock=clock)
 

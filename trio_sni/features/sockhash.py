@@ -42,7 +42,8 @@ class SockhashFeature:
                 for cannot be provided (the config's demand, not a kernel refusal).
         """
         plan = choose_forwarder(self._config)
-        log.info("forwarding mode: %s (%s)", plan.forwarder.mode, plan.why)
+        level = logging.WARNING if plan.degraded else logging.INFO
+        log.log(level, "forwarding mode: %s (%s)", plan.forwarder.mode, plan.why)
         for asked, used, why in plan.fallbacks:
             if asked != self._config.forwarding.mode:  # the default's reason is logged above
                 log.warning("forwarding mode %s (asked by rules): %s (%s)", asked, used, why)

@@ -39,6 +39,9 @@ class ForwardingPlan:
     why: str
     by_mode: Mapping[str, Forwarder] = attrs.field(factory=dict)
     fallbacks: tuple[tuple[str, str, str], ...] = ()
+    #: The default mode is not what the config asked for (``auto``: not the kernel, although
+    #: the config leaves it on): an operator should hear of it (a warning, not info).
+    degraded: bool = False
 
     def for_mode(self, mode: str | None) -> Forwarder:
         """The forwarder for a rule's ``mode`` (``None``: the default)."""
@@ -154,7 +157,10 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
             kernel_fwd.close()
         raise
     default = config.forwarding.mode
-    return ForwardingPlan(by_mode[default], whys[default], by_mode, tuple(fallbacks))
+    best = "kernel" if default == "auto" else default
+    switched_off = default == "auto" and unavailable.get("kernel") == SOCKMAP_SWITCHED_OFF
+    degraded = by_mode[default].mode != best and not switched_off
+    return ForwardingPlan(by_mode[default], whys[default], by_mode, tuple(fallbacks), degraded)
 
 
 def _resolve(
