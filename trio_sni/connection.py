@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import http
 import ipaddress
+import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Final, Protocol
 
 import attrs
@@ -80,6 +81,16 @@ class ConnectionInfo:
     reason: str | None = None
     error: str | None = None
     counters: ByteCounters = attrs.Factory(ByteCounters)
+    #: This process's number for the connection (with workers, ``worker`` tells whose).
+    id: int = 0
+    #: Seconds spent on each stage: from accept to a whole ClientHello (or request head),
+    #: resolving the target's name, connecting to it (SOCKS5 handshake included).
+    hello_time: float | None = None
+    resolve_time: float | None = None
+    connect_time: float | None = None
+    #: The proxy's own address and port on the upstream connection (to find it in the
+    #: target's logs or a capture).
+    upstream_local: tuple[str, int] | None = None
 
     @property
     def forwarded_mode(self) -> str | None:
@@ -99,7 +110,8 @@ class ConnectionInfo:
     def access_record(self, now: float) -> dict[str, object]:
         """The JSON access-log record (one line per connection)."""
         return {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_wall)),
+            "time": rfc3339_ms(self.started_wall),
+            "id": self.id,
             "client": format_endpoint(self.client),
             "listener": self.listener,
             "sni": self.sni,
@@ -108,16 +120,31 @@ class ConnectionInfo:
             "decision": self.decision,
             "rule": self.rule,
             "target": format_endpoint(self.target) if self.target else None,
+            "upstream_local": format_endpoint(self.upstream_local) if self.upstream_local else None,
             "via": self.via,
             "peer": format_endpoint(self.peer) if self.peer else None,
             "bytes_to_upstream": self.counters.to_upstream,
             "bytes_to_client": self.counters.to_client,
+            "hello_time": _seconds(self.hello_time),
+            "resolve_time": _seconds(self.resolve_time),
+            "connect_time": _seconds(self.connect_time),
             "duration": round(now - self.started, 6),
             "mode": self.forwarded_mode,
             "fallback_from": self.fallback_from,
             "reason": self.reason,
             "error": self.error,
         }
+
+
+def rfc3339_ms(wall: float) -> str:
+    """``2026-12-07T21:04:05.123Z``: RFC 3339, UTC, to the millisecond."""
+    seconds = int(wall)
+    millis = int((wall - seconds) * 1000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{millis:03d}Z"
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 def format_endpoint(endpoint: tuple[str, int] | tuple[str, int, int, int]) -> str:
@@ -165,6 +192,8 @@ class ConnectionContext:
     #: ``forwarding.mode``: what a rule without ``mode`` asks for (``forwarder`` serves it).
     default_mode: str = "auto"
     live: dict[int, ConnectionInfo] = attrs.Factory(dict)
+    #: Numbers the connections (the access log's ``id``).
+    ids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
     #: The live connections whose task has returned: a forwarder watches their end.
     handed_off: dict[int, HandedOff] = attrs.Factory(dict)
     #: Unparked whenever a connection ends (the drain waits on it).
@@ -188,6 +217,7 @@ def log_refused_at_accept(
         decision="deny",
         reason=reason,
         error=error,
+        id=next(ctx.ids),
     )
     ctx.write_access_log(info.access_record(info.started))
 
@@ -216,6 +246,7 @@ async def handle_connection(
         listener=listener.label,
         started_wall=time.time(),
         started=trio.current_time(),
+        id=next(ctx.ids),
     )
 
     def end(reason: str) -> None:
@@ -276,6 +307,7 @@ async def handle_connection(
             name = info.sni = hello.server_name
             info.alpn, info.hello_size = hello.alpn, hello.size
             first_bytes = hello.raw + after
+        info.hello_time = trio.current_time() - info.started
 
         # Route.
         route = ctx.policy.decide(name, listener.target_port)
@@ -547,15 +579,18 @@ async def _connect_via_socks5(
     except ValueError:
         destinations = (route.host,)
     if isinstance(destinations[0], str) and not socks5.remote_dns:
+        started = trio.current_time()
         destinations = await ctx.resolver.resolve(route.host)
+        info.resolve_time = trio.current_time() - started
     if not isinstance(destinations[0], str):
         destinations = _guard_destinations(
             route, tuple(d for d in destinations if not isinstance(d, str)), ctx.own_addresses
         )
+    started = trio.current_time()
     upstream, from_target, destination = await connect_via_socks5(
         socks5, destinations, route.port, timeout=ctx.connect_timeout
     )
-    info.target = (str(destination), route.port)
+    _connected(info, upstream, (str(destination), route.port), started)
     return upstream, from_target
 
 
@@ -566,13 +601,27 @@ async def _connect_direct(
     try:
         addresses: tuple[IPAddress, ...] = (ipaddress.ip_address(route.host),)
     except ValueError:
+        started = trio.current_time()
         addresses = await ctx.resolver.resolve(route.host)
+        info.resolve_time = trio.current_time() - started
     addresses = _guard_destinations(route, addresses, ctx.own_addresses)
+    started = trio.current_time()
     upstream, address = await connect_to_addresses(
         addresses, route.port, timeout=ctx.connect_timeout
     )
-    info.target = (str(address), route.port)
+    _connected(info, upstream, (str(address), route.port), started)
     return upstream
+
+
+def _connected(
+    info: ConnectionInfo, upstream: trio.SocketStream, target: tuple[str, int], started: float
+) -> None:
+    """Record the target reached, the time it took and the proxy's end of the connection."""
+    info.connect_time = trio.current_time() - started
+    info.target = target
+    with contextlib.suppress(OSError):  # reset already: the forwarder will say so
+        host, port = upstream.socket.getsockname()[:2]
+        info.upstream_local = (host, port)
 
 
 def _guard_destinations(
