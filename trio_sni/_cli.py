@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Sequence
@@ -73,8 +74,9 @@ STATUS_DESCRIPTION = """\
 Show a running proxy's status as tables: readiness, connections and bytes by mode and
 termination reason, the kernel features (active, disabled or unavailable, and why), maps,
 the resolver cache, per-rule traffic and the oldest live connections. It reads the proxy's
-status endpoint, so the proxy must run with "status": {"listen": "127.0.0.1:9090"} (or the
-address given with --url). Exit status: 0 when the endpoint answered, 1 when it did not.
+status endpoint, so the proxy must run with "status": {"listen": "127.0.0.1:9090"} (the
+embedded default config's; or the address given with --url). Exit status: 0 when the
+endpoint answered, 1 when it did not. --watch shows it again every few seconds until Ctrl-C.
 """
 
 
@@ -144,6 +146,18 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--timeout", type=float, default=5.0, metavar="SECONDS", help="per request (default 5)"
     )
+    status.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="show it again every SECONDS (default 2) until Ctrl-C, kernel counters that are "
+        "still zero left out",
+    )
+    status.add_argument(
+        "--all", action="store_true", help="with --watch: show the zero kernel counters too"
+    )
     return parser
 
 
@@ -156,6 +170,16 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(
                 "status reads a running proxy: --config, --check-config and "
                 "--print-default-config do not apply"
+            )
+        if args.watch is not None:
+            sys.exit(
+                watch_status(
+                    args.url,
+                    args.watch,
+                    limit=args.limit,
+                    timeout=args.timeout,
+                    every_counter=args.all,
+                )
             )
         sys.exit(status_command(args.url, limit=args.limit, raw=args.json, timeout=args.timeout))
     if args.print_default_config:
@@ -419,6 +443,34 @@ def status_command(url: str, *, limit: int, raw: bool, timeout: float) -> int:
     return 0
 
 
+def watch_status(
+    url: str, interval: float, *, limit: int, timeout: float, every_counter: bool
+) -> int:
+    """``status --watch``: the tables again every ``interval`` seconds, on a cleared screen,
+    until Ctrl-C (exit status 0). An endpoint that stops answering is reported and asked
+    again at the next turn."""
+    base = url.rstrip("/")
+    if not base.startswith("http://") or interval <= 0:
+        print(
+            f"status --watch: expected http://host:port and SECONDS > 0, got {url!r}, {interval}",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        while True:
+            try:
+                documents = fetch_status(base, limit=max(0, min(limit, 1000)), timeout=timeout)
+                text = render_status(base, documents, zero_counters=every_counter)
+            except StatusUnavailable as exc:
+                text = f"{exc}\n"
+            stamp = time.strftime("%H:%M:%S")
+            sys.stdout.write(f"\x1b[H\x1b[2J{stamp}, every {interval:g} s (Ctrl-C stops)\n{text}")
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
 def fetch_status(base: str, *, limit: int, timeout: float) -> dict[str, object]:
     """``/readyz``, ``/ebpf/status``, ``/connections`` and ``/metrics`` (parsed), as one dict.
 
@@ -476,8 +528,9 @@ def fetch_status(base: str, *, limit: int, timeout: float) -> dict[str, object]:
     }
 
 
-def render_status(base: str, documents: dict[str, object]) -> str:
-    """The status documents as a few aligned tables for a person."""
+def render_status(base: str, documents: dict[str, object], *, zero_counters: bool = True) -> str:
+    """The status documents as a few aligned tables for a person (``zero_counters``: list
+    the kernel counters that are still zero too)."""
     ebpf = _as_dict(documents["ebpf"])
     connections = _as_dict(documents["connections"])
     samples = documents["metrics"]
@@ -583,7 +636,9 @@ def render_status(base: str, documents: dict[str, object]) -> str:
             s["value"],
         )
         for s in samples
-        if str(s["name"]).startswith("trio_sni_ebpf_") and str(s["name"]).endswith("_total")
+        if str(s["name"]).startswith("trio_sni_ebpf_")
+        and str(s["name"]).endswith("_total")
+        and (zero_counters or float(s["value"]) != 0)
     ]
     if kernel_counters:
         lines.append("")

@@ -176,6 +176,46 @@ def test_status_prints_tables_of_a_running_proxy(served: dict[str, Any]) -> None
         assert "trio_sni_connections_accepted_total" in names
 
 
+def _counter_rows(frame: str) -> list[list[str]]:
+    lines = frame.splitlines()
+    if not any(line.startswith("KERNEL COUNTER") for line in lines):
+        return []
+    start = next(i for i, line in enumerate(lines) if line.startswith("KERNEL COUNTER")) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_status_watch_refreshes_until_ctrl_c(served: dict[str, Any]) -> None:
+    """``--watch 0.2``: a new frame on a cleared screen every 0.2 s, zero kernel counters left
+    out (``--all`` keeps them), and Ctrl-C (SIGINT) ends it with exit status 0."""
+    frames: dict[bool, list[str]] = {}
+    for every in (False, True):
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "trio_sni", "status", "--url", served["url"], "--watch", "0.2"]
+            + (["--all"] if every else []),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.5)
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=TIMEOUT)
+        assert watcher.returncode == 0, err
+        assert "Traceback" not in err
+        frames[every] = [f for f in out.split("\x1b[H\x1b[2J") if f]
+        assert len(frames[every]) >= 3, out
+        assert all("every 0.2 s (Ctrl-C stops)" in f for f in frames[every])
+        assert all("ready:          yes" in f for f in frames[every])
+    assert all(row[-1] != "0" for row in _counter_rows(frames[False][-1]))
+    if os.geteuid() == 0:  # kernel counters exist: some are still zero on an idle proxy
+        assert any(row[-1] == "0" for row in _counter_rows(frames[True][-1]))
+
+
 def test_status_without_a_proxy_says_what_to_do() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     result = run_cli("status", "--url", url)
