@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from . import demo
 from ._version import __version__
 from .connection import format_endpoint
 from .defaults import default_config_text
@@ -158,6 +159,15 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--all", action="store_true", help="with --watch: show the zero kernel counters too"
     )
+    commands.add_parser(
+        "demo",
+        help="route real TLS connections through the proxy on this host, offline (a local "
+        "backend, the proxy, a client), and show the access log",
+        description="Route real TLS connections through the proxy on this host, with no "
+        "network: a TLS backend on loopback, the proxy in front of it in the best forwarding "
+        "mode this host allows, and a client that asks for an allowed name and a refused one. "
+        "Prints what happened and the access-log lines; exit status 0 if it all worked.",
+    )
     return parser
 
 
@@ -165,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m trio_sni`` and the ``trio-sni`` script."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        if args.config or args.check_config or args.print_default_config:
+            parser.error("demo runs its own config: --config and the like do not apply")
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+        sys.exit(trio.run(demo.run_demo))
     if args.command == "status":
         if args.config or args.check_config or args.print_default_config:
             parser.error(

@@ -391,6 +391,23 @@ def test_help_lists_every_option_and_the_signals() -> None:
     assert "timeouts.drain" in result.stdout
 
 
+def test_demo_routes_real_tls_offline() -> None:
+    """``python -m trio_sni demo``: the newcomer's first run, with no network."""
+    result = run_cli("demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hello from the demo backend, through trio-sni" in result.stdout
+    assert "refused with the TLS alert TLSV1_UNRECOGNIZED_NAME" in result.stdout
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("  {")]
+    assert [(r["sni"], r["reason"]) for r in records] == [
+        ("demo.trio-sni.test", "normal"),
+        ("refused.trio-sni.test", "denied_domain"),
+    ]
+    # forwarding.mode auto: the kernel where it can be used, else splice (Linux) or copy
+    assert records[0]["mode"] in (("kernel",) if probe().sockmap else ("splice", "copy"))
+    assert "all worked, offline" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
 def test_version_prints_the_package_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0, result.stderr
