@@ -240,9 +240,9 @@ def test_not_a_bpffs_path_is_unavailable_with_the_reason(tmp_path: os.PathLike[s
     assert not loader_fds_opened_since(before)
 
 
-def test_without_capabilities_it_is_unavailable_with_the_reason(pin_dir: str) -> None:
-    """A real process without capabilities (root's bounding set emptied by setpriv) gets a
-    reason, not a crash, and leaves nothing pinned."""
+def _why_unavailable(pin_dir: str, *setpriv: str) -> str:
+    """What ``SharedDnsCache.open(pin_dir)`` says in a process started by ``setpriv`` with
+    these options (a real process with other privileges)."""
     code = (
         "from trio_sni.accel.dns_cache import SharedDnsCache\n"
         "from trio_sni.errors import SharedCacheUnavailable\n"
@@ -252,16 +252,23 @@ def test_without_capabilities_it_is_unavailable_with_the_reason(pin_dir: str) ->
         "    print(exc)\n"
     )
     result = subprocess.run(
-        ["setpriv", "--bounding-set", "-all", sys.executable, "-c", code],
+        ["setpriv", *setpriv, sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("not permitted: "), result.stdout
-    assert "CAP_BPF" in result.stdout
-    assert os.listdir(pin_dir) == []
+    assert os.listdir(pin_dir) == []  # nothing left pinned
+    return result.stdout
+
+
+def test_without_capabilities_it_is_unavailable_with_the_reason(pin_dir: str) -> None:
+    """A real process without capabilities (root's bounding set emptied by setpriv) gets a
+    reason, not a crash, and leaves nothing pinned."""
+    why = _why_unavailable(pin_dir, "--bounding-set", "-all")
+    assert why.startswith("not permitted: "), why
+    assert "CAP_BPF" in why
 
 
 def test_with_cap_bpf_a_pin_directory_of_another_user_is_named_as_the_cause(
@@ -272,26 +279,10 @@ def test_with_cap_bpf_a_pin_directory_of_another_user_is_named_as_the_cause(
     CAP_BPF is missing. It stays uid 0 (so it can read the checkout and the venv wherever CI
     put them); the directory is given to uid 65534."""
     os.chown(pin_dir, 65534, 65534)
-    code = (
-        "from trio_sni.accel.dns_cache import SharedDnsCache\n"
-        "from trio_sni.errors import SharedCacheUnavailable\n"
-        "try:\n"
-        f"    SharedDnsCache.open({pin_dir!r}, 100)\n"
-        "except SharedCacheUnavailable as exc:\n"
-        "    print(exc)\n"
-    )
-    result = subprocess.run(
-        ["setpriv", "--bounding-set=-all,+bpf", "--inh-caps=-all", sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("not permitted: "), result.stdout
-    assert f"CAP_BPF is held, but {pin_dir} belongs to uid 65534" in result.stdout
-    assert "this process is uid 0" in result.stdout
-    assert os.listdir(pin_dir) == []
+    why = _why_unavailable(pin_dir, "--bounding-set=-all,+bpf", "--inh-caps=-all")
+    assert why.startswith("not permitted: "), why
+    assert f"CAP_BPF is held, but {pin_dir} belongs to uid 65534" in why
+    assert "this process is uid 0" in why
 
 
 def test_processes_starting_together_end_up_on_one_map(pin_dir: str) -> None:
