@@ -75,6 +75,44 @@ DURATION_BUCKETS = (
     3600.0,
     14400.0,
 )
+#: Stage latencies in seconds (waiting for the ClientHello, resolving, connecting): loopback
+#: and cache hits take well under a millisecond, a distant target or a slow client seconds.
+STAGE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+#: The access-log fields of each stage's time, and their histograms' names and help.
+STAGES = (
+    (
+        "hello_time",
+        "trio_sni_client_hello_wait_seconds",
+        "From accept to a whole ClientHello (or request head), connections that sent one.",
+    ),
+    (
+        "resolve_time",
+        "trio_sni_resolve_seconds",
+        "Resolving the target's name (cache hits included), connections that needed it.",
+    ),
+    (
+        "connect_time",
+        "trio_sni_connect_seconds",
+        "Connecting to the target (a SOCKS5 handshake included), connections that did.",
+    ),
+)
 #: ClientHello sizes in bytes: classic hellos are 200-600 bytes, post-quantum key shares
 #: (X25519MLKEM768) push them to about 1.8 KB, and the configurable cap goes up to 64 KiB.
 HELLO_SIZE_BUCKETS = (256, 512, 1024, 1536, 2048, 4096, 8192, 16384, 32768, 65536)
@@ -174,6 +212,8 @@ class ProxyMetrics:
         self.fallbacks: dict[tuple[str, str], int] = {}
         self.duration = _Histogram(DURATION_BUCKETS)
         self.hello_size = _Histogram(HELLO_SIZE_BUCKETS)
+        self.stages = {field: _Histogram(STAGE_BUCKETS) for field, _, _ in STAGES}
+        self.listener_connections: dict[str, int] = {}
         #: Set by whoever reloads the config (the command line's SIGHUP handler).
         self.reloads = ConfigReloads()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -208,6 +248,12 @@ class ProxyMetrics:
         hello_size = record.get("hello_size")
         if isinstance(hello_size, int):
             self.hello_size.observe(hello_size)
+        for field, histogram in self.stages.items():
+            seconds = record.get(field)
+            if isinstance(seconds, float):
+                histogram.observe(seconds)
+        listener = _label(record.get("listener"))
+        self.listener_connections[listener] = self.listener_connections.get(listener, 0) + 1
 
     def wrap(
         self, write_access_log: Callable[[dict[str, object]], None]
@@ -292,6 +338,20 @@ class _Collector:
             "trio_sni_client_hello_bytes",
             "Size of the ClientHello (all its TLS records), connections that sent a whole one.",
         )
+        for field, name, documentation in STAGES:
+            yield m.stages[field].family(name, documentation)
+
+        per_listener = CounterMetricFamily(
+            "trio_sni_listener_connections",
+            "Connections per listener (its name, or host:port), finished and live.",
+            labels=["listener"],
+        )
+        listener_counts = dict(m.listener_connections)
+        for info in live:
+            listener_counts[info.listener] = listener_counts.get(info.listener, 0) + 1
+        for listener, count in sorted(listener_counts.items()):
+            per_listener.add_metric([listener], count)
+        yield per_listener
 
         # A live connection counts under its rule once routed; one still routing is left out
         # (it may yet match a rule, and "none" must not go backwards when it does).

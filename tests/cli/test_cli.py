@@ -1432,6 +1432,11 @@ def test_metrics_every_exporter_has(
         assert _metric(metrics, series) > 0
     assert "process_cpu_seconds_total " in metrics
     _assert_promtool_accepts(metrics)
+    for stage in ("client_hello_wait", "resolve", "connect"):  # latency histograms
+        assert _metric(metrics, f"trio_sni_{stage}_seconds_count") == 1
+        assert _metric(metrics, f'trio_sni_{stage}_seconds_bucket{{le="+Inf"}}') == 1
+    listener = f'trio_sni_listener_connections_total{{listener="127.0.0.1:{served.port}"}}'
+    assert _metric(metrics, listener) == 1
     version = BUILD_INFO
     assert _metric(metrics, version) == 1
     assert _metric(metrics, "trio_sni_config_last_reload_successful") == 1
