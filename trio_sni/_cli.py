@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from . import demo
+from . import demo, oplog
 from ._version import __version__
 from .connection import format_endpoint
 from .defaults import default_config_text
@@ -203,9 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.check_config is not None:
         try:
             config = read_config(args.check_config)
-            problem = _access_log_problem(config.log.access_log)
-            if problem is not None:
-                raise ConfigError([problem])
+            problems = [
+                problem
+                for field, path in (
+                    ("access_log", config.log.access_log),
+                    ("file", config.log.file),
+                )
+                if (problem := _log_file_problem(f"log.{field}", path)) is not None
+            ]
+            if problems:
+                raise ConfigError(problems)
         except ConfigError as exc:
             print(f"{args.check_config}: {exc}", file=sys.stderr)
             sys.exit(1)
@@ -221,8 +228,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{args.config or '<default config>'}: {exc}", file=sys.stderr)
         sys.exit(1)
     worker = os.environ.pop(WORKER_ENV, None)
-    name = "%(name)s" if worker is None else f"%(name)s[worker {worker}]"
-    logging.basicConfig(format=f"%(asctime)s %(levelname)s {name}: %(message)s")
+    try:
+        oplog.configure(config, worker)
+    except OSError as exc:
+        print(f"cannot start: log.file: {exc}", file=sys.stderr)
+        sys.exit(1)
     logging.getLogger().setLevel(logging.NOTSET)
     apply_log_level(config, args.log_level)
     try:
@@ -252,21 +262,22 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(status)
 
 
-def _access_log_problem(destination: str | None) -> str | None:
-    """Why the proxy could not open ``log.access_log`` at start, if it could not (a file in a
-    missing or unwritable directory): ``--check-config`` says so before a start fails."""
+def _log_file_problem(field: str, destination: str | None) -> str | None:
+    """Why the proxy could not open a log file (``field``: ``log.access_log`` or
+    ``log.file``) at start, if it could not (a file in a missing or unwritable directory):
+    ``--check-config`` says so before a start fails."""
     if destination in (None, "stderr", "stdout"):
         return None
     path = Path(destination)
     if path.is_dir():
-        return f"log.access_log: {destination} is a directory"
+        return f"{field}: {destination} is a directory"
     if path.exists():
         ok = os.access(path, os.W_OK)
-        return None if ok else f"log.access_log: {destination} is not writable"
+        return None if ok else f"{field}: {destination} is not writable"
     if not path.parent.is_dir():
-        return f"log.access_log: directory {path.parent} does not exist"
+        return f"{field}: directory {path.parent} does not exist"
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        return f"log.access_log: cannot create files in {path.parent}"
+        return f"{field}: cannot create files in {path.parent}"
     return None
 
 

@@ -350,6 +350,8 @@ class Proxy:
             log.warning("reload: listener changes take effect only after a restart")
         if config.status != self.config.status:
             log.warning("reload: status.listen changes take effect only after a restart")
+        if (config.log.format, config.log.file) != (self.config.log.format, self.config.log.file):
+            log.warning("reload: log.format and log.file changes take effect only after a restart")
         ctx = self.context
         ctx.policy = Policy.from_config(config)
         ctx.limiter.reconfigure(config.limits, config.max_connections)

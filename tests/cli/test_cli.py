@@ -687,6 +687,51 @@ def test_sigusr1_reopens_the_access_log_after_logrotate_renamed_it(
     assert "ERROR" not in proxy.stderr
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_operational_log_as_json_in_a_file_that_logrotate_may_move(
+    workers: int,
+    tls_backend: Backend,
+    spawn_proxy: Callable[..., ProxyProcess],
+    tmp_path: Path,
+) -> None:
+    """log.format json and log.file: one JSON object per line in the file (nothing on
+    stderr); after the file is moved away the next line goes to a new file."""
+    ops = tmp_path / "trio-sni.log"
+
+    def config(port: int) -> dict[str, Any]:
+        settings = {"level": "info", "access_log": None, "format": "json", "file": str(ops)}
+        return routing_config(port, tls_backend.port, workers=workers, log=settings)
+
+    def entries(path: Path) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    port = free_port()
+    path = tmp_path / "trio-sni.json"
+    path.write_text(json.dumps(config(port)))
+    proxy = spawn_proxy("--config", str(path))
+    try:
+        wait_until(
+            lambda: any(e["message"].startswith("listening on 127.0.0.1:") for e in entries(ops)),
+            timeout=STARTUP_TIMEOUT,
+            what="the first lines in the file",
+        )
+        first = entries(ops)
+        assert {"time", "level", "logger", "message"} <= set(first[0])
+        if workers > 1:
+            assert {e.get("worker") for e in first} >= {0, 1}
+        ops.rename(tmp_path / "trio-sni.log.1")
+        proxy.signal(signal.SIGHUP)
+        wait_until(
+            lambda: any(e["message"].startswith("reload: new policy") for e in entries(ops)),
+            timeout=STARTUP_TIMEOUT,
+            what="the reload's line in a new file",
+        )
+    finally:
+        status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0
+    assert proxy.stderr == ""
+
+
 def test_sighup_applies_log_level_and_access_log(
     tls_backend: Backend,
     client_context: ssl.SSLContext,

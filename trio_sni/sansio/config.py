@@ -386,10 +386,17 @@ class Forwarding:
 
 @attrs.frozen
 class Log:
-    """``access_log``: ``"stderr"``, ``"stdout"``, a file path, or ``null`` for none."""
+    """``access_log``: ``"stderr"``, ``"stdout"``, a file path, or ``null`` for none.
+
+    The operational log (start-up, reloads, warnings) goes to stderr, or to ``file`` (opened
+    again by itself when logrotate has moved it), as text or as one JSON object per line
+    (``format: "json"``).
+    """
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: str | None = "stderr"
+    format: Literal["text", "json"] = "text"
+    file: str | None = None
 
 
 @attrs.frozen
