@@ -3,6 +3,7 @@ signals the proxy the way it listens, and the licence pyproject.toml names."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -74,3 +75,17 @@ def test_the_alert_rules_load_and_fire_on_their_series() -> None:
             check=False,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_container_and_daemonset_grant_what_the_unit_grants() -> None:
+    """One set of capabilities in every deployment example (docs/operations.md's table)."""
+    unit = (DEPLOY / "trio-sni.service").read_text()
+    [granted] = _directives(unit, "AmbientCapabilities")
+    wanted = {cap.removeprefix("CAP_") for cap in granted.split()}
+    daemonset = (DEPLOY / "daemonset.yaml").read_text()
+    [added] = [line for line in daemonset.splitlines() if line.strip().startswith("add: [")]
+    assert set(added.split("[", 1)[1].rstrip("]").replace(" ", "").split(",")) == wanted
+    container = (DEPLOY / "Containerfile").read_text()
+    # Docker grants NET_BIND_SERVICE by default; the others must be added.
+    assert set(re.findall(r"--cap-add (\w+)", container)) == wanted - {"NET_BIND_SERVICE"}
+    assert '"-m", "trio_sni", "--config"' in container
