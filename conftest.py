@@ -29,3 +29,10 @@ settings.register_profile(
     "fuzz", max_examples=200_000, deadline=None, database=_DATABASE, print_blob=True
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+if os.environ.get("TRIO_SNI_INSTALLED") == "1":
+    # .ci/installed-wheel: the tests must exercise the installed wheel, not this checkout.
+    import trio_sni
+
+    assert "site-packages" in trio_sni.__file__, f"testing {trio_sni.__file__}, not the wheel"
