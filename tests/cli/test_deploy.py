@@ -3,6 +3,7 @@ signals the proxy the way it listens, and the licence pyproject.toml names."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -89,3 +90,35 @@ def test_the_container_and_daemonset_grant_what_the_unit_grants() -> None:
     # Docker grants NET_BIND_SERVICE by default; the others must be added.
     assert set(re.findall(r"--cap-add (\w+)", container)) == wanted - {"NET_BIND_SERVICE"}
     assert '"-m", "trio_sni", "--config"' in container
+
+
+def test_the_alerts_and_the_dashboard_use_only_metrics_the_proxy_exports() -> None:
+    """Every series name in the alert rules and the Grafana dashboard is in a proxy's
+    /metrics (the supervisor's own, ``trio_sni_worker_*``, in its merged answer)."""
+    from prometheus_client import generate_latest
+
+    from trio_sni import workers_status
+    from trio_sni.sansio.config_load import load_config
+    from trio_sni.server import Proxy
+
+    config = {
+        "workers": 1,
+        "listeners": [{"host": "127.0.0.1", "port": 0}],
+        "rules": [{"match": "a.test"}],
+        "ebpf": {"sockmap": {"enabled": False}},
+    }
+    proxy = Proxy(load_config(config), access_log=lambda record: None)
+    text = generate_latest(proxy.metrics.registry).decode()
+    exported = set(re.findall(r"^(?:# TYPE )?([a-z_]+)", text, re.MULTILINE))
+    supervisor = Path(workers_status.__file__).read_text()
+    dashboard = (DEPLOY / "grafana-dashboard.json").read_text()
+    panels = json.loads(dashboard)["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    for name in ("trio-sni-alerts.yml", "grafana-dashboard.json"):
+        used = set(re.findall(r"\b((?:trio_sni|process)_[a-z_]+)", (DEPLOY / name).read_text()))
+        missing = {
+            series
+            for series in used - exported
+            if f'"{series.removesuffix("_total")}"' not in supervisor
+        }
+        assert not missing, f"{name} uses series no proxy exports: {sorted(missing)}"
