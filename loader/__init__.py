@@ -28,6 +28,7 @@ from .elf import load_collection_spec as load_collection_spec
 from .errors import BPFSyscallError as BPFSyscallError
 from .errors import BTFError as BTFError
 from .errors import ELFFormatError as ELFFormatError
+from .errors import LicenseError as LicenseError
 from .errors import LoaderError as LoaderError
 from .errors import MapIncompatibleError as MapIncompatibleError
 from .errors import MissingPrivilegeError as MissingPrivilegeError

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from ._sys import bpf
 from ._sys.fd import FD, ClosesOnExit
-from .errors import BPFSyscallError, LoaderError
+from .errors import BPFSyscallError, LoaderError, VerifierError
 from .maps import Map, ensure_bpffs
 from .programs import Program
 from .spec import CollectionSpec, PinType
@@ -86,15 +86,19 @@ class Collection(ClosesOnExit):
             for name, prog_spec in spec.programs.items():
                 if programs is not None and name not in programs:
                     continue
-                loaded[name] = Program.load(
-                    prog_spec,
-                    maps=all_maps,
-                    btf_fd=btf,
-                    func_info_rec_size=spec.btf_func_info_rec_size,
-                    line_info_rec_size=spec.btf_line_info_rec_size,
-                    core_relo_rec_size=spec.btf_core_relo_rec_size,
-                    log_level=log_level,
-                )
+                try:
+                    loaded[name] = Program.load(
+                        prog_spec,
+                        maps=all_maps,
+                        btf_fd=btf,
+                        func_info_rec_size=spec.btf_func_info_rec_size,
+                        line_info_rec_size=spec.btf_line_info_rec_size,
+                        core_relo_rec_size=spec.btf_core_relo_rec_size,
+                        log_level=log_level,
+                    )
+                except VerifierError as exc:
+                    exc.object = spec.source  # which file: the program's name may be common
+                    raise
             if programs is not None:
                 missing = set(programs) - set(loaded)
                 if missing:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -111,23 +112,61 @@ def load_collection_spec(source: str | os.PathLike[str] | bytes | IO[bytes]) -> 
         ELFFormatError: the bytes are not a BPF ELF object this loader understands
             (:class:`~loader.errors.BTFError` for BTF problems).
     """
+    path = ""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
         with open(source, "rb") as f:
             data = f.read(MAX_OBJECT_SIZE + 1)
     else:
+        path = str(getattr(source, "name", ""))
         data = source.read(MAX_OBJECT_SIZE + 1)
+    where = f"{path}: " if path else ""
     if len(data) > MAX_OBJECT_SIZE:
-        raise ELFFormatError(f"object larger than {MAX_OBJECT_SIZE} bytes")
+        raise ELFFormatError(f"{where}object larger than {MAX_OBJECT_SIZE} bytes")
+    truncated = _truncation(data)
+    if truncated is not None:
+        raise ELFFormatError(f"{where}{truncated}")
     try:
-        return _Reader(data).read()
+        return _Reader(data).read().copy(source=path)
+    except ELFFormatError as exc:
+        if not path:
+            raise
+        raise type(exc)(f"{where}{exc}") from exc
     except LoaderError:
         raise
     except RecursionError as exc:
-        raise ELFFormatError(f"malformed object: too deeply nested ({exc})") from exc
+        raise ELFFormatError(f"{where}malformed object: too deeply nested ({exc})") from exc
     except Exception as exc:  # pyelftools raises many kinds on malformed input
-        raise ELFFormatError(f"malformed ELF object: {type(exc).__name__}: {exc}") from exc
+        raise ELFFormatError(f"{where}malformed ELF object: {type(exc).__name__}: {exc}") from exc
+
+
+#: ``e_ident``'s byte order values (``EI_DATA``) and the ELF64 header's size.
+_ELF_BYTE_ORDERS = {1: "<", 2: ">"}
+_ELF64_HEADER_SIZE = 64
+
+
+def _truncation(data: bytes) -> str | None:
+    """Why ``data`` is a cut-off ELF64 object (the header, or the section headers it announces,
+    reach past its end), in words; ``None`` if it is not one (other problems are reported
+    by the parser)."""
+    if not data.startswith(b"\x7fELF") or len(data) < 6 or data[4] != 2:
+        return None  # not ELF64: the parser says what it is
+    if len(data) < _ELF64_HEADER_SIZE:
+        return f"truncated: {len(data)} bytes, fewer than an ELF64 header's {_ELF64_HEADER_SIZE}"
+    order = _ELF_BYTE_ORDERS.get(data[5])
+    if order is None:
+        return None
+    (shoff,) = struct.unpack_from(order + "Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from(order + "HH", data, 0x3A)
+    end = shoff + shentsize * shnum
+    if end > len(data):
+        return (
+            f"truncated: its {shnum} section headers end at byte {end}, but it has only "
+            f"{len(data)} bytes"
+        )
+    return None
 
 
 class _Reader:

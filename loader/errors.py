@@ -16,6 +16,7 @@ __all__ = [
     "BPFSyscallError",
     "BTFError",
     "ELFFormatError",
+    "LicenseError",
     "LoaderError",
     "MapIncompatibleError",
     "MissingPrivilegeError",
@@ -97,17 +98,49 @@ class VerifierError(LoaderError):
         self.errno = err
         self.log = list(log)
         self.truncated = truncated
+        #: The object file the program came from, when known (set by ``Collection.load``).
+        self.object = ""
         super().__init__(program, err)
 
     def __str__(self) -> str:
         name = _errno.errorcode.get(self.errno, str(self.errno))
         tail = [line for line in self.log if line.strip()][-20:]
-        head = f"verifier rejected program {self.program!r} ({name})"
+        source = f" of {self.object}" if self.object else ""
+        head = f"verifier rejected program {self.program!r}{source} ({name})"
         if self.truncated:
             head += " [log truncated]"
         if not tail:
             return head
         return head + ":\n" + "\n".join("  " + line for line in tail)
+
+
+class LicenseError(VerifierError):
+    """The verifier refused a program that calls a GPL-only helper because its object's
+    licence is not GPL-compatible (the loader passes the object's licence as it is, never
+    another one).
+
+    Attributes:
+        helper: the helper's name and number as the verifier wrote them (``bpf_trace_printk#6``),
+            or ``""`` if the log did not say.
+        license: the object's licence (``""``: the object has none).
+    """
+
+    def __init__(
+        self, program: str, err: int, log: Sequence[str], *, helper: str, license: str
+    ) -> None:
+        super().__init__(program, err, log)
+        self.helper = helper
+        self.license = license
+
+    def __str__(self) -> str:
+        source = f" of {self.object}" if self.object else ""
+        licence = f"its licence is {self.license!r}" if self.license else "it has no licence"
+        what = f"the GPL-only helper {self.helper}" if self.helper else "a GPL-only helper"
+        return (
+            f"program {self.program!r}{source} calls {what}, but {licence}: the kernel "
+            "allows GPL-only helpers to GPL-compatible programs only (give the object a "
+            'SEC("license") of "GPL", or call other helpers)'
+        )
 
 
 class MapIncompatibleError(LoaderError):

@@ -9,6 +9,7 @@ refuses, it loads again with a log, growing the buffer until the whole log fits 
 from __future__ import annotations
 
 import errno
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +21,7 @@ from ._sys import bpf
 from ._sys.bpf import ProgramInfo
 from ._sys.consts import ProgType
 from ._sys.fd import FD, ClosesOnExit
-from .errors import BPFSyscallError, LoaderError, NotSupportedError, VerifierError
+from .errors import BPFSyscallError, LicenseError, LoaderError, NotSupportedError, VerifierError
 from .maps import Map
 from .spec import ProgramSpec
 
@@ -105,7 +106,7 @@ class Program(ClosesOnExit):
                 core_relos=_pack(spec.core_relos, "<IIII", core_relo_rec_size),
                 core_relo_rec_size=core_relo_rec_size,
             )
-        license = spec.license or "GPL"
+        license = spec.license  # as the object says; "" (none) is not GPL-compatible
         if log_level == 0:
             try:
                 fd = bpf.prog_load(spec.type, insns, license, **kwargs)
@@ -142,7 +143,12 @@ class Program(ClosesOnExit):
                 have_prog_type(spec.type)
             except NotSupportedError:
                 raise
-        raise VerifierError(spec.name, refusal.errno, text.splitlines(), truncated=truncated)
+        lines = text.splitlines()
+        if any(GPL_REFUSAL in line for line in lines):
+            raise LicenseError(
+                spec.name, refusal.errno, lines, helper=_refused_helper(lines), license=license
+            )
+        raise VerifierError(spec.name, refusal.errno, lines, truncated=truncated)
 
     log: str = ""
 
@@ -208,3 +214,19 @@ def _pack(records: tuple[tuple[int, ...], ...], fmt: str, rec_size: int) -> byte
     base = struct.calcsize(fmt)
     pad = bytes(rec_size - base)
     return b"".join(struct.pack(fmt, *rec) + pad for rec in records)
+
+
+#: What the verifier says when a non-GPL program calls a GPL-only helper.
+GPL_REFUSAL = "cannot call GPL-restricted function from non-GPL compatible program"
+
+
+def _refused_helper(lines: list[str]) -> str:
+    """The helper of the last ``call NAME#N`` instruction before the GPL refusal."""
+    helper = ""
+    for line in lines:
+        if GPL_REFUSAL in line:
+            break
+        match = re.search(r"\bcall (\w+#\d+)", line)
+        if match:
+            helper = match[1]
+    return helper

@@ -160,6 +160,8 @@ class CollectionSpec:
     programs: Mapping[str, ProgramSpec]
     license: str = ""
     btf: bytes | None = attrs.field(default=None, repr=False, eq=False)
+    #: The object file's path, for error messages (empty when it was read from bytes).
+    source: str = attrs.field(default="", eq=False)
     btf_func_info_rec_size: int = attrs.field(default=8, repr=False, eq=False)
     btf_line_info_rec_size: int = attrs.field(default=16, repr=False, eq=False)
     btf_core_relo_rec_size: int = attrs.field(default=16, repr=False, eq=False)

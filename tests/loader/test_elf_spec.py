@@ -238,6 +238,27 @@ def test_truncated_objects_never_escape_the_error_family() -> None:
             loader.load_collection_spec(blob[:cut])
 
 
+def test_a_truncated_file_is_named_and_called_truncated(tmp_path: Path) -> None:
+    """The path, and the word: not pyelftools' "expected 8, found 7"."""
+    blob = (DATA / "loader_test.bpf.o").read_bytes()
+    cut = tmp_path / "cut.bpf.o"
+    for size in (40, len(blob) // 2, len(blob) - 1):
+        cut.write_bytes(blob[:size])
+        with pytest.raises(loader.ELFFormatError) as exc:
+            loader.load_collection_spec(cut)
+        assert str(exc.value).startswith(f"{cut}: truncated: "), str(exc.value)
+    # Other problems name the file too.
+    corrupt = bytearray(blob)
+    pos = corrupt.index(b"\x9f\xeb\x01\x00")
+    corrupt[pos : pos + 2] = b"\xeb\x9f"
+    cut.write_bytes(bytes(corrupt))
+    with pytest.raises(loader.BTFError, match=f"^{cut}: .*big-endian"):
+        loader.load_collection_spec(cut)
+    assert loader.load_collection_spec(DATA / "loader_test.bpf.o").source == str(
+        DATA / "loader_test.bpf.o"
+    )
+
+
 def test_corrupt_btf_magic() -> None:
     blob = bytearray((DATA / "loader_test.bpf.o").read_bytes())
     pos = blob.index(b"\x9f\xeb\x01\x00")  # .BTF header (the first one)

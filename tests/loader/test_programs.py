@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import loader
-from loader import Collection, Int, Program, ProgType
+from loader import Collection, Int, Program, ProgType, asm
 
 from .conftest import DATA, bpftool  # type: ignore[import-not-found]
 
@@ -70,6 +70,39 @@ def test_bad_program_gives_verifier_error_with_source_lines() -> None:
     assert "bad.bpf.c:9" in log
     assert "bad_prog" in str(err)
     assert "invalid access to packet" in str(err)
+    assert err.object == str(DATA / "bad.bpf.o")  # which file, in the message too
+    assert f"verifier rejected program 'bad_prog' of {DATA / 'bad.bpf.o'} " in str(err)
+
+
+#: ``call bpf_trace_printk; r0 = 0; exit``: the GPL check comes before the arguments'.
+GPL_ONLY_CALL = (
+    asm.Instruction(asm.CALL, imm=6).encode() + asm.exit_with(0)  # helper 6: bpf_trace_printk
+)
+
+
+@pytest.mark.parametrize("license", ["Proprietary", ""])
+def test_a_non_gpl_program_calling_a_gpl_only_helper_is_refused_by_name(license: str) -> None:
+    """The object's licence is passed as it is (none stays none, never "GPL"), and the
+    kernel's refusal names the helper and the licence."""
+    spec = loader.ProgramSpec(
+        name="printk",
+        section="socket",
+        type=ProgType.SOCKET_FILTER,
+        attach_type=None,
+        license=license,
+        instructions=GPL_ONLY_CALL,
+    )
+    with pytest.raises(loader.LicenseError) as exc:
+        Program.load(spec)
+    assert exc.value.helper == "bpf_trace_printk#6"
+    assert exc.value.license == license
+    text = str(exc.value)
+    assert "calls the GPL-only helper bpf_trace_printk#6" in text
+    assert (f"its licence is {license!r}" if license else "it has no licence") in text
+    # Under GPL the same call gets past the licence check (and fails on its arguments).
+    with pytest.raises(loader.VerifierError) as gpl:
+        Program.load(spec.copy(license="GPL"))
+    assert not isinstance(gpl.value, loader.LicenseError)
 
 
 def test_verifier_log_buffer_grows() -> None:
