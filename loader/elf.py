@@ -129,7 +129,8 @@ def load_collection_spec(source: str | os.PathLike[str] | bytes | IO[bytes]) -> 
     if truncated is not None:
         raise ELFFormatError(f"{where}{truncated}")
     try:
-        return _Reader(data).read().copy(source=path)
+        object_name = os.path.basename(path).split(".", 1)[0]  # libbpf's: up to the first dot
+        return _Reader(data, object_name).read().copy(source=path)
     except ELFFormatError as exc:
         if not path:
             raise
@@ -141,6 +142,20 @@ def load_collection_spec(source: str | os.PathLike[str] | bytes | IO[bytes]) -> 
     except Exception as exc:  # pyelftools raises many kinds on malformed input
         raise ELFFormatError(f"{where}malformed ELF object: {type(exc).__name__}: {exc}") from exc
 
+
+def global_data_map_name(object_name: str, section: str) -> str:
+    """The name libbpf gives a global data map, which ``bpftool map`` then shows: as much of
+    the object's name as fits before the section's (``globals_test`` + ``.rodata`` ->
+    ``globals_.rodata``: 15 bytes at most, the section taking at least 7); a section with a
+    second dot (``.rodata.str1.1``) alone; characters the kernel refuses as ``_``."""
+    suffix = min(max(7, len(section)), _MAP_NAME_MAX)
+    prefix = 0 if "." in section[1:] else min(_MAP_NAME_MAX - suffix, len(object_name))
+    name = object_name[:prefix] + section[:suffix]
+    return "".join(c if c.isalnum() or c in "_." else "_" for c in name)
+
+
+#: The longest name the kernel keeps for a map (``BPF_OBJ_NAME_LEN`` 16, with its NUL).
+_MAP_NAME_MAX = 15
 
 #: ``e_ident``'s byte order values (``EI_DATA``) and the ELF64 header's size.
 _ELF_BYTE_ORDERS = {1: "<", 2: ">"}
@@ -173,8 +188,10 @@ class _Reader:
     """One object's sections, symbols, license and BTF, read when it is built; :meth:`read`
     makes the maps and programs from them."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, object_name: str = "") -> None:
         from elftools.elf.elffile import ELFFile
+
+        self.object_name = object_name
 
         if data[:4] != b"\x7fELF":
             raise ELFFormatError("not an ELF file (bad magic)")
@@ -290,15 +307,19 @@ class _Reader:
             if size == 0:
                 continue
             readonly = name.startswith(".rodata")
+            # As libbpf: mmap-able (userspace reads and writes the variables in place), and
+            # .rodata read-only for programs and frozen once written.
+            flags = MapFlag.MMAPABLE | (MapFlag.RDONLY_PROG if readonly else 0)
             maps[name] = MapSpec(
                 name=name,
                 type=MapType.ARRAY,
                 key_size=4,
                 value_size=size,
                 max_entries=1,
-                flags=int(MapFlag.RDONLY_PROG) if readonly else 0,
+                flags=int(flags),
                 contents=self._data(name),
                 freeze=readonly,
+                kernel_name=global_data_map_name(self.object_name, name),
             )
         return maps
 

@@ -48,6 +48,9 @@ class MapSpec:
     value_type_id: int = attrs.field(default=0, eq=False)
     contents: bytes | None = attrs.field(default=None, repr=False)
     freeze: bool = False
+    #: The name the kernel gets (``bpftool map`` shows it), when it is not ``name``: global
+    #: data maps are ``<object>.bss`` and the like, as libbpf names them.
+    kernel_name: str = attrs.field(default="", eq=False)
 
     def copy(self, **changes: Any) -> MapSpec:
         return attrs.evolve(self, **changes)

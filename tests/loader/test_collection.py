@@ -75,3 +75,39 @@ def test_pinned_map_mismatch_is_refused(pin_dir: str) -> None:
     with pytest.raises(loader.MapIncompatibleError, match="value_size: 4 changed to 8"):
         Collection.load(spec, pin_path=pin_dir)
     assert not loader_fds_opened_since(before)
+
+
+def test_global_data_is_named_flagged_and_mapped_as_libbpf_does() -> None:
+    """``<first 8 characters of the object>.data`` in the kernel (what bpftool shows; libbpf's
+    names, checked against bpftool's libbpf on another object when this was written), mmap-able,
+    .rodata read-only for programs and frozen; the memory is the map's, both ways."""
+    from .conftest import bpftool  # type: ignore[import-not-found]
+
+    spec = loader.load_collection_spec(DATA / "loader_test.bpf.o")
+    with Collection.load(spec, programs=[]) as coll:
+        for section, flags, frozen in (
+            (".data", 0x400, 0),
+            (".bss", 0x400, 0),
+            (".rodata", 0x480, 1),
+        ):
+            m = coll.maps[section]
+            seen = bpftool("map", "show", "id", str(m.info().id))
+            assert (seen["name"], seen["flags"], seen["frozen"]) == (
+                f"loader_t{section}",
+                flags,
+                frozen,
+            )
+        data = coll.maps[".data"]
+        with data.mmap() as memory:
+            assert memory[:4] == (2).to_bytes(4, "little")  # tc_verdict's initial value
+            memory[:4] = (7).to_bytes(4, "little")
+            assert data.lookup(b"\0\0\0\0") == (7).to_bytes(4, "little")
+        with coll.maps[".rodata"].mmap() as memory:
+            assert memory[:4] == (2).to_bytes(4, "little")  # xdp_verdict
+            with pytest.raises(TypeError):
+                memory[:4] = bytes(4)  # mapped read-only: frozen
+        with (
+            Map.create(MapSpec("plain", MapType.ARRAY, 4, 4, 1)) as plain,
+            pytest.raises(loader.LoaderError, match="not created with BPF_F_MMAPABLE"),
+        ):
+            plain.mmap()

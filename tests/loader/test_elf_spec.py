@@ -24,11 +24,12 @@ LOADER_TEST_MAPS = {
     "lru": MapSpec("lru", MapType.LRU_HASH, 4, 4, 8),
     "allow": MapSpec("allow", MapType.LPM_TRIE, 8, 4, 16, flags=1),
     "pinned": MapSpec("pinned", MapType.HASH, 4, 4, 32, pinning=PinType.BY_NAME),
+    # Global data as libbpf makes it: BPF_F_MMAPABLE (0x400), .rodata BPF_F_RDONLY_PROG (0x80).
     ".rodata": MapSpec(
-        ".rodata", MapType.ARRAY, 4, 4, 1, flags=0x80, contents=struct.pack("<I", 2), freeze=True
+        ".rodata", MapType.ARRAY, 4, 4, 1, flags=0x480, contents=struct.pack("<I", 2), freeze=True
     ),
-    ".data": MapSpec(".data", MapType.ARRAY, 4, 4, 1, contents=struct.pack("<I", 2)),
-    ".bss": MapSpec(".bss", MapType.ARRAY, 4, 8, 1, contents=bytes(8)),
+    ".data": MapSpec(".data", MapType.ARRAY, 4, 4, 1, flags=0x400, contents=struct.pack("<I", 2)),
+    ".bss": MapSpec(".bss", MapType.ARRAY, 4, 8, 1, flags=0x400, contents=bytes(8)),
 }
 
 # (section, type, attach type, expected_attach_type at load, subprograms, references)

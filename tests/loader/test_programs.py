@@ -39,7 +39,8 @@ def test_every_program_loads_with_btf(obj: str) -> None:
             assert set(seen.get("map_ids", [])) <= map_ids
         for m in coll.maps.values():
             info = m.info()
-            assert bpftool("map", "show", "id", str(info.id))["name"] == m.name[:15]
+            kernel_name = m.spec.kernel_name or m.name  # global data: <object>.data
+            assert bpftool("map", "show", "id", str(info.id))["name"] == kernel_name[:15]
             # Key/value BTF goes with BTF-defined maps, never with socket maps.
             has_btf = m.spec.type != loader.MapType.SOCKHASH and not m.spec.is_global_data
             assert bool(info.btf_key_type_id and info.btf_value_type_id) == has_btf, m.name
