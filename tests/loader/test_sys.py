@@ -69,6 +69,33 @@ def test_attr_layout_matches_uapi(struct: str, field: str, offset: int) -> None:
     assert ffi.offsetof(struct, field) == offset
 
 
+#: Where the kernel's own headers (Debian's linux-libc-dev, in .ci/apt-packages) define
+#: ``__NR_bpf`` for each machine name ``platform.machine()`` gives: x86_64's own table, and
+#: the generic table arm64 and riscv64 use.
+SYSCALL_HEADERS = {
+    "x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+    "aarch64": "/usr/include/asm-generic/unistd.h",
+    "arm64": "/usr/include/asm-generic/unistd.h",
+    "riscv64": "/usr/include/asm-generic/unistd.h",
+}
+
+
+@pytest.mark.parametrize("machine", sorted(SYSCALL_HEADERS))
+def test_the_bpf_syscall_number_per_architecture_is_the_kernels(machine: str) -> None:
+    """The loader calls ``syscall(SYS_BPF[machine], ...)``: a wrong number on another
+    architecture would call some other syscall. The numbers come from the kernel headers."""
+    from loader._sys.consts import SYS_BPF
+
+    header = SYSCALL_HEADERS[machine]
+    if not os.path.exists(header):
+        pytest.skip(f"{header} is not installed (linux-libc-dev)")
+    with open(header) as f:
+        [number] = [
+            int(line.split()[2]) for line in f if line.split()[:2] == ["#define", "__NR_bpf"]
+        ]
+    assert SYS_BPF[machine] == number
+
+
 def test_eperm_names_the_capability() -> None:
     err = bpf.error_for(Cmd.MAP_CREATE, errno.EPERM)
     assert isinstance(err, loader.MissingPrivilegeError)
