@@ -57,3 +57,6 @@ from .spec import MapSpec as MapSpec
 from .spec import PinType as PinType
 from .spec import ProgramSpec as ProgramSpec
 from .spec import Reference as Reference
+from .variables import Variable as Variable
+from .variables import VariableSpec as VariableSpec
+from .variables import global_variables as global_variables

@@ -8,6 +8,7 @@ program fd (maps still referenced by a loaded program, or pinned, live on in the
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Mapping
 
@@ -17,6 +18,7 @@ from .errors import BPFSyscallError, LoaderError, VerifierError
 from .maps import Map, ensure_bpffs
 from .programs import Program
 from .spec import CollectionSpec, PinType
+from .variables import Variable, VariableSpec, global_variables, open_variable
 
 __all__ = ["Collection"]
 
@@ -30,12 +32,32 @@ class Collection(ClosesOnExit):
         programs: dict[str, Program],
         btf: FD | None,
         btf_error: BaseException | None = None,
+        variables: Mapping[str, VariableSpec] | None = None,
     ) -> None:
         self.maps = maps
         self.programs = programs
         self.btf = btf
         #: Why the object's BTF was not loaded (``None``: it was, or there was none).
         self.btf_error = btf_error
+        #: The object's global variables by name (see :meth:`variable`).
+        self.variables: Mapping[str, VariableSpec] = dict(variables or {})
+        self._memories: dict[str, mmap.mmap] = {}
+
+    def variable(self, name: str) -> Variable:
+        """The global variable ``name`` (``.data``, ``.bss`` or ``.rodata``), read and written
+        in place through its map's memory, as a libbpf skeleton does.
+
+        Raises:
+            LoaderError: no such variable (the object's BTF names them), or its map is not
+                in this collection.
+        """
+        spec = self.variables.get(name)
+        if spec is None:
+            raise LoaderError(f"no global variable {name!r} (have: {sorted(self.variables)})")
+        owner = self.maps.get(spec.section)
+        if owner is None:
+            raise LoaderError(f"variable {name!r}: its map {spec.section} was not created here")
+        return open_variable(spec, owner, self._memories)
 
     @classmethod
     def load(
@@ -111,10 +133,13 @@ class Collection(ClosesOnExit):
             if btf is not None:
                 btf.close()
             raise
-        return cls(maps, loaded, btf, btf_error)
+        return cls(maps, loaded, btf, btf_error, global_variables(spec))
 
     def close(self) -> None:
         """Close every program, map and the BTF fd (idempotent)."""
+        for memory in self._memories.values():
+            memory.close()
+        self._memories.clear()
         for prog in self.programs.values():
             prog.close()
         for m in self.maps.values():

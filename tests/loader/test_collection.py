@@ -111,3 +111,33 @@ def test_global_data_is_named_flagged_and_mapped_as_libbpf_does() -> None:
             pytest.raises(loader.LoaderError, match="not created with BPF_F_MMAPABLE"),
         ):
             plain.mmap()
+
+
+def test_global_variables_by_name_are_read_and_written_in_place() -> None:
+    """As a libbpf skeleton: by the name in the C source, the program sees a write at once;
+    .rodata is frozen, so read-only."""
+    spec = loader.load_collection_spec(DATA / "loader_test.bpf.o")
+    assert {
+        name: (v.section, v.offset, v.size) for name, v in loader.global_variables(spec).items()
+    } == {
+        "xdp_verdict": (".rodata", 0, 4),
+        "tc_verdict": (".data", 0, 4),
+        "packets": (".bss", 0, 8),
+    }
+    packet = bytes(64)
+    with Collection.load(spec) as coll:
+        verdict = coll.variable("tc_verdict")
+        assert verdict.spec.type.name == "__u32"
+        assert verdict.read() == (2).to_bytes(4, "little")  # TC_ACT_SHOT, its initial value
+        verdict.write((0).to_bytes(4, "little"))  # TC_ACT_OK
+        assert coll.programs["tc_one"].test_run(packet).retval == 0
+        coll.programs["tc_one"].test_run(packet)
+        assert int.from_bytes(coll.variable("packets").read(), "little") == 2  # bumped by bump()
+        rodata = coll.variable("xdp_verdict")
+        assert rodata.read() == (2).to_bytes(4, "little")
+        with pytest.raises(loader.LoaderError, match="read-only"):
+            rodata.write(bytes(4))
+        with pytest.raises(loader.LoaderError, match="is 4 bytes, not 2"):
+            verdict.write(bytes(2))
+        with pytest.raises(loader.LoaderError, match="no global variable 'nope'"):
+            coll.variable("nope")
