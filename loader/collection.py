@@ -121,6 +121,9 @@ class Collection(ClosesOnExit):
                 except VerifierError as exc:
                     exc.object = spec.source  # which file: the program's name may be common
                     raise
+                rodata = all_maps.get(".rodata")
+                if rodata is not None:
+                    _bind(loaded[name], rodata)
             if programs is not None:
                 missing = set(programs) - set(loaded)
                 if missing:
@@ -149,6 +152,18 @@ class Collection(ClosesOnExit):
 
     def __repr__(self) -> str:
         return f"<Collection maps={sorted(self.maps)} programs={sorted(self.programs)}>"
+
+
+def _bind(program: Program, rodata: Map) -> None:
+    """Bind the object's ``.rodata`` to ``program``, as libbpf does for every program: the
+    constants (and ``bpf_metadata_*`` variables) stay with the program and tools see them
+    among its maps. A kernel without ``BPF_PROG_BIND_MAP`` (before 5.10) skips it, as libbpf
+    does."""
+    try:
+        bpf.prog_bind_map(program.fd, rodata.fd)
+    except BPFSyscallError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
 
 
 def _pinned_map(spec, pin_path: str, btf: FD | None) -> Map:  # type: ignore[no-untyped-def]

@@ -119,6 +119,12 @@ struct test_run_attr {
     uint32_t cpu;
 };
 
+struct prog_bind_map_attr {
+    uint32_t prog_fd;
+    uint32_t map_fd;
+    uint32_t flags;
+};
+
 struct info_attr {
     uint32_t bpf_fd;
     uint32_t info_len;

@@ -260,6 +260,15 @@ def map_lookup_batch(
     return int(attr.count), False
 
 
+def prog_bind_map(prog_fd: int, map_fd: int) -> None:
+    """``BPF_PROG_BIND_MAP``: ``map_fd`` lives as long as the program, and the kernel lists
+    it among the program's maps, though no instruction refers to it (5.10+)."""
+    attr = ffi.new("struct prog_bind_map_attr *")
+    attr.prog_fd = prog_fd
+    attr.map_fd = map_fd
+    _call(Cmd.PROG_BIND_MAP, attr, ffi.sizeof("struct prog_bind_map_attr"))
+
+
 def map_freeze(map_fd: int) -> None:
     attr = ffi.new("struct map_elem_attr *")
     attr.map_fd = map_fd

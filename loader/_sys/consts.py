@@ -46,6 +46,7 @@ class Cmd(enum.IntEnum):
     MAP_DELETE_BATCH = 27
     LINK_CREATE = 28
     LINK_DETACH = 34
+    PROG_BIND_MAP = 35
 
 
 class MapType(enum.IntEnum):
