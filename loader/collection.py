@@ -100,10 +100,17 @@ class Collection(ClosesOnExit):
             for name, map_spec in spec.maps.items():
                 if name in replacements:
                     continue
-                if map_spec.pinning == PinType.BY_NAME and pin_path is not None:
-                    maps[name] = _pinned_map(map_spec, pin_path, btf)
-                else:
-                    maps[name] = Map.create(map_spec, btf_fd=btf)
+                try:
+                    if map_spec.pinning == PinType.BY_NAME and pin_path is not None:
+                        maps[name] = _pinned_map(map_spec, pin_path, btf)
+                    else:
+                        maps[name] = Map.create(map_spec, btf_fd=btf)
+                except BPFSyscallError as exc:
+                    # Same type and errno (callers test them); the message (which names the
+                    # map) gets the object file.
+                    if spec.source:
+                        exc.strerror = f"{spec.source}: {exc.strerror}"
+                    raise
             all_maps = {**maps, **replacements}
             for name, prog_spec in spec.programs.items():
                 if programs is not None and name not in programs:

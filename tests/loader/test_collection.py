@@ -141,3 +141,14 @@ def test_global_variables_by_name_are_read_and_written_in_place() -> None:
             verdict.write(bytes(2))
         with pytest.raises(loader.LoaderError, match="no global variable 'nope'"):
             coll.variable("nope")
+
+
+def test_a_map_the_kernel_refuses_is_named_with_its_object() -> None:
+    """The errno and type stay (callers test them); the message names the file and the map."""
+    spec = loader.load_collection_spec(DATA / "loader_test.bpf.o")
+    broken = spec.copy(maps={**spec.maps, "lru": spec.maps["lru"].copy(max_entries=0)})
+    with pytest.raises(loader.BPFSyscallError) as exc:
+        Collection.load(broken, programs=[])
+    assert exc.value.errno == 22  # EINVAL: an LRU map needs entries
+    assert str(exc.value).startswith(f"{DATA / 'loader_test.bpf.o'}: BPF_MAP_CREATE: EINVAL")
+    assert "map 'lru' (LRU_HASH" in str(exc.value)
