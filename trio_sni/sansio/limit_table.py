@@ -37,7 +37,7 @@ from .addresses import IPAddress
 from .config import Limits
 from .policy import Deny, client_key, describe_client_key, live_connections
 
-__all__ = ["WINDOW", "LimitTable", "table_size"]
+__all__ = ["WINDOW", "LimitTable", "slots_for", "table_size"]
 
 MAGIC: Final = b"trsnilim"
 #: The slots a client's key may occupy after its hash.
@@ -45,7 +45,7 @@ WINDOW: Final = 64
 
 _HEADER = struct.Struct("=8sIIq16s")  # magic, slots, workers, live connections, hash key
 _KEY_SIZE: Final = 16
-_STATE = struct.Struct("=Iidd")  # live connections, untracked (unused), tokens, stamp
+_STATE = struct.Struct("=I4xdd")  # live connections, (padding), tokens, stamp
 _HELD = struct.Struct("=I")
 
 
@@ -72,7 +72,7 @@ class LimitTable:
     """The shared table, seen by one worker (``worker`` is its index; the supervisor, which
     only creates and cleans up, uses ``None``). Call every method under the caller's lock.
 
-    :meth:`create` writes a new table into a zeroed buffer; :meth:`attach` reads one. Times
+    :meth:`create` writes a new table into a zeroed buffer; the constructor reads one. Times
     (``now``) must come from one clock for every process: ``time.monotonic()``.
     """
 
@@ -211,15 +211,13 @@ class LimitTable:
         return self._keys_at + row * _KEY_SIZE
 
     def _state(self, row: int) -> tuple[int, float, float]:
-        active, _unused, tokens, stamp = _STATE.unpack_from(
+        active, tokens, stamp = _STATE.unpack_from(
             self._buffer, self._states_at + row * _STATE.size
         )
         return active, tokens, stamp
 
     def _set_state(self, row: int, active: int, tokens: float, stamp: float) -> None:
-        _STATE.pack_into(
-            self._buffer, self._states_at + row * _STATE.size, active, 0, tokens, stamp
-        )
+        _STATE.pack_into(self._buffer, self._states_at + row * _STATE.size, active, tokens, stamp)
 
     def _add_held(self, row: int, delta: int) -> None:
         if self._worker is None:
