@@ -1480,6 +1480,12 @@ def test_metrics_every_exporter_has(
     served = serve_config(config)
     proxy = served.process
     https_get_once(served.port, client_context)
+    # The connection counts once its end is logged, which may be just after the answer.
+    wait_until(
+        lambda: "trio_sni_connection_duration_seconds_count 1.0" in _get(f"{base}/metrics")[1],
+        timeout=STARTUP_TIMEOUT,
+        what="the connection in /metrics",
+    )
     _, metrics = _get(f"{base}/metrics")
     for series in ("process_open_fds", "process_resident_memory_bytes", "process_max_fds"):
         assert _metric(metrics, series) > 0
