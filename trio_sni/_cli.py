@@ -23,6 +23,7 @@ from .connection import format_endpoint
 from .defaults import default_config_text
 from .errors import AccelerationUnavailable, ConfigError, StatusUnavailable
 from .handover import (
+    HANDLED_SIGNALS,
     HandoverFailed,
     InheritedSocketError,
     Notifier,
@@ -330,8 +331,9 @@ async def run(
         config, inherited=inherited, worker=worker, status_socket=status_socket, limiter=limiter
     )
     notifier = Notifier()
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-    with trio.open_signal_receiver(*signals) as received:
+    with trio.open_signal_receiver(*HANDLED_SIGNALS) as received:
+        # A worker starts with them blocked (spawn_with_sockets): now they have handlers.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
             for listener in listeners:

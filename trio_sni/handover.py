@@ -88,12 +88,28 @@ def take_inherited_sockets(
     return sockets
 
 
+#: The signals a proxy process (single, supervisor or worker) handles (see ``--help``).
+HANDLED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
 def spawn_with_sockets(
-    argv: Sequence[str], fds: Sequence[int], env: Mapping[str, str], more: Sequence[int] = ()
+    argv: Sequence[str],
+    fds: Sequence[int],
+    env: Mapping[str, str],
+    more: Sequence[int] = (),
+    blocked: Sequence[signal.Signals] = (),
 ) -> int:
     """Start ``argv`` with the sockets ``fds`` as its fds 3, 4, ... and ``LISTEN_FDS`` set;
     its pid. ``more``: fds to pass after the sockets (at ``3 + len(fds)``, ...), not counted
-    in ``LISTEN_FDS``.
+    in ``LISTEN_FDS``. ``blocked``: signals the child starts with blocked (it unblocks them
+    once its handlers are in place, so a signal sent while it starts waits for them instead
+    of killing it).
 
     posix_spawn's dup2 actions put each socket where the protocol wants it, in the child only,
     and without running Python code between fork and exec.
@@ -104,7 +120,9 @@ def spawn_with_sockets(
     try:
         actions = [(os.POSIX_SPAWN_DUP2, fd, LISTEN_FDS_START + i) for i, fd in enumerate(high)]
         child_env = {**env, "LISTEN_FDS": str(len(fds))}
-        return os.posix_spawn(argv[0], list(argv), child_env, file_actions=actions)
+        return os.posix_spawn(
+            argv[0], list(argv), child_env, file_actions=actions, setsigmask=blocked
+        )
     finally:
         for fd in high:
             os.close(fd)

@@ -43,6 +43,7 @@ import trio
 
 from .errors import ConfigError
 from .handover import (
+    HANDLED_SIGNALS,
     LISTEN_FDS_START,
     HandoverFailed,
     Notifier,
@@ -140,10 +141,9 @@ class Supervisor:
 
     async def run(self) -> int:
         """Serve until every worker has stopped; the process exit status."""
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
         try:
             with (
-                trio.open_signal_receiver(*signals) as received,
+                trio.open_signal_receiver(*HANDLED_SIGNALS) as received,
                 socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as ready,
             ):
                 ready.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -186,7 +186,10 @@ class Supervisor:
             env[STATUS_SOCKET_ENV] = self.status_sockets[worker.index]
         fds = [lst.socket.fileno() for lst in self.listeners]
         env[LIMITS_FD_ENV] = str(LISTEN_FDS_START + len(fds))
-        worker.pid = spawn_with_sockets(own_command_line(), fds, env, [self.limiter.fd])
+        # A signal the supervisor passes on while the worker starts waits for its handlers.
+        worker.pid = spawn_with_sockets(
+            own_command_line(), fds, env, [self.limiter.fd], blocked=HANDLED_SIGNALS
+        )
         worker.pidfd = os.pidfd_open(worker.pid)
         worker.started = trio.current_time()
         worker.ready = False

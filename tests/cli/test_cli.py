@@ -1305,6 +1305,22 @@ def test_workers_share_the_connections_and_drain_together(
     assert "ERROR" not in proxy.stderr
 
 
+def test_a_stop_while_the_workers_start_waits_for_their_handlers(
+    tls_backend: Backend, tmp_path: Path, spawn_proxy: Callable[..., ProxyProcess]
+) -> None:
+    """SIGTERM as soon as the workers are spawned, long before their signal handlers exist:
+    they start with the signals blocked, so each still stops cleanly (exit 0), none is
+    killed by the signal."""
+    path = tmp_path / "workers.json"
+    path.write_text(json.dumps(routing_config(free_port(), tls_backend.port, workers=2)))
+    proxy = spawn_proxy("--config", str(path))
+    proxy.wait_for_log("worker 1 started")
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
+    assert "killed by" not in proxy.stderr
+    assert proxy.stderr.count("stopped (exited with status 0)") == 2, proxy.stderr
+
+
 def test_a_killed_worker_is_replaced_and_the_proxy_keeps_serving(
     tls_backend: Backend,
     client_context: ssl.SSLContext,
