@@ -19,7 +19,7 @@ import trio
 
 from . import demo, oplog
 from ._version import __version__
-from .connection import format_endpoint
+from .config_file import read_config, reload_config
 from .defaults import default_config_text
 from .errors import AccelerationUnavailable, ConfigError, StatusUnavailable
 from .handover import (
@@ -31,8 +31,9 @@ from .handover import (
     own_command_line,
     take_inherited_sockets,
 )
+from .sansio.addresses import format_endpoint
 from .sansio.config import Config
-from .sansio.config_load import dump_config, load_config_text
+from .sansio.config_load import dump_config
 from .server import Proxy
 from .shared_limits import LIMITS_FD_ENV, SharedLimiter
 from .supervisor import STATUS_SOCKET_ENV, WORKER_ENV, Supervisor, worker_config
@@ -80,21 +81,6 @@ status endpoint, so the proxy must run with "status": {"listen": "127.0.0.1:9090
 embedded default config's; or the address given with --url). Exit status: 0 when the
 endpoint answered, 1 when it did not. --watch shows it again every few seconds until Ctrl-C.
 """
-
-
-def read_config(path: str | None) -> Config:
-    """Load ``path``, or the embedded default when ``path`` is None.
-
-    Raises:
-        ConfigError: with every problem listed; also for an unreadable file.
-    """
-    if path is None:
-        return load_config_text(default_config_text(), source="<default config>")
-    try:
-        text = Path(path).read_text("utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return load_config_text(text, source=path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -235,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cannot start: log.file: {exc}", file=sys.stderr)
         sys.exit(1)
     logging.getLogger().setLevel(logging.NOTSET)
-    apply_log_level(config, args.log_level)
+    oplog.apply_level(config, args.log_level)
     try:
         inherited = take_inherited_sockets()
     except InheritedSocketError as exc:
@@ -248,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     status = 0
     try:
         if worker is None and config.workers != 1:
-            supervisor = Supervisor(config, args.config, inherited, read_config, apply_log_level)
+            supervisor = Supervisor(config, args.config, inherited)
             status = trio.run(supervisor.run)
         else:
             trio.run(run, config, args.config, inherited, None if worker is None else int(worker))
@@ -280,28 +266,6 @@ def _log_file_problem(field: str, destination: str | None) -> str | None:
     if not os.access(path.parent, os.W_OK | os.X_OK):
         return f"{field}: cannot create files in {path.parent}"
     return None
-
-
-#: Set by ``--log-level``: a reloaded config's ``log.level`` does not change it then.
-_level_from_command_line = False
-
-
-def apply_log_level(config: Config, command_line: str | None = None) -> None:
-    """Log at ``command_line`` (``--log-level``, at start) or else ``config``'s
-    ``log.level`` (at start and on every reload; a change is logged)."""
-    global _level_from_command_line
-    root = logging.getLogger()
-    if command_line is not None:
-        _level_from_command_line = True
-        root.setLevel(command_line.upper())
-        return
-    level = logging.getLevelName(config.log.level.upper())
-    if _level_from_command_line or root.level == level:
-        return
-    changed = root.level != logging.NOTSET
-    root.setLevel(level)
-    if changed:
-        log.info("log level: now %s", config.log.level)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -435,18 +399,9 @@ class _SignalHandler:
 
 
 def _reload(proxy: Proxy, config_path: str | None, worker: int | None) -> None:
-    if config_path is None:
-        log.warning("SIGHUP: running on the embedded default config; nothing to reload")
-        return
-    try:
-        config = read_config(config_path)
-    except ConfigError as exc:
-        log.error("SIGHUP: %s: %s\nkeeping the current config", config_path, exc)
-        proxy.metrics.reloads.failed()
-        return
-    apply_log_level(config)
-    proxy.reload(config if worker is None else worker_config(config, worker))
-    proxy.metrics.reloads.succeeded()
+    config = reload_config(config_path, proxy.metrics.reloads)
+    if config is not None:
+        proxy.reload(config if worker is None else worker_config(config, worker))
 
 
 # ------------------------------------------------------------------------------------------

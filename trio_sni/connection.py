@@ -43,7 +43,7 @@ from .errors import (
 from .forward import ByteCounters, Forwarder, HandedOff
 from .resolver import Resolver
 from .sansio import NEED_DATA, BufferedReader, EventT, http_request, proxy_protocol
-from .sansio.addresses import IPAddress, refusal_reason
+from .sansio.addresses import IPAddress, format_endpoint, refusal_reason
 from .sansio.alerts import Alert, alert_record
 from .sansio.clienthello import ClientHelloReader
 from .sansio.config import QOS_PRIORITY, Limits, Listener, Socks5
@@ -145,12 +145,6 @@ def rfc3339_ms(wall: float) -> str:
 
 def _seconds(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
-
-
-def format_endpoint(endpoint: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    """``host:port``, or ``[host]:port`` for IPv6 (a socket address as logs show it)."""
-    host, port = endpoint[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Limiter(Protocol):
@@ -579,9 +573,7 @@ async def _connect_via_socks5(
     except ValueError:
         destinations = (route.host,)
     if isinstance(destinations[0], str) and not socks5.remote_dns:
-        started = trio.current_time()
-        destinations = await ctx.resolver.resolve(route.host)
-        info.resolve_time = trio.current_time() - started
+        destinations = await _resolve(route.host, ctx, info)
     if not isinstance(destinations[0], str):
         destinations = _guard_destinations(
             route, tuple(d for d in destinations if not isinstance(d, str)), ctx.own_addresses
@@ -601,9 +593,7 @@ async def _connect_direct(
     try:
         addresses: tuple[IPAddress, ...] = (ipaddress.ip_address(route.host),)
     except ValueError:
-        started = trio.current_time()
-        addresses = await ctx.resolver.resolve(route.host)
-        info.resolve_time = trio.current_time() - started
+        addresses = await _resolve(route.host, ctx, info)
     addresses = _guard_destinations(route, addresses, ctx.own_addresses)
     started = trio.current_time()
     upstream, address = await connect_to_addresses(
@@ -611,6 +601,16 @@ async def _connect_direct(
     )
     _connected(info, upstream, (str(address), route.port), started)
     return upstream
+
+
+async def _resolve(
+    name: str, ctx: ConnectionContext, info: ConnectionInfo
+) -> tuple[IPAddress, ...]:
+    """The target's addresses, the time it took in the access log's ``resolve_time``."""
+    started = trio.current_time()
+    addresses = await ctx.resolver.resolve(name)
+    info.resolve_time = trio.current_time() - started
+    return addresses
 
 
 def _connected(

@@ -54,3 +54,25 @@ def configure(config: Config, worker: str | None) -> None:
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
+
+
+#: Set by ``--log-level``: a reloaded config's ``log.level`` does not change it then.
+_level_from_command_line = False
+
+
+def apply_level(config: Config, command_line: str | None = None) -> None:
+    """Log at ``command_line`` (``--log-level``, at start) or else ``config``'s
+    ``log.level`` (at start and on every reload; a change is logged)."""
+    global _level_from_command_line
+    root = logging.getLogger()
+    if command_line is not None:
+        _level_from_command_line = True
+        root.setLevel(command_line.upper())
+        return
+    level = logging.getLevelName(config.log.level.upper())
+    if _level_from_command_line or root.level == level:
+        return
+    changed = root.level != logging.NOTSET
+    root.setLevel(level)
+    if changed:
+        logging.getLogger("trio_sni").info("log level: now %s", config.log.level)

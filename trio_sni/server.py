@@ -38,7 +38,6 @@ from ._fd import borrowed
 from .connection import (
     ConnectionContext,
     Limiter,
-    format_endpoint,
     handle_connection,
     log_refused_at_accept,
 )
@@ -55,6 +54,7 @@ from .features import (
 from .forward import CopyForwarder
 from .metrics import ProxyMetrics
 from .resolver import Resolver
+from .sansio.addresses import format_endpoint
 from .sansio.config import Config, Listener, parse_host_port
 from .sansio.policy import ClientLimiter, Policy
 from .status import Answerer, StatusSource, serve_status, serve_status_on, unix_listener
@@ -395,12 +395,13 @@ class Proxy:
     ) -> None:
         last_fd = -1
         batch = 0
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # once, not per connection
         while True:
             if batch >= ACCEPT_BATCH:
                 batch = 0
                 await trio.lowlevel.checkpoint()
             batch += 1
-            if self._worker is not None and _near_fd_limit(last_fd):
+            if self._worker is not None and _near_fd_limit(last_fd, fd_limit):
                 # Workers share the listening socket: a full one leaves new clients to the
                 # others (the kernel does not spread accepts evenly) until one of its own
                 # connections ends, rather than refusing them (fd_limit).
@@ -447,11 +448,11 @@ def accept_now(listening: socket.socket) -> tuple[socket.socket, Any]:
 FD_HEADROOM = 256
 
 
-def _near_fd_limit(last_fd: int) -> bool:
+def _near_fd_limit(last_fd: int, fd_limit: int) -> bool:
     """Whether the fd accept() returned last is within :data:`FD_HEADROOM` of the process's
     limit. The kernel hands out the lowest free fd, so the newest one's number tells how many
     are open, without counting them."""
-    return last_fd + FD_HEADROOM >= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return last_fd + FD_HEADROOM >= fd_limit
 
 
 #: The access log's reason for a client refused because the proxy is out of file descriptors.

@@ -65,6 +65,7 @@ import trio
 from prometheus_client.exposition import choose_encoder
 
 from ._version import __version__
+from .sansio.addresses import format_endpoint
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -163,12 +164,12 @@ def connections_document(context: ConnectionContext, limit: int) -> dict[str, ob
     for info in islice(context.live.values(), limit):
         shown.append(
             {
-                "client": _endpoint(info.client),
+                "client": format_endpoint(info.client),
                 "listener": info.listener,
                 "sni": info.sni,
                 "rule": info.rule,
                 "decision": info.decision,
-                "target": _endpoint(info.target) if info.target else None,
+                "target": format_endpoint(info.target) if info.target else None,
                 # The forwarder's per-connection answer (kernel can fall back to copy).
                 "mode": info.forwarded_mode,
                 "bytes_to_upstream": info.counters.to_upstream,
@@ -177,11 +178,6 @@ def connections_document(context: ConnectionContext, limit: int) -> dict[str, ob
             }
         )
     return {"total": len(context.live), "limit": limit, "connections": shown}
-
-
-def _endpoint(endpoint: tuple[str, int]) -> str:
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # ------------------------------------------------------------------------------------------

@@ -36,12 +36,12 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import attrs
 import trio
 
-from .errors import ConfigError
+from .config_file import reload_config
 from .handover import (
     HANDLED_SIGNALS,
     LISTEN_FDS_START,
@@ -109,16 +109,12 @@ class Supervisor:
         config: Config,
         config_path: str | None,
         inherited: Sequence[socket.socket],
-        read_config: Callable[[str], Config],
-        apply_log_level: Callable[[Config], None],
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.inherited = list(inherited)
-        self.read_config = read_config
         #: The workers reload only what the supervisor accepted: their reload metrics are its.
         self.reloads = ConfigReloads()
-        self.apply_log_level = apply_log_level
         self.workers = [Worker(i) for i in range(worker_count(config))]
         #: The per-client limits every worker counts against (:mod:`trio_sni.shared_limits`).
         self.limiter = SharedLimiter.create(config, len(self.workers))
@@ -310,17 +306,9 @@ class Supervisor:
                 signal.pidfd_send_signal(worker.pidfd, signum)
 
     def _reload(self) -> None:
-        if self.config_path is None:
-            log.warning("SIGHUP: running on the embedded default config; nothing to reload")
-            return
-        try:
-            config = self.read_config(self.config_path)
-        except ConfigError as exc:
-            log.error("SIGHUP: %s: %s\nkeeping the current config", self.config_path, exc)
-            self.reloads.failed()
-            return
-        self.reloads.succeeded()
-        self.apply_log_level(config)
+        config = reload_config(self.config_path, self.reloads)
+        if config is None:
+            return  # a bad config is said once, here, and reaches no worker
         if worker_count(config) != len(self.workers):
             log.warning("reload: a change of workers takes effect only after a restart")
         self.notifier.reloading()

@@ -27,7 +27,6 @@ handshake the stream is an ordinary TCP socket, so every forwarder treats it as 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import select
 import socket
@@ -38,6 +37,7 @@ import trio
 
 from ._fd import borrowed
 from .errors import UpstreamError
+from .sansio.addresses import IPAddress, format_endpoint
 from .sansio.config import Socks5
 from .sansio.socks5 import (
     NEED_DATA,
@@ -46,13 +46,6 @@ from .sansio.socks5 import (
     Socks5Error,
     Socks5ProtocolError,
 )
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def format_endpoint(address: IPAddress, port: int) -> str:
-    """``1.2.3.4:443`` or ``[2001:db8::1]:443``, the form used in errors and logs."""
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 @attrs.define(eq=False)
@@ -226,7 +219,7 @@ def _raise_connect_error(sock: trio.socket.SocketType) -> None:
 def _failure_message(attempts: list[_Attempt], port: int, timeout: float) -> str:
     clauses = []
     for attempt in attempts:
-        endpoint = format_endpoint(attempt.address, port)
+        endpoint = format_endpoint((str(attempt.address), port))
         if attempt.error is not None:
             clauses.append(f"connect to {endpoint} failed: {_describe(attempt.error)}")
         elif attempt.started:
@@ -285,7 +278,7 @@ async def connect_via_socks5(
     if not destinations:
         raise ValueError("connect_via_socks5() needs at least one destination")
     server, server_port = socks.endpoint
-    server_text = format_endpoint(server, server_port)
+    server_text = format_endpoint((str(server), server_port))
     last_error: Socks5Error | None = None
     with trio.move_on_after(timeout):
         for destination in destinations:

@@ -252,3 +252,9 @@ def refusal_reason(
     if value not in _GLOBAL_UNICAST:
         return _RESERVED_V6
     return None
+
+
+def format_endpoint(endpoint: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """``host:port``, or ``[host]:port`` for IPv6 (a socket address as logs show it)."""
+    host, port = endpoint[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
