@@ -182,11 +182,12 @@ class WorkersStatus:
         return answers
 
     def _metrics(self, given: list[tuple[int, WorkerAnswer]], accept: str) -> Answer:
-        families = merge_metrics([(i, a.body.decode("utf-8")) for i, a in given])
+        parsed = parse_expositions([(i, a.body.decode("utf-8")) for i, a in given])
+        families = merge_metrics(parsed)
         active = {
             i: sample.value
-            for i, a in given
-            for family in text_string_to_metric_families(a.body.decode("utf-8"))
+            for i, worker_families in parsed
+            for family in worker_families
             if family.name == "trio_sni_connections_active"
             for sample in family.samples
         }
@@ -224,12 +225,18 @@ class _Fixed:
         return self._families
 
 
-def merge_metrics(texts: Sequence[tuple[int, str]]) -> list[Metric]:
+def parse_expositions(texts: Sequence[tuple[int, str]]) -> list[tuple[int, list[Metric]]]:
+    """Each worker's ``/metrics`` text, parsed once (the sums and the per-worker gauges both
+    read it)."""
+    return [(index, list(text_string_to_metric_families(text))) for index, text in texts]
+
+
+def merge_metrics(parsed: Sequence[tuple[int, Sequence[Metric]]]) -> list[Metric]:
     """Every series of every worker's exposition, summed (see the module docstring)."""
     merged: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for index, text in texts:
-        for family in text_string_to_metric_families(text):
+    for index, worker_families in parsed:
+        for family in worker_families:
             if (family.name in FROM_WORKER_0 and index != 0) or family.name in FROM_SUPERVISOR:
                 continue
             if family.name.endswith("_created"):

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from trio_sni.workers_status import merge_connections, merge_ebpf_status, merge_metrics
+from trio_sni.workers_status import (
+    merge_connections,
+    merge_ebpf_status,
+    merge_metrics,
+    parse_expositions,
+)
 
 WORKER_0 = """\
 # HELP trio_sni_connections_accepted Client connections accepted.
@@ -34,7 +39,7 @@ WORKER_1 = (
 def exposition(texts: list[tuple[int, str]]) -> str:
     class Fixed:
         def collect(self) -> object:
-            return merge_metrics(texts)
+            return merge_metrics(parse_expositions(texts))
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Fixed())  # type: ignore[arg-type]
