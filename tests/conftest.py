@@ -82,6 +82,7 @@ def private_dns_cache_pins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     def open_private(pin_path: str = dns_cache.DEFAULT_PIN_PATH, *args, **kwargs):  # type: ignore[no-untyped-def]
         if pin_path == dns_cache.DEFAULT_PIN_PATH and have_root_on_linux():
+            loader.ensure_bpffs(loader.DEFAULT_PIN_ROOT)
             pin_path = tempfile.mkdtemp(prefix="trio-sni-test-", dir=loader.DEFAULT_PIN_ROOT)
             opened.append(pin_path)
         return real_open(pin_path, *args, **kwargs)

@@ -395,7 +395,7 @@ class Proxy:
     ) -> None:
         last_fd = -1
         batch = 0
-        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # once, not per connection
+        fd_limit = _fd_limit()  # not per connection: again whenever the loop has waited
         while True:
             if batch >= ACCEPT_BATCH:
                 batch = 0
@@ -412,6 +412,7 @@ class Proxy:
             except (BlockingIOError, InterruptedError):
                 batch = 0
                 await trio.lowlevel.wait_readable(listening)
+                fd_limit = _fd_limit()  # a limit raised meanwhile (prlimit) counts
                 continue
             except OSError as exc:
                 if exc.errno in ACCEPT_SKIP_ERRNOS:
@@ -446,6 +447,11 @@ def accept_now(listening: socket.socket) -> tuple[socket.socket, Any]:
 #: accepts, the splice pipe pool, status and log files, ...) before it leaves new connections
 #: to the other workers.
 FD_HEADROOM = 256
+
+
+def _fd_limit() -> int:
+    """The process's soft fd limit now (an operator may raise it with prlimit)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _near_fd_limit(last_fd: int, fd_limit: int) -> bool:
