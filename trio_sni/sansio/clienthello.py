@@ -97,6 +97,7 @@ __all__ = [
     "ClientHello",
     "ClientHelloReader",
     "NeedData",
+    "parse_client_hello_message",
 ]
 
 # nginx's preread_buffer_size default; fits every real hello seen, including PQ and ECH ones.
@@ -413,6 +414,31 @@ class ClientHelloReader(BufferedReader[ClientHello]):
             )
         except DecodeError as exc:
             raise MalformedHelloError(f"malformed ClientHello: {exc}") from None
+
+
+def parse_client_hello_message(message: bytes | bytearray) -> ClientHello:
+    """Parse one complete handshake message (type, 3-byte length, body) that should be a
+    ClientHello, for transports with no TLS record layer (QUIC carries the message in CRYPTO
+    frames, RFC 9001 section 4.1). ``raw`` is the message and ``record_count`` is 0.
+
+    Raises:
+        MalformedHelloError: not a ClientHello, its length does not match, or a field is bad.
+        NoSNIError, InvalidSNIError: as :class:`ClientHelloReader`.
+    """
+    message = bytes(message)
+    if len(message) < HANDSHAKE_HEADER_LEN or message[0] != HANDSHAKE_CLIENT_HELLO:
+        kind = _type_name(_HANDSHAKE_TYPE_NAMES, message[0]) if message else "nothing"
+        raise MalformedHelloError(f"the handshake message is {kind}, not a client_hello")
+    body_length = int.from_bytes(message[1:HANDSHAKE_HEADER_LEN], "big")
+    if body_length != len(message) - HANDSHAKE_HEADER_LEN:
+        raise MalformedHelloError(
+            f"the client_hello announces {body_length} bytes of body but carries "
+            f"{len(message) - HANDSHAKE_HEADER_LEN}"
+        )
+    try:
+        return _parse_client_hello(message[HANDSHAKE_HEADER_LEN:], raw=message, record_count=0)
+    except DecodeError as exc:
+        raise MalformedHelloError(f"malformed ClientHello: {exc}") from None
 
 
 _NO_SNI_EXTENSION: Final = (

@@ -61,6 +61,19 @@ class HelloTooLargeError(ClientHelloError):
     reason = "too_large"
 
 
+class NotQuicInitialError(ClientHelloError):
+    """A UDP flow that does not start with a QUIC client Initial packet."""
+
+    reason = "not_quic_initial"
+
+
+class QuicVersionError(ClientHelloError):
+    """A QUIC version whose Initial packets this proxy cannot read (RFC 9001 and RFC 9369 name
+    the ones it can); the client falls back to TCP."""
+
+    reason = "quic_version"
+
+
 class ConfigError(TrioSniError):
     """A configuration that cannot be used; ``problems`` lists every problem with its path.
 
