@@ -304,7 +304,7 @@ async def handle_connection(
         info.hello_time = trio.current_time() - info.started
 
         # Route.
-        route = ctx.policy.decide(name, listener.target_port)
+        route = ctx.policy.decide(name, listener.target_port, info.alpn)
         if isinstance(route, Deny):
             raise NameRefused(route)
         info.rule, info.decision = route.rule.label, "allow"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import attrs
@@ -83,7 +83,10 @@ async def _serve_tls(stream: trio.SocketStream, ctx: ssl.SSLContext, backend: Ba
 
 
 @pytest.fixture
-async def tls_backend(nursery: trio.Nursery, server_context: ssl.SSLContext) -> Backend:
+def start_tls_backend(
+    nursery: trio.Nursery, server_context: ssl.SSLContext
+) -> Callable[[], Awaitable[Backend]]:
+    """``backend = await start_tls_backend()``: one more TLS backend on loopback."""
     names: list[str | None] = []
 
     def remember_name(obj: Any, name: str | None, _ctx: ssl.SSLContext) -> None:
@@ -92,12 +95,20 @@ async def tls_backend(nursery: trio.Nursery, server_context: ssl.SSLContext) -> 
     ctx = server_context
     ctx.sni_callback = remember_name
 
-    async def handler(stream: trio.SocketStream) -> None:
-        backend.connections += 1
-        await _serve_tls(stream, ctx, backend)
+    async def start() -> Backend:
+        async def handler(stream: trio.SocketStream) -> None:
+            backend.connections += 1
+            await _serve_tls(stream, ctx, backend)
 
-    backend = Backend(port=await serve_tcp(nursery, handler), server_names=names)
-    return backend
+        backend = Backend(port=await serve_tcp(nursery, handler), server_names=names)
+        return backend
+
+    return start
+
+
+@pytest.fixture
+async def tls_backend(start_tls_backend: Callable[[], Awaitable[Backend]]) -> Backend:
+    return await start_tls_backend()
 
 
 @pytest.fixture

@@ -142,3 +142,39 @@ async def test_denied_name_gets_unrecognized_name_alert(
     assert record["reason"] == "denied_domain"
     assert record["sni"] == "denied.bench.test"
     assert tls_backend.connections == 0
+
+
+async def test_a_rule_with_alpn_sends_acme_challenges_to_their_own_backend(
+    start_tls_backend: Callable[..., Any],
+    start_proxy: Callable[..., Any],
+    proxy_config: Callable[..., Any],
+    client_context: ssl.SSLContext,
+    ca: Any,
+) -> None:
+    """TLS-ALPN-01: a client offering ``acme-tls/1`` reaches the certificate manager's
+    backend; the same name's other connections (ALPN ``h2``, or none) reach the site."""
+    site, acme = await start_tls_backend(), await start_tls_backend()
+    config = proxy_config(site.port)
+    config["rules"].insert(
+        0,
+        {
+            "suffix": "bench.test",
+            "alpn": ["acme-tls/1"],
+            "target": f"127.0.0.1:{acme.port}",
+            "allow_private": True,
+            "name": "acme",
+        },
+    )
+    running = await start_proxy(config)
+    for offered, backend in ((["acme-tls/1"], acme), (["h2", "http/1.1"], site), ([], site)):
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        if offered:
+            ctx.set_alpn_protocols(offered)
+        before = backend.connections
+        response = await tls_get(running.port, "www.bench.test", ctx)
+        assert response.endswith(b"hello from the backend\n")
+        assert backend.connections == before + 1
+    await wait_for(lambda: len(running.access_log) == 3)
+    assert [r["rule"] for r in running.access_log] == ["acme", "bench.test", "bench.test"]
+    assert running.access_log[0]["alpn"] == ["acme-tls/1"]

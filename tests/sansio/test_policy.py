@@ -133,6 +133,35 @@ def test_a_regex_earlier_in_the_config_beats_a_later_table_rule() -> None:
     assert allowed_by(make_policy(EXACT, regex), "a.example.com") is EXACT
 
 
+def test_an_alpn_rule_takes_the_clients_offering_it_and_only_those() -> None:
+    """TLS-ALPN-01 challenges (``acme-tls/1``) to the certificate manager, the rest of the
+    name's connections to the site; an earlier rule without ``alpn`` still wins."""
+    acme = Rule(suffix="example.com", alpn=("acme-tls/1",), target="127.0.0.1:9443")
+    site = Rule(suffix="example.com")
+    policy = make_policy(acme, site)
+    challenge = policy.decide("www.example.com", 443, ("acme-tls/1",))
+    assert isinstance(challenge, Route)
+    assert challenge.rule is acme
+    assert (challenge.host, challenge.port) == ("127.0.0.1", 9443)
+    for offered in ((), ("h2", "http/1.1")):
+        route = policy.decide("www.example.com", 443, offered)
+        assert isinstance(route, Route)
+        assert route.rule is site
+    assert make_policy(site, acme).decide("a.example.com", 443, ("acme-tls/1",)).rule is site  # type: ignore[union-attr]
+    denied = make_policy(Rule(suffix="example.com", action="deny", alpn=("h2",)), site)
+    assert isinstance(denied.decide("a.example.com", 443, ("http/1.1", "h2")), Deny)
+    assert isinstance(denied.decide("a.example.com", 443, ("http/1.1",)), Route)
+
+
+@pytest.mark.parametrize(
+    ("alpn", "words"),
+    [([], "empty list"), ([""], "not an ALPN"), (["x" * 256], "not an ALPN")],
+)
+def test_bad_alpn_lists_are_refused(alpn: list[str], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        Rule(suffix="example.com", alpn=tuple(alpn))
+
+
 def test_sni_routes_use_the_listener_target_port() -> None:
     policy = make_policy(WILDCARD)
     assert policy.decide("www.example.com", 8443) == Route(
@@ -229,6 +258,7 @@ def test_client_deny_reports_the_most_specific_network() -> None:
 # Short labels from a tiny alphabet, so that generated names and rules collide often.
 label = st.sampled_from(["a", "b", "c", "ab", "b-c", "x1"])
 names = st.lists(label, min_size=1, max_size=4).map(".".join)
+alpn_ids = st.sampled_from(["h2", "http/1.1", "acme-tls/1"])
 regexes = st.sampled_from([r"a\..*", r".*\.b", r"[ab]+", r"a\.b", r"(x1|ab)\..+", r"A\.B"])
 
 
@@ -237,16 +267,19 @@ def rules(draw: st.DrawFn) -> Rule:
     actions: tuple[Action, ...] = ("allow", "deny")
     action = draw(st.sampled_from(actions))
     kind = draw(st.sampled_from(["exact", "wildcard", "suffix", "regex"]))
+    alpn = draw(st.none() | st.lists(alpn_ids, min_size=1, max_size=2, unique=True).map(tuple))
     if kind == "regex":
-        return Rule(regex=draw(regexes), action=action)
+        return Rule(regex=draw(regexes), action=action, alpn=alpn)
     base = draw(names)
     if kind == "suffix":
-        return Rule(suffix=base, action=action)
-    return Rule(match=("*." if kind == "wildcard" else "") + base, action=action)
+        return Rule(suffix=base, action=action, alpn=alpn)
+    return Rule(match=("*." if kind == "wildcard" else "") + base, action=action, alpn=alpn)
 
 
-def reference_matches(rule: Rule, name: str) -> bool:
+def reference_matches(rule: Rule, name: str, offered: tuple[str, ...] = ()) -> bool:
     """The definition of each rule kind, written as plainly as possible."""
+    if rule.alpn is not None and not set(rule.alpn) & set(offered):
+        return False
     labels = name.split(".")
     if rule.regex is not None:
         return re.fullmatch(rule.regex, name, re.IGNORECASE) is not None
@@ -260,11 +293,13 @@ def reference_matches(rule: Rule, name: str) -> bool:
     return name == rule.match
 
 
-@given(st.lists(rules(), max_size=8), names)
-def test_policy_agrees_with_a_linear_reference(rule_list: list[Rule], name: str) -> None:
-    decision = make_policy(*rule_list).decide(name, 443)
-    denying = [r for r in rule_list if r.action == "deny" and reference_matches(r, name)]
-    allowing = [r for r in rule_list if r.action == "allow" and reference_matches(r, name)]
+@given(st.lists(rules(), max_size=8), names, st.lists(alpn_ids, max_size=2).map(tuple))
+def test_policy_agrees_with_a_linear_reference(
+    rule_list: list[Rule], name: str, offered: tuple[str, ...]
+) -> None:
+    decision = make_policy(*rule_list).decide(name, 443, offered)
+    denying = [r for r in rule_list if r.action == "deny" and reference_matches(r, name, offered)]
+    allowing = [r for r in rule_list if r.action == "allow" and reference_matches(r, name, offered)]
     if denying:
         assert decision == Deny("denied_domain", f'rule "{denying[0].label}" denies "{name}"')
     elif allowing:

@@ -181,6 +181,20 @@ class Listener:
         return f"{host}:{self.port}"
 
 
+def _check_alpn(
+    instance: object,
+    attribute: attrs.Attribute[tuple[str, ...] | None],
+    value: tuple[str, ...] | None,
+) -> None:
+    if value is None:
+        return
+    if not value:
+        raise ValueError("alpn: an empty list matches no client; leave 'alpn' out instead")
+    for protocol in value:
+        if not protocol or len(protocol.encode("utf-8", "backslashreplace")) > 255:
+            raise ValueError(f"alpn: {protocol!r} is not an ALPN protocol id (1-255 bytes)")
+
+
 def _check_target(
     instance: object, attribute: attrs.Attribute[str | None], value: str | None
 ) -> None:
@@ -219,6 +233,10 @@ class Rule:
     ``mode`` (``"auto"``, ``"kernel"``, ``"splice"``, ``"copy"``) overrides
     ``forwarding.mode`` for this rule. ``qos`` (``"high"``, ``"normal"``, ``"bulk"``) is the
     class the TC shaper (``ebpf.tc``) gives the traffic toward the client.
+
+    ``alpn`` narrows the rule to clients that offer at least one of these ALPN protocol ids
+    (``["acme-tls/1"]`` sends TLS-ALPN-01 challenges to a certificate manager while the same
+    name's other connections match a later rule), as HAProxy's ``req.ssl_alpn`` does.
     """
 
     match: str | None = None
@@ -234,6 +252,8 @@ class Rule:
     mode: ForwardingMode | None = None
     #: The QoS class of this rule's connections toward the client (``ebpf.tc``).
     qos: QosClass = "normal"
+    #: Only for clients offering one of these ALPN ids; ``null``: whatever they offer.
+    alpn: tuple[str, ...] | None = attrs.field(default=None, validator=_check_alpn)
 
     def __attrs_post_init__(self) -> None:
         given = [k for k in ("match", "suffix", "regex") if getattr(self, k) is not None]

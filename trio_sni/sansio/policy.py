@@ -268,6 +268,9 @@ class Policy:
     _targets: tuple[tuple[str, int | None] | None, ...]
     _deny: _RuleTable
     _allow: _RuleTable
+    #: Rules with ``alpn``, one table per ALPN id they name (a rule is in each of its ids').
+    _deny_by_alpn: dict[str, _RuleTable]
+    _allow_by_alpn: dict[str, _RuleTable]
     _clients_allow: _CidrSet
     _clients_deny: _CidrSet
 
@@ -282,11 +285,23 @@ class Policy:
         rules = tuple(rules)
         clients = Clients() if clients is None else clients
         indexed = list(enumerate(rules))
+
+        def table(action: str, alpn: str | None) -> _RuleTable:
+            return _RuleTable.build(
+                (i, r)
+                for i, r in indexed
+                if r.action == action
+                and (r.alpn is None if alpn is None else alpn in (r.alpn or ()))
+            )
+
+        named = sorted({p for r in rules for p in r.alpn or ()})
         return cls(
             rules=rules,
             targets=tuple(None if r.target is None else _split_target(r.target) for r in rules),
-            deny=_RuleTable.build((i, r) for i, r in indexed if r.action == "deny"),
-            allow=_RuleTable.build((i, r) for i, r in indexed if r.action == "allow"),
+            deny=table("deny", None),
+            allow=table("allow", None),
+            deny_by_alpn={p: table("deny", p) for p in named},
+            allow_by_alpn={p: table("allow", p) for p in named},
             clients_allow=_CidrSet.from_texts(clients.allow),
             clients_deny=_CidrSet.from_texts(clients.deny),
         )
@@ -307,23 +322,24 @@ class Policy:
             return Deny("denied_client", f"client {ip} is not in clients.allow")
         return None
 
-    def decide(self, sni: str, target_port: int) -> Route | Deny:
+    def decide(self, sni: str, target_port: int, alpn: Iterable[str] = ()) -> Route | Deny:
         """Route a normalised SNI name, or refuse it.
 
         Args:
             sni: the server name, already normalised (lower case, no trailing dot, LDH).
             target_port: the listener's ``target_port``, used unless the rule's fixed target
                 names a port.
+            alpn: the ALPN protocol ids the client offers (for rules with ``alpn``).
 
         Returns:
             A :class:`Route` from the first matching allow rule, or
             ``Deny("denied_domain", ...)`` if a deny rule matches or no rule allows the name.
         """
-        denied = self._deny.first_match(sni)
+        denied = _first_match(self._deny, self._deny_by_alpn, sni, alpn)
         if denied is not None:
             label = self._rules[denied].label
             return Deny("denied_domain", f'rule "{label}" denies "{sni}"')
-        allowed = self._allow.first_match(sni)
+        allowed = _first_match(self._allow, self._allow_by_alpn, sni, alpn)
         if allowed is None:
             return Deny("denied_domain", f'no rule allows "{sni}"')
         rule = self._rules[allowed]
@@ -334,6 +350,21 @@ class Policy:
         return Route(
             host, target_port if port is None else port, rule, rule.allow_private, fixed_target=True
         )
+
+
+def _first_match(
+    plain: _RuleTable, by_alpn: dict[str, _RuleTable], sni: str, alpn: Iterable[str]
+) -> int | None:
+    """The first rule (by index) matching ``sni`` whose ALPN condition, if any, the offered
+    ``alpn`` meets: the earliest over the plain table and the table of each offered id."""
+    best = plain.first_match(sni)
+    if by_alpn:
+        for protocol in alpn:
+            table = by_alpn.get(protocol)
+            found = None if table is None else table.first_match(sni)
+            if found is not None and (best is None or found < best):
+                best = found
+    return best
 
 
 # --------------------------------------------------------------------------------------------
