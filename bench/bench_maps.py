@@ -16,9 +16,9 @@ import sys
 import time
 from collections.abc import Callable
 
-import loader
-from loader import Int, Map, MapSpec, MapType
-from loader._sys import bpf
+import trio_sni_loader as loader
+from trio_sni_loader import Int, Map, MapSpec, MapType
+from trio_sni_loader._sys import bpf
 
 
 def per_op(n: int, fn: Callable[[int], object]) -> float:

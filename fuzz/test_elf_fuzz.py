@@ -11,11 +11,10 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+import trio_sni_loader as loader
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-import loader
-from loader.btf import parse_btf
+from trio_sni_loader.btf import parse_btf
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "bpf"
 SEEDS = [

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+import trio_sni_loader as loader
 from dnsserver import DNSServer
 
-import loader
 from trio_sni.accel import dns_cache
 
 REQUIRE_BPF = os.environ.get("TRIO_SNI_REQUIRE_BPF") == "1"

@@ -11,8 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 import attrs
 import pytest
 import trio
-
-import loader
+import trio_sni_loader as loader
 
 
 # Two flake8-async findings that do not apply to this helper:

@@ -26,13 +26,13 @@ SANSIO_FORBIDDEN = {
     "os",
     "subprocess",
     "threading",
-    "loader",
+    "trio_sni_loader",
     "dns",
 }
 #: The loader knows nothing about proxies or Trio.
 LOADER_FORBIDDEN = {"trio", "trio_sni", "asyncio"}
 #: cffi stays in the syscall layer; everything above it passes ints, bytes and typed helpers.
-CFFI_HOME = ROOT / "loader" / "_sys"
+CFFI_HOME = ROOT / "loader" / "trio_sni_loader" / "_sys"
 #: The syscall layer's own test compares its C layouts with the UAPI header, through cffi.
 CFFI_TESTS = {ROOT / "tests" / "loader" / "test_sys.py"}
 
@@ -85,7 +85,8 @@ def test_only_accel_imports_the_loader() -> None:
     offenders = [
         str(path.relative_to(ROOT))
         for path in python_files("trio_sni")
-        if "accel" not in path.parts and any(n.split(".")[0] == "loader" for n in imports_of(path))
+        if "accel" not in path.parts
+        and any(n.split(".")[0] == "trio_sni_loader" for n in imports_of(path))
     ]
     assert offenders == []
 

@@ -14,9 +14,9 @@ import sys
 import threading
 
 import pytest
+import trio_sni_loader as loader
 from proxytest import loader_fds_opened_since
 
-import loader
 from trio_sni.accel import dns_cache
 from trio_sni.accel.dns_cache import SharedDnsCache
 from trio_sni.errors import SharedCacheUnavailable

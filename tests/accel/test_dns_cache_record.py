@@ -9,11 +9,11 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+import trio_sni_loader as loader
 from hypothesis import given
 from hypothesis import strategies as st
+from trio_sni_loader.btf import Kind, parse_btf
 
-import loader
-from loader.btf import Kind, parse_btf
 from trio_sni.accel.objects import object_bytes
 from trio_sni.sansio import dns_record
 from trio_sni.sansio.dns_record import DnsRecord, Families, RecordError

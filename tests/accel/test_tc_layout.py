@@ -6,7 +6,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from loader.btf import Kind, parse_btf
+from trio_sni_loader.btf import Kind, parse_btf
+
 from trio_sni.accel import objects
 from trio_sni.accel.tc import (
     CLASS_RATE,

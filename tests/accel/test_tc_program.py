@@ -12,8 +12,8 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+import trio_sni_loader as loader
 
-import loader
 from trio_sni.accel.tc import SLOTS, TcShaper
 from trio_sni.sansio.config import QOS_PRIORITY, TcConfig
 

@@ -13,10 +13,10 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+import trio_sni_loader as loader
 from proxytest import loader_fds_opened_since
+from trio_sni_loader.btf import Kind, parse_btf
 
-import loader
-from loader.btf import Kind, parse_btf
 from trio_sni.accel import objects
 from trio_sni.accel.xdp import GUARD_CONFIG, MAPS, PROGRAM, SYN_SOURCE, XdpCounter, XdpGuard
 from trio_sni.sansio.config import Clients, FloodGuard, XdpConfig

@@ -35,6 +35,7 @@ from typing import Any
 
 import attrs
 import pytest
+import trio_sni_loader as loader
 import trustme
 from proxytest import client_hello, need
 
@@ -927,7 +928,9 @@ def test_a_startup_error_is_one_line_on_python_before_3_11_4(tmp_path: Path) -> 
         port = holder.getsockname()[1]
         path = tmp_path / "busy.json"
         path.write_text(json.dumps(routing_config(port, 443)), "utf-8")
-        paths = [str(Path(trio_sni.__file__).parent.parent), sysconfig.get_paths()["purelib"]]
+        paths = [
+            str(Path(module.__file__ or "").parent.parent) for module in (trio_sni, loader)
+        ] + [sysconfig.get_paths()["purelib"]]
         result = subprocess.run(
             [python, "-m", "trio_sni", "--config", str(path)],
             capture_output=True,

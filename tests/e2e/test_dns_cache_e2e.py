@@ -23,10 +23,9 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio_sni_loader as loader
 from dnsserver import DNSServer
 from statusclient import http_request, metric_samples, sample
-
-import loader
 
 from .conftest import Backend  # type: ignore[import-not-found]
 

@@ -27,6 +27,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+import trio_sni_loader as loader
 from proxytest import (
     StalledTransfer,
     drain,
@@ -36,7 +37,6 @@ from proxytest import (
     wait_for,
 )
 
-import loader
 from trio_sni.forward.kernel import KernelForwarder
 
 HELLO = (Path(__file__).parent.parent / "data" / "hellos" / "curl.bin").read_bytes()

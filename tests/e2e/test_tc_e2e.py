@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio_sni_loader as loader
 from netns import VethNamespace, veth_namespace
 from prometheus_client import generate_latest
 from proxytest import client_hello, drain, receive_exactly, serve_tcp, wait_for
 
-import loader
 from trio_sni.accel import TcShaper
 from trio_sni.features import TcFeature
 from trio_sni.sansio.config_load import load_config

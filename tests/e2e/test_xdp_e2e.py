@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio_sni_loader as loader
 from netns import VethNamespace, ip, veth_namespace
 from prometheus_client import generate_latest
 from proxytest import drain
 from statusclient import metric_samples, sample
 
-import loader
 from trio_sni.accel.xdp import XdpGuard
 from trio_sni.features import XdpFeature
 from trio_sni.sansio.config import Clients, XdpConfig

@@ -10,9 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio_sni_loader as loader
 from proxytest import loader_fds_opened_since
-
-import loader
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "bpf"
 PREBUILT = Path(__file__).resolve().parents[2] / "prebuilt"

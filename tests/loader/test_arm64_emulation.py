@@ -11,8 +11,8 @@ syscall, on a real aarch64 CPython with the aarch64 cffi backend:
 - the prebuilt objects parse into the same specs as on the host;
 - ``bpf.map_create`` reaches qemu as ``bpf(0, attr, 64)``: number, command, pointer and size
   in the registers the kernel reads (qemu's ``-d strace`` log), which is the claim in
-  ``loader/_sys/_ffi.py`` that the fixed ``syscall`` prototype passes the same registers as
-  the variadic one on aarch64; and it fails with the typed ENOSYS error.
+  ``loader/trio_sni_loader/_sys/_ffi.py`` that the fixed ``syscall`` prototype passes the
+  same registers as the variadic one on aarch64; and it fails with the typed ENOSYS error.
 
 Needs ``qemu-aarch64-static`` and the sysroot that ``.ci/arm64-sysroot`` builds (at
 ``$TRIO_SNI_ARM64_ROOT``, default ``/opt/arm64-root``); skips without them, fails instead
@@ -32,10 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from loader._sys.consts import SYS_BPF
+from trio_sni_loader._sys.consts import SYS_BPF
 
 REPO = Path(__file__).resolve().parents[2]
+#: Where ``trio_sni_loader`` lives in the checkout.
+LOADER_ROOT = REPO / "loader"
 ROOT = Path(os.environ.get("TRIO_SNI_ARM64_ROOT", "/opt/arm64-root"))
 PYTHON = ROOT / "usr" / "bin" / "python3.11"
 SITE = ROOT / "site-packages"
@@ -50,10 +51,10 @@ import hashlib, json, platform, sys
 import attrs
 import cffi
 
-import loader
-from loader._sys import bpf
-from loader._sys._ffi import ffi
-from loader._sys.consts import MapType
+import trio_sni_loader as loader
+from trio_sni_loader._sys import bpf
+from trio_sni_loader._sys._ffi import ffi
+from trio_sni_loader._sys.consts import MapType
 
 
 def layouts():
@@ -129,7 +130,7 @@ def _probe(cmd: list[str], env: dict[str, str], *extra: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def host() -> dict[str, Any]:
-    return _probe([sys.executable, "-B"], {**os.environ, "PYTHONPATH": str(REPO)})
+    return _probe([sys.executable, "-B"], {**os.environ, "PYTHONPATH": str(LOADER_ROOT)})
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def emulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
         pytest.skip(missing)
     log = tmp_path_factory.mktemp("qemu") / "qemu.log"
     # Nothing from the host's Python setup leaks in: only the sysroot's wheels and the checkout.
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": f"{SITE}:{REPO}"}
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": f"{SITE}:{LOADER_ROOT}"}
     qemu = ["qemu-aarch64-static", "-d", "strace,unimp", "-D", str(log), "-L", str(ROOT)]
     result = _probe([*qemu, str(PYTHON), "-B"], env, "--call")
     return result, log.read_text(errors="replace")

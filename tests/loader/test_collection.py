@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
+import trio_sni_loader as loader
 from proxytest import loader_fds_opened_since
-
-import loader
-from loader import Collection, Int, Map, MapSpec, MapType
+from trio_sni_loader import Collection, Int, Map, MapSpec, MapType
 
 from .conftest import DATA  # type: ignore[import-not-found]
 

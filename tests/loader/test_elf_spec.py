@@ -9,11 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-import loader
-from loader import AttachType, MapSpec, MapType, PinType, ProgType
-from loader.btf import Kind, parse_btf, parse_btf_ext
-from loader.elf import SECTION_DEFS, program_type_for_section
+import trio_sni_loader as loader
+from trio_sni_loader import AttachType, MapSpec, MapType, PinType, ProgType
+from trio_sni_loader.btf import Kind, parse_btf, parse_btf_ext
+from trio_sni_loader.elf import SECTION_DEFS, program_type_for_section
 
 from .conftest import DATA, PREBUILT  # type: ignore[import-not-found]
 

@@ -6,11 +6,10 @@ import os
 import re
 
 import pytest
-
-import loader
-from loader import MapType, ProgType, features
-from loader._sys import bpf
-from loader._sys.consts import MAP_TYPE_MIN_KERNEL, PROG_TYPE_MIN_KERNEL
+import trio_sni_loader as loader
+from trio_sni_loader import MapType, ProgType, features
+from trio_sni_loader._sys import bpf
+from trio_sni_loader._sys.consts import MAP_TYPE_MIN_KERNEL, PROG_TYPE_MIN_KERNEL
 
 pytestmark = pytest.mark.bpf
 

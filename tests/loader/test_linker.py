@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-import loader
+import trio_sni_loader as loader
 
 from .conftest import DATA  # type: ignore[import-not-found]
 

@@ -10,9 +10,8 @@ import subprocess
 import threading
 
 import pytest
-
-import loader
-from loader import AttachType, Collection, Int
+import trio_sni_loader as loader
+from trio_sni_loader import AttachType, Collection, Int
 
 from .conftest import DATA, bpftool  # type: ignore[import-not-found]
 
@@ -207,8 +206,8 @@ def test_missing_link_type_names_the_kernel(
     test_objects: loader.CollectionSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a kernel without TCX (before 6.6), EINVAL becomes NotSupportedError."""
-    from loader import features
-    from loader._sys import bpf
+    from trio_sni_loader import features
+    from trio_sni_loader._sys import bpf
 
     def old_kernel(*args: object, **kwargs: object) -> object:
         raise bpf.error_for(bpf.Cmd.LINK_CREATE, errno.EINVAL)

@@ -9,10 +9,9 @@ import socket
 import struct
 
 import pytest
-
-import loader
-from loader import Int, Map, MapFlag, MapSpec, MapType, Struct, UpdateFlag
-from loader.features import reset_cache
+import trio_sni_loader as loader
+from trio_sni_loader import Int, Map, MapFlag, MapSpec, MapType, Struct, UpdateFlag
+from trio_sni_loader.features import reset_cache
 
 from .conftest import bpftool  # type: ignore[import-not-found]
 
@@ -147,7 +146,7 @@ def test_lpm_trie_without_no_prealloc_explains() -> None:
 
 def test_unknown_map_type_names_feature_and_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """EINVAL for a type the kernel lacks becomes NotSupportedError(feature, min_kernel)."""
-    from loader._sys import bpf
+    from trio_sni_loader._sys import bpf
 
     real = bpf.map_create
 

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import loader
-from loader import Collection
+import trio_sni_loader as loader
+from trio_sni_loader import Collection
 
 from .conftest import DATA, bpftool  # type: ignore[import-not-found]
 

@@ -14,9 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-import loader
-from loader import AttachType, MapFlag, MapSpec, MapType, PinType, ProgType
+import trio_sni_loader as loader
+from trio_sni_loader import AttachType, MapFlag, MapSpec, MapType, PinType, ProgType
 
 from .conftest import PREBUILT  # type: ignore[import-not-found]
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-import loader
-from loader import Collection, Int, Program, ProgType, asm
+import trio_sni_loader as loader
+from trio_sni_loader import Collection, Int, Program, ProgType, asm
 
 from .conftest import DATA, bpftool  # type: ignore[import-not-found]
 

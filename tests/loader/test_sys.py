@@ -8,14 +8,13 @@ import subprocess
 import sys
 
 import pytest
-
-import loader
-from loader import asm
-from loader._sys import bpf
-from loader._sys._ffi import ffi
-from loader._sys.buffer import Buffer
-from loader._sys.consts import Cmd, MapType, ProgType
-from loader._sys.fd import FD, live_fds
+import trio_sni_loader as loader
+from trio_sni_loader import asm
+from trio_sni_loader._sys import bpf
+from trio_sni_loader._sys._ffi import ffi
+from trio_sni_loader._sys.buffer import Buffer
+from trio_sni_loader._sys.consts import Cmd, MapType, ProgType
+from trio_sni_loader._sys.fd import FD, live_fds
 
 # Offsets from include/uapi/linux/bpf.h (Linux 6.18), counted by hand from the header.
 UAPI_OFFSETS = [
@@ -84,7 +83,7 @@ SYSCALL_HEADERS = {
 def test_the_bpf_syscall_number_per_architecture_is_the_kernels(machine: str) -> None:
     """The loader calls ``syscall(SYS_BPF[machine], ...)``: a wrong number on another
     architecture would call some other syscall. The numbers come from the kernel headers."""
-    from loader._sys.consts import SYS_BPF
+    from trio_sni_loader._sys.consts import SYS_BPF
 
     header = SYSCALL_HEADERS[machine]
     if not os.path.exists(header):
@@ -220,8 +219,8 @@ def test_unprivileged_process_gets_the_capability_hint() -> None:
     user nobody, so it can still read the checkout and the venv wherever CI put them.
     """
     code = (
-        "import loader\n"
-        "from loader import MapSpec, MapType, Map\n"
+        "import trio_sni_loader as loader\n"
+        "from trio_sni_loader import MapSpec, MapType, Map\n"
         "try:\n"
         "    Map.create(MapSpec('x', MapType.HASH, 4, 4, 1))\n"
         "except loader.MissingPrivilegeError as e:\n"

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import trio
+import trio_sni_loader as loader
 from proxytest import loader_fds_opened_since
 
-import loader
 from trio_sni.errors import AccelerationUnavailable
 from trio_sni.features import (
     FEATURES,

@@ -18,9 +18,8 @@ import re
 import sys
 
 import attrs
-
-import loader
-from loader import LoaderError as LoaderError
+import trio_sni_loader as loader
+from trio_sni_loader import LoaderError as LoaderError
 
 from .sockhash import SockhashPair as SockhashPair
 from .sockhash import SockhashPlane as SockhashPlane

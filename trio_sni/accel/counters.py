@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-import loader
+import trio_sni_loader as loader
 
 from .layout import Counter
 

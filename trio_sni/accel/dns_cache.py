@@ -51,8 +51,7 @@ import time
 from collections.abc import Callable
 
 import attrs
-
-import loader
+import trio_sni_loader as loader
 
 from ..errors import SharedCacheUnavailable
 from ..sansio import dns_record

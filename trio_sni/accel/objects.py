@@ -10,7 +10,7 @@ import importlib.resources
 from collections.abc import Iterable
 from pathlib import Path
 
-import loader
+import trio_sni_loader as loader
 
 _REPO_PREBUILT = Path(__file__).resolve().parents[2] / "prebuilt"
 

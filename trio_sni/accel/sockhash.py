@@ -35,8 +35,7 @@ import socket
 from types import TracebackType
 
 import attrs
-
-import loader
+import trio_sni_loader as loader
 
 from .counters import read_counters
 from .layout import PEER_INFO, PROGRESS, SOCKHASH_MAPS, SOCKHASH_PROGRAM, Direction

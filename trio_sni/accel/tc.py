@@ -24,7 +24,7 @@ import struct
 from collections.abc import Iterable
 from types import TracebackType
 
-import loader
+import trio_sni_loader as loader
 
 from ..sansio.config import TcConfig
 from .objects import prebuilt_spec

@@ -25,8 +25,7 @@ from collections.abc import Iterable
 from types import TracebackType
 
 import attrs
-
-import loader
+import trio_sni_loader as loader
 
 from ..sansio.config import Clients, XdpConfig
 from ..sansio.xdp_tables import GuardSettings, LpmKeys, guard_settings, lpm_keys

@@ -4,7 +4,7 @@ No compiler, no libbpf: pyelftools reads the object, ``btf`` reads its BTF, and 
 driven with raw ``bpf()`` syscalls through cffi in ABI mode. The phases follow libbpf's open ->
 load -> attach::
 
-    import loader
+    import trio_sni_loader as loader
 
     spec = loader.load_collection_spec("prog.bpf.o")        # pure data, no syscalls
     with loader.Collection.load(spec, pin_path="/sys/fs/bpf/app") as coll:

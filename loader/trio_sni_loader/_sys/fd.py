@@ -32,11 +32,11 @@ def live_fds() -> dict[int, str]:
 
 
 def _creation_site() -> str:
-    # The innermost frame outside loader/ is the caller that asked for the object.
+    # The innermost frame outside this package is the caller that asked for the object.
     for frame in reversed(traceback.extract_stack(limit=12)[:-2]):
-        if "/loader/" not in frame.filename:
+        if "/trio_sni_loader/" not in frame.filename:
             return f"{frame.filename}:{frame.lineno}"
-    return "loader"
+    return "trio_sni_loader"
 
 
 class FD:
