@@ -91,6 +91,10 @@ class ConnectionInfo:
     #: The proxy's own address and port on the upstream connection (to find it in the
     #: target's logs or a capture).
     upstream_local: tuple[str, int] | None = None
+    #: ``tcp``, or ``quic`` for a flow of a QUIC listener (:mod:`trio_sni.quic`).
+    transport: str = "tcp"
+    #: A QUIC flow's datagrams ``(to upstream, to client)``.
+    datagrams: tuple[int, int] | None = None
 
     @property
     def forwarded_mode(self) -> str | None:
@@ -133,6 +137,15 @@ class ConnectionInfo:
             "fallback_from": self.fallback_from,
             "reason": self.reason,
             "error": self.error,
+            "transport": self.transport,
+            **(
+                {}
+                if self.datagrams is None
+                else {
+                    "datagrams_to_upstream": self.datagrams[0],
+                    "datagrams_to_client": self.datagrams[1],
+                }
+            ),
         }
 
 
@@ -282,7 +295,7 @@ async def handle_connection(
                 info.peer = info.client
                 client_ip, local = header.source[0], header.destination
                 info.client = (str(client_ip), header.source[1])
-        _admit_client(client_ip, ctx)
+        admit_client(client_ip, ctx)
         acquired = True
 
         # Read the name. Every byte read is forwarded as it came, after the event's own.
@@ -381,7 +394,7 @@ def _admit_proxy_sender(listener: Listener, sender: IPAddress, ctx: ConnectionCo
         raise Refused(deny)
 
 
-def _admit_client(client_ip: IPAddress, ctx: ConnectionContext) -> None:
+def admit_client(client_ip: IPAddress, ctx: ConnectionContext) -> None:
     """Apply the client allow/deny lists, then take a slot from the client's limiter.
 
     On return the slot is the caller's to release.
@@ -573,9 +586,9 @@ async def _connect_via_socks5(
     except ValueError:
         destinations = (route.host,)
     if isinstance(destinations[0], str) and not socks5.remote_dns:
-        destinations = await _resolve(route.host, ctx, info)
+        destinations = await resolve_target(route.host, ctx, info)
     if not isinstance(destinations[0], str):
-        destinations = _guard_destinations(
+        destinations = guard_destinations(
             route, tuple(d for d in destinations if not isinstance(d, str)), ctx.own_addresses
         )
     started = trio.current_time()
@@ -593,8 +606,8 @@ async def _connect_direct(
     try:
         addresses: tuple[IPAddress, ...] = (ipaddress.ip_address(route.host),)
     except ValueError:
-        addresses = await _resolve(route.host, ctx, info)
-    addresses = _guard_destinations(route, addresses, ctx.own_addresses)
+        addresses = await resolve_target(route.host, ctx, info)
+    addresses = guard_destinations(route, addresses, ctx.own_addresses)
     started = trio.current_time()
     upstream, address = await connect_to_addresses(
         addresses, route.port, timeout=ctx.connect_timeout
@@ -603,7 +616,7 @@ async def _connect_direct(
     return upstream
 
 
-async def _resolve(
+async def resolve_target(
     name: str, ctx: ConnectionContext, info: ConnectionInfo
 ) -> tuple[IPAddress, ...]:
     """The target's addresses, the time it took in the access log's ``resolve_time``."""
@@ -624,7 +637,7 @@ def _connected(
         info.upstream_local = (host, port)
 
 
-def _guard_destinations(
+def guard_destinations(
     route: Route,
     addresses: tuple[IPAddress, ...],
     own_addresses: Collection[tuple[IPAddress, int]],

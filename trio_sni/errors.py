@@ -39,6 +39,12 @@ class UpstreamError(TrioSniError):
     reason = "connect_failed"
 
 
+class QuicViaSocks5(TrioSniError):
+    """A QUIC flow's rule sends its traffic through the SOCKS5 upstream, which carries TCP."""
+
+    reason = "quic_via_socks5"
+
+
 class DestinationRefused(TrioSniError):
     """The SSRF guard refused every resolved address of the target."""
 

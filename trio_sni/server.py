@@ -53,6 +53,7 @@ from .features import (
 )
 from .forward import CopyForwarder
 from .metrics import ProxyMetrics
+from .quic import QuicListener, open_quic_listener
 from .resolver import Resolver
 from .sansio.addresses import format_endpoint
 from .sansio.config import Config, Listener, parse_host_port
@@ -175,6 +176,8 @@ class Proxy:
         self._accepting: trio.CancelScope | None = None
         self._shutdown_requested = trio.Event()
         self.listeners: list[trio.SocketListener] = []
+        #: The ``quic`` listeners (UDP), once bound.
+        self.quic_listeners: list[QuicListener] = []
         # Metrics count each finished connection from its access-log record.
         self.metrics = ProxyMetrics(self.context, acceleration=self.acceleration_status)
         self.context.write_access_log = self.metrics.wrap(self.context.write_access_log)
@@ -249,17 +252,24 @@ class Proxy:
                         self._accepting = accepting.cancel_scope
                         if self._shutdown_requested.is_set():
                             accepting.cancel_scope.cancel()
+                        specs = self.config.effective_listeners
                         pairs = await open_listeners(
-                            self.config.effective_listeners, self._inherited
+                            tuple(s for s in specs if s.protocol != "quic"), self._inherited
                         )
                         self.listeners = [listener for listener, _ in pairs]
-                        self.context.own_addresses = _own_addresses(self.listeners)
+                        quic = await self._open_quic_listeners(specs)
+                        self.context.own_addresses = _own_addresses(
+                            [listener.socket for listener in self.listeners]
+                            + [q.sock for q in quic]
+                        )
                         self._start_features(pairs)
                         reserve = ReserveFd()
                         for listener, spec in pairs:
                             accepting.start_soon(
                                 self._accept_loop, listener.socket, spec, connections, reserve
                             )
+                        for quic_listener in quic:
+                            accepting.start_soon(quic_listener.serve, connections)
                         task_status.started(self.listeners)
                 finally:
                     with trio.CancelScope(shield=True):  # close all, even when cancelled
@@ -287,6 +297,22 @@ class Proxy:
             if self._access_log is not None:
                 self._access_log.close()
         log.info("proxy stopped")
+
+    async def _open_quic_listeners(self, specs: tuple[Listener, ...]) -> list[QuicListener]:
+        """A :class:`QuicListener` per ``quic`` listener, its UDP socket bound (all or none)."""
+        opened: list[QuicListener] = []
+        try:
+            for spec in specs:
+                if spec.protocol == "quic":
+                    sock = await open_quic_listener(spec)
+                    idle = self.config.timeouts.quic_idle
+                    opened.append(QuicListener(sock, spec, self.context, idle))
+        except BaseException:
+            for listener in opened:
+                listener.sock.close()
+            raise
+        self.quic_listeners = opened
+        return opened
 
     def shutdown(self) -> None:
         """Stop accepting; live connections get the drain deadline to finish."""
@@ -633,11 +659,11 @@ async def _adopt_inherited(
 
 
 def _own_addresses(
-    listeners: list[trio.SocketListener],
+    sockets: list[trio.socket.SocketType],
 ) -> tuple[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], ...]:
     """The (address, port) pairs the proxy listens on, for the SSRF guard's loop check."""
     own = []
-    for listener in listeners:
-        host, port = listener.socket.getsockname()[:2]
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
         own.append((ipaddress.ip_address(host), port))
     return tuple(own)

@@ -26,7 +26,7 @@ ForwardingMode = Literal["auto", "kernel", "splice", "copy"]
 FallbackMode = Literal["auto", "copy", "none"]
 Family = Literal["any", "ipv4", "ipv6", "prefer_ipv4", "prefer_ipv6"]
 Action = Literal["allow", "deny"]
-ListenerProtocol = Literal["tls", "http"]
+ListenerProtocol = Literal["tls", "http", "quic"]
 Via = Literal["direct", "socks5"]
 ProxyProtocolVersion = Literal["v1", "v2"]
 QosClass = Literal["high", "normal", "bulk"]
@@ -137,10 +137,12 @@ class Listener:
 
     ``target_port`` lets ``listen 8443 -> connect 443`` (the common unprivileged setup).
     ``protocol`` is what clients speak first: ``"tls"`` (route by the ClientHello's SNI) or
-    ``"http"`` (route plain HTTP/1.x by the first request's ``Host`` header); ``target_port``
-    defaults to 443 or 80 accordingly. ``accept_proxy_protocol`` makes the listener expect a
-    PROXY protocol v1 or v2 header first (behind a load balancer) and use the client address
-    it carries for policy, limits and logs; a connection without one is refused.
+    ``"http"`` (route plain HTTP/1.x by the first request's ``Host`` header) or ``"quic"`` (a
+    UDP port: route each QUIC flow by the ClientHello in its Initial packets, without
+    terminating it); ``target_port`` defaults to 443, or 80 for ``http``.
+    ``accept_proxy_protocol`` makes the listener expect a PROXY protocol v1 or v2 header first
+    (behind a load balancer) and use the client address it carries for policy, limits and
+    logs; a connection without one is refused.
     ``proxy_protocol_from`` lists the networks (CIDR) of the load balancers allowed to send
     such headers; a connection from anywhere else is refused before its header is read (empty:
     anyone who reaches the listener may claim any client address; a warning says so).
@@ -161,6 +163,10 @@ class Listener:
     accept_proxy_protocol: bool = False
     proxy_protocol_from: tuple[str, ...] = attrs.field(default=(), validator=_cidrs)
     optional: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.protocol == "quic" and self.accept_proxy_protocol:
+            raise ValueError("accept_proxy_protocol: a QUIC (UDP) listener cannot take one")
 
     @port.validator
     def _check_port(self, attribute: attrs.Attribute[int], value: int) -> None:
@@ -325,6 +331,9 @@ class Timeouts:
     connect: float = attrs.field(default=10.0, validator=_positive)
     idle: float = attrs.field(default=600.0, validator=_positive)
     drain: float = attrs.field(default=30.0, validator=_non_negative)
+    #: A QUIC flow with no datagram either way for this long ends (QUIC's own idle timeouts
+    #: are usually 30 s).
+    quic_idle: float = attrs.field(default=30.0, validator=_positive)
 
 
 def _nameservers(
@@ -673,6 +682,8 @@ def _check_listeners_distinct(listeners: tuple[Listener, ...]) -> None:
     for i, listener in enumerate(listeners):
         if listener.port == 0:
             continue  # any free port: never a clash
+        if listener.protocol == "quic":
+            continue  # UDP: beside a TCP listener on the same port is the point
         address = ipaddress.ip_address(listener.host)
         wildcard = ipaddress.ip_address("0.0.0.0" if address.version == 4 else "::")
         for key in ((address, listener.port), (wildcard, listener.port)):
@@ -743,6 +754,18 @@ class Config:
         if self.listen_addr is not None and self.listeners:
             raise ValueError("give either 'listen_addr' or 'listeners', not both")
         _check_listeners_distinct(self.listeners)
+        quic = [lst for lst in self.listeners if lst.protocol == "quic"]
+        if quic and self.ebpf.enabled and self.ebpf.xdp.enabled and self.ebpf.xdp.reject_quic:
+            raise ValueError(
+                "ebpf.xdp.reject_quic answers QUIC on port 443 and the guarded ports with "
+                'ICMP port unreachable, which would turn away the "quic" listener\'s '
+                "clients: set reject_quic to false"
+            )
+        if self.workers != 1 and quic:
+            raise ValueError(
+                'a "quic" listener needs "workers": 1: every datagram of a flow must reach '
+                "the one process that routed it, and workers share their sockets"
+            )
         if self.listen_addr is None and not self.listeners:
             raise ValueError("no listener: set 'listen_addr' or 'listeners'")
         if self.listen_addr is not None:

@@ -1,0 +1,268 @@
+"""QUIC passthrough with real QUIC endpoints (aioquic's client and server, on loopback):
+routed by the name in the client's Initial packets, relayed byte-exact, logged once a flow."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+from aioquic.asyncio import connect, serve
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import QuicEvent, StreamDataReceived
+from aioquic.quic.packet import QuicProtocolVersion
+from proxytest import wait_for
+
+from trio_sni.sansio.config_load import load_config
+from trio_sni.server import Proxy
+
+NAME = "quic.test"
+
+
+class Echo(QuicConnectionProtocol):
+    """Answers every stream with what it carried."""
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, StreamDataReceived):
+            self._quic.send_stream_data(event.stream_id, event.data, event.end_stream)
+            self.transmit()
+
+
+class QuicServer:
+    """An aioquic echo server in its own thread and asyncio loop."""
+
+    def __init__(self, ca: trustme.CA, tmp: Path) -> None:
+        cert = ca.issue_cert(NAME)
+        cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
+        cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+        self.configuration = QuicConfiguration(is_client=False, alpn_protocols=["echo"])
+        self.configuration.load_cert_chain(str(tmp / "cert.pem"), str(tmp / "key.pem"))
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        server = self.loop.run_until_complete(
+            serve("127.0.0.1", self.port, configuration=self.configuration, create_protocol=Echo)
+        )
+        self._ready.set()
+        self.loop.run_forever()
+        server.close()
+        self.loop.run_until_complete(asyncio.sleep(0))
+        self.loop.close()
+
+    def __enter__(self) -> QuicServer:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+def echo_through(
+    port: int,
+    ca: trustme.CA,
+    data: bytes,
+    *,
+    version: int = QuicProtocolVersion.VERSION_1,
+    alpn: list[str] | None = None,
+    name: str = NAME,
+    timeout: float = 30,
+) -> bytes:
+    """One QUIC connection to ``port`` naming :data:`NAME`: send ``data`` on a stream, read
+    the answer (a thread of its own: aioquic's client runs on asyncio)."""
+
+    async def main() -> bytes:
+        configuration = QuicConfiguration(
+            is_client=True,
+            alpn_protocols=alpn or ["echo"],
+            server_name=name,
+            original_version=version,
+            supported_versions=[version],
+        )
+        configuration.load_verify_locations(cadata=ca.cert_pem.bytes())
+        async with connect("127.0.0.1", port, configuration=configuration) as client:
+            reader, writer = await client.create_stream()
+            writer.write(data)
+            writer.write_eof()
+            return await reader.read()
+
+    return asyncio.run(asyncio.wait_for(main(), timeout))
+
+
+@pytest.fixture(scope="module")
+def quic_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def quic_server(quic_ca: trustme.CA, tmp_path: Path) -> Any:
+    with QuicServer(quic_ca, tmp_path) as server:
+        yield server
+
+
+def quic_config(backend_port: int, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "listeners": [{"host": "127.0.0.1", "port": 0, "protocol": "quic"}],
+        "workers": 1,
+        "rules": [
+            {
+                "match": NAME,
+                "target": f"127.0.0.1:{backend_port}",
+                "allow_private": True,
+                "via": "direct",
+            },
+            {"match": "socks.test", "via": "socks5"},
+        ],
+        "socks5": {"address": "127.0.0.1:9"},
+        "timeouts": {"quic_idle": 1},
+        "log": {"access_log": None},
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+async def start_quic_proxy(
+    nursery: trio.Nursery,
+) -> AsyncIterator[Callable[[dict[str, Any]], Any]]:
+    async def start(config: dict[str, Any]) -> tuple[Proxy, int, list[dict[str, object]]]:
+        records: list[dict[str, object]] = []
+        proxy = Proxy(load_config(config), access_log=records.append)
+        await nursery.start(proxy.serve)
+        [listener] = proxy.quic_listeners
+        return proxy, listener.sock.getsockname()[1], records
+
+    return start
+
+
+@pytest.mark.parametrize(
+    "version", [QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2], ids=["v1", "v2"]
+)
+async def test_a_quic_connection_is_routed_by_name_and_relayed_byte_exact(
+    start_quic_proxy: Callable[..., Any], quic_server: QuicServer, quic_ca: trustme.CA, version: int
+) -> None:
+    proxy, port, records = await start_quic_proxy(quic_config(quic_server.port))
+    data = os.urandom(1 << 20)
+    got = await trio.to_thread.run_sync(lambda: echo_through(port, quic_ca, data, version=version))
+    assert got == data
+    await wait_for(lambda: len(records) == 1, timeout=10)  # the flow ends when idle (1 s)
+    [record] = records
+    assert record["transport"] == "quic"
+    assert (record["sni"], record["alpn"], record["decision"]) == (NAME, ["echo"], "allow")
+    assert record["reason"] == "idle_timeout"
+    assert record["target"] == f"127.0.0.1:{quic_server.port}"
+    assert record["bytes_to_upstream"] > len(data)  # the stream, QUIC's framing and the AEAD tags
+    assert record["bytes_to_client"] > len(data)
+    assert record["datagrams_to_upstream"] > 100
+    assert record["datagrams_to_client"] > 100
+    assert not proxy.context.live
+    assert not proxy.quic_listeners[0].flows
+
+
+async def test_a_hello_over_two_initial_packets_is_routed(
+    start_quic_proxy: Callable[..., Any], quic_server: QuicServer, quic_ca: trustme.CA
+) -> None:
+    """A ClientHello that does not fit one Initial (a long ALPN list stands in for Chrome's
+    post-quantum key share) is put together from both."""
+    _proxy, port, records = await start_quic_proxy(quic_config(quic_server.port))
+    alpn = ["echo", *(f"x-{i:02}-" + "a" * 60 for i in range(24))]
+    got = await trio.to_thread.run_sync(lambda: echo_through(port, quic_ca, b"ping", alpn=alpn))
+    assert got == b"ping"
+    await wait_for(lambda: len(records) == 1, timeout=10)
+    assert records[0]["hello_size"] > 1200  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("denied.test", "denied_domain"), ("socks.test", "quic_via_socks5")],
+)
+async def test_a_refused_flow_is_dropped_and_logged_once(
+    start_quic_proxy: Callable[..., Any],
+    quic_server: QuicServer,
+    quic_ca: trustme.CA,
+    name: str,
+    reason: str,
+) -> None:
+    """The client gets nothing (it falls back to TCP); its retransmitted Initials make no
+    second log line, and nothing reaches the backend."""
+    _proxy, port, records = await start_quic_proxy(quic_config(quic_server.port))
+    with pytest.raises((TimeoutError, ConnectionError)):
+        await trio.to_thread.run_sync(
+            lambda: echo_through(port, quic_ca, b"x", name=name, timeout=2.5)
+        )
+    await wait_for(lambda: len(records) == 1, timeout=10)
+    [record] = records
+    assert (record["sni"], record["decision"], record["reason"]) == (name, "deny", reason)
+    assert record["datagrams_to_upstream"] == 0
+    await trio.sleep(0.2)
+    assert len(records) == 1
+
+
+async def test_datagrams_that_start_no_quic_connection_make_no_flow(
+    start_quic_proxy: Callable[..., Any], quic_server: QuicServer
+) -> None:
+    _proxy, port, records = await start_quic_proxy(quic_config(quic_server.port))
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.sendto(b"\x40" + bytes(100), ("127.0.0.1", port))  # a short header
+        await sock.sendto(b"hello", ("127.0.0.1", port))
+        await sock.sendto(b"\xc0" + bytes(40), ("127.0.0.1", port))  # a long header, garbage
+        await wait_for(lambda: len(records) == 1, timeout=5)
+    assert records[0]["reason"] in ("not_quic_initial", "malformed_hello", "quic_version")
+    assert len(records) == 1
+
+
+def test_a_quic_listener_needs_one_worker() -> None:
+    config = quic_config(443)
+    config["workers"] = 2
+    with pytest.raises(Exception, match="workers"):
+        load_config(config)
+
+
+def test_a_quic_listener_beside_a_tcp_one_on_the_same_port() -> None:
+    tcp_and_udp = [
+        {"host": "127.0.0.1", "port": 8443},
+        {"host": "127.0.0.1", "port": 8443, "protocol": "quic"},
+    ]
+    config = load_config(quic_config(443, listeners=tcp_and_udp))
+    assert [lst.protocol for lst in config.listeners] == ["tls", "quic"]
+    assert config.listeners[1].target_port == 443
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (
+            {
+                "listeners": [
+                    {"host": "::1", "port": 0, "protocol": "quic", "accept_proxy_protocol": True}
+                ]
+            },
+            "cannot take one",
+        ),
+        (
+            {"ebpf": {"xdp": {"enabled": True, "interface": "lo", "reject_quic": True}}},
+            "reject_quic",
+        ),
+    ],
+)
+def test_quic_listener_configs_that_cannot_work_are_refused(
+    overrides: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(Exception, match=words):
+        load_config(quic_config(443, **overrides))

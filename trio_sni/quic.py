@@ -1,0 +1,293 @@
+"""QUIC passthrough: each UDP flow routed by the ClientHello in its Initial packets.
+
+A ``"protocol": "quic"`` listener is one UDP socket. Its :class:`QuicListener` reads every
+datagram and hands it to the flow of the client's address and port, making one for a new
+client whose datagram starts a QUIC long-header packet. A flow is one task:
+
+1. admit the client (lists and per-client limits, as for TCP: a flow is a connection);
+2. feed datagrams to :class:`~trio_sni.sansio.quic_initial.QuicInitialReader`, keeping them,
+   until the ClientHello is complete (bounded in datagrams and by ``timeouts.client_hello``);
+3. route, resolve and let the SSRF guard check, as for TCP (no SOCKS5: it carries TCP here);
+4. open a connected UDP socket to the target, send the kept datagrams unchanged, then relay
+   both ways until neither side has sent anything for ``timeouts.quic_idle``.
+
+A refused or unreadable flow is logged at once and then kept, dropping what the client
+retransmits, until it has been quiet for ``timeouts.quic_idle`` (at least
+``timeouts.client_hello``), so the retransmissions make no second line; the client falls
+back to TCP. Every flow
+ends with one access-log line (``"transport": "quic"``, datagrams and bytes each way).
+QUIC's own packets (Version Negotiation, Retry, the server's Initials) are relayed like
+any others: the proxy reads only the client's first flight.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+
+import attrs
+import trio
+
+from .connection import (
+    ConnectionContext,
+    ConnectionInfo,
+    admit_client,
+    guard_destinations,
+    resolve_target,
+)
+from .errors import HelloTimeout, NameRefused, QuicViaSocks5, TrioSniError, UpstreamError
+from .sansio.addresses import IPAddress, format_endpoint
+from .sansio.config import Listener
+from .sansio.policy import Deny, Route
+from .sansio.quic_initial import QuicInitialReader
+
+log = logging.getLogger("trio_sni")
+
+#: The largest UDP payload (IPv4); QUIC datagrams are far smaller.
+MAX_DATAGRAM = 65535
+#: Datagrams queued between the listener and one flow's task; more are dropped, as a router
+#: would (QUIC recovers).
+FLOW_QUEUE = 256
+
+
+@attrs.define(eq=False)
+class Flow:
+    """One client address and port on a QUIC listener."""
+
+    address: tuple[str, int] | tuple[str, int, int, int]
+    inbox: trio.MemorySendChannel[bytes]
+    info: ConnectionInfo
+    #: Pushed forward by every datagram either way; the flow ends when it passes.
+    idle: trio.CancelScope
+    datagrams_to_upstream: int = 0
+    datagrams_to_client: int = 0
+    #: Datagrams dropped because the flow's queue was full.
+    dropped: int = 0
+    #: Where the flow goes, once its ClientHello has been routed.
+    route: Route | None = None
+    #: Its access-log line is written (a refused flow's at once).
+    logged: bool = False
+
+
+class QuicListener:
+    """Reads a QUIC listener's datagrams and runs its flows (see the module docstring).
+
+    Args:
+        sock: the bound UDP socket; the listener closes it when :meth:`serve` returns.
+        spec: the listener's config.
+        ctx: the proxy's shared context (policy, limiter, resolver, access log, ...).
+        idle_timeout: ``timeouts.quic_idle``.
+    """
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        spec: Listener,
+        ctx: ConnectionContext,
+        idle_timeout: float,
+    ) -> None:
+        self.sock = sock
+        self.spec = spec
+        self.ctx = ctx
+        self.idle_timeout = idle_timeout
+        self.flows: dict[object, Flow] = {}
+
+    async def serve(self, flows: trio.Nursery) -> None:
+        """Read datagrams until cancelled; flows run in ``flows``. On the way out every flow
+        ends (reason ``shutdown``): without the listening socket none can reach its client."""
+        try:
+            while True:
+                try:
+                    data, address = await self.sock.recvfrom(MAX_DATAGRAM)
+                except (ConnectionRefusedError, ConnectionResetError):
+                    continue  # an ICMP error for an earlier answer: nothing to read
+                flow = self.flows.get(address)
+                if flow is None:
+                    if not data or not data[0] & 0x80:
+                        continue  # not the start of a QUIC connection: not a new flow
+                    flow, inbox = self._new_flow(address)
+                    flows.start_soon(self._run, flow, inbox)
+                try:
+                    flow.inbox.send_nowait(data)
+                except trio.WouldBlock:
+                    flow.dropped += 1
+        finally:
+            for flow in list(self.flows.values()):
+                flow.info.reason = flow.info.reason or "shutdown"
+                flow.idle.cancel()
+            self.sock.close()
+
+    def _new_flow(
+        self, address: tuple[str, int] | tuple[str, int, int, int]
+    ) -> tuple[Flow, trio.MemoryReceiveChannel[bytes]]:
+        send, receive = trio.open_memory_channel[bytes](FLOW_QUEUE)
+        info = ConnectionInfo(
+            client=(str(ipaddress.ip_address(address[0])), address[1]),
+            listener=self.spec.label,
+            started_wall=time.time(),
+            started=trio.current_time(),
+            id=next(self.ctx.ids),
+            transport="quic",
+        )
+        flow = Flow(address, send, info, trio.CancelScope())
+        self.flows[address] = flow
+        self.ctx.live[id(info)] = info
+        return flow, receive
+
+    async def _run(self, flow: Flow, inbox: trio.MemoryReceiveChannel[bytes]) -> None:
+        """One flow, from its first datagram to its access-log line."""
+        ctx, info = self.ctx, flow.info
+        client_ip = ipaddress.ip_address(info.client[0])
+        acquired = False
+        upstream: trio.socket.SocketType | None = None
+        flow.idle.deadline = trio.current_time() + self.idle_timeout
+        try:
+            with flow.idle:
+                try:
+                    admit_client(client_ip, ctx)
+                    acquired = True
+                    kept = await self._read_hello(flow, inbox)
+                    upstream = await self._connect(flow)
+                    for datagram in kept:
+                        await self._to_upstream(flow, upstream, datagram)
+                    async with trio.open_nursery() as relay:
+                        relay.start_soon(self._relay_up, flow, inbox, upstream)
+                        relay.start_soon(self._relay_down, flow, upstream)
+                except TrioSniError as exc:
+                    if info.decision == "pending":
+                        info.decision = "deny"
+                    info.reason, info.error = exc.reason, str(exc)
+                    self._log(flow)
+                    # The client retransmits its Initials for a while: the flow stays, quietly
+                    # dropping them, so that they make neither a new flow nor a second line.
+                    memory = max(self.idle_timeout, ctx.hello_timeout)
+                    flow.idle.deadline = trio.current_time() + memory
+                    async for _ in inbox:
+                        flow.idle.deadline = trio.current_time() + memory
+            if flow.idle.cancelled_caught:
+                info.reason = info.reason or "idle_timeout"
+        except Exception as exc:  # a bug: log it, keep serving everyone else
+            log.exception("internal error while serving QUIC flow %s", format_endpoint(info.client))
+            info.decision, info.reason = "error", "internal_error"
+            info.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if self.flows.get(flow.address) is flow:
+                del self.flows[flow.address]
+            flow.inbox.close()
+            if upstream is not None:
+                upstream.close()
+            if acquired:
+                ctx.limiter.release(client_ip)
+            if not flow.logged:
+                self._log(flow)
+            ctx.ended.unpark_all()
+
+    def _log(self, flow: Flow) -> None:
+        """The flow's access-log line (once): when it ends, or at once when it is refused."""
+        info = flow.info
+        flow.logged = True
+        info.datagrams = (flow.datagrams_to_upstream, flow.datagrams_to_client)
+        del self.ctx.live[id(info)]
+        self.ctx.write_access_log(info.access_record(trio.current_time()))
+
+    async def _read_hello(self, flow: Flow, inbox: trio.MemoryReceiveChannel[bytes]) -> list[bytes]:
+        """The datagrams up to the one that completed the ClientHello; routes the flow."""
+        info, ctx = flow.info, self.ctx
+        reader = QuicInitialReader(ctx.max_hello_size)
+        kept: list[bytes] = []
+        hello = None
+        with trio.move_on_after(ctx.hello_timeout):
+            while hello is None:
+                datagram = await inbox.receive()
+                kept.append(datagram)
+                hello = reader.feed(datagram)
+        if hello is None:
+            raise HelloTimeout(ctx.hello_timeout)
+        info.hello_time = trio.current_time() - info.started
+        info.sni, info.alpn, info.hello_size = hello.server_name, hello.alpn, hello.size
+        route = ctx.policy.decide(hello.server_name, self.spec.target_port, hello.alpn)
+        if isinstance(route, Deny):
+            raise NameRefused(route)
+        info.rule = route.rule.label
+        info.via = route.rule.via or ("socks5" if ctx.socks5 is not None else "direct")
+        if info.via == "socks5":
+            raise QuicViaSocks5(
+                f'rule "{route.rule.label}" sends its traffic through SOCKS5, which carries '
+                "TCP here: QUIC flows cannot follow (the client falls back to TCP)"
+            )
+        info.decision = "allow"
+        flow.route = route
+        return kept
+
+    async def _connect(self, flow: Flow) -> trio.socket.SocketType:
+        """A UDP socket connected to the first address of the target the guard allows."""
+        route, info, ctx = flow.route, flow.info, self.ctx
+        assert route is not None  # _read_hello routed the flow
+        try:
+            addresses: tuple[IPAddress, ...] = (ipaddress.ip_address(route.host),)
+        except ValueError:
+            addresses = await resolve_target(route.host, ctx, info)
+        addresses = guard_destinations(route, addresses, ctx.own_addresses)
+        started = trio.current_time()
+        address = addresses[0]
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        upstream = trio.socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            await upstream.connect((str(address), route.port))
+        except OSError as exc:
+            upstream.close()
+            raise UpstreamError(f"UDP to {address} port {route.port}: {exc.strerror}") from exc
+        info.connect_time = trio.current_time() - started
+        info.target = (str(address), route.port)
+        host, port = upstream.getsockname()[:2]
+        info.upstream_local = (host, port)
+        info.mode = "udp"
+        return upstream
+
+    async def _to_upstream(
+        self, flow: Flow, upstream: trio.socket.SocketType, datagram: bytes
+    ) -> None:
+        await upstream.send(datagram)
+        flow.info.counters.to_upstream += len(datagram)
+        flow.datagrams_to_upstream += 1
+        flow.idle.deadline = trio.current_time() + self.idle_timeout
+
+    async def _relay_up(
+        self,
+        flow: Flow,
+        inbox: trio.MemoryReceiveChannel[bytes],
+        upstream: trio.socket.SocketType,
+    ) -> None:
+        async for datagram in inbox:
+            try:
+                await self._to_upstream(flow, upstream, datagram)
+            except OSError:
+                continue  # ICMP from the target for an earlier datagram: QUIC recovers
+
+    async def _relay_down(self, flow: Flow, upstream: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                datagram = await upstream.recv(MAX_DATAGRAM)
+            except OSError:
+                continue  # e.g. ECONNREFUSED for an earlier datagram: nothing listens yet
+            await self.sock.sendto(datagram, flow.address)
+            flow.info.counters.to_client += len(datagram)
+            flow.datagrams_to_client += 1
+            flow.idle.deadline = trio.current_time() + self.idle_timeout
+
+
+async def open_quic_listener(spec: Listener) -> trio.socket.SocketType:
+    """The bound UDP socket of a ``quic`` listener."""
+    family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind((spec.host, spec.port))
+    except OSError as exc:
+        sock.close()
+        host = f"[{spec.host}]" if ":" in spec.host else spec.host
+        raise OSError(exc.errno, f"{host}:{spec.port}/udp: {exc.strerror}") from exc
+    return sock
