@@ -92,7 +92,7 @@ def test_every_problem_with_its_path() -> None:
             },
         }
     ) == [
-        'listeners[0].protocol: expected one of "tls", "http", got "gopher"',
+        'listeners[0].protocol: expected one of "tls", "http", "quic", got "gopher"',
         "listeners[0].accept_proxy_protocol: expected true or false, got string",
         'rules[0].via: expected one of "direct", "socks5", got "tor"',
         'rules[0].proxy_protocol: expected one of "v1", "v2", got 2',
