@@ -586,9 +586,9 @@ async def _connect_via_socks5(
     except ValueError:
         destinations = (route.host,)
     if isinstance(destinations[0], str) and not socks5.remote_dns:
-        destinations = await resolve_target(route.host, ctx, info)
+        destinations = await _resolve(route.host, ctx, info)
     if not isinstance(destinations[0], str):
-        destinations = guard_destinations(
+        destinations = _guard_destinations(
             route, tuple(d for d in destinations if not isinstance(d, str)), ctx.own_addresses
         )
     started = trio.current_time()
@@ -603,11 +603,7 @@ async def _connect_direct(
     route: Route, ctx: ConnectionContext, info: ConnectionInfo
 ) -> trio.SocketStream:
     """Resolve the route's target here, let the SSRF guard check the addresses, connect."""
-    try:
-        addresses: tuple[IPAddress, ...] = (ipaddress.ip_address(route.host),)
-    except ValueError:
-        addresses = await resolve_target(route.host, ctx, info)
-    addresses = guard_destinations(route, addresses, ctx.own_addresses)
+    addresses = await allowed_addresses(route, ctx, info)
     started = trio.current_time()
     upstream, address = await connect_to_addresses(
         addresses, route.port, timeout=ctx.connect_timeout
@@ -616,7 +612,19 @@ async def _connect_direct(
     return upstream
 
 
-async def resolve_target(
+async def allowed_addresses(
+    route: Route, ctx: ConnectionContext, info: ConnectionInfo
+) -> tuple[IPAddress, ...]:
+    """The route's target addresses (resolved here if it is a name) that the SSRF guard lets
+    through; connect to exactly these."""
+    try:
+        addresses: tuple[IPAddress, ...] = (ipaddress.ip_address(route.host),)
+    except ValueError:
+        addresses = await _resolve(route.host, ctx, info)
+    return _guard_destinations(route, addresses, ctx.own_addresses)
+
+
+async def _resolve(
     name: str, ctx: ConnectionContext, info: ConnectionInfo
 ) -> tuple[IPAddress, ...]:
     """The target's addresses, the time it took in the access log's ``resolve_time``."""
@@ -637,7 +645,7 @@ def _connected(
         info.upstream_local = (host, port)
 
 
-def guard_destinations(
+def _guard_destinations(
     route: Route,
     addresses: tuple[IPAddress, ...],
     own_addresses: Collection[tuple[IPAddress, int]],

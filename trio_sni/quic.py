@@ -34,11 +34,10 @@ from .connection import (
     ConnectionContext,
     ConnectionInfo,
     admit_client,
-    guard_destinations,
-    resolve_target,
+    allowed_addresses,
 )
 from .errors import HelloTimeout, NameRefused, QuicViaSocks5, TrioSniError, UpstreamError
-from .sansio.addresses import IPAddress, format_endpoint
+from .sansio.addresses import format_endpoint
 from .sansio.config import Listener
 from .sansio.policy import Deny, Route
 from .sansio.quic_initial import QuicInitialReader
@@ -225,11 +224,7 @@ class QuicListener:
         """A UDP socket connected to the first address of the target the guard allows."""
         route, info, ctx = flow.route, flow.info, self.ctx
         assert route is not None  # _read_hello routed the flow
-        try:
-            addresses: tuple[IPAddress, ...] = (ipaddress.ip_address(route.host),)
-        except ValueError:
-            addresses = await resolve_target(route.host, ctx, info)
-        addresses = guard_destinations(route, addresses, ctx.own_addresses)
+        addresses = await allowed_addresses(route, ctx, info)
         started = trio.current_time()
         address = addresses[0]
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
