@@ -113,7 +113,7 @@ class ConnectionInfo:
 
     def access_record(self, now: float) -> dict[str, object]:
         """The JSON access-log record (one line per connection)."""
-        return {
+        record: dict[str, object] = {
             "time": rfc3339_ms(self.started_wall),
             "id": self.id,
             "client": format_endpoint(self.client),
@@ -138,15 +138,10 @@ class ConnectionInfo:
             "reason": self.reason,
             "error": self.error,
             "transport": self.transport,
-            **(
-                {}
-                if self.datagrams is None
-                else {
-                    "datagrams_to_upstream": self.datagrams[0],
-                    "datagrams_to_client": self.datagrams[1],
-                }
-            ),
         }
+        if self.datagrams is not None:
+            record["datagrams_to_upstream"], record["datagrams_to_client"] = self.datagrams
+        return record
 
 
 def rfc3339_ms(wall: float) -> str:

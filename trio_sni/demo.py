@@ -29,7 +29,14 @@ def _files() -> tuple[str, str]:
     return str(here.joinpath("ca.pem")), str(here.joinpath("backend.pem"))
 
 
-async def _backend(stream: trio.SocketStream, context: ssl.SSLContext) -> None:
+async def serve_https_answer(
+    stream: trio.SocketStream,
+    context: ssl.SSLContext,
+    answer: bytes,
+    requests: list[bytes] | None = None,
+) -> None:
+    """Answer one HTTP/1.1-over-TLS request with ``answer`` and close: the demo's backend
+    (and the test suite's); each request head is appended to ``requests`` if given."""
     tls = trio.SSLStream(stream, context, server_side=True)
     try:
         await tls.do_handshake()
@@ -39,8 +46,10 @@ async def _backend(stream: trio.SocketStream, context: ssl.SSLContext) -> None:
             if not chunk:
                 return
             request += chunk
+        if requests is not None:
+            requests.append(request)
         head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-        await tls.send_all(head % len(ANSWER) + ANSWER)
+        await tls.send_all(head % len(answer) + answer)
         await tls.aclose()
     except (trio.BrokenResourceError, ssl.SSLError):
         pass
@@ -70,7 +79,9 @@ async def run_demo() -> int:
     records: list[dict[str, object]] = []
     async with trio.open_nursery() as nursery:
         [backend] = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        nursery.start_soon(trio.serve_listeners, lambda s: _backend(s, server_context), [backend])
+        nursery.start_soon(
+            trio.serve_listeners, lambda s: serve_https_answer(s, server_context, ANSWER), [backend]
+        )
         backend_port = backend.socket.getsockname()[1]
         config = load_config(
             {

@@ -159,6 +159,9 @@ class QuicListener:
                         info.decision = "deny"
                     info.reason, info.error = exc.reason, str(exc)
                     self._log(flow)
+                    if acquired:  # a refused flow counts against no limit while it lingers
+                        ctx.limiter.release(client_ip)
+                        acquired = False
                     # The client retransmits its Initials for a while: the flow stays, quietly
                     # dropping them, so that they make neither a new flow nor a second line.
                     memory = max(self.idle_timeout, ctx.hello_timeout)

@@ -15,6 +15,7 @@ import trio
 import trustme
 from proxytest import serve_tcp
 
+from trio_sni.demo import serve_https_answer
 from trio_sni.sansio.config_load import load_config
 from trio_sni.server import Proxy
 
@@ -58,28 +59,8 @@ class Backend:
     connections: int = 0
 
 
-async def _serve_tls(stream: trio.SocketStream, ctx: ssl.SSLContext, backend: Backend) -> None:
-    """A tiny HTTP/1.1-over-TLS responder: answers with the name the client asked for."""
-    tls = trio.SSLStream(stream, ctx, server_side=True)
-    try:
-        await tls.do_handshake()
-        request = b""
-        while b"\r\n\r\n" not in request:
-            chunk = await tls.receive_some(65536)
-            if not chunk:
-                return
-            request += chunk
-        backend.received.append(request)
-        body = b"hello from the backend\n"
-        await tls.send_all(
-            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (len(body), body)
-        )
-        await tls.aclose()
-    except (trio.BrokenResourceError, ssl.SSLError):
-        pass
-    finally:
-        await trio.aclose_forcefully(tls)
+#: What every test backend answers.
+BACKEND_ANSWER = b"hello from the backend\n"
 
 
 @pytest.fixture
@@ -98,7 +79,7 @@ def start_tls_backend(
     async def start() -> Backend:
         async def handler(stream: trio.SocketStream) -> None:
             backend.connections += 1
-            await _serve_tls(stream, ctx, backend)
+            await serve_https_answer(stream, ctx, BACKEND_ANSWER, backend.received)
 
         backend = Backend(port=await serve_tcp(nursery, handler), server_names=names)
         return backend
