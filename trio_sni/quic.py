@@ -22,6 +22,7 @@ any others: the proxy reads only the client's first flight.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -62,8 +63,6 @@ class Flow:
     idle: trio.CancelScope
     datagrams_to_upstream: int = 0
     datagrams_to_client: int = 0
-    #: Datagrams dropped because the flow's queue was full.
-    dropped: int = 0
     #: Where the flow goes, once its ClientHello has been routed.
     route: Route | None = None
     #: Its access-log line is written (a refused flow's at once).
@@ -108,10 +107,8 @@ class QuicListener:
                         continue  # not the start of a QUIC connection: not a new flow
                     flow, inbox = self._new_flow(address)
                     flows.start_soon(self._run, flow, inbox)
-                try:
+                with contextlib.suppress(trio.WouldBlock):  # a full queue drops, as routers do
                     flow.inbox.send_nowait(data)
-                except trio.WouldBlock:
-                    flow.dropped += 1
         finally:
             for flow in list(self.flows.values()):
                 flow.info.reason = flow.info.reason or "shutdown"
