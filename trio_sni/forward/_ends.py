@@ -13,7 +13,6 @@ import enum
 import fcntl
 import socket
 import struct
-from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -101,33 +100,6 @@ def how_it_ended(sock: SocketLike, *, fin_sent: bool) -> Ending:
     if pending_error(sock):
         return Ending.FIN_THEN_RESET
     return Ending.FIN if fin_sent else Ending.RESET
-
-
-async def reset_when_acknowledged(
-    stream: trio.SocketStream, on_progress: Callable[[], None]
-) -> None:
-    """Pass a reset on to ``stream``'s peer once it has acknowledged everything sent to it.
-
-    Closing with SO_LINGER 0 discards the send queue, so an answer the other side sent just
-    before its reset would be lost. Waits while the queue drains (``on_progress`` is called
-    whenever it shrinks, to push the idle deadline); returns at once if the socket is gone.
-    """
-    delay, most = ACK_POLL
-    queued = -1
-    while True:
-        try:
-            left = unacknowledged(stream.socket)
-        except OSError:
-            break
-        if left == 0 or tcp_state(stream.socket) == TCP_CLOSE:
-            break
-        if queued != -1 and left < queued:
-            on_progress()
-            delay = ACK_POLL[0]
-        queued = left
-        await trio.sleep(delay)
-        delay = min(most, delay * 2)
-    reset_on_close(stream)
 
 
 async def send_counted(

@@ -1,5 +1,9 @@
 """One epoll instance for many sockets' hang-ups (and a few other fds), watched by one Trio task.
 
+The kernel forwarder watches its sockets' hang-ups with it; the userspace relay
+(:mod:`._relay`) watches its sockets' readiness with it, and asks for no back-off after an
+empty wake-up (edge-triggered readiness that was consumed before the poll looks like one).
+
 Why not one per connection (or Trio's own ``wait_readable`` on each socket): a spliced socket
 must be watched for ``EPOLLRDHUP`` only (``POLLIN`` spins while the kernel forwards, see
 docs/kernel-facts.md, "poll(POLLIN) on spliced sockets"), which Trio cannot ask for; and an
@@ -42,10 +46,21 @@ class HangupWatch:
     logged and the watch goes on).
     """
 
-    def __init__(self, periodic: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        periodic: Callable[[], float] | None = None,
+        *,
+        spurious_backoff: float = SPURIOUS_BACKOFF,
+        keep_epoll: bool = False,
+    ) -> None:
         self._periodic = periodic
+        self._spurious_backoff = spurious_backoff
+        #: Make the epoll instance now and keep it, also while nothing is watched, until
+        #: :meth:`close`: a watch every connection uses must not need a new fd to start, as
+        #: the proxy may be at its fd limit by then.
+        self._keep_epoll = keep_epoll
         self._callbacks: dict[int, Callable[[int], None]] = {}
-        self._epoll: select.epoll | None = None
+        self._epoll: select.epoll | None = select.epoll() if keep_epoll else None
         self._token: trio.lowlevel.TrioToken | None = None  # the run the task lives in
         self._waiting: trio.CancelScope | None = None  # the task's current wait
         self._poked = False
@@ -91,6 +106,11 @@ class HangupWatch:
         if self._waiting is not None:
             self._waiting.cancel()
 
+    def modify(self, fd: int, events: int) -> None:
+        """Watch ``fd`` for ``events`` from now on (it stays watched, with its callback)."""
+        if self._epoll is not None:
+            self._epoll.modify(fd, events)
+
     def errors_only(self, fd: int) -> None:
         """Stop reporting ``fd``'s hang-up (it stays visible and would be reported again on
         every wake-up); errors and EPOLLHUP still are."""
@@ -102,9 +122,11 @@ class HangupWatch:
         token = trio.lowlevel.current_trio_token()
         if self._token is not token:
             # First use in this run (a task of an earlier run ended with that run).
-            if self._epoll is not None:
+            if self._epoll is not None and not self._keep_epoll:
                 self._epoll.close()
-            self._epoll = select.epoll()
+                self._epoll = None
+            if self._epoll is None:
+                self._epoll = select.epoll()
             self._token = token
             trio.lowlevel.spawn_system_task(self._run, self._epoll, name="trio_sni hang-up watch")
         assert self._epoll is not None
@@ -121,7 +143,7 @@ class HangupWatch:
                     next_job = now + self._run_periodic()
                 timeout = max(0.0, next_job - now) if self._periodic is not None else math.inf
                 with trio.move_on_after(
-                    min(timeout, SPURIOUS_BACKOFF) if spurious else timeout
+                    min(timeout, self._spurious_backoff) if spurious else timeout
                 ) as self._waiting:
                     if spurious:
                         await trio.sleep_forever()
@@ -134,13 +156,22 @@ class HangupWatch:
                     callback = self._callbacks.get(fd)
                     if callback is not None:
                         self._call(callback, mask)
-                spurious = woke and not events
+                spurious = woke and not events and self._spurious_backoff > 0
         finally:
             if self._epoll is epoll:
-                self._epoll = None
                 self._token = None
                 self._waiting = None
-            epoll.close()
+                if not self._keep_epoll:
+                    self._epoll = None
+            if self._epoll is not epoll:
+                epoll.close()
+
+    def close(self) -> None:
+        """Close a kept epoll instance (now, or when the task ends if it still runs)."""
+        self._keep_epoll = False
+        if self._token is None and self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
 
     def _run_periodic(self) -> float:
         assert self._periodic is not None

@@ -152,9 +152,9 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
             if mode in wanted and mode != "auto" and forwarder.mode != mode:
                 fallbacks.append((mode, forwarder.mode, why))
     except AccelerationUnavailable:
-        kernel_fwd = available.get("kernel")
-        if kernel_fwd is not None:
-            kernel_fwd.close()
+        for made in available.values():
+            if made is not None:
+                made.close()  # the kernel's BPF objects, the relays' epoll instances
         raise
     default = config.forwarding.mode
     best = "kernel" if default == "auto" else default

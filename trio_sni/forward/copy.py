@@ -1,28 +1,60 @@
-"""The ``copy`` forwarder: recv/send in two Trio tasks; available everywhere."""
+"""The ``copy`` forwarder: recv/send from Python, relayed without a task per connection;
+available everywhere."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection
 
 import trio
 
-from ._ends import send_counted
-from ._userspace import Direction, PumpEnd, pump_both_ways
+from ._relay import Flow, Relay, Relayed
 from .interface import ByteCounters, ForwarderStatistics, Mode, Side
 
 
-class CopyForwarder:
-    """Userspace copy in two Trio tasks, one per direction.
+class CopyMover:
+    """Reads a chunk into one buffer shared by every connection and writes it on at once;
+    only a chunk the destination cannot take yet is copied out of the buffer (``park``), so
+    a busy relay allocates nothing per chunk."""
 
-    Ends as :func:`pump_both_ways` says. The idle timeout is one deadline on the whole pair,
-    pushed forward by every chunk in either direction.
+    def __init__(self, buffer_size: int) -> None:
+        self._buffer = bytearray(buffer_size)
+        self._view = memoryview(self._buffer)
+
+    def fill(self, flow: Flow, counters: ByteCounters) -> int:
+        n = os.readv(flow.src, (self._buffer,))
+        flow.data = self._view[:n]
+        flow.held = n
+        return n
+
+    def drain(self, flow: Flow) -> int:
+        assert flow.data is not None
+        n = os.write(flow.dst, flow.data)
+        flow.held -= n
+        flow.data = flow.data[n:] if flow.held else None
+        return n
+
+    def park(self, flow: Flow) -> None:
+        if isinstance(flow.data, memoryview) and flow.data.obj is self._buffer:
+            flow.data = bytes(flow.data)
+
+    def drop(self, flow: Flow) -> None:
+        flow.data = None
+        flow.held = 0
+
+
+class CopyForwarder:
+    """Userspace copy: recv/send on readiness, one shared relay for every connection.
+
+    Ends as :mod:`._relay` says. The idle timeout is one deadline on the whole pair, pushed
+    forward by every chunk in either direction.
     """
 
     mode = Mode.COPY
 
     def __init__(self, *, buffer_size: int, idle_timeout: float) -> None:
-        self._buffer_size = buffer_size
-        self._idle_timeout = idle_timeout
+        self.mover = CopyMover(buffer_size)
+        self._relay = Relay(self.mode, self.mover, idle_timeout)
 
     async def forward(
         self,
@@ -33,48 +65,22 @@ class CopyForwarder:
         counters: ByteCounters,
         on_end: Callable[[str], None] | None = None,
         reset: Collection[Side] = (),
-    ) -> str:
-        """As :meth:`Forwarder.forward` (never handed off); ``reset`` names sides whose reset
-        another forwarder has already read (the kernel forwarder hands a connection over after
-        its hand-off found one)."""
-        return await pump_both_ways(
-            self.mode,
+    ) -> str | Relayed:
+        """As :meth:`Forwarder.forward` (handed off to the relay when given ``on_end``);
+        ``reset`` names sides whose reset another forwarder has already read (the kernel
+        forwarder hands a connection over after its hand-off found one)."""
+        return await self._relay.forward(
             client,
             upstream,
             first_bytes=first_bytes,
             counters=counters,
-            idle_timeout=self._idle_timeout,
-            pump=self._pump,
+            on_end=on_end,
             reset=reset,
         )
 
     def close(self) -> None:
-        """Nothing to release."""
+        """End every connection still relayed (reason ``shutdown``)."""
+        self._relay.close()
 
     def statistics(self) -> ForwarderStatistics:
         return ForwarderStatistics(self.mode)
-
-    async def _pump(
-        self, src: trio.SocketStream, dst: trio.SocketStream, direction: Direction
-    ) -> PumpEnd:
-        while True:
-            end = await copy_chunk(src, dst, direction, self._buffer_size)
-            if end is not None:
-                return end
-
-
-async def copy_chunk(
-    src: trio.SocketStream, dst: trio.SocketStream, direction: Direction, size: int
-) -> PumpEnd | None:
-    """Move one chunk of at most ``size`` bytes with recv/send; how the direction ended, or
-    None if it goes on. The copy pump's step, and splice's when no pipe can be made."""
-    try:
-        data = await src.receive_some(size)
-    except trio.BrokenResourceError:
-        return PumpEnd.SOURCE_RESET
-    if not data:
-        return PumpEnd.EOF
-    if not await send_counted(dst, data, direction.pair.counters, direction.destination):
-        return PumpEnd.DESTINATION_RESET
-    direction.pair.active()
-    return None

@@ -146,8 +146,8 @@ class KernelForwarder:
         """As :meth:`Forwarder.forward`. With ``on_end``, returns the connection's
         :class:`~._kernel_watch.Watcher` as soon as both sockets are in the sockhash: from then
         on the connection costs no task (a direction the in-flight bound moves to userspace
-        gets one, its pump). A connection that falls back to copy is forwarded here, in the
-        caller's task."""
+        gets one, its pump). A connection that falls back to copy is handed to the copy
+        forwarder's relay the same way."""
         counters.mode = Mode.KERNEL  # (TCP_NODELAY: trio.SocketStream sets it on both)
         cfd, ufd = client.socket.fileno(), upstream.socket.fileno()
         # Counts so far (e.g. bytes a SOCKS server passed on) plus what is sent from here on.
@@ -174,7 +174,7 @@ class KernelForwarder:
         if client_end or upstream_end or resets:
             # Half-closed or reset already: the insert would fail. Userspace finishes the
             # connection, told of the resets read here (the kernel reports each only once).
-            return await self._fall_back(client, upstream, counters, resets)
+            return await self._fall_back(client, upstream, counters, resets, on_end)
         dirs = (
             Direction(
                 Side.CLIENT,
@@ -206,7 +206,7 @@ class KernelForwarder:
                 log.debug("sockhash registration failed (%s): copying this connection", exc)
                 pair = None
         if pair is None:
-            return await self._fall_back(client, upstream, counters, [])
+            return await self._fall_back(client, upstream, counters, [], on_end)
         if on_end is not None:
             watcher = Watcher(self, pair, dirs, counters, on_end)
             watcher.start()
@@ -227,11 +227,13 @@ class KernelForwarder:
         upstream: trio.SocketStream,
         counters: ByteCounters,
         resets: list[Side],
-    ) -> str:
+        on_end: Callable[[str], None] | None,
+    ) -> str | HandedOff:
+        """Copy the connection instead (relayed without a task when given ``on_end``)."""
         self.fallbacks += 1
         counters.mode = Mode.COPY
         return await self._copy.forward(
-            client, upstream, first_bytes=b"", counters=counters, reset=resets
+            client, upstream, first_bytes=b"", counters=counters, on_end=on_end, reset=resets
         )
 
     @property

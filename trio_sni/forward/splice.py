@@ -1,13 +1,12 @@
-"""The ``splice`` forwarder: splice(2) through one pipe per direction, driven from Trio.
+"""The ``splice`` forwarder: splice(2) through a pipe per direction, relayed without a task.
 
 The bytes go socket → pipe → socket inside the kernel and never enter Python's memory; Python
-only decides when to call splice(2), waiting for readiness with
-:func:`trio.lowlevel.wait_readable` / :func:`trio.lowlevel.wait_writable` on the sockets.
+only decides when to call splice(2), on the readiness the shared relay reports.
 
 Behaviour is the same as :class:`~trio_sni.forward.copy.CopyForwarder`'s (both run in
-:func:`~trio_sni.forward._userspace.pump_both_ways`, which says how a connection ends): at a FIN or
-a reset of the source, what is still in the pipe goes to the other side first; byte counts are bytes
-handed to the destination socket, and the idle timeout is one deadline on the pair pushed forward by
+:mod:`~trio_sni.forward._relay`, which says how a connection ends): at a FIN or a reset of the
+source, what is still in the pipe goes to the other side first; byte counts are bytes handed to
+the destination socket, and the idle timeout is one deadline on the pair pushed forward by
 every chunk.
 
 Memory and fds per connection: its two sockets. A direction borrows a pipe from the
@@ -37,9 +36,9 @@ from collections.abc import Callable
 
 import trio
 
-from ._userspace import Direction, PumpEnd, pump_both_ways
-from .copy import copy_chunk
-from .interface import ByteCounters, ForwarderStatistics, Mode
+from ._relay import Flow, Relay, Relayed
+from .copy import CopyMover
+from .interface import ByteCounters, ForwarderStatistics, Mode, Side
 
 log = logging.getLogger("trio_sni")
 
@@ -47,8 +46,6 @@ log = logging.getLogger("trio_sni")
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-#: errnos from the source socket that mean the peer reset the connection (or it died).
-_RESETS = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ECONNABORTED, errno.EHOSTUNREACH)
 
 
 def splice_unavailable() -> str | None:
@@ -137,8 +134,72 @@ def close_pipe(pipe: tuple[int, int, int]) -> None:
     os.close(pipe[1])
 
 
+class SpliceMover:
+    """Moves a direction's bytes socket → pipe → socket; the pipe is borrowed from the pool
+    when the source has bytes and given back once it has drained. A chunk for which no pipe
+    can be made is copied instead (and the connection's access-log mode says ``copy``)."""
+
+    def __init__(self, pipes: PipePool, copy: CopyMover) -> None:
+        self._pipes = pipes
+        self._copy = copy
+        #: Connections that copied a chunk because no pipe could be made (EMFILE...); the
+        #: first is logged.
+        self.fallbacks = 0
+
+    def fill(self, flow: Flow, counters: ByteCounters) -> int:
+        if flow.pipe is None:
+            try:
+                flow.pipe = self._pipes.take()
+            except OSError as exc:
+                self._fell_back(counters, exc)
+                return self._copy.fill(flow, counters)
+        try:
+            n = os.splice(flow.src, flow.pipe[1], flow.pipe[2], flags=_FLAGS)
+        except OSError:
+            self._give_back(flow)
+            raise
+        if not n:
+            self._give_back(flow)
+        flow.held = n
+        return n
+
+    def drain(self, flow: Flow) -> int:
+        if flow.pipe is None:
+            return self._copy.drain(flow)
+        n = os.splice(flow.pipe[0], flow.dst, flow.held, flags=_FLAGS)
+        flow.held -= n
+        if not flow.held:
+            self._give_back(flow)  # drained: an idle direction holds no pipe
+        return n
+
+    def park(self, flow: Flow) -> None:
+        if flow.pipe is None:
+            self._copy.park(flow)
+
+    def drop(self, flow: Flow) -> None:
+        if flow.pipe is not None:
+            if flow.held:
+                close_pipe(flow.pipe)  # it still holds bytes: never lend it again
+            else:
+                self._pipes.give_back(flow.pipe)
+            flow.pipe = None
+        self._copy.drop(flow)
+
+    def _give_back(self, flow: Flow) -> None:
+        assert flow.pipe is not None
+        self._pipes.give_back(flow.pipe)
+        flow.pipe = None
+
+    def _fell_back(self, counters: ByteCounters, why: OSError) -> None:
+        if counters.mode is not Mode.COPY:
+            counters.mode = Mode.COPY  # the access log says the connection was (partly) copied
+            self.fallbacks += 1
+            if self.fallbacks == 1:
+                log.warning("cannot create pipes for splice (%s): copying such chunks", why)
+
+
 class SpliceForwarder:
-    """splice(2) through a pipe per direction while bytes move, one Trio task per direction.
+    """splice(2) through a pipe per direction while bytes move, relayed without a task.
 
     Args:
         pipe_size: the size asked for each pipe (``forwarding.pipe_size``).
@@ -149,15 +210,18 @@ class SpliceForwarder:
     mode = Mode.SPLICE
 
     def __init__(self, *, pipe_size: int, idle_timeout: float, buffer_size: int) -> None:
-        self._idle_timeout = idle_timeout
-        self._buffer_size = buffer_size
         self._pipes = PipePool(pipe_size)
-        #: Connections that copied a chunk because no pipe could be made (EMFILE...); the
-        #: first is logged.
-        self.fallbacks = 0
+        self.mover = SpliceMover(self._pipes, CopyMover(buffer_size))
+        self._relay = Relay(self.mode, self.mover, idle_timeout)
+
+    @property
+    def fallbacks(self) -> int:
+        """Connections that copied a chunk because no pipe could be made."""
+        return self.mover.fallbacks
 
     def close(self) -> None:
-        """Close the idle pipes."""
+        """End every connection still relayed (reason ``shutdown``), close the idle pipes."""
+        self._relay.close()
         self._pipes.close()
 
     def statistics(self) -> ForwarderStatistics:
@@ -176,97 +240,14 @@ class SpliceForwarder:
         first_bytes: bytes,
         counters: ByteCounters,
         on_end: Callable[[str], None] | None = None,
-    ) -> str:
-        """As :meth:`Forwarder.forward` (a pump per direction: never handed off)."""
-
-        async def pump(
-            src: trio.SocketStream, dst: trio.SocketStream, direction: Direction
-        ) -> PumpEnd:
-            return await self._splice_through(src, dst, direction)
-
-        return await pump_both_ways(
-            self.mode,
+    ) -> str | Relayed:
+        """As :meth:`Forwarder.forward` (handed off to the relay when given ``on_end``)."""
+        no_resets: tuple[Side, ...] = ()
+        return await self._relay.forward(
             client,
             upstream,
             first_bytes=first_bytes,
             counters=counters,
-            idle_timeout=self._idle_timeout,
-            pump=pump,
+            on_end=on_end,
+            reset=no_resets,
         )
-
-    async def _splice_through(
-        self, src: trio.SocketStream, dst: trio.SocketStream, direction: Direction
-    ) -> PumpEnd:
-        """One direction: socket -> pipe -> socket until the source ends (EOF or reset: what
-        is in the pipe is delivered first) or the destination fails. The pipe is borrowed
-        when the source has bytes and given back once it has drained."""
-        sfd, dfd = src.socket.fileno(), dst.socket.fileno()
-        pipe: tuple[int, int, int] | None = None
-        in_pipe = 0
-        ended: PumpEnd | None = None
-        try:
-            while True:
-                if pipe is None:
-                    if ended is not None:
-                        return ended
-                    await trio.lowlevel.wait_readable(sfd)
-                    try:
-                        pipe = self._pipes.take()
-                    except OSError as exc:
-                        ended = await self._copy_chunk(src, dst, direction, exc)
-                        continue
-                rfd, wfd, capacity = pipe
-                progressed = False
-                if ended is None and in_pipe < capacity:
-                    try:
-                        n = os.splice(sfd, wfd, capacity - in_pipe, flags=_FLAGS)
-                    except BlockingIOError:
-                        pass
-                    except OSError as exc:
-                        if exc.errno not in _RESETS:
-                            raise
-                        ended = PumpEnd.SOURCE_RESET
-                    else:
-                        if n == 0:
-                            ended = PumpEnd.EOF
-                        in_pipe += n
-                        progressed = True
-                if in_pipe:
-                    try:
-                        m = os.splice(rfd, dfd, in_pipe, flags=_FLAGS)
-                    except BlockingIOError:
-                        pass
-                    except OSError as exc:
-                        if exc.errno in _RESETS:
-                            return PumpEnd.DESTINATION_RESET
-                        raise
-                    else:
-                        in_pipe -= m
-                        direction.moved(m)
-                        progressed = progressed or m > 0
-                if not in_pipe:
-                    self._pipes.give_back(pipe)  # drained: an idle direction holds no pipe
-                    pipe = None
-                    if progressed:
-                        await trio.lowlevel.checkpoint()
-                elif progressed:
-                    await trio.lowlevel.checkpoint()
-                else:
-                    # The destination is full (or the pipe is, and only draining helps).
-                    await trio.lowlevel.wait_writable(dfd)
-        finally:
-            if pipe is not None:
-                close_pipe(pipe)  # it may still hold bytes: never lend it again
-
-    async def _copy_chunk(
-        self, src: trio.SocketStream, dst: trio.SocketStream, direction: Direction, why: OSError
-    ) -> PumpEnd | None:
-        """Move one chunk with recv/send because no pipe could be made; how the direction
-        ended, or None if it goes on."""
-        counters = direction.pair.counters
-        if counters.mode is not Mode.COPY:
-            counters.mode = Mode.COPY  # the access log says the connection was (partly) copied
-            self.fallbacks += 1
-            if self.fallbacks == 1:
-                log.warning("cannot create pipes for splice (%s): copying such chunks", why)
-        return await copy_chunk(src, dst, direction, self._buffer_size)
