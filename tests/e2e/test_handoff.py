@@ -1,11 +1,13 @@
-"""A kernel-mode connection after the hand-off: no task of its own (issue 14).
+"""A connection after the hand-off, in every mode: no task of its own (issue 14).
 
-Once both sockets are in the sockhash, the connection's handler task returns; the forwarder's
-shared hang-up watch ends the connection (FIN or RST passed on, idle timeout, shutdown) and
-calls the handler's cleanup, which closes the sockets and writes the access-log line. These
-tests hold open many connections and count the Trio tasks of the run, then end them each way
-with exact bytes on both ends and in the access log. ``test_connection_ends.py`` races the
-same ends hundreds of times; here the point is that no task is left behind to do it.
+In kernel mode, once both sockets are in the sockhash, the connection's handler task returns;
+the forwarder's shared hang-up watch ends the connection (FIN or RST passed on, idle timeout,
+shutdown) and calls the handler's cleanup, which closes the sockets and writes the access-log
+line. In copy and splice mode the forwarder's relay does the same once the connection is
+connected, moving the bytes as well. These tests hold open many connections and count the Trio
+tasks of the run, then end them each way with exact bytes on both ends and in the access log.
+``test_connection_ends.py`` races the same ends hundreds of times; here the point is that no
+task is left behind to do it.
 
 The clients and the backend are driven from the test's own task, one step after the other (a
 connection moves its bytes in the kernel meanwhile), so every task counted is the proxy's.
@@ -26,8 +28,6 @@ import trio
 from proxytest import client_hello, receive_exactly, wait_for
 
 from trio_sni.forward.kernel import KernelForwarder
-
-pytestmark = pytest.mark.bpf
 
 EMPTY = {"sock_hash": 0, "targets": 0, "peer": 0, "progress": 0}
 SIOCOUTQ = 0x5411
@@ -50,13 +50,18 @@ class Conn:
         return f"c{self.number:04}.handoff.test"
 
 
-def kernel_config(backend_port: int, **overrides: Any) -> dict[str, Any]:
+@pytest.fixture(params=[pytest.param("kernel", marks=pytest.mark.bpf), "splice", "copy"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def kernel_config(backend_port: int, mode: str = "kernel", **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "listeners": [{"host": "127.0.0.1", "port": 0, "target_port": backend_port}],
         "rules": [{"suffix": "handoff.test", "target": "127.0.0.1", "allow_private": True}],
         "log": {"access_log": None},
         "fallback_mode": "none",
-        "forwarding": {"mode": "kernel"},
+        "forwarding": {"mode": mode},
         "limits": {"per_client_rate": 0, "per_client_connections": 0},
     }
     config.update(overrides)
@@ -150,6 +155,7 @@ async def backend() -> Any:
 
 
 def check_records(running: Any, conns: list[Conn], reason: str) -> None:
+    mode = running.proxy.context.forwarder.mode
     by_name = {r["sni"]: r for r in running.access_log}
     for conn in conns:
         record = by_name[conn.name]
@@ -159,30 +165,32 @@ def check_records(running: Any, conns: list[Conn], reason: str) -> None:
             record["bytes_to_upstream"],
             record["bytes_to_client"],
         )
-        assert got == (reason, "kernel", conn.to_upstream, conn.to_client), record
+        assert got == (reason, mode, conn.to_upstream, conn.to_client), record
 
 
 async def assert_nothing_left(running: Any) -> None:
-    forwarder = forwarder_of(running)
     ctx = running.proxy.context
-    await wait_for(lambda: not ctx.live and not forwarder.registered, timeout=10)
-    assert not ctx.handed_off
-    assert forwarder.plane.entries() == EMPTY
-    assert not forwarder.live
+    await wait_for(lambda: not ctx.live and not ctx.handed_off, timeout=10)
+    if ctx.forwarder.mode == "kernel":
+        forwarder = forwarder_of(running)
+        assert not forwarder.registered
+        assert forwarder.plane.entries() == EMPTY
+        assert not forwarder.live
 
 
 async def test_handed_off_connections_have_no_task_and_end_each_way_with_exact_counts(
-    start_proxy: Callable[..., Any], backend: trio.socket.SocketType
+    mode: str, start_proxy: Callable[..., Any], backend: trio.socket.SocketType
 ) -> None:
-    running = await start_proxy(kernel_config(backend.getsockname()[1]))
+    running = await start_proxy(kernel_config(backend.getsockname()[1], mode))
     # The shared watch task starts with the first connection.
     first = await open_connections(running, backend, 1)
     before = tasks_living()
     per_ending = 40
     conns = await open_connections(running, backend, 4 * per_ending, start=1)
-    forwarder = forwarder_of(running)
-    assert forwarder.registered == 1 + 4 * per_ending
-    assert len(running.proxy.context.handed_off) == 1 + 4 * per_ending
+    handed_off = running.proxy.context.handed_off
+    assert len(handed_off) == 1 + 4 * per_ending
+    if mode == "kernel":
+        assert forwarder_of(running).registered == 1 + 4 * per_ending
     assert tasks_living() == before  # 160 more connections, not one more task
 
     fin_client = conns[:per_ending]
@@ -222,7 +230,7 @@ async def test_handed_off_connections_have_no_task_and_end_each_way_with_exact_c
     for conn in conns:
         conn.client.socket.close()
         conn.server.socket.close()
-    await wait_for(lambda: forwarder.registered == 1, timeout=10)
+    await wait_for(lambda: len(handed_off) == 1, timeout=10)
     assert tasks_living() <= before
     first[0].client.socket.close()
     first[0].server.socket.close()
@@ -230,9 +238,9 @@ async def test_handed_off_connections_have_no_task_and_end_each_way_with_exact_c
 
 
 async def test_idle_handed_off_connections_time_out_with_exact_counts(
-    start_proxy: Callable[..., Any], backend: trio.socket.SocketType
+    mode: str, start_proxy: Callable[..., Any], backend: trio.socket.SocketType
 ) -> None:
-    running = await start_proxy(kernel_config(backend.getsockname()[1], timeouts={"idle": 1}))
+    running = await start_proxy(kernel_config(backend.getsockname()[1], mode, timeouts={"idle": 1}))
     conns = await open_connections(running, backend, 30)
     # Handed off, or (the first, on a slow machine) timed out already.
     assert len(running.proxy.context.handed_off) + len(running.access_log) == 30
@@ -250,13 +258,15 @@ async def test_idle_handed_off_connections_time_out_with_exact_counts(
 
 
 async def test_shutdown_ends_handed_off_connections_at_the_drain_deadline(
-    start_proxy: Callable[..., Any], backend: trio.socket.SocketType
+    mode: str, start_proxy: Callable[..., Any], backend: trio.socket.SocketType
 ) -> None:
     """In-process twin of the CLI's SIGTERM test: handed-off connections wait for the drain
     deadline like the others, then end with reason ``shutdown`` and exact counts."""
-    running = await start_proxy(kernel_config(backend.getsockname()[1], timeouts={"drain": 1}))
+    running = await start_proxy(
+        kernel_config(backend.getsockname()[1], mode, timeouts={"drain": 1})
+    )
     conns = await open_connections(running, backend, 50)
-    forwarder = forwarder_of(running)
+    forwarder = running.proxy.context.forwarder
     started = trio.current_time()
     running.proxy.shutdown()
     # One connection finishes by itself within the deadline: its reason is its own.
@@ -276,10 +286,12 @@ async def test_shutdown_ends_handed_off_connections_at_the_drain_deadline(
     for conn in conns:
         conn.client.socket.close()
         conn.server.socket.close()
-    await wait_for(lambda: forwarder.plane.closed, timeout=10)
+    if mode == "kernel":
+        await wait_for(lambda: forwarder.plane.closed, timeout=10)
     assert not running.proxy.context.live
 
 
+@pytest.mark.bpf
 async def test_a_worker_at_its_fd_limit_stops_accepting_until_a_connection_ends(
     nursery: trio.Nursery, backend: trio.socket.SocketType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
