@@ -211,6 +211,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--access-log", default=None, help="a file (e.g. /dev/null): log on")
     parser.add_argument("--profile", action="store_true", help="add a cProfile run per mode")
+    parser.add_argument(
+        "--profile-out", default=None, help="with --profile: also save DIR/<mode>.pstats"
+    )
     args = parser.parse_args()
     if args.peers:
         peers_main()
@@ -250,6 +253,8 @@ def main() -> None:
                 profile = cProfile.Profile()
                 run.once(mode, args.connections, profile)
                 shares[mode] = stage_shares(profile)
+                if args.profile_out:
+                    profile.dump_stats(str(Path(args.profile_out) / f"{mode}.pstats"))
             for stage in STAGES:
                 row = "".join(f"{100 * shares[m].get(stage, 0.0):9.1f}%" for m in modes)
                 print(f"{stage:16}{row}")
