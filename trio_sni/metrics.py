@@ -200,6 +200,8 @@ class ProxyMetrics:
         self.hello_size = _Histogram(HELLO_SIZE_BUCKETS)
         self.stages = {field: _Histogram(STAGE_BUCKETS) for field, _, _ in STAGES}
         self.listener_connections: dict[str, int] = {}
+        #: Finished QUIC flows' datagrams, by direction.
+        self.quic_datagrams: dict[str, int] = {}
         #: Set by whoever reloads the config (the command line's SIGHUP handler).
         self.reloads = ConfigReloads()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -240,6 +242,11 @@ class ProxyMetrics:
                 histogram.observe(seconds)
         listener = _label(record.get("listener"))
         self.listener_connections[listener] = self.listener_connections.get(listener, 0) + 1
+        if record.get("transport") == "quic":
+            for direction in DIRECTIONS:
+                value = record.get(f"datagrams_{direction}")
+                if isinstance(value, int):
+                    self.quic_datagrams[direction] = self.quic_datagrams.get(direction, 0) + value
 
     def wrap(
         self, write_access_log: Callable[[dict[str, object]], None]
@@ -284,6 +291,22 @@ class _Collector:
         active = GaugeMetricFamily("trio_sni_connections_active", "Client connections open now.")
         active.add_metric([], len(live))
         yield active
+
+        quic_active = GaugeMetricFamily(
+            "trio_sni_quic_flows_active",
+            "QUIC flows open now (also counted in trio_sni_connections_active).",
+        )
+        quic_active.add_metric([], sum(1 for info in live if info.transport == "quic"))
+        yield quic_active
+
+        quic_datagrams = CounterMetricFamily(
+            "trio_sni_quic_datagrams",
+            "Datagrams relayed by finished QUIC flows, by direction.",
+            labels=["direction"],
+        )
+        for direction, count in sorted(m.quic_datagrams.items()):
+            quic_datagrams.add_metric([direction], count)
+        yield quic_datagrams
 
         closed = CounterMetricFamily(
             "trio_sni_connections_closed",

@@ -11,6 +11,11 @@ client whose datagram starts a QUIC long-header packet. A flow is one task:
 4. open a connected UDP socket to the target, send the kept datagrams unchanged, then relay
    both ways until neither side has sent anything for ``timeouts.quic_idle``.
 
+Once a flow relays, the listener's task passes the client's datagrams to the flow's socket
+itself, and the flow's task passes the target's back; both read and write without waiting
+(a datagram a full socket buffer cannot take is dropped, as a router would drop it: QUIC
+recovers), and the idle timeout is one timer per flow, not a deadline moved per datagram.
+
 A refused or unreadable flow is logged at once and then kept, dropping what the client
 retransmits, until it has been quiet for ``timeouts.quic_idle`` (at least
 ``timeouts.client_hello``), so the retransmissions make no second line; the client falls
@@ -25,12 +30,15 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
+import os
 import socket
 import time
 
 import attrs
 import trio
 
+from ._fd import borrowed
 from .connection import (
     ConnectionContext,
     ConnectionInfo,
@@ -50,6 +58,8 @@ MAX_DATAGRAM = 65535
 #: Datagrams queued between the listener and one flow's task; more are dropped, as a router
 #: would (QUIC recovers).
 FLOW_QUEUE = 256
+#: Datagrams read in a row, each way, before other tasks get a turn.
+RELAY_BATCH = 64
 
 
 @attrs.define(eq=False)
@@ -67,6 +77,10 @@ class Flow:
     route: Route | None = None
     #: Its access-log line is written (a refused flow's at once).
     logged: bool = False
+    #: The flow's connected UDP socket, once the listener passes datagrams to it directly.
+    upstream_fd: int = -1
+    #: When a datagram last passed either way (the idle timeout counts from it).
+    last_active: float = 0.0
 
 
 class QuicListener:
@@ -96,19 +110,32 @@ class QuicListener:
         """Read datagrams until cancelled; flows run in ``flows``. On the way out every flow
         ends (reason ``shutdown``): without the listening socket none can reach its client."""
         try:
-            while True:
-                try:
-                    data, address = await self.sock.recvfrom(MAX_DATAGRAM)
-                except (ConnectionRefusedError, ConnectionResetError):
-                    continue  # an ICMP error for an earlier answer: nothing to read
-                flow = self.flows.get(address)
-                if flow is None:
-                    if not data or not data[0] & 0x80:
-                        continue  # not the start of a QUIC connection: not a new flow
-                    flow, inbox = self._new_flow(address)
-                    flows.start_soon(self._run, flow, inbox)
-                with contextlib.suppress(trio.WouldBlock):  # a full queue drops, as routers do
-                    flow.inbox.send_nowait(data)
+            with borrowed(self.sock) as raw:
+                batch = 0
+                while True:
+                    if batch >= RELAY_BATCH:
+                        batch = 0
+                        await trio.lowlevel.checkpoint()
+                    try:
+                        data, address = raw.recvfrom(MAX_DATAGRAM)
+                    except (BlockingIOError, InterruptedError):
+                        batch = 0
+                        await trio.lowlevel.wait_readable(self.sock)
+                        continue
+                    except (ConnectionRefusedError, ConnectionResetError):
+                        continue  # an ICMP error for an earlier answer: nothing to read
+                    batch += 1
+                    flow = self.flows.get(address)
+                    if flow is None:
+                        if not data or not data[0] & 0x80:
+                            continue  # not the start of a QUIC connection: not a new flow
+                        flow, inbox = self._new_flow(address)
+                        flows.start_soon(self._run, flow, inbox)
+                    if flow.upstream_fd != -1:
+                        self._to_upstream(flow, data)
+                        continue
+                    with contextlib.suppress(trio.WouldBlock):  # a full queue drops, as routers do
+                        flow.inbox.send_nowait(data)
         finally:
             for flow in list(self.flows.values()):
                 flow.info.reason = flow.info.reason or "shutdown"
@@ -146,11 +173,22 @@ class QuicListener:
                     acquired = True
                     kept = await self._read_hello(flow, inbox)
                     upstream = await self._connect(flow)
+                    flow.upstream_fd = upstream.fileno()
+                    # What came meanwhile goes after the kept datagrams, before the listener
+                    # passes any more on itself (no checkpoint in between: the order holds).
+                    while True:
+                        try:
+                            kept.append(inbox.receive_nowait())
+                        except trio.WouldBlock:
+                            break
                     for datagram in kept:
-                        await self._to_upstream(flow, upstream, datagram)
+                        self._to_upstream(flow, datagram)
+                    flow.idle.deadline = math.inf
                     async with trio.open_nursery() as relay:
-                        relay.start_soon(self._relay_up, flow, inbox, upstream)
                         relay.start_soon(self._relay_down, flow, upstream)
+                        await self._until_idle(flow)
+                        info.reason = info.reason or "idle_timeout"
+                        relay.cancel_scope.cancel()
                 except TrioSniError as exc:
                     if info.decision == "pending":
                         info.decision = "deny"
@@ -241,36 +279,51 @@ class QuicListener:
         info.mode = "udp"
         return upstream
 
-    async def _to_upstream(
-        self, flow: Flow, upstream: trio.socket.SocketType, datagram: bytes
-    ) -> None:
-        await upstream.send(datagram)
+    def _to_upstream(self, flow: Flow, datagram: bytes) -> None:
+        """Pass one client datagram to the target now, or drop it (a full socket buffer, or
+        an ICMP error for an earlier datagram: QUIC recovers)."""
+        try:
+            os.write(flow.upstream_fd, datagram)
+        except OSError:
+            return
         flow.info.counters.to_upstream += len(datagram)
         flow.datagrams_to_upstream += 1
-        flow.idle.deadline = trio.current_time() + self.idle_timeout
+        flow.last_active = trio.current_time()
 
-    async def _relay_up(
-        self,
-        flow: Flow,
-        inbox: trio.MemoryReceiveChannel[bytes],
-        upstream: trio.socket.SocketType,
-    ) -> None:
-        async for datagram in inbox:
-            try:
-                await self._to_upstream(flow, upstream, datagram)
-            except OSError:
-                continue  # ICMP from the target for an earlier datagram: QUIC recovers
+    async def _until_idle(self, flow: Flow) -> None:
+        """Return once nothing has passed either way for ``timeouts.quic_idle``."""
+        flow.last_active = trio.current_time()
+        while True:
+            deadline = flow.last_active + self.idle_timeout  # moved by every datagram
+            if trio.current_time() >= deadline:
+                return
+            await trio.sleep_until(deadline)
 
     async def _relay_down(self, flow: Flow, upstream: trio.socket.SocketType) -> None:
-        while True:
-            try:
-                datagram = await upstream.recv(MAX_DATAGRAM)
-            except OSError:
-                continue  # e.g. ECONNREFUSED for an earlier datagram: nothing listens yet
-            await self.sock.sendto(datagram, flow.address)
-            flow.info.counters.to_client += len(datagram)
-            flow.datagrams_to_client += 1
-            flow.idle.deadline = trio.current_time() + self.idle_timeout
+        """The target's datagrams to the client, as they come (dropped where the listening
+        socket's buffer is full, as a router would)."""
+        fd, batch = upstream.fileno(), 0
+        with borrowed(self.sock) as listening:
+            while True:
+                if batch >= RELAY_BATCH:
+                    batch = 0
+                    await trio.lowlevel.checkpoint()
+                try:
+                    datagram = os.read(fd, MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    batch = 0
+                    await trio.lowlevel.wait_readable(upstream)
+                    continue
+                except OSError:
+                    continue  # e.g. ECONNREFUSED for an earlier datagram: nothing listens yet
+                batch += 1
+                try:
+                    listening.sendto(datagram, flow.address)
+                except OSError:
+                    continue
+                flow.info.counters.to_client += len(datagram)
+                flow.datagrams_to_client += 1
+                flow.last_active = trio.current_time()
 
 
 async def open_quic_listener(spec: Listener) -> trio.socket.SocketType:

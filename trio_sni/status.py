@@ -174,6 +174,7 @@ def connections_document(context: ConnectionContext, limit: int) -> dict[str, ob
                 "mode": info.forwarded_mode,
                 "bytes_to_upstream": info.counters.to_upstream,
                 "bytes_to_client": info.counters.to_client,
+                "transport": info.transport,
                 "age": round(now - info.started, 3),
             }
         )

@@ -19,7 +19,9 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 from aioquic.quic.packet import QuicProtocolVersion
+from prometheus_client import generate_latest
 from proxytest import wait_for
+from statusclient import metric_samples, sample
 
 from trio_sni.sansio.config_load import load_config
 from trio_sni.server import Proxy
@@ -37,9 +39,11 @@ class Echo(QuicConnectionProtocol):
 
 
 class QuicServer:
-    """An aioquic echo server in its own thread and asyncio loop."""
+    """An aioquic echo server in its own thread and asyncio loop (``retry``: it answers each
+    new connection's first Initial with a Retry, RFC 9000 section 8.1.2)."""
 
-    def __init__(self, ca: trustme.CA, tmp: Path) -> None:
+    def __init__(self, ca: trustme.CA, tmp: Path, *, retry: bool = False) -> None:
+        self.retry = retry
         cert = ca.issue_cert(NAME)
         cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
         cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
@@ -56,7 +60,13 @@ class QuicServer:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         server = self.loop.run_until_complete(
-            serve("127.0.0.1", self.port, configuration=self.configuration, create_protocol=Echo)
+            serve(
+                "127.0.0.1",
+                self.port,
+                configuration=self.configuration,
+                create_protocol=Echo,
+                retry=self.retry,
+            )
         )
         self._ready.set()
         self.loop.run_forever()
@@ -161,6 +171,8 @@ async def test_a_quic_connection_is_routed_by_name_and_relayed_byte_exact(
     data = os.urandom(1 << 20)
     got = await trio.to_thread.run_sync(lambda: echo_through(port, quic_ca, data, version=version))
     assert got == data
+    samples = metric_samples(generate_latest(proxy.metrics.registry).decode())
+    assert sample(samples, "trio_sni_quic_flows_active") == 1  # until its idle timeout
     await wait_for(lambda: len(records) == 1, timeout=10)  # the flow ends when idle (1 s)
     [record] = records
     assert record["transport"] == "quic"
@@ -171,7 +183,30 @@ async def test_a_quic_connection_is_routed_by_name_and_relayed_byte_exact(
     assert record["bytes_to_client"] > len(data)
     assert record["datagrams_to_upstream"] > 100
     assert record["datagrams_to_client"] > 100
+    samples = metric_samples(generate_latest(proxy.metrics.registry).decode())
+    assert sample(samples, "trio_sni_quic_flows_active") == 0
+    for direction in ("to_upstream", "to_client"):
+        got_count = sample(samples, "trio_sni_quic_datagrams_total", direction=direction)
+        assert got_count == record[f"datagrams_{direction}"]
     assert not proxy.context.live
+    assert not proxy.quic_listeners[0].flows
+
+
+async def test_a_server_that_asks_for_a_retry_gets_its_token_back_through_the_flow(
+    start_quic_proxy: Callable[..., Any], quic_ca: trustme.CA, tmp_path: Path
+) -> None:
+    """The server's Retry (a new connection ID and a token) reaches the client through the
+    flow, and the client's second Initial (new DCID, token) reaches the server through the
+    same flow: one connection, one log line, byte-exact."""
+    with QuicServer(quic_ca, tmp_path, retry=True) as server:
+        proxy, port, records = await start_quic_proxy(quic_config(server.port))
+        data = os.urandom(1 << 16)
+        got = await trio.to_thread.run_sync(lambda: echo_through(port, quic_ca, data))
+        assert got == data
+        await wait_for(lambda: len(records) == 1, timeout=10)
+    [record] = records
+    assert (record["sni"], record["decision"], record["reason"]) == (NAME, "allow", "idle_timeout")
+    assert record["bytes_to_client"] > len(data)
     assert not proxy.quic_listeners[0].flows
 
 
