@@ -4,7 +4,9 @@
  * Maps (all written by Python, except the state the program keeps itself):
  *   allow_v4, allow_v6  LPM_TRIE {prefixlen, address} -> u8   clients.allow
  *   deny_v4, deny_v6    LPM_TRIE {prefixlen, address} -> u8   clients.deny
- *   ports               HASH u16 port (host order) -> u8      the guarded TCP listening ports
+ *   ports               HASH u16 port (host order) -> u8      the listening ports: PORT_TCP for a
+ *                                                             TCP listener, PORT_QUIC for a QUIC
+ *                                                             (UDP) listener, or both
  *   config              ARRAY[1] struct guard_config          switches and SYN limits
  *   syn_sources         LRU_HASH 16-byte source -> struct syn_source (the program's own)
  *   syn_global          ARRAY[1] u64                          the global SYN bucket (the program's)
@@ -18,6 +20,7 @@
  *                                 DROP not_allowed; a SYN (no ACK) over the source's bucket ->
  *                                 DROP syn_flood, over the global bucket -> DROP syn_flood_global;
  *                                 else PASS
+ *   UDP to a QUIC listener's port same address lists; else PASS (the proxy routes it)
  *   UDP to 443 or a guarded port, same address lists; then an ICMP/ICMPv6 port unreachable
  *   with reject_quic on           sent back with XDP_TX (docs/kernel-facts.md, fact 39: browsers
  *                                 fall back to TCP at once), or DROP quic if no answer can be built
@@ -45,6 +48,9 @@
 
 #define GUARD_ALLOW_LIST 1u  /* clients.allow is not empty: unlisted sources are refused */
 #define GUARD_REJECT_QUIC 2u /* answer UDP to 443/guarded ports with port unreachable */
+
+#define PORT_TCP 1u  /* a TCP listener's port (ports map value bits) */
+#define PORT_QUIC 2u /* a QUIC listener's port: its UDP is the proxy's, never rejected */
 
 #define QUIC_PORT 443
 #define MAX_VLAN_TAGS 2
@@ -468,6 +474,7 @@ int xdp_guard(struct xdp_md *ctx)
 	struct guard_config *cfg;
 	__u32 zero = 0;
 	__u16 proto;
+	__u8 kinds = 0;
 	int verdict, parsed;
 
 	if ((void *)(eth + 1) > end)
@@ -499,18 +506,19 @@ int xdp_guard(struct xdp_md *ctx)
 	if (!cfg)
 		return count(XDP_CNT_ABORTED, XDP_ABORTED);
 	if (p.port_known) {
-		int guarded = bpf_map_lookup_elem(&ports, &p.dport) != 0;
+		__u8 *listening = bpf_map_lookup_elem(&ports, &p.dport);
 
-		if (p.l4 == IPPROTO_TCP && !guarded)
+		kinds = listening ? *listening : 0;
+		if (p.l4 == IPPROTO_TCP && !(kinds & PORT_TCP))
 			return count(XDP_CNT_PASSED, XDP_PASS);
-		if (p.l4 == IPPROTO_UDP &&
-		    !((cfg->flags & GUARD_REJECT_QUIC) && (guarded || p.dport == QUIC_PORT)))
+		if (p.l4 == IPPROTO_UDP && !(kinds & PORT_QUIC) &&
+		    !((cfg->flags & GUARD_REJECT_QUIC) && (kinds || p.dport == QUIC_PORT)))
 			return count(XDP_CNT_PASSED, XDP_PASS);
 	}
 	verdict = address_verdict(&p, cfg->flags);
 	if (verdict >= 0)
 		return count(verdict, XDP_DROP);
-	if (!p.port_known)
+	if (!p.port_known || (p.l4 == IPPROTO_UDP && (kinds & PORT_QUIC)))
 		return count(XDP_CNT_PASSED, XDP_PASS);
 	if (p.l4 == IPPROTO_UDP) {
 		count(XDP_CNT_QUIC, 0);

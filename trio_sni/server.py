@@ -263,7 +263,10 @@ class Proxy:
                             [listener.socket for listener in self.listeners]
                             + [q.sock for q in quic]
                         )
-                        self._start_features(pairs)
+                        self._start_features(
+                            [(lst.socket.getsockname()[1], spec) for lst, spec in pairs]
+                            + [(q.sock.getsockname()[1], q.spec) for q in quic]
+                        )
                         reserve = ReserveFd()
                         for listener, spec in pairs:
                             accepting.start_soon(

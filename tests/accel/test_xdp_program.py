@@ -447,3 +447,49 @@ def test_quic_that_cannot_be_answered_is_dropped(frame: bytes, reason: str) -> N
 def test_other_udp_passes_with_reject_quic(guard: XdpGuard) -> None:
     guard.update(XdpConfig(reject_quic=True), CLIENTS)
     assert run(guard, eth(ETH_IP, ipv4(STRANGER4, UDP, udp(53)))) == PASS
+
+
+# ------------------------------------------------------------------------------------------
+# A quic listener's port: its UDP is the proxy's own
+
+
+QUIC_LISTENER = 9443
+
+
+def load_with_quic_listener(clients: Clients = CLIENTS, **xdp: object) -> XdpGuard:
+    """A guard for TCP on PORT and 443 and a ``quic`` listener on QUIC_LISTENER and 443."""
+    config = XdpConfig(**xdp)  # type: ignore[arg-type]
+    return XdpGuard.load(config, clients, [PORT, 443], [QUIC_LISTENER, 443])
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("reject_quic", [True, False], ids=["reject_quic", "no_reject_quic"])
+@pytest.mark.parametrize("dport", [QUIC_LISTENER, 443])
+def test_udp_to_a_quic_listener_passes_the_address_lists_and_is_never_rejected(
+    reject_quic: bool, dport: int
+) -> None:
+    with load_with_quic_listener(reject_quic=reject_quic) as g:
+        assert run(g, eth(ETH_IP, ipv4(ALLOWED4, UDP, udp(dport)))) == PASS
+        assert run(g, eth(ETH_IPV6, ipv6(ALLOWED6, UDP, udp(dport)))) == PASS
+        assert run(g, eth(ETH_IP, ipv4(DENIED4, UDP, udp(dport)))) == DROP
+        assert run(g, eth(ETH_IPV6, ipv6(STRANGER6, UDP, udp(dport)))) == DROP
+        assert dropped(g) == {
+            "xdp_passed": 2,
+            "xdp_dropped_denied": 1,
+            "xdp_dropped_not_allowed": 1,
+        }
+        assert g.status().quic_ports == (443, QUIC_LISTENER)
+
+
+@pytest.mark.bpf
+def test_reject_quic_still_answers_udp_to_the_other_listening_ports() -> None:
+    with load_with_quic_listener(reject_quic=True) as g:
+        assert run(g, eth(ETH_IP, ipv4(ALLOWED4, UDP, udp(PORT)))) == TX
+        assert dropped(g) == {"xdp_dropped_quic": 1, "xdp_quic_answered": 1}
+
+
+@pytest.mark.bpf
+def test_tcp_to_a_port_that_only_a_quic_listener_uses_is_not_guarded() -> None:
+    with load_with_quic_listener() as g:
+        assert run(g, syn4(STRANGER4, dport=QUIC_LISTENER)) == PASS
+        assert run(g, syn4(STRANGER4, dport=443)) == DROP  # 443 has a TCP listener too

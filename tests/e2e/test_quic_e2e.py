@@ -290,10 +290,6 @@ def test_a_quic_listener_beside_a_tcp_one_on_the_same_port() -> None:
             },
             "cannot take one",
         ),
-        (
-            {"ebpf": {"xdp": {"enabled": True, "interface": "lo", "reject_quic": True}}},
-            "reject_quic",
-        ),
     ],
 )
 def test_quic_listener_configs_that_cannot_work_are_refused(

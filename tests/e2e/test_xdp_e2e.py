@@ -367,6 +367,48 @@ async def quic_is_refused(config: dict[str, Any], ns: VethNamespace) -> None:
         assert counters["xdp_quic_answered"] == counters["xdp_dropped_quic"] == 2
 
 
+async def test_udp_to_a_quic_listener_passes_while_other_quic_is_refused(
+    ns: VethNamespace, tls_backend: Any
+) -> None:
+    """With ``reject_quic`` on, the ``quic`` listener's port is the proxy's own: a datagram to
+    it reaches the listener (an unreadable one: the proxy logs it, answers nothing, and no
+    port unreachable comes back), while UDP to 443 is still answered at once."""
+    config = guarded_config(ns, tls_backend.port, clients={}, reject_quic=True, mode="generic")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((ns.host_v4, 0))
+        quic_port = probe.getsockname()[1]
+    config["listeners"].append({"host": ns.host_v4, "port": quic_port, "protocol": "quic"})
+    config["workers"] = 1
+    records: list[dict[str, object]] = []
+    proxy = Proxy(load_config(config), access_log=records.append)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve)
+        try:
+            status: Any = ebpf_status_document(proxy)
+            assert status["details"]["xdp"]["quic_ports"] == [quic_port]
+            for port in (quic_port, 443):
+                sock = trio.socket.from_stdlib_socket(ns.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                with sock:
+                    await sock.connect((ns.host_v4, port))
+                    await sock.send(b"\xc0" + bytes(1199))
+                    if port == 443:
+                        with trio.fail_after(2), pytest.raises(ConnectionRefusedError):
+                            await sock.recv(2048)
+                        continue
+                    with trio.move_on_after(0.5) as quiet:
+                        await sock.recv(2048)  # neither an answer nor a port unreachable
+                    assert quiet.cancelled_caught
+                    assert [r["reason"] for r in records] in (
+                        ["not_quic_initial"],
+                        ["malformed_hello"],
+                    )
+            counters = proxy.acceleration_status().counters
+            assert counters["xdp_quic_answered"] == 1
+        finally:
+            proxy.shutdown()
+    assert xdp_prog_on(ns.host_if) is None
+
+
 async def test_no_such_interface_is_a_logged_degradation(
     tls_backend: Any, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -51,6 +51,9 @@ MAPS = (
 #: ``struct guard_config {u32 flags; u32 _pad; u64 syn_interval_ns; u64 syn_burst_ns;
 #: u64 global_interval_ns; u64 global_burst_ns;}``
 GUARD_CONFIG = struct.Struct("<IIQQQQ")
+#: The ``ports`` map's value bits (``PORT_TCP``/``PORT_QUIC`` in the program).
+PORT_TCP = 1
+PORT_QUIC = 2
 #: ``struct syn_source {u64 tat; u64 dropped;}``
 SYN_SOURCE = struct.Struct("<QQ")
 
@@ -97,6 +100,7 @@ class XdpStatus:
     deny_entries: int
     list_capacity: int  # networks per list and address family
     ports: tuple[int, ...]
+    quic_ports: tuple[int, ...]
     counters: dict[str, int]
 
 
@@ -104,13 +108,18 @@ class XdpGuard:
     """A loaded and attached guard. Start with :meth:`start`; :meth:`close` detaches."""
 
     def __init__(
-        self, collection: loader.Collection, interface: str, ports: tuple[int, ...]
+        self,
+        collection: loader.Collection,
+        interface: str,
+        ports: tuple[int, ...],
+        quic_ports: tuple[int, ...] = (),
     ) -> None:
         self._collection = collection
         self._link: loader.Link | None = None
         self.interface = interface
         self.mode = ""
         self.ports = ports
+        self.quic_ports = quic_ports
         self._allow = LpmKeys(frozenset(), frozenset())
         self._deny = LpmKeys(frozenset(), frozenset())
         self.maps = collection.maps
@@ -118,8 +127,15 @@ class XdpGuard:
         self.maps["counters"].value_codec = loader.Int()
 
     @classmethod
-    def start(cls, config: XdpConfig, clients: Clients, ports: Iterable[int]) -> XdpGuard:
-        """Load, fill and attach the guard for the TCP listening ``ports``.
+    def start(
+        cls,
+        config: XdpConfig,
+        clients: Clients,
+        ports: Iterable[int],
+        quic_ports: Iterable[int] = (),
+    ) -> XdpGuard:
+        """Load, fill and attach the guard for the TCP listening ``ports`` and the ``quic``
+        listeners' UDP ``quic_ports`` (their UDP passes the address lists, never rejected).
 
         Raises:
             FileNotFoundError: the prebuilt object is missing.
@@ -127,7 +143,7 @@ class XdpGuard:
                 driver refused both modes, a list does not fit its map. Nothing is left
                 loaded or attached.
         """
-        guard = cls.load(config, clients, ports)
+        guard = cls.load(config, clients, ports, quic_ports)
         try:
             guard._attach(config)
         except BaseException:
@@ -136,7 +152,13 @@ class XdpGuard:
         return guard
 
     @classmethod
-    def load(cls, config: XdpConfig, clients: Clients, ports: Iterable[int]) -> XdpGuard:
+    def load(
+        cls,
+        config: XdpConfig,
+        clients: Clients,
+        ports: Iterable[int],
+        quic_ports: Iterable[int] = (),
+    ) -> XdpGuard:
         """Load and fill the guard without attaching it (:meth:`start` attaches; tests
         ``test_run`` the :attr:`program` as it is)."""
         spec = prebuilt_spec(OBJECT, MAPS, [PROGRAM])
@@ -145,10 +167,15 @@ class XdpGuard:
             max_entries=config.flood_guard.tracked_sources
         )
         collection = loader.Collection.load(spec.copy(maps=maps))
-        guard = cls(collection, config.interface, tuple(sorted(set(ports))))
+        guard = cls(
+            collection, config.interface, tuple(sorted(set(ports))), tuple(sorted(set(quic_ports)))
+        )
         try:
-            for port in guard.ports:
-                guard.maps["ports"].update(port.to_bytes(2, "little"), b"\x01")
+            for port in sorted({*guard.ports, *guard.quic_ports}):
+                kinds = (PORT_TCP if port in guard.ports else 0) | (
+                    PORT_QUIC if port in guard.quic_ports else 0
+                )
+                guard.maps["ports"].update(port.to_bytes(2, "little"), bytes([kinds]))
             guard.update(config, clients)
         except BaseException:
             guard.close()
@@ -231,6 +258,7 @@ class XdpGuard:
             deny_entries=len(self._deny),
             list_capacity=self.maps["allow_v4"].spec.max_entries,
             ports=self.ports,
+            quic_ports=self.quic_ports,
             counters=self.counters(),
         )
 

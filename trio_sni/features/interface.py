@@ -11,16 +11,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
-import trio
-
 from ..sansio.config import Listener
 
 if TYPE_CHECKING:
     from ..sansio.config import Config
     from .report import FeatureReport
 
-#: The proxy's bound listening sockets, each with the listener it was opened for.
-BoundListeners = Sequence[tuple[trio.SocketListener, Listener]]
+#: The proxy's bound listening sockets' ports (TCP and ``quic`` listeners alike), each with
+#: the listener it was opened for.
+BoundListeners = Sequence[tuple[int, Listener]]
 
 
 class KernelFeature(Protocol):

@@ -35,7 +35,7 @@ class TcFeature:
         tc = self._config.ebpf.tc
         if not (self._config.ebpf.enabled and tc.enabled):
             return
-        ports = {listener.socket.getsockname()[1] for listener, _ in listeners}
+        ports = {port for port, spec in listeners if spec.protocol != "quic"}
         try:
             from ..accel import LoaderError, TcShaper
         except ImportError as exc:  # e.g. cffi missing on this platform

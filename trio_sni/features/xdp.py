@@ -41,12 +41,13 @@ class XdpFeature:
         xdp = config.ebpf.xdp
         ports = sorted(
             {
-                listener.socket.getsockname()[1]
-                for listener, spec in listeners
-                if not spec.accept_proxy_protocol
+                port
+                for port, spec in listeners
+                if spec.protocol != "quic" and not spec.accept_proxy_protocol
             }
         )
-        if not ports:
+        quic_ports = sorted({port for port, spec in listeners if spec.protocol == "quic"})
+        if not ports and not quic_ports:
             self._unavailable(
                 "every listener expects the PROXY protocol (the "
                 "packets' source is the load balancer, not the client)"
@@ -59,7 +60,7 @@ class XdpFeature:
             self._unavailable(f"cannot import the BPF loader: {exc}")
             return
         try:
-            self.guard = XdpGuard.start(xdp, config.clients, ports)
+            self.guard = XdpGuard.start(xdp, config.clients, ports, quic_ports)
         except (LoaderError, OSError) as exc:
             self._unavailable(f"XDP on {xdp.interface}: {exc}")
             return
@@ -67,7 +68,7 @@ class XdpFeature:
             "XDP guard attached to %s (%s mode) for port(s) %s",
             xdp.interface,
             self.guard.mode,
-            ", ".join(map(str, ports)),
+            ", ".join([*map(str, ports), *(f"{p}/udp" for p in quic_ports)]),
         )
 
     def _unavailable(self, reason: str) -> None:
@@ -124,6 +125,7 @@ class XdpFeature:
                 "interface": status.interface,
                 "mode": status.mode,
                 "ports": list(status.ports),
+                "quic_ports": list(status.quic_ports),
                 "reject_quic": xdp.reject_quic,
             },
         )

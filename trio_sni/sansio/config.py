@@ -508,7 +508,8 @@ class XdpConfig:
 
     ``mode``: ``auto`` (native if the driver supports it, else generic), ``native`` or
     ``generic``. ``reject_quic`` answers UDP to port 443 and to the listening ports with an
-    ICMP port unreachable, so browsers fall back to TCP at once.
+    ICMP port unreachable, so browsers fall back to TCP at once; UDP to a ``quic`` listener's
+    port is the proxy's own and passes (after the address lists).
     """
 
     enabled: bool = False
@@ -755,12 +756,6 @@ class Config:
             raise ValueError("give either 'listen_addr' or 'listeners', not both")
         _check_listeners_distinct(self.listeners)
         quic = [lst for lst in self.listeners if lst.protocol == "quic"]
-        if quic and self.ebpf.enabled and self.ebpf.xdp.enabled and self.ebpf.xdp.reject_quic:
-            raise ValueError(
-                "ebpf.xdp.reject_quic answers QUIC on port 443 and the guarded ports with "
-                'ICMP port unreachable, which would turn away the "quic" listener\'s '
-                "clients: set reject_quic to false"
-            )
         if self.workers != 1 and quic:
             raise ValueError(
                 'a "quic" listener needs "workers": 1: every datagram of a flow must reach '
