@@ -11,6 +11,12 @@ Trio loop serving on those sockets; the supervisor runs no proxy and loads no BP
   a worker that is being replaced leaves nothing queued behind it, and the same sockets work
   when systemd passes them (one per ``ListenStream=``) and across a SIGUSR2 handover. The cost:
   every idle worker wakes for each new connection and all but one find nothing to accept.
+* **QUIC listeners** are the exception: each worker binds its own UDP socket to the
+  listener's port with ``SO_REUSEPORT``, and the kernel picks the socket by a hash of the
+  datagram's addresses and ports, so every datagram of a flow reaches the worker that routed
+  it. (A shared UDP socket would hand a flow's datagrams to whichever worker reads first.)
+  When a worker is replaced the group changes size and flows may move to another worker,
+  which drops them: their clients start new connections.
 * **What only one process may do**: worker 0 alone runs the XDP guard and the TC shaper (an
   interface takes one XDP link; N shapers would each count the same traffic); the other
   workers run them off. The supervisor serves ``status.listen``, summing what every worker's
@@ -154,7 +160,8 @@ class Supervisor:
                         self.status_listeners = await start_status(
                             nursery, answers, host, port, self.inherited
                         )
-                    pairs = await open_listeners(self.config.effective_listeners, self.inherited)
+                    tcp = tuple(s for s in self.config.effective_listeners if s.protocol != "quic")
+                    pairs = await open_listeners(tcp, self.inherited)
                     self.listeners = [listener for listener, _ in pairs]
                     nursery.start_soon(self._collect_readiness)
                     nursery.start_soon(self._handle_signals, received, nursery)

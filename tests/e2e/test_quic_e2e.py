@@ -4,9 +4,13 @@ routed by the name in the client's Initial packets, relayed byte-exact, logged o
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -262,11 +266,61 @@ async def test_datagrams_that_start_no_quic_connection_make_no_flow(
     assert len(records) == 1
 
 
-def test_a_quic_listener_needs_one_worker() -> None:
-    config = quic_config(443)
+def test_a_quic_listener_with_workers_needs_a_fixed_port() -> None:
+    config = quic_config(443)  # port 0
     config["workers"] = 2
-    with pytest.raises(Exception, match="workers"):
+    with pytest.raises(Exception, match="port other than 0"):
         load_config(config)
+    config["listeners"][0]["port"] = 8443
+    assert load_config(config).workers == 2
+
+
+def test_with_two_workers_every_flow_stays_with_the_worker_that_routed_it(
+    quic_server: QuicServer, quic_ca: trustme.CA, tmp_path: Path
+) -> None:
+    """Each worker has its own socket on the port (SO_REUSEPORT): a flow that landed on one
+    worker would break if its later datagrams reached the other (it would drop them as not
+    the start of a connection). Eight connections, each byte-exact, one log line each."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = quic_config(quic_server.port, workers=2)
+    config["listeners"] = [{"host": "127.0.0.1", "port": port, "protocol": "quic"}]
+    access_log = tmp_path / "access.log"
+    config["log"] = {"access_log": str(access_log), "level": "info"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    stderr = tmp_path / "stderr"
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trio_sni", "--config", str(path)], stderr=err
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "2 workers serving" not in stderr.read_text():
+            assert proc.poll() is None, stderr.read_text()
+            assert time.monotonic() < deadline, stderr.read_text()
+            time.sleep(0.05)
+        data = os.urandom(1 << 16)
+        for _ in range(8):
+            assert echo_through(port, quic_ca, data) == data
+        deadline = time.monotonic() + 15
+        while len(records := _lines(access_log)) < 8:  # each flow ends when idle (1 s)
+            assert time.monotonic() < deadline, records
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0, stderr.read_text()
+    assert {(r["transport"], r["decision"], r["reason"]) for r in records} == {
+        ("quic", "allow", "idle_timeout")
+    }
+    assert {r["worker"] for r in records} <= {0, 1}
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def test_a_quic_listener_beside_a_tcp_one_on_the_same_port() -> None:

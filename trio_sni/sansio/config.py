@@ -756,10 +756,11 @@ class Config:
             raise ValueError("give either 'listen_addr' or 'listeners', not both")
         _check_listeners_distinct(self.listeners)
         quic = [lst for lst in self.listeners if lst.protocol == "quic"]
-        if self.workers != 1 and quic:
+        if self.workers != 1 and any(lst.port == 0 for lst in quic):
             raise ValueError(
-                'a "quic" listener needs "workers": 1: every datagram of a flow must reach '
-                "the one process that routed it, and workers share their sockets"
+                'a "quic" listener with workers needs a port other than 0: each worker binds '
+                "its own socket to it (SO_REUSEPORT, so that a flow's datagrams all reach the "
+                "worker that routed it)"
             )
         if self.listen_addr is None and not self.listeners:
             raise ValueError("no listener: set 'listen_addr' or 'listeners'")
