@@ -19,6 +19,7 @@ import http
 import ipaddress
 import itertools
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -27,7 +28,6 @@ from typing import Final, Protocol
 import attrs
 import trio
 
-from ._fd import borrowed
 from .errors import (
     ClientReset,
     DestinationRefused,
@@ -468,14 +468,14 @@ async def read_first_bytes(
 
 def _receive_queued(stream: trio.SocketStream, size: int) -> bytes | None:
     """What is queued on the socket now (``b""`` at its end), or None if nothing is; errors
-    as :meth:`trio.SocketStream.receive_some` raises them."""
-    with borrowed(stream.socket) as sock:
-        try:
-            return sock.recv(size, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+    as :meth:`trio.SocketStream.receive_some` raises them. (read(2) on the non-blocking socket:
+    no socket object to make on every connection's path.)"""
+    try:
+        return os.read(stream.socket.fileno(), size)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 def _set_qos_class(stream: trio.SocketStream, qos: str) -> None:

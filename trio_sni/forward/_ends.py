@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
+import os
 import socket
 import struct
 from typing import Protocol
 
 import trio
 
-from .._fd import borrowed
 from .interface import ByteCounters, Side
 
 #: ``ioctl`` request for the bytes a TCP socket holds that its peer has not acknowledged.
@@ -114,16 +114,16 @@ async def send_counted(
     connection almost always fit); only the rest waits for the socket.
     """
     view = memoryview(data)
-    with borrowed(stream.socket) as sock:
-        while view:
-            try:
-                n = sock.send(view, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                return False
-            view = view[n:]
-            _count(counters, destination, n)
+    fd = stream.socket.fileno()
+    while view:
+        try:
+            n = os.write(fd, view)  # the socket is non-blocking: write(2) is send(2) here
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            return False
+        view = view[n:]
+        _count(counters, destination, n)
     while view:
         try:
             n = await stream.socket.send(view)

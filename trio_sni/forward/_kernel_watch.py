@@ -305,7 +305,7 @@ class Watcher:
         d.fin_received = True
         self.last_activity = trio.current_time()
         if d.state is State.KERNEL:
-            with borrowed(d.src_fd) as sock:
+            with borrowed(d.src.socket) as sock:
                 try:
                     sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)  # process the queue
                 except (BlockingIOError, InterruptedError):
