@@ -302,6 +302,8 @@ async def run(
             listeners = await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
             for listener in listeners:
                 log.info("listening on %s", format_endpoint(listener.socket.getsockname()))
+            for quic in proxy.quic_listeners:
+                log.info("listening on %s/udp (quic)", format_endpoint(quic.sock.getsockname()))
             notifier.ready(f"serving on {len(listeners)} listening socket(s)")
             handler = _SignalHandler(proxy, config_path, notifier, nursery, worker)
             nursery.start_soon(handler.run, received)

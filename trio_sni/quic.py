@@ -326,14 +326,15 @@ class QuicListener:
                 flow.last_active = trio.current_time()
 
 
-async def open_quic_listener(spec: Listener, *, shared: bool = False) -> trio.socket.SocketType:
-    """The bound UDP socket of a ``quic`` listener; ``shared``: one of the workers' sockets on
-    the port (``SO_REUSEPORT``: the kernel keeps each flow on one of them, by its addresses)."""
+async def open_quic_listener(spec: Listener) -> trio.socket.SocketType:
+    """The bound UDP socket of a ``quic`` listener, with ``SO_REUSEPORT``: every worker binds
+    its own on the port (the kernel keeps each flow on one of them, by its addresses), and a
+    successor started by SIGUSR2 binds beside its predecessor, which closes its own when it
+    stops accepting."""
     family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_DGRAM)
     try:
-        if shared:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         await sock.bind((spec.host, spec.port))

@@ -308,7 +308,7 @@ class Proxy:
         try:
             for spec in specs:
                 if spec.protocol == "quic":
-                    sock = await open_quic_listener(spec, shared=self._worker is not None)
+                    sock = await open_quic_listener(spec)
                     idle = self.config.timeouts.quic_idle
                     opened.append(QuicListener(sock, spec, self.context, idle))
         except BaseException:

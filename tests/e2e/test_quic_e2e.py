@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -315,6 +316,54 @@ def test_with_two_workers_every_flow_stays_with_the_worker_that_routed_it(
         ("quic", "allow", "idle_timeout")
     }
     assert {r["worker"] for r in records} <= {0, 1}
+
+
+def test_sigusr2_hands_a_quic_listener_to_the_new_proxy(
+    quic_server: QuicServer, quic_ca: trustme.CA, tmp_path: Path
+) -> None:
+    """The successor binds its own socket beside the old one (SO_REUSEPORT) instead of
+    failing on the busy port; once the old proxy stops, QUIC connections reach the new one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = quic_config(quic_server.port)
+    config["listeners"] = [{"host": "127.0.0.1", "port": port, "protocol": "quic"}]
+    config["log"] = {"access_log": None, "level": "info"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    stderr = tmp_path / "stderr"
+    with stderr.open("wb") as err:
+        old = subprocess.Popen(
+            [sys.executable, "-m", "trio_sni", "--config", str(path)], stderr=err
+        )
+    successor = None
+    try:
+        listening = f"listening on 127.0.0.1:{port}/udp (quic)"
+        _wait_for(lambda: listening in stderr.read_text() or old.poll() is not None)
+        assert echo_through(port, quic_ca, b"before") == b"before"
+        old.send_signal(signal.SIGUSR2)
+        marker = "SIGUSR2: the new proxy (pid "
+        _wait_for(lambda: marker in stderr.read_text() or old.poll() is not None)
+        text = stderr.read_text()
+        assert marker in text, text
+        successor = int(text.split(marker)[1].split(")")[0])
+        assert old.wait(15) == 0, stderr.read_text()
+        assert echo_through(port, quic_ca, b"after") == b"after"
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+        if successor is not None:
+            os.kill(successor, signal.SIGTERM)
+            _wait_for(lambda: not os.path.exists(f"/proc/{successor}"))
+    assert "ERROR" not in stderr.read_text()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
