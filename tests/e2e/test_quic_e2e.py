@@ -282,26 +282,12 @@ def test_with_two_workers_every_flow_stays_with_the_worker_that_routed_it(
     """Each worker has its own socket on the port (SO_REUSEPORT): a flow that landed on one
     worker would break if its later datagrams reached the other (it would drop them as not
     the start of a connection). Eight connections, each byte-exact, one log line each."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = quic_config(quic_server.port, workers=2)
-    config["listeners"] = [{"host": "127.0.0.1", "port": port, "protocol": "quic"}]
     access_log = tmp_path / "access.log"
-    config["log"] = {"access_log": str(access_log), "level": "info"}
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    stderr = tmp_path / "stderr"
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trio_sni", "--config", str(path)], stderr=err
-        )
+    port, proc, stderr = spawn_quic_proxy(
+        tmp_path, quic_config(quic_server.port, workers=2), access_log=str(access_log)
+    )
     try:
-        deadline = time.monotonic() + 30
-        while "2 workers serving" not in stderr.read_text():
-            assert proc.poll() is None, stderr.read_text()
-            assert time.monotonic() < deadline, stderr.read_text()
-            time.sleep(0.05)
+        _wait_for(lambda: "2 workers serving" in stderr.read_text() or proc.poll() is not None)
         data = os.urandom(1 << 16)
         for _ in range(8):
             assert echo_through(port, quic_ca, data) == data
@@ -323,19 +309,7 @@ def test_sigusr2_hands_a_quic_listener_to_the_new_proxy(
 ) -> None:
     """The successor binds its own socket beside the old one (SO_REUSEPORT) instead of
     failing on the busy port; once the old proxy stops, QUIC connections reach the new one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = quic_config(quic_server.port)
-    config["listeners"] = [{"host": "127.0.0.1", "port": port, "protocol": "quic"}]
-    config["log"] = {"access_log": None, "level": "info"}
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    stderr = tmp_path / "stderr"
-    with stderr.open("wb") as err:
-        old = subprocess.Popen(
-            [sys.executable, "-m", "trio_sni", "--config", str(path)], stderr=err
-        )
+    port, old, stderr = spawn_quic_proxy(tmp_path, quic_config(quic_server.port), access_log=None)
     successor = None
     try:
         listening = f"listening on 127.0.0.1:{port}/udp (quic)"
@@ -357,6 +331,26 @@ def test_sigusr2_hands_a_quic_listener_to_the_new_proxy(
             os.kill(successor, signal.SIGTERM)
             _wait_for(lambda: not os.path.exists(f"/proc/{successor}"))
     assert "ERROR" not in stderr.read_text()
+
+
+def spawn_quic_proxy(
+    tmp_path: Path, config: dict[str, Any], *, access_log: str | None
+) -> tuple[int, subprocess.Popen[bytes], Path]:
+    """``python -m trio_sni`` with ``config``'s listener on a free UDP port (a worker binds
+    its own socket to it, so it cannot be 0); the port, the process and its stderr file."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    config["listeners"] = [{"host": "127.0.0.1", "port": port, "protocol": "quic"}]
+    config["log"] = {"access_log": access_log, "level": "info"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    stderr = tmp_path / "stderr"
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trio_sni", "--config", str(path)], stderr=err
+        )
+    return port, proc, stderr
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
