@@ -59,6 +59,7 @@ TURNS = 16
 #: Slowest idle sweep, seconds (never slower than a twentieth of the idle timeout).
 MAX_SWEEP = 5.0
 
+_NO_SIDES: frozenset[Side] = frozenset()
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _READ_WRITE = _READ | select.EPOLLOUT
 _SOURCE_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
@@ -78,11 +79,19 @@ class FlowEnd(enum.Enum):
 
 @attrs.define(eq=False)
 class Flow:
-    """One direction of a relayed connection: bytes from ``source``'s socket to the other's."""
+    """One direction of a relayed connection: bytes from ``source``'s socket to the other's.
 
+    It is also the watch's callback for its source socket (no closure per socket: an idle
+    connection is these two records and its :class:`Relayed`)."""
+
+    conn: Relayed
     source: Side
+    #: The source's stream (its socket is read).
+    stream: trio.SocketStream
     src: int
     dst: int
+    #: The flow into the source socket (the other direction), once both exist.
+    into: Flow | None = None
     #: Bytes read from the source and not yet handed to the destination.
     held: int = 0
     #: ``copy``: the bytes held. ``splice``: None, or a chunk copied because no pipe was made.
@@ -94,6 +103,14 @@ class Flow:
     done: bool = False
     #: The destination is watched for EPOLLOUT too (a write had to wait once).
     waits_for_write: bool = False
+
+    def __call__(self, events: int) -> None:
+        """What the watch reported for the source socket: readable (or ended) moves this
+        flow, writable moves the one into it."""
+        if events & _SOURCE_EVENTS:
+            self.conn.step(self)
+        if events & _DESTINATION_EVENTS and self.into is not None:
+            self.conn.step(self.into)
 
 
 class Mover(Protocol):
@@ -236,7 +253,6 @@ class Relayed:
         "relay",
         "resets",
         "resetting",
-        "streams",
     )
 
     def __init__(
@@ -247,18 +263,19 @@ class Relayed:
         counters: ByteCounters,
     ) -> None:
         self.relay = relay
-        self.streams = {Side.CLIENT: client, Side.UPSTREAM: upstream}
         self.counters = counters
         cfd, ufd = client.socket.fileno(), upstream.socket.fileno()
-        #: By the side each reads from.
-        self.flows = {
-            Side.CLIENT: Flow(Side.CLIENT, cfd, ufd),
-            Side.UPSTREAM: Flow(Side.UPSTREAM, ufd, cfd),
-        }
-        #: Sides whose socket was reset, in the order the resets were seen.
-        self.resets: list[Side] = []
+        #: The client's direction, then the upstream's (:meth:`flow` by side).
+        self.flows = (
+            Flow(self, Side.CLIENT, client, cfd, ufd),
+            Flow(self, Side.UPSTREAM, upstream, ufd, cfd),
+        )
+        self.flows[0].into, self.flows[1].into = self.flows[1], self.flows[0]
+        #: Sides whose socket was reset, in the order the resets were seen (tuples and the
+        #: shared empty set: a quiet connection carries no collection of its own).
+        self.resets: tuple[Side, ...] = ()
         #: Sides the proxy has sent a FIN to.
-        self.fin_sent: set[Side] = set()
+        self.fin_sent: frozenset[Side] = _NO_SIDES
         #: Once both directions are done: the side whose reset waits for acknowledgements.
         self.resetting: Side | None = None
         self._ack_delay = ACK_POLL[0]
@@ -275,21 +292,14 @@ class Relayed:
         self.last_active = trio.current_time()
         self.relay.join(self)
         watch = self.relay.watch
-        for side, stream in self.streams.items():
-            watch.add(stream.socket.fileno(), self._events_on(side), _READ)
-        if all(flow.done for flow in self.flows.values()):
+        for flow in self.flows:
+            watch.add(flow.src, flow, _READ)
+        if all(flow.done for flow in self.flows):
             self.relay.schedule(self, 0)
 
-    def _events_on(self, side: Side) -> Callable[[int], None]:
-        source, into = self.flows[side], self.flows[side.other]
-
-        def on_events(events: int) -> None:
-            if events & _SOURCE_EVENTS:
-                self.step(source)
-            if events & _DESTINATION_EVENTS:
-                self.step(into)
-
-        return on_events
+    def flow(self, side: Side) -> Flow:
+        """The direction reading from ``side``."""
+        return self.flows[0] if side is Side.CLIENT else self.flows[1]
 
     def end(self, reason: str) -> None:
         """End it now (shutdown, idle timeout): release everything, then ``on_end(reason)``."""
@@ -297,9 +307,9 @@ class Relayed:
             return
         self.reason = reason
         watch = self.relay.watch
-        for stream in self.streams.values():
-            watch.forget(stream.socket.fileno())
-        for flow in self.flows.values():
+        for flow in self.flows:
+            watch.forget(flow.src)
+        for flow in self.flows:
             self.relay.mover.drop(flow)
         self.relay.leave(self)
         assert self._on_end is not None
@@ -368,16 +378,16 @@ class Relayed:
         elif end is FlowEnd.SOURCE_RESET or name in self.resets:
             self.mark_reset(name)
         else:
-            ending = how_it_ended(self.streams[name].socket, fin_sent=name in self.fin_sent)
+            ending = how_it_ended(flow.stream.socket, fin_sent=name in self.fin_sent)
             if ending is not Ending.RESET:
                 try:  # if the other side is gone already, its own direction reports how
-                    self.streams[name.other].socket.shutdown(socket.SHUT_WR)
-                    self.fin_sent.add(name.other)
+                    self.flow(name.other).stream.socket.shutdown(socket.SHUT_WR)
+                    self.fin_sent = self.fin_sent | {name.other}
                 except OSError:
                     pass
             if ending is not Ending.FIN:
                 self.mark_reset(name)
-        if all(f.done for f in self.flows.values()):
+        if all(f.done for f in self.flows):
             self._both_done()
 
     def mark_reset(self, side: Side) -> None:
@@ -385,8 +395,8 @@ class Relayed:
         into it stops; the direction out of it goes on until it has read what came first."""
         if side in self.resets:
             return
-        self.resets.append(side)
-        into = self.flows[side.other]
+        self.resets = (*self.resets, side)
+        into = self.flow(side.other)
         if not into.done:
             into.done = True
             self.relay.mover.drop(into)
@@ -397,9 +407,11 @@ class Relayed:
         since): the kernel forwarder sees it as it comes, so look, that the same traffic ends
         the same way in every mode. Then pass each reset on once what came before it has been
         acknowledged."""
-        for side, stream in self.streams.items():
-            if side not in self.resets and closed_by_reset(stream.socket, fin_sent=True):
-                self.mark_reset(side)
+        for flow in self.flows:
+            if flow.source not in self.resets and closed_by_reset(
+                flow.stream.socket, fin_sent=True
+            ):
+                self.mark_reset(flow.source)
         for side in self.resets:
             if side.other not in self.resets:
                 self.resetting = side.other
@@ -418,7 +430,7 @@ class Relayed:
             return
         if self.resetting is not None:
             self._check_acknowledged()
-        elif all(f.done for f in self.flows.values()):
+        elif all(f.done for f in self.flows):
             self._both_done()
 
     def _check_acknowledged(self) -> None:
@@ -427,7 +439,7 @@ class Relayed:
         reset would be lost); else look again, from 1 ms doubling to 50 ms while nothing
         moves. A shrinking queue counts as activity for the idle timeout."""
         assert self.resetting is not None
-        stream = self.streams[self.resetting]
+        stream = self.flow(self.resetting).stream
         try:
             left = unacknowledged(stream.socket)
         except OSError:
