@@ -45,7 +45,14 @@ from .connection import (
     admit_client,
     allowed_addresses,
 )
-from .errors import HelloTimeout, NameRefused, QuicViaSocks5, TrioSniError, UpstreamError
+from .errors import (
+    DestinationRefused,
+    HelloTimeout,
+    NameRefused,
+    QuicViaSocks5,
+    TrioSniError,
+    UpstreamError,
+)
 from .sansio.addresses import format_endpoint
 from .sansio.config import Listener
 from .sansio.policy import Deny, Route
@@ -190,8 +197,8 @@ class QuicListener:
                         info.reason = info.reason or "idle_timeout"
                         relay.cancel_scope.cancel()
                 except TrioSniError as exc:
-                    if info.decision == "pending":
-                        info.decision = "deny"
+                    if info.decision == "pending" or isinstance(exc, DestinationRefused):
+                        info.decision = "deny"  # as for TCP: a refused destination is a denial
                     info.reason, info.error = exc.reason, str(exc)
                     self._log(flow)
                     if acquired:  # a refused flow counts against no limit while it lingers

@@ -26,6 +26,7 @@ from aioquic.quic.events import QuicEvent, StreamDataReceived
 from aioquic.quic.packet import QuicProtocolVersion
 from prometheus_client import generate_latest
 from proxytest import wait_for
+from quictest import crypto, handshake_message, initial, padded
 from statusclient import metric_samples, sample
 
 from trio_sni.sansio.config_load import load_config
@@ -265,6 +266,81 @@ async def test_datagrams_that_start_no_quic_connection_make_no_flow(
         await wait_for(lambda: len(records) == 1, timeout=5)
     assert records[0]["reason"] in ("not_quic_initial", "malformed_hello", "quic_version")
     assert len(records) == 1
+
+
+def x_test_initial() -> bytes:
+    """A client's first datagram naming x.test (curl's captured ClientHello in a QUIC v1
+    Initial built by the tests, padded to 1200 bytes)."""
+    return padded(initial(crypto(0, handshake_message("curl.bin"))))
+
+
+async def udp_sink(host: str = "127.0.0.1") -> trio.socket.SocketType:
+    sink = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sink.bind((host, 0))
+    return sink
+
+
+async def received_by(sink: trio.socket.SocketType, wait: float) -> list[object]:
+    """The senders of every datagram ``sink`` gets within ``wait`` seconds."""
+    senders: list[object] = []
+    with trio.move_on_after(wait):
+        while True:
+            _data, sender = await sink.recvfrom(65536)
+            senders.append(sender)
+    return senders
+
+
+async def test_a_flood_of_new_flows_from_one_client_is_held_to_its_limit(
+    start_quic_proxy: Callable[..., Any],
+) -> None:
+    """Ten new flows from one address (ten source ports) with per_client_connections 3:
+    three are routed (the target gets three Initials, from three sockets of the proxy), seven
+    are refused and logged at once, and nothing of theirs is sent on."""
+    with await udp_sink() as sink:
+        config = quic_config(0, limits={"per_client_connections": 3, "per_client_rate": 0})
+        target = f"127.0.0.1:{sink.getsockname()[1]}"
+        rule = {"match": "x.test", "target": target, "allow_private": True, "via": "direct"}
+        config["rules"] = [rule]
+        _proxy, port, records = await start_quic_proxy(config)
+        clients = [trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(10)]
+        try:
+            for client in clients:
+                await client.connect(("127.0.0.1", port))
+                await client.send(x_test_initial())
+            senders = await received_by(sink, 0.5)
+        finally:
+            for client in clients:
+                client.close()
+        assert len(senders) == len(set(senders)) == 3
+        refused = [r for r in records if r["reason"] == "too_many_connections"]
+        assert len(refused) == 7
+        assert all(r["datagrams_to_upstream"] == 0 for r in refused)
+        await wait_for(lambda: len(records) == 10, timeout=10)  # the routed ones idle out
+
+
+async def test_a_destination_the_ssrf_guard_refuses_is_sent_no_datagram(
+    start_quic_proxy: Callable[..., Any],
+) -> None:
+    """The rule's target is a loopback address without allow_private: refused, logged, and
+    not one datagram reaches it (were the guard broken, the sink on that loopback address
+    would get the Initial)."""
+    with await udp_sink("127.0.0.2") as sink:
+        config = quic_config(0)
+        target = f"127.0.0.2:{sink.getsockname()[1]}"
+        config["rules"] = [{"match": "x.test", "target": target, "via": "direct"}]
+        _proxy, port, records = await start_quic_proxy(config)
+        with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            await client.connect(("127.0.0.1", port))
+            await client.send(x_test_initial())
+            await wait_for(lambda: len(records) == 1, timeout=5)
+            assert await received_by(sink, 0.3) == []
+    [record] = records
+    assert (record["sni"], record["decision"], record["reason"]) == (
+        "x.test",
+        "deny",
+        "ssrf_blocked",
+    )
+    assert record["datagrams_to_upstream"] == 0
 
 
 def test_a_quic_listener_with_workers_needs_a_fixed_port() -> None:
