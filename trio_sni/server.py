@@ -237,7 +237,6 @@ class Proxy:
         finally:
             for feature in reversed(self.features):
                 feature.close()  # what each one loaded and attached, on every path
-            self.context.forwarder.close()  # the stand-in, if no plan replaced it (idempotent)
             if self._access_log is not None:
                 self._access_log.close()  # also when the status port was busy (idempotent)
 
@@ -342,7 +341,6 @@ class Proxy:
         for feature in self.features:
             feature.start(listeners)
         plan = self.forwarding.plan
-        self.context.forwarder.close()  # the stand-in serve() started with
         self.context.forwarder = plan.forwarder
         self.context.forwarders = plan.by_mode
 

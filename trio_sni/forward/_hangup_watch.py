@@ -55,12 +55,11 @@ class HangupWatch:
     ) -> None:
         self._periodic = periodic
         self._spurious_backoff = spurious_backoff
-        #: Make the epoll instance now and keep it, also while nothing is watched, until
-        #: :meth:`close`: a watch every connection uses must not need a new fd to start, as
-        #: the proxy may be at its fd limit by then.
+        #: Keep the epoll instance, also while nothing is watched, until :meth:`close`: a watch
+        #: every connection uses must not need a new fd to go on (see :meth:`open`).
         self._keep_epoll = keep_epoll
         self._callbacks: dict[int, Callable[[int], None]] = {}
-        self._epoll: select.epoll | None = select.epoll() if keep_epoll else None
+        self._epoll: select.epoll | None = None
         self._token: trio.lowlevel.TrioToken | None = None  # the run the task lives in
         self._waiting: trio.CancelScope | None = None  # the task's current wait
         self._poked = False
@@ -105,6 +104,12 @@ class HangupWatch:
         self._poked = True
         if self._waiting is not None:
             self._waiting.cancel()
+
+    def open(self) -> None:
+        """Make the (kept) epoll instance now rather than at the first :meth:`add`, when the
+        proxy may be at its fd limit already."""
+        if self._epoll is None:
+            self._epoll = select.epoll()
 
     def modify(self, fd: int, events: int) -> None:
         """Watch ``fd`` for ``events`` from now on (it stays watched, with its callback)."""

@@ -183,6 +183,11 @@ class Relay:
         assert conn.reason is not None
         return conn.reason
 
+    def open(self) -> None:
+        """Make the epoll instance now: a proxy at its fd limit by its first connection could
+        not make it then (``tests/e2e/test_fd_limit.py``)."""
+        self.watch.open()
+
     def close(self) -> None:
         """End every connection still relayed (reason ``shutdown``); close the epoll instance."""
         for conn in list(self.connections):

@@ -106,6 +106,7 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
     copy = CopyForwarder(
         buffer_size=config.forwarding.buffer_size, idle_timeout=config.timeouts.idle
     )
+    copy.open()  # these serve: their epoll instances are made now, not at a first connection
     sockmap_on = config.ebpf.enabled and config.ebpf.sockmap.enabled
     wanted = {config.forwarding.mode} | {r.mode for r in config.rules if r.mode is not None}
     available: dict[str, Forwarder | None] = {"copy": copy}
@@ -113,11 +114,13 @@ def choose_forwarder(config: Config) -> ForwardingPlan:
 
     splice_why = splice_unavailable()  # cheap; a reload may bring rules that ask for splice
     if splice_why is None:
-        available["splice"] = SpliceForwarder(
+        splice = SpliceForwarder(
             pipe_size=config.forwarding.pipe_size,
             idle_timeout=config.timeouts.idle,
             buffer_size=config.forwarding.buffer_size,
         )
+        splice.open()
+        available["splice"] = splice
     else:
         unavailable["splice"] = splice_why
 

@@ -78,6 +78,11 @@ class CopyForwarder:
             reset=reset,
         )
 
+    def open(self) -> None:
+        """Make the relay's epoll instance now (a forwarder that will serve: see
+        :meth:`Relay.open`)."""
+        self._relay.open()
+
     def close(self) -> None:
         """End every connection still relayed (reason ``shutdown``)."""
         self._relay.close()

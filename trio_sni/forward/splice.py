@@ -219,6 +219,10 @@ class SpliceForwarder:
         """Connections that copied a chunk because no pipe could be made."""
         return self.mover.fallbacks
 
+    def open(self) -> None:
+        """Make the relay's epoll instance now (see :meth:`CopyForwarder.open`)."""
+        self._relay.open()
+
     def close(self) -> None:
         """End every connection still relayed (reason ``shutdown``), close the idle pipes."""
         self._relay.close()
