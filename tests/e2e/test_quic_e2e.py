@@ -48,12 +48,16 @@ class QuicServer:
     """An aioquic echo server in its own thread and asyncio loop (``retry``: it answers each
     new connection's first Initial with a Retry, RFC 9000 section 8.1.2)."""
 
-    def __init__(self, ca: trustme.CA, tmp: Path, *, retry: bool = False) -> None:
+    def __init__(
+        self, ca: trustme.CA, tmp: Path, *, retry: bool = False, versions: list[int] | None = None
+    ) -> None:
         self.retry = retry
         cert = ca.issue_cert(NAME)
         cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
         cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
         self.configuration = QuicConfiguration(is_client=False, alpn_protocols=["echo"])
+        if versions is not None:
+            self.configuration.supported_versions = versions
         self.configuration.load_cert_chain(str(tmp / "cert.pem"), str(tmp / "key.pem"))
         self.loop = asyncio.new_event_loop()
         self.port = 0
@@ -96,6 +100,7 @@ def echo_through(
     data: bytes,
     *,
     version: int = QuicProtocolVersion.VERSION_1,
+    also: tuple[int, ...] = (),
     alpn: list[str] | None = None,
     name: str = NAME,
     timeout: float = 30,
@@ -109,7 +114,7 @@ def echo_through(
             alpn_protocols=alpn or ["echo"],
             server_name=name,
             original_version=version,
-            supported_versions=[version],
+            supported_versions=[version, *also],
         )
         configuration.load_verify_locations(cadata=ca.cert_pem.bytes())
         async with connect("127.0.0.1", port, configuration=configuration) as client:
@@ -213,6 +218,25 @@ async def test_a_server_that_asks_for_a_retry_gets_its_token_back_through_the_fl
     [record] = records
     assert (record["sni"], record["decision"], record["reason"]) == (NAME, "allow", "idle_timeout")
     assert record["bytes_to_client"] > len(data)
+    assert not proxy.quic_listeners[0].flows
+
+
+async def test_a_server_that_answers_with_version_negotiation_gets_the_retried_initial(
+    start_quic_proxy: Callable[..., Any], quic_ca: trustme.CA, tmp_path: Path
+) -> None:
+    """The client starts in QUIC v2, the server speaks only v1: its Version Negotiation
+    packet reaches the client through the flow, and the client's new v1 Initial reaches the
+    server through the same flow. One connection, one log line, byte-exact."""
+    v1, v2 = QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2
+    with QuicServer(quic_ca, tmp_path, versions=[v1]) as server:
+        proxy, port, records = await start_quic_proxy(quic_config(server.port))
+        got = await trio.to_thread.run_sync(
+            lambda: echo_through(port, quic_ca, b"negotiated", version=v2, also=(v1,))
+        )
+        assert got == b"negotiated"
+        await wait_for(lambda: len(records) == 1, timeout=10)
+    [record] = records
+    assert (record["sni"], record["decision"], record["reason"]) == (NAME, "allow", "idle_timeout")
     assert not proxy.quic_listeners[0].flows
 
 
