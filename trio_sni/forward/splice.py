@@ -38,7 +38,7 @@ import trio
 
 from ._relay import Flow, Relay, Relayed
 from .copy import CopyMover
-from .interface import ByteCounters, ForwarderStatistics, Mode, Side
+from .interface import ByteCounters, ForwarderStatistics, Mode
 
 log = logging.getLogger("trio_sni")
 
@@ -246,12 +246,11 @@ class SpliceForwarder:
         on_end: Callable[[str], None] | None = None,
     ) -> str | Relayed:
         """As :meth:`Forwarder.forward` (handed off to the relay when given ``on_end``)."""
-        no_resets: tuple[Side, ...] = ()
         return await self._relay.forward(
             client,
             upstream,
             first_bytes=first_bytes,
             counters=counters,
             on_end=on_end,
-            reset=no_resets,
+            reset=(),
         )
