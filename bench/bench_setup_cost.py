@@ -8,6 +8,8 @@ prints tables; it is a measurement script, not a test. Method:
   ``--peers``), so this process's CPU time (``getrusage``) is the proxy's alone.
 * Each connection: the client sends a real ClientHello (``tests/data/hellos/curl.bin``), the
   backend reads it and answers 5 bytes, the client reads them and closes, the backend closes.
+  With ``--round-trips K``, the client sends 5 bytes and waits for the 5-byte answer K-1 more
+  times before it closes (the relay's share of a real TLS connection).
   ``--connections`` of them, ``--concurrency`` at a time, after ``--warmup`` unmeasured ones.
 * Rounds alternate the modes (A B C A B C ...); the table shows the median and min-max of
   the proxy's CPU milliseconds per connection and the connections per second.
@@ -54,15 +56,16 @@ def _backend(listener: socket.socket) -> None:
                     return
                 got += len(chunk)
             conn.sendall(ANSWER)
-            while conn.recv(65536):
-                pass
+            while chunk := conn.recv(65536):
+                if chunk == ANSWER:  # a further round trip: echo it
+                    conn.sendall(ANSWER)
 
     while True:
         conn, _ = listener.accept()
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
-def _clients(port: int, n: int, concurrency: int) -> float:
+def _clients(port: int, n: int, concurrency: int, round_trips: int) -> float:
     """Open ``n`` connections through the proxy, ``concurrency`` at a time; the seconds taken."""
     done = 0
     lock = threading.Lock()
@@ -76,12 +79,15 @@ def _clients(port: int, n: int, concurrency: int) -> float:
                 done += 1
             with socket.create_connection(("127.0.0.1", port)) as conn:
                 conn.sendall(HELLO)
-                got = b""
-                while len(got) < len(ANSWER):
-                    chunk = conn.recv(64)
-                    if not chunk:
-                        raise SystemExit(f"the proxy closed after {got!r}")
-                    got += chunk
+                for trip in range(round_trips):
+                    if trip:
+                        conn.sendall(ANSWER)
+                    got = b""
+                    while len(got) < len(ANSWER):
+                        chunk = conn.recv(64)
+                        if not chunk:
+                            raise SystemExit(f"the proxy closed after {got!r}")
+                        got += chunk
 
     started = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -99,7 +105,7 @@ def peers_main() -> None:
     print(listener.getsockname()[1], flush=True)
     for line in sys.stdin:
         job = json.loads(line)
-        seconds = _clients(job["port"], job["n"], job["concurrency"])
+        seconds = _clients(job["port"], job["n"], job["concurrency"], job["round_trips"])
         print(json.dumps({"seconds": seconds}), flush=True)
 
 
@@ -178,7 +184,15 @@ class Run:
         assert self.peers.stdin is not None
         assert self.peers.stdout is not None
         self.peers.stdin.write(
-            json.dumps({"port": port, "n": n, "concurrency": self.args.concurrency}) + "\n"
+            json.dumps(
+                {
+                    "port": port,
+                    "n": n,
+                    "concurrency": self.args.concurrency,
+                    "round_trips": self.args.round_trips,
+                }
+            )
+            + "\n"
         )
         self.peers.stdin.flush()
         seconds: float = json.loads(self.peers.stdout.readline())["seconds"]
@@ -207,6 +221,12 @@ def main() -> None:
     parser.add_argument("--modes", default="copy,splice,kernel")
     parser.add_argument("--connections", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--round-trips",
+        type=int,
+        default=1,
+        help="exchanges per connection (a TLS 1.3 handshake and one request is about 3)",
+    )
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--access-log", default=None, help="a file (e.g. /dev/null): log on")
@@ -235,7 +255,8 @@ def main() -> None:
                 results[mode].append(run.once(mode, args.connections))
         print(
             f"{args.connections} connections per run, {args.concurrency} at a time, "
-            f"{args.rounds} rounds, access log {'on' if args.access_log else 'off'}"
+            f"{args.rounds} rounds, {args.round_trips} round trip(s) each, "
+            f"access log {'on' if args.access_log else 'off'}"
         )
         print(f"{'mode':8} {'proxy CPU ms/connection':>28} {'connections/s':>22}")
         for mode in modes:
@@ -254,6 +275,7 @@ def main() -> None:
                 run.once(mode, args.connections, profile)
                 shares[mode] = stage_shares(profile)
                 if args.profile_out:
+                    Path(args.profile_out).mkdir(parents=True, exist_ok=True)
                     profile.dump_stats(str(Path(args.profile_out) / f"{mode}.pstats"))
             for stage in STAGES:
                 row = "".join(f"{100 * shares[m].get(stage, 0.0):9.1f}%" for m in modes)

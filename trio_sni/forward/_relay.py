@@ -63,6 +63,7 @@ _NO_SIDES: frozenset[Side] = frozenset()
 _READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _READ_WRITE = _READ | select.EPOLLOUT
 _SOURCE_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
+_ENDED_EVENTS = select.EPOLLRDHUP | select.EPOLLERR | select.EPOLLHUP
 _DESTINATION_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
@@ -108,7 +109,7 @@ class Flow:
         """What the watch reported for the source socket: readable (or ended) moves this
         flow, writable moves the one into it."""
         if events & _SOURCE_EVENTS:
-            self.conn.step(self)
+            self.conn.step(self, fresh=not events & _ENDED_EVENTS)
         if events & _DESTINATION_EVENTS and self.into is not None:
             self.conn.step(self.into)
 
@@ -134,6 +135,11 @@ class Mover(Protocol):
 
     def drop(self, flow: Flow) -> None:
         """The flow is over: release what it holds (a pipe with bytes in it is closed)."""
+        ...
+
+    def emptied(self, n: int) -> bool:
+        """Whether a ``fill`` that read ``n`` bytes left the source's receive queue empty
+        (``False`` when it cannot tell)."""
         ...
 
 
@@ -320,14 +326,21 @@ class Relayed:
         assert self._on_end is not None
         self._on_end(reason)
 
-    def step(self, flow: Flow) -> None:
+    def step(self, flow: Flow, *, fresh: bool = False) -> None:
         """Move ``flow``'s bytes until a socket says to wait, the source has ended, or its
-        turns are used up."""
+        turns are used up.
+
+        ``fresh``: called for an edge that reported the source readable and not ended. Then a
+        read that emptied the receive queue ends the turn once its bytes are written: anything
+        that arrives later makes a new edge (docs/kernel-facts.md, fact 51), so the read that
+        would only say ``EAGAIN`` is saved. Any other call reads until the kernel says to wait.
+        """
         if flow.done or self.reason is not None:
             return
         mover = self.relay.mover
         turns = TURNS
         moved = False
+        emptied = False
         try:
             while True:
                 if flow.held:
@@ -348,13 +361,17 @@ class Relayed:
                 if flow.end is not None:
                     self._finish(flow, flow.end)
                     return
+                if emptied:
+                    return
                 if not turns:
                     self.relay.later(self, flow)
                     return
                 turns -= 1
                 try:
-                    if not mover.fill(flow, self.counters):
+                    n = mover.fill(flow, self.counters)
+                    if not n:
                         flow.end = FlowEnd.EOF
+                    emptied = fresh and mover.emptied(n)
                 except BlockingIOError:
                     return
                 except OSError:

@@ -42,6 +42,11 @@ class CopyMover:
         flow.data = None
         flow.held = 0
 
+    def emptied(self, n: int) -> bool:
+        """A TCP read shorter than the buffer took everything queued (docs/kernel-facts.md,
+        fact 51)."""
+        return 0 < n < len(self._buffer)
+
 
 class CopyForwarder:
     """Userspace copy: recv/send on readiness, one shared relay for every connection.

@@ -185,6 +185,11 @@ class SpliceMover:
             flow.pipe = None
         self._copy.drop(flow)
 
+    def emptied(self, n: int) -> bool:
+        """Never known: a splice into a pipe also stops when the pipe's slots are used up
+        (one per skb fragment), with bytes still queued."""
+        return False
+
     def _give_back(self, flow: Flow) -> None:
         assert flow.pipe is not None
         self._pipes.give_back(flow.pipe)
