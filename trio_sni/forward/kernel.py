@@ -183,7 +183,7 @@ class KernelForwarder:
                 cfd,
                 ufd,
                 consumed(client.socket),
-                written(upstream.socket),
+                base_to_upstream + counters.to_upstream,  # written() now: all sends counted
                 base_to_upstream,
                 counters.to_upstream,
             ),
@@ -194,7 +194,7 @@ class KernelForwarder:
                 ufd,
                 cfd,
                 consumed(upstream.socket),
-                written(client.socket),
+                base_to_client + counters.to_client,
                 base_to_client,
                 counters.to_client,
             ),
