@@ -17,7 +17,7 @@ a caller, that is a bug in the reader.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Final
 
 __all__ = ["Cursor", "DecodeError"]
@@ -163,12 +163,15 @@ class Cursor:
             raise DecodeError(f"{what} length {length} is outside {min_len}..{upper}", self.offset)
         return self._child(pos + width, length, what)
 
-    def extension(self, name_of: Callable[[int], str]) -> tuple[int, Cursor]:
+    def extension(
+        self, name_of: Callable[[int], str], wanted: Container[int]
+    ) -> tuple[int, Cursor | None]:
         """Read a TLS extension (RFC 8446 section 4.2): a uint16 type, then a vector with a
-        2-byte length prefix. Returns the type and a cursor over the body.
+        2-byte length prefix. Returns the type and a cursor over the body, or ``None`` for a
+        type not in ``wanted``: its framing is checked and it is skipped without a cursor (a
+        ClientHello has a dozen extensions, and this is the parser's inner loop).
 
-        ``name_of(type)`` names the extension in an error message; it is called only then
-        (a ClientHello has a dozen extensions, and this is the parser's inner loop).
+        ``name_of(type)`` names the extension in an error message; it is called only then.
         """
         pos = self._pos
         if pos + 4 > self._end:
@@ -183,6 +186,9 @@ class Cursor:
         self._pos = pos + 2
         if pos + 4 + length > self._end:
             return ext_type, self._child(pos + 4, length, f"extension {name_of(ext_type)}")
+        if ext_type not in wanted:
+            self._pos = pos + 4 + length
+            return ext_type, None
         return ext_type, self._child(pos + 4, length, "")
 
     def _child(self, pos: int, length: int, what: str) -> Cursor:

@@ -447,6 +447,10 @@ _NO_SNI_EXTENSION: Final = (
 )
 
 
+#: The extensions whose bodies the parser reads; the others are only framed.
+_READ_EXTENSIONS: Final = frozenset({EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_VERSIONS})
+
+
 def _parse_client_hello(body: bytes, *, raw: bytes, record_count: int) -> ClientHello:
     """Walk a ClientHello body (RFC 8446 4.1.2) and build the event.
 
@@ -479,16 +483,18 @@ def _parse_client_hello(body: bytes, *, raw: bytes, record_count: int) -> Client
     versions: tuple[int, ...] = ()
     while not extensions.at_end():
         start = extensions.offset
-        ext_type, data = extensions.extension(_extension_name)
+        ext_type, data = extensions.extension(_extension_name, _READ_EXTENSIONS)
         if ext_type in seen:
             raise DecodeError(f"extension {_extension_name(ext_type)} appears twice", start)
         seen.add(ext_type)
+        if data is None:
+            continue
         if ext_type == EXT_SERVER_NAME:
             has_sni_extension = True
             host_name = _parse_server_name(data)
         elif ext_type == EXT_ALPN:
             alpn = _parse_alpn(data)
-        elif ext_type == EXT_SUPPORTED_VERSIONS:
+        else:
             versions = _parse_supported_versions(data)
 
     if not has_sni_extension:
