@@ -12,7 +12,8 @@ prints tables; it is a measurement script, not a test. Method:
   times before it closes (the relay's share of a real TLS connection).
   ``--connections`` of them, ``--concurrency`` at a time, after ``--warmup`` unmeasured ones.
 * Rounds alternate the modes (A B C A B C ...); the table shows the median and min-max of
-  the proxy's CPU milliseconds per connection and the connections per second.
+  the proxy's CPU milliseconds per connection, the share of it spent in the kernel (system
+  time: syscalls, and the TCP work they do), and the connections per second.
 * ``--profile``: one more run per mode under cProfile, and the share of the proxy's time in
   each stage of a connection (accept, first bytes, policy, resolve, connect, forward, close
   and log), from the cumulative time of the functions that do it. The profiler slows
@@ -174,6 +175,7 @@ class Run:
                 after = resource.getrusage(resource.RUSAGE_SELF)
                 cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
                 result["cpu_ms"] = 1000 * cpu / n
+                result["system_share"] = (after.ru_stime - before.ru_stime) / cpu
                 result["per_s"] = n / seconds
                 proxy.shutdown()
 
@@ -258,12 +260,17 @@ def main() -> None:
             f"{args.rounds} rounds, {args.round_trips} round trip(s) each, "
             f"access log {'on' if args.access_log else 'off'}"
         )
-        print(f"{'mode':8} {'proxy CPU ms/connection':>28} {'connections/s':>22}")
+        print(
+            f"{'mode':8} {'proxy CPU ms/connection':>28} {'in the kernel':>14}"
+            f" {'connections/s':>22}"
+        )
         for mode in modes:
             cpu = [r["cpu_ms"] for r in results[mode]]
+            system = statistics.median(r["system_share"] for r in results[mode])
             rate = [r["per_s"] for r in results[mode]]
             print(
                 f"{mode:8} {statistics.median(cpu):10.3f} ({min(cpu):.3f}-{max(cpu):.3f})"
+                f"{100 * system:13.0f}%"
                 f"{statistics.median(rate):12.0f} ({min(rate):.0f}-{max(rate):.0f})"
             )
         if args.profile:

@@ -43,7 +43,7 @@ from .errors import (
 from .forward import ByteCounters, Forwarder, HandedOff
 from .resolver import Resolver
 from .sansio import NEED_DATA, BufferedReader, EventT, http_request, proxy_protocol
-from .sansio.addresses import IPAddress, format_endpoint, refusal_reason
+from .sansio.addresses import IPAddress, format_endpoint, ip_literal, refusal_reason
 from .sansio.alerts import Alert, alert_record
 from .sansio.clienthello import ClientHelloReader
 from .sansio.config import QOS_PRIORITY, Limits, Listener, Socks5
@@ -242,7 +242,9 @@ async def handle_connection(
     Resource handling: ``stream`` is always closed on return, and so is the upstream
     connection if one was opened. The limiter slot is always released.
     """
-    client_ip = ipaddress.ip_address(peer[0])
+    literal = ip_literal(peer[0])
+    assert literal is not None  # accept() gives an address
+    client_ip: IPAddress = literal
     info = ConnectionInfo(
         client=(str(client_ip), peer[1]),
         listener=listener.label,
@@ -575,11 +577,7 @@ async def _connect_via_socks5(
     """
     socks5 = ctx.socks5
     assert socks5 is not None  # the config refuses via "socks5" without the section
-    destinations: tuple[str | IPAddress, ...]
-    try:
-        destinations = (ipaddress.ip_address(route.host),)
-    except ValueError:
-        destinations = (route.host,)
+    destinations: tuple[str | IPAddress, ...] = (ip_literal(route.host) or route.host,)
     if isinstance(destinations[0], str) and not socks5.remote_dns:
         destinations = await _resolve(route.host, ctx, info)
     if not isinstance(destinations[0], str):
@@ -612,10 +610,8 @@ async def allowed_addresses(
 ) -> tuple[IPAddress, ...]:
     """The route's target addresses (resolved here if it is a name) that the SSRF guard lets
     through; connect to exactly these."""
-    try:
-        addresses: tuple[IPAddress, ...] = (ipaddress.ip_address(route.host),)
-    except ValueError:
-        addresses = await _resolve(route.host, ctx, info)
+    literal = ip_literal(route.host)
+    addresses = (literal,) if literal is not None else await _resolve(route.host, ctx, info)
     return _guard_destinations(route, addresses, ctx.own_addresses)
 
 

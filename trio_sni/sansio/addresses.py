@@ -34,6 +34,7 @@ that must pass the guard.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Collection
 from typing import Final, TypeAlias
@@ -182,6 +183,17 @@ def _same_address(a: IPAddress, b: IPAddress) -> bool:
     # socket, and an IPv6 scope id does not make the address a different host.
     a, b = unwrap_mapped(a), unwrap_mapped(b)
     return a.version == b.version and int(a) == int(b)
+
+
+@functools.lru_cache(maxsize=4096)
+def ip_literal(text: str) -> IPAddress | None:
+    """``text`` as an IP address, or ``None`` when it is a name. Cached: every connection
+    parses its client's address and its route's target, and a failed parse (a name) costs two
+    exceptions."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def unwrap_mapped(ip: IPAddress) -> IPAddress:
