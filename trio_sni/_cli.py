@@ -286,7 +286,7 @@ async def run(
     process is that worker of a supervisor (:mod:`trio_sni.supervisor`)."""
     status_socket = limiter = None
     if worker is not None:
-        config = worker_config(config, worker)
+        config = worker_config(config)
         status_socket = os.environ.pop(STATUS_SOCKET_ENV, None)
         limiter = SharedLimiter(
             int(os.environ.pop(LIMITS_FD_ENV)), worker, config.limits, config.max_connections
@@ -403,7 +403,7 @@ class _SignalHandler:
 def _reload(proxy: Proxy, config_path: str | None, worker: int | None) -> None:
     config = reload_config(config_path, proxy.metrics.reloads)
     if config is not None:
-        proxy.reload(config if worker is None else worker_config(config, worker))
+        proxy.reload(config if worker is None else worker_config(config))
 
 
 # ------------------------------------------------------------------------------------------

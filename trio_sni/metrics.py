@@ -441,17 +441,27 @@ def _resolver_families(m: ProxyMetrics) -> Iterable[Metric]:
 
 
 def _acceleration_families(status: AccelerationStatus) -> Iterable[Metric]:
-    feature = GaugeMetricFamily(
+    yield feature_state_family(status.features)
+    yield from ebpf_counter_families(status.counters)
+
+
+def feature_state_family(features: Mapping[str, str]) -> Metric:
+    """``trio_sni_ebpf_feature_state``: 1 for each feature's state."""
+    family = GaugeMetricFamily(
         "trio_sni_ebpf_feature_state",
         "1 for each kernel feature's current state (active, disabled or unavailable).",
         labels=["feature", "state"],
     )
-    for name, state in status.features.items():
-        feature.add_metric([name, state], 1)
-    yield feature
-    # One family per counter stem, its variants as labels (labels, not one name per case).
+    for name, state in features.items():
+        family.add_metric([name, state], 1)
+    return family
+
+
+def ebpf_counter_families(counters: Mapping[str, int]) -> Iterable[Metric]:
+    """``trio_sni_ebpf_<stem>_total``: one family per counter stem, its variants as labels
+    (labels, not one name per case)."""
     families: dict[str, tuple[tuple[str, ...], list[tuple[tuple[str, ...], int]]]] = {}
-    for key, value in status.counters.items():
+    for key, value in counters.items():
         stem, names, values = _counter_shape(key)
         known_names, rows = families.setdefault(stem, (names, []))
         if known_names != names:

@@ -4,7 +4,7 @@ Theory of operation. The supervisor (``python -m trio_sni`` when ``workers`` is 
 every listener once, or takes the sockets systemd passed (:mod:`trio_sni.handover`), and
 starts each worker with the same command line, the listening sockets as inherited fds
 (``LISTEN_FDS``) and ``TRIO_SNI_WORKER=<index>``. A worker is an ordinary proxy with its own
-Trio loop serving on those sockets; the supervisor runs no proxy and loads no BPF object.
+Trio loop serving on those sockets; the supervisor runs no proxy.
 
 * **One shared socket per listener**, not one ``SO_REUSEPORT`` socket per worker: the kernel
   gives each new connection to whichever worker accepts first, so a busy worker takes fewer,
@@ -17,11 +17,13 @@ Trio loop serving on those sockets; the supervisor runs no proxy and loads no BP
   it. (A shared UDP socket would hand a flow's datagrams to whichever worker reads first.)
   When a worker is replaced the group changes size and flows may move to another worker,
   which drops them: their clients start new connections.
-* **What only one process may do**: worker 0 alone runs the XDP guard and the TC shaper (an
-  interface takes one XDP link; N shapers would each count the same traffic); the other
-  workers run them off. The supervisor serves ``status.listen``, summing what every worker's
-  private status socket says (:mod:`trio_sni.workers_status`). Each worker has its own sockhash
-  plane, whose map entries die with it; the DNS cache is one pinned map for all.
+* **What only one process may do**: the supervisor runs the XDP guard and the TC shaper for
+  every worker (an interface takes one XDP link; N shapers would each count the same
+  traffic), and the workers run them off. They stay attached while a worker is replaced, and
+  a reload updates their lists and rates in place. The supervisor serves ``status.listen``,
+  summing what every worker's private status socket says, with its own features' reports
+  (:mod:`trio_sni.workers_status`). Each worker has its own sockhash plane, whose map entries
+  die with it; the DNS cache is one pinned map for all.
 * **A worker that dies** is started again after a delay that doubles from
   :data:`RESTART_DELAY` to :data:`MAX_RESTART_DELAY` while it keeps dying and resets once it
   has lived :data:`STABLE_AFTER` seconds; :data:`MAX_DEATHS` deaths within
@@ -48,6 +50,13 @@ import attrs
 import trio
 
 from .config_file import reload_config
+from .features import (
+    AccelerationStatus,
+    KernelFeature,
+    TcFeature,
+    XdpFeature,
+    acceleration_from_config,
+)
 from .handover import (
     HANDLED_SIGNALS,
     LISTEN_FDS_START,
@@ -77,12 +86,10 @@ MAX_DEATHS = 5
 DEATH_WINDOW = 60.0
 
 
-def worker_config(config: Config, index: int) -> Config:
-    """The config worker ``index`` serves: only worker 0 runs what one process may run, and
-    none serves ``status.listen`` (the supervisor does, asking each worker)."""
+def worker_config(config: Config) -> Config:
+    """The config a worker serves: without what the supervisor runs for all of them (the XDP
+    guard, the TC shaper, ``status.listen``)."""
     config = attrs.evolve(config, status=attrs.evolve(config.status, listen=None))
-    if index == 0:
-        return config
     ebpf = attrs.evolve(
         config.ebpf,
         xdp=attrs.evolve(config.ebpf.xdp, enabled=False),
@@ -126,6 +133,8 @@ class Supervisor:
         self.limiter = SharedLimiter.create(config, len(self.workers))
         self.listeners: list[trio.SocketListener] = []
         self.status_listeners: list[trio.SocketListener] = []
+        #: The kernel features the supervisor runs for every worker (see the module docstring).
+        self.features: tuple[KernelFeature, ...] = (XdpFeature(config), TcFeature(config))
         self.notifier = Notifier()
         self.stopping = False
         self.handing_over = False
@@ -155,14 +164,26 @@ class Supervisor:
                     if self.config.status.listen is not None:
                         host, port = parse_host_port(self.config.status.listen)
                         answers = WorkersStatus(
-                            self.status_sockets, self._views, self._not_ready_reason, self.reloads
+                            self.status_sockets,
+                            self._views,
+                            self._not_ready_reason,
+                            self.reloads,
+                            self.acceleration_status,
                         )
                         self.status_listeners = await start_status(
                             nursery, answers, host, port, self.inherited
                         )
-                    tcp = tuple(s for s in self.config.effective_listeners if s.protocol != "quic")
-                    pairs = await open_listeners(tcp, self.inherited)
+                    specs = self.config.effective_listeners
+                    pairs = await open_listeners(
+                        tuple(s for s in specs if s.protocol != "quic"), self.inherited
+                    )
                     self.listeners = [listener for listener, _ in pairs]
+                    # Each worker binds its own QUIC sockets, on the port the config names.
+                    for feature in self.features:
+                        feature.start(
+                            [(lst.socket.getsockname()[1], spec) for lst, spec in pairs]
+                            + [(spec.port, spec) for spec in specs if spec.protocol == "quic"]
+                        )
                     nursery.start_soon(self._collect_readiness)
                     nursery.start_soon(self._handle_signals, received, nursery)
                     async with trio.open_nursery() as watching:
@@ -175,6 +196,8 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 for listener in self.listeners:
                     await trio.aclose_forcefully(listener)
+            for feature in self.features:
+                feature.close()
             self.limiter.close()
         log.info("supervisor stopped")
         return self.exit_status
@@ -244,6 +267,11 @@ class Supervisor:
                 return
             worker.restarts += 1
             self._start(worker)
+
+    def acceleration_status(self) -> AccelerationStatus:
+        """What the features the supervisor runs report (read now, at scrape time)."""
+        reports = {f.name: r for f in self.features if (r := f.report()) is not None}
+        return acceleration_from_config(self.config, reports)
 
     def _views(self) -> list[WorkerView]:
         return [WorkerView(w.index, w.pid, w.ready, w.restarts) for w in self.workers]
@@ -319,6 +347,9 @@ class Supervisor:
         if worker_count(config) != len(self.workers):
             log.warning("reload: a change of workers takes effect only after a restart")
         self.notifier.reloading()
+        for feature in self.features:
+            feature.reload(config)  # XDP lists and TC rates live; the rest after a restart
+        self.config = config
         self._signal_all(signal.SIGHUP)
         self.notifier.ready(f"{len(self.workers)} workers serving")
 

@@ -6,12 +6,15 @@ server (:func:`trio_sni.status.serve_status`) and answers each request by asking
 the same thing, at once, and combining what they say:
 
 * ``/metrics``: counters and histograms are summed per series; gauges too (connections open,
-  resolver cache entries), except the kernel feature states, which are worker 0's (it alone
-  runs XDP and TC). Plus, from the supervisor: ``trio_sni_workers`` and, per worker,
-  ``trio_sni_worker_restarts_total`` and ``trio_sni_worker_connections_active``.
+  resolver cache entries), except the kernel feature states, which are worker 0's. Plus, from
+  the supervisor: ``trio_sni_workers`` and, per worker, ``trio_sni_worker_restarts_total``
+  and ``trio_sni_worker_connections_active``.
 * ``/connections``: every worker's, oldest first, each with its ``worker``; ``total`` summed.
-* ``/ebpf/status``: worker 0's document (its features are the whole proxy's), its kernel
-  forwarder counters (``sockmap_*``) summed over every worker, and a ``workers`` list.
+* ``/ebpf/status``: worker 0's document, its kernel forwarder counters (``sockmap_*``) summed
+  over every worker, and a ``workers`` list.
+* The features the supervisor runs itself (:data:`SUPERVISOR_FEATURES`: the XDP guard and
+  the TC shaper; the workers run them off) are the supervisor's in both: state, reason,
+  maps, counters and details.
 * ``/readyz``: ready once every worker has reported ready and answers ready.
 * Anything else (``/``, ``/healthz``, errors such as 404 or 405): worker 0's answer, or the
   supervisor's own where no worker is needed.
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,7 +39,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from .metrics import ConfigReloads
+from .features import AccelerationStatus
+from .metrics import ConfigReloads, ebpf_counter_families, feature_state_family
 from .status import Answer, connections_limit, json_answer, text_answer
 
 #: A JSON document as the workers send it.
@@ -55,6 +59,10 @@ FROM_SUPERVISOR = frozenset(
         "trio_sni_config_last_reload_success_timestamp_seconds",
     }
 )
+#: The kernel features the supervisor runs for every worker: an interface takes one XDP
+#: link, and N shapers would each count the same traffic. Keys of their maps and counters
+#: start with the feature's name.
+SUPERVISOR_FEATURES = ("xdp", "tc")
 #: Per-process families (``process_*``): kept per worker, with a ``worker`` label, not summed
 #: (a start time or an fd limit does not add up).
 PER_PROCESS_PREFIX = "process_"
@@ -129,11 +137,13 @@ class WorkersStatus:
         workers: Callable[[], Sequence[WorkerView]],
         not_ready_reason: Callable[[], str | None],
         reloads: ConfigReloads,
+        own_features: Callable[[], AccelerationStatus],
     ) -> None:
         self._names = list(socket_names)
         self._workers = workers
         self._not_ready_reason = not_ready_reason
         self._reloads = reloads
+        self._own_features = own_features
 
     async def __call__(self, request: h11.Request) -> Answer:
         split = urlsplit(request.target.decode("ascii", "replace"))
@@ -166,6 +176,7 @@ class WorkersStatus:
             return json_answer(200, merge_connections(documents, split.query))
         if path == "/ebpf/status":
             document = merge_ebpf_status([(i, json.loads(a.body)) for i, a in given])
+            document = with_supervisor_features(document, self._own_features())
             document["workers"] = [attrs.asdict(w) for w in self._workers()]
             return json_answer(200, document)
         return Answer(first.status, first.body, first.content_type)
@@ -183,7 +194,7 @@ class WorkersStatus:
 
     def _metrics(self, given: list[tuple[int, WorkerAnswer]], accept: str) -> Answer:
         parsed = parse_expositions([(i, a.body.decode("utf-8")) for i, a in given])
-        families = merge_metrics(parsed)
+        families = metrics_with_supervisor_features(merge_metrics(parsed), self._own_features())
         active = {
             i: sample.value
             for i, worker_families in parsed
@@ -279,3 +290,69 @@ def merge_ebpf_status(documents: Sequence[tuple[int, JSON]]) -> JSON:
         counters[key] = sum(int(d.get("counters", {}).get(key, 0)) for _, d in documents)
     base["counters"] = counters
     return base
+
+
+def _supervisors(key: str) -> bool:
+    """Whether a map or counter key belongs to a feature the supervisor runs."""
+    return key.split("_", 1)[0] in SUPERVISOR_FEATURES
+
+
+def merged_states(workers: Mapping[str, str], own: AccelerationStatus) -> dict[str, str]:
+    """The workers' feature states with the supervisor's features in place; ``stats`` is
+    active when either side's per-CPU counters are."""
+    states = {**workers, **{f: own.features[f] for f in SUPERVISOR_FEATURES}}
+    if own.features["stats"] == "active":
+        states["stats"] = "active"
+    return states
+
+
+def with_supervisor_features(document: JSON, own: AccelerationStatus) -> JSON:
+    """A worker's ``/ebpf/status`` with the features the supervisor runs as it reports them."""
+    states = merged_states(document.get("features", {}), own)
+    said = {**document.get("reasons", {}), **document.get("notes", {})}
+    said = {f: r for f, r in said.items() if f not in SUPERVISOR_FEATURES}
+    said.update({f: own.reasons[f] for f in SUPERVISOR_FEATURES if f in own.reasons})
+    if states.get("stats") == "active" and document.get("features", {}).get("stats") != "active":
+        said.pop("stats", None)
+    return {
+        **document,
+        "ebpf_enabled": bool(document.get("ebpf_enabled"))
+        or any(own.features[f] == "active" for f in SUPERVISOR_FEATURES),
+        "features": states,
+        "reasons": {f: r for f, r in said.items() if states.get(f) != "active"},
+        "notes": {f: r for f, r in said.items() if states.get(f) == "active"},
+        "maps": {
+            **{k: v for k, v in document.get("maps", {}).items() if not _supervisors(k)},
+            **{k: m.to_json() for k, m in own.maps.items() if _supervisors(k)},
+        },
+        "details": {
+            **{
+                k: v for k, v in document.get("details", {}).items() if k not in SUPERVISOR_FEATURES
+            },
+            **{k: dict(d) for k, d in own.details.items() if k in SUPERVISOR_FEATURES},
+        },
+        "counters": {
+            **{k: v for k, v in document.get("counters", {}).items() if not _supervisors(k)},
+            **{k: v for k, v in own.counters.items() if _supervisors(k)},
+        },
+    }
+
+
+def metrics_with_supervisor_features(
+    families: list[Metric], own: AccelerationStatus
+) -> list[Metric]:
+    """The summed families with the supervisor's features' states and counters in place of
+    the workers' (which run them off)."""
+    out: list[Metric] = []
+    workers_states: dict[str, str] = {}
+    for family in families:
+        if family.name == "trio_sni_ebpf_feature_state":
+            workers_states = {
+                s.labels["feature"]: s.labels["state"] for s in family.samples if s.value
+            }
+        elif not family.name.startswith(tuple(f"trio_sni_ebpf_{f}_" for f in SUPERVISOR_FEATURES)):
+            out.append(family)
+    if workers_states:
+        out.append(feature_state_family(merged_states(workers_states, own)))
+    out.extend(ebpf_counter_families({k: v for k, v in own.counters.items() if _supervisors(k)}))
+    return out

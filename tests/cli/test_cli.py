@@ -37,6 +37,7 @@ import attrs
 import pytest
 import trio_sni_loader as loader
 import trustme
+from netns import veth_namespace
 from proxytest import client_hello, need
 
 import trio_sni
@@ -1595,3 +1596,106 @@ def test_the_supervisors_status_endpoint_sums_every_worker(
             conn.close()
     status, _ = stop(proxy, signal.SIGTERM)
     assert status == 0, proxy.stderr
+
+
+def _xdp_prog_on(interface: str) -> int | None:
+    """The id of the XDP program attached to ``interface`` (``ip -j link``), or None."""
+    out = subprocess.run(
+        ["ip", "-j", "-d", "link", "show", "dev", interface],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    xdp = json.loads(out)[0].get("xdp")
+    return None if xdp is None else xdp.get("prog", {}).get("id")
+
+
+@pytest.mark.bpf
+def test_the_supervisor_runs_xdp_and_tc_for_every_worker_through_restarts_and_reloads(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    """The guard and the shaper are attached once, by the supervisor: a killed worker 0 takes
+    nothing down, a reload changes the lists in place, the supervisor's status shows them
+    with their counters, and they are gone once the proxy has stopped."""
+    status_port = free_port()
+    base = f"http://127.0.0.1:{status_port}"
+    with veth_namespace(1) as ns:
+
+        def config(port: int, deny: list[str]) -> dict[str, Any]:
+            return routing_config(
+                port,
+                tls_backend.port,
+                workers=2,
+                listeners=[
+                    {"host": host, "port": port, "target_port": tls_backend.port}
+                    for host in ("127.0.0.1", ns.host_v4)
+                ],
+                status={"listen": f"127.0.0.1:{status_port}"},
+                clients={"deny": deny},
+                ebpf={
+                    "sockmap": {"enabled": False},
+                    "xdp": {"enabled": True, "interface": ns.host_if},
+                    "tc": {"enabled": True, "interface": ns.host_if, "per_client_bps": 10**8},
+                },
+            )
+
+        def connects_from_the_namespace(port: int) -> bool:
+            sock = ns.socket()
+            with sock:
+                sock.settimeout(1.0)  # a dropped SYN is retransmitted after 1 s
+                try:
+                    sock.connect((ns.host_v4, port))
+                except TimeoutError:
+                    return False
+                return True
+
+        served = serve_config(lambda port: config(port, [f"{ns.peer_v4}/32"]))
+        proxy = served.process
+        proxy.wait_for_log("2 workers serving")
+        attached = _xdp_prog_on(ns.host_if)
+        assert attached is not None
+        assert proxy.stderr.count("XDP guard attached") == 1, proxy.stderr  # the supervisor's
+        assert proxy.stderr.count("TC shaper on ") == 1, proxy.stderr
+        assert not connects_from_the_namespace(served.port)  # denied at the edge
+
+        code, body = _get(f"{base}/ebpf/status")
+        document = json.loads(body)
+        assert code == 200
+        assert (document["features"]["xdp"], document["features"]["tc"]) == ("active", "active")
+        assert document["details"]["xdp"]["interface"] == ns.host_if
+        assert document["maps"]["xdp_deny"]["entries"] == 1
+        assert document["counters"]["xdp_dropped_denied"] >= 1
+        _, metrics = _get(f"{base}/metrics")
+        assert _metric(metrics, 'trio_sni_ebpf_feature_state{feature="xdp",state="active"}') == 1
+        assert _metric(metrics, 'trio_sni_ebpf_feature_state{feature="tc",state="active"}') == 1
+        assert _metric(metrics, 'trio_sni_ebpf_xdp_dropped_total{reason="denied"}') >= 1
+        assert 'feature="xdp",state="disabled"' not in metrics  # the workers' view is replaced
+        _assert_promtool_accepts(metrics)
+
+        killed = _worker_pids(proxy)[0]
+        os.kill(killed, signal.SIGKILL)
+        wait_until(
+            lambda: _worker_pids(proxy)[0] != killed, timeout=STARTUP_TIMEOUT, what="worker 0"
+        )
+        assert _xdp_prog_on(ns.host_if) == attached  # still the supervisor's, never detached
+        wait_until(lambda: _get(f"{base}/readyz")[0] == 200, timeout=STARTUP_TIMEOUT, what="readyz")
+        assert https_get_once(served.port, client_context).startswith(b"HTTP/1.1 200 OK\r\n")
+
+        served.write_config(config(served.port, []))
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_log("reload: XDP guard lists and limits updated")
+        assert _xdp_prog_on(ns.host_if) == attached
+        wait_until(
+            lambda: connects_from_the_namespace(served.port),
+            timeout=STARTUP_TIMEOUT,
+            what="the namespace's client let through after the reload",
+        )
+        code, body = _get(f"{base}/ebpf/status")
+        assert code == 200, body + proxy.stderr
+        assert json.loads(body)["maps"]["xdp_deny"]["entries"] == 0
+
+        status, _ = stop(proxy, signal.SIGTERM)
+        assert status == 0, proxy.stderr
+        assert _xdp_prog_on(ns.host_if) is None

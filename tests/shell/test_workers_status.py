@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from trio_sni.features import AccelerationStatus, MapStatus
 from trio_sni.workers_status import (
     merge_connections,
     merge_ebpf_status,
     merge_metrics,
+    metrics_with_supervisor_features,
     parse_expositions,
+    with_supervisor_features,
 )
 
 WORKER_0 = """\
@@ -90,3 +93,83 @@ def test_ebpf_status_is_worker_0s_with_the_sockhash_counters_summed() -> None:
     )
     assert merged["features"] == {"xdp": "active"}
     assert merged["counters"] == {"sockmap_bytes": 15, "xdp_drops": 7}
+
+
+#: What a supervisor running XDP (and TC, unavailable) reports for itself.
+SUPERVISORS = AccelerationStatus(
+    features={
+        "sockmap": "unavailable",
+        "dns_cache": "unavailable",
+        "xdp": "active",
+        "tc": "unavailable",
+        "stats": "active",
+    },
+    reasons={
+        "sockmap": "not chosen",
+        "dns_cache": "not started",
+        "tc": "no such interface",
+    },
+    maps={"xdp_deny": MapStatus(2, 1024)},
+    counters={"xdp_dropped_denied": 9, "xdp_passed": 40},
+    details={"xdp": {"interface": "eth0", "mode": "native"}},
+)
+
+
+def test_ebpf_status_takes_xdp_and_tc_from_the_supervisor_the_rest_from_the_workers() -> None:
+    workers = {
+        "ebpf_enabled": True,
+        "features": {
+            "sockmap": "active",
+            "dns_cache": "active",
+            "xdp": "disabled",
+            "tc": "disabled",
+            "stats": "unavailable",
+        },
+        "reasons": {
+            "xdp": "ebpf.xdp.enabled is false",
+            "tc": "ebpf.tc.enabled is false",
+            "stats": "no kernel program with per-CPU counters is running",
+        },
+        "notes": {"dns_cache": "replaced an old map"},
+        "maps": {"dns_cache": {"entries": 3, "max_entries": 10}},
+        "details": {},
+        "counters": {"sockmap_bytes": 5},
+        "version": "x",
+    }
+    merged = with_supervisor_features(workers, SUPERVISORS)
+    assert merged["features"] == {
+        "sockmap": "active",
+        "dns_cache": "active",
+        "xdp": "active",
+        "tc": "unavailable",
+        "stats": "active",
+    }
+    assert merged["reasons"] == {"tc": "no such interface"}
+    assert merged["notes"] == {"dns_cache": "replaced an old map"}
+    assert merged["maps"] == {
+        "dns_cache": {"entries": 3, "max_entries": 10},
+        "xdp_deny": {"entries": 2, "max_entries": 1024},
+    }
+    assert merged["counters"] == {"sockmap_bytes": 5, "xdp_dropped_denied": 9, "xdp_passed": 40}
+    assert merged["details"] == {"xdp": {"interface": "eth0", "mode": "native"}}
+    assert merged["version"] == "x"
+
+
+def test_metrics_take_xdp_and_tc_states_and_counters_from_the_supervisor() -> None:
+    families = metrics_with_supervisor_features(
+        merge_metrics(parse_expositions([(0, WORKER_1), (1, WORKER_1)])), SUPERVISORS
+    )
+
+    class Fixed:
+        def collect(self) -> object:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed())  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert 'trio_sni_ebpf_feature_state{feature="xdp",state="active"} 1.0' in text
+    assert 'trio_sni_ebpf_feature_state{feature="tc",state="unavailable"} 1.0' in text
+    assert 'state="disabled"' not in text
+    assert 'trio_sni_ebpf_xdp_dropped_total{reason="denied"} 9.0' in text
+    assert "trio_sni_ebpf_xdp_passed_total 40.0" in text
+    assert "trio_sni_connections_accepted_total 14.0" in text  # the workers' sums stay
