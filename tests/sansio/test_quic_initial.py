@@ -1,13 +1,16 @@
 """The QUIC Initial reader: real clients' Initials (captured from headless Chromium and from
-aioquic in ``tests/data/quic``, and aioquic's made here, versions 1 and 2), the RFC key
-vectors, and packets built here to split, shuffle, repeat and coalesce CRYPTO frames."""
+aioquic in ``tests/data/quic``, among them aioquic's resumed Initial with a 0-RTT packet
+coalesced behind it, and aioquic's made here, versions 1 and 2), the RFC key vectors, and
+packets built here to split, shuffle, repeat and coalesce CRYPTO frames."""
 
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -19,6 +22,7 @@ from quictest import (
     padded,
 )
 
+from trio_sni.sansio.clienthello import NEED_DATA, ClientHelloReader
 from trio_sni.sansio.errors import (
     ClientHelloError,
     HelloTooLargeError,
@@ -36,6 +40,9 @@ from trio_sni.sansio.quic_initial import (
 
 CURL = handshake_message("curl.bin")
 CHROMIUM_PQ = handshake_message("chromium-pq.bin")
+#: The 0-RTT long-header packet type: 0b01 in version 1 (RFC 9000 section 17.2), 0b10 in
+#: version 2 (RFC 9369 section 3.2), where 0b01 is the Initial.
+ZERO_RTT_TYPE = {QUIC_V1: 0b01, QUIC_V2: 0b10}
 
 
 def aioquic_datagrams(version: int, server_name: str, alpn: list[str]) -> list[bytes]:
@@ -100,7 +107,8 @@ CAPTURES = sorted((Path(__file__).parent.parent / "data" / "quic").glob("*.json"
 @pytest.mark.parametrize("path", CAPTURES, ids=[p.stem for p in CAPTURES])
 def test_captured_initials_from_real_clients_in_either_order(path: Path) -> None:
     """Chromium's first flight is a post-quantum hello over two Initials in two datagrams
-    (then retransmissions); aioquic's fits one. Any order gives the same hello."""
+    (then retransmissions); aioquic's fits one, also when a 0-RTT packet is coalesced behind
+    the Initial. Any order gives the same hello."""
     capture = json.loads(path.read_text())
     datagrams = [bytes.fromhex(d) for d in capture["datagrams"]]
     for order in (datagrams, datagrams[::-1]):
@@ -117,6 +125,131 @@ def test_captured_initials_from_real_clients_in_either_order(path: Path) -> None
     if path.stem.startswith("chromium"):
         assert hello.size > 1200
         assert hello.has_ech  # ECH GREASE
+
+
+def coalesced_capture(name: str) -> tuple[dict[str, Any], bytes]:
+    """A captured first datagram whose Initial has a 0-RTT packet behind it (RFC 9000 section
+    12.2), with the fixture's ``layout`` (aioquic's own parse of the datagram, not ours)."""
+    capture = json.loads(
+        (Path(__file__).parent.parent / "data" / "quic" / f"{name}.json").read_text()
+    )
+    [datagram] = [bytes.fromhex(d) for d in capture["datagrams"]]
+    return capture, datagram
+
+
+def extension_types(message: bytes) -> list[int]:
+    """The extension types of a ClientHello handshake message, in order (RFC 8446 4.1.2),
+    read here without the parser under test."""
+    at = 4 + 2 + 32
+    at += 1 + message[at]  # legacy_session_id
+    at += 2 + int.from_bytes(message[at : at + 2], "big")  # cipher_suites
+    at += 1 + message[at]  # legacy_compression_methods
+    end = at + 2 + int.from_bytes(message[at : at + 2], "big")
+    at += 2
+    types = []
+    while at < end:
+        types.append(int.from_bytes(message[at : at + 2], "big"))
+        at += 4 + int.from_bytes(message[at + 2 : at + 4], "big")
+    assert at == end == len(message)
+    return types
+
+
+# The captures of a resumed aioquic client (tests/data/quic/capture.py); named here, not
+# globbed, so that a rerun of capture.py that lost one fails.
+ZERO_RTT_CAPTURES = ["aioquic-v1-0rtt", "aioquic-v2-0rtt"]
+
+
+@pytest.mark.parametrize("name", ZERO_RTT_CAPTURES)
+def test_a_real_initial_coalesced_with_0rtt_gives_the_resumed_hello(name: str) -> None:
+    """aioquic resuming a session sends its ClientHello and its first request in one
+    datagram: the Initial's Length ends before the datagram does, a 0-RTT packet follows, then
+    zero bytes to 1200. The reader sees the packets where aioquic's parser does and reads the
+    hello from the Initial: a resumption offering early data (pre_shared_key comes last)."""
+    capture, datagram = coalesced_capture(name)
+    version = capture["quic_version"]
+    initial_part, zero_rtt_part, zeros = capture["layout"][0]
+    assert (initial_part["type"], zero_rtt_part["type"]) == ("INITIAL", "ZERO_RTT")
+    header = peek_long_header(datagram)
+    assert header.is_initial
+    assert header.end == initial_part["size"] == zero_rtt_part["offset"] < len(datagram)
+    behind = peek_long_header(datagram, header.end)
+    assert not behind.is_initial
+    assert (behind.version, behind.packet_type) == (version, ZERO_RTT_TYPE[version])
+    assert behind.dcid == header.dcid
+    assert behind.end == zeros["offset"]
+    assert not datagram[behind.end :].strip(b"\x00")
+
+    reader = QuicInitialReader()
+    hello = reader.feed(datagram)
+    assert hello is not None
+    assert hello.server_name == capture["server_name"]
+    assert hello.alpn == tuple(capture["alpn"])
+    assert 0x0304 in hello.supported_versions
+    assert not hello.has_ech
+    assert hello.record_count == 0
+    assert (reader.version, reader.datagrams) == (version, 1)
+    types = extension_types(hello.raw)
+    assert 42 in types  # early_data
+    assert types[-1] == 41  # pre_shared_key, last (RFC 8446 section 4.2.11)
+
+
+@pytest.mark.parametrize("name", ZERO_RTT_CAPTURES)
+def test_the_0rtt_packet_behind_a_real_initial_is_skipped_unread(name: str) -> None:
+    """The reader has no 0-RTT keys and needs none: the hello is the same without the 0-RTT
+    packet, and with its protected bytes scrambled. On its own, the 0-RTT packet is a flow
+    that does not start with an Initial."""
+    capture, datagram = coalesced_capture(name)
+    hello = QuicInitialReader().feed(datagram)
+    assert hello is not None
+    _initial, zero_rtt, _zeros = capture["layout"][0]
+    start, end = zero_rtt["offset"], zero_rtt["offset"] + zero_rtt["size"]
+    behind = peek_long_header(datagram, start)
+    scrambled = bytearray(datagram)
+    scrambled[behind.pn_offset : end] = bytes(b ^ 0x5A for b in datagram[behind.pn_offset : end])
+    for other in (datagram[:start], padded(datagram[:start]), bytes(scrambled)):
+        assert QuicInitialReader().feed(other) == hello
+    with pytest.raises(NotQuicInitialError, match="carries no Initial packet"):
+        QuicInitialReader().feed(datagram[start:end])
+
+
+@pytest.mark.parametrize("name", ZERO_RTT_CAPTURES)
+def test_a_real_coalesced_hello_is_the_same_fed_every_other_way(name: str) -> None:
+    """The hello aioquic coalesced with 0-RTT, put into Initials built here (one packet; two
+    coalesced packets; two datagrams in either order; shuffled CRYPTO frames), gives an equal
+    ClientHello, and the TCP path's reader, given the same message in a TLS record, parses the
+    same fields."""
+    capture, datagram = coalesced_capture(name)
+    version = capture["quic_version"]
+    hello = QuicInitialReader().feed(datagram)
+    assert hello is not None
+    message = hello.raw
+    half = len(message) // 2
+    first = initial(crypto(0, message[:half]), pn=0, version=version)
+    second = initial(crypto(half, message[half:]), pn=1, version=version)
+    rng = random.Random(18)
+    cuts = sorted(rng.sample(range(1, len(message)), 8))
+    pieces = [(a, message[a:b]) for a, b in zip([0, *cuts], [*cuts, len(message)], strict=True)]
+    rng.shuffle(pieces)
+    shuffled = b"".join(crypto(at, data) for at, data in pieces)
+    ways = [
+        [padded(initial(crypto(0, message), version=version))],
+        [padded(first + second)],
+        [padded(first), padded(second)],
+        [padded(second), padded(first)],
+        [padded(initial(shuffled, version=version))],
+    ]
+    for datagrams in ways:
+        reader = QuicInitialReader()
+        assert read_all(datagrams, reader) == hello
+        assert reader.version == version
+
+    record = b"\x16\x03\x01" + len(message).to_bytes(2, "big") + message
+    tcp = ClientHelloReader()
+    tcp.receive_data(record)
+    tcp_hello = tcp.next_event()
+    assert tcp_hello is not NEED_DATA
+    assert (tcp_hello.raw, tcp_hello.record_count) == (record, 1)
+    assert attrs.evolve(tcp_hello, raw=message, record_count=0) == hello
 
 
 @pytest.mark.parametrize("version", [QUIC_V1, QUIC_V2])
