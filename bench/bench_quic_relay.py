@@ -11,7 +11,10 @@ measurement script, not a test. Method:
   to 1200 bytes), then sends ``--datagrams`` datagrams of ``--size`` bytes from the same
   socket, at most ``--rate`` per second. Once the flow is routed, the proxy relays every
   datagram of it unchanged without parsing it, which is what is measured.
-* ``direct`` sends the same datagrams to the sink without the proxy. Rounds alternate.
+* Systems (``--systems``): ``direct`` sends the same datagrams to the sink without the proxy;
+  ``userspace`` is the proxy relaying the flow itself (kernel forwarding off); ``kernel`` is
+  the proxy in kernel mode, where the QUIC sockhash redirects the flow's datagrams (root).
+  Each proxy is its own process on its own port. Rounds alternate.
 * Reported: datagrams per second that reached the sink, the share lost (UDP on loopback drops
   what a full receive buffer cannot take), and the proxy's CPU seconds per GiB delivered.
 """
@@ -84,6 +87,29 @@ def send(target: tuple[str, int], first: bytes, datagrams: int, size: int, rate:
     return seconds
 
 
+def start_proxy(system: str, sink_port: int) -> tuple[subprocess.Popen[bytes], int, str]:
+    """``python -m trio_sni`` relaying one ``quic`` listener to the sink: ``userspace`` with
+    kernel forwarding off, ``kernel`` in kernel mode; ``(process, port, config path)``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = {
+        "workers": 1,
+        "listeners": [{"host": "127.0.0.1", "port": port, "protocol": "quic"}],
+        "rules": [{"match": NAME, "target": f"127.0.0.1:{sink_port}", "allow_private": True}],
+        "limits": {"per_client_rate": 0, "per_client_connections": 0},
+        "timeouts": {"quic_idle": 2},
+        "log": {"access_log": None, "level": "warning"},
+        "ebpf": {"enabled": system == "kernel", "dns_cache": {"enabled": False}},
+        "forwarding": {"mode": "kernel" if system == "kernel" else "splice"},
+        "fallback_mode": "none",
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(config, f)
+    proc = subprocess.Popen([sys.executable, "-m", "trio_sni", "--config", f.name])
+    return proc, port, f.name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
@@ -91,6 +117,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1200)
     parser.add_argument("--rate", type=int, default=100_000, help="datagrams per second at most")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--systems", default="direct,userspace,kernel")
     args = parser.parse_args()
     if args.sink:
         sink(0)
@@ -103,35 +130,27 @@ def main() -> None:
     )
     assert sink_proc.stdout is not None
     sink_port = json.loads(sink_proc.stdout.readline())["port"]
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        proxy_port = probe.getsockname()[1]
-    config = {
-        "workers": 1,
-        "listeners": [{"host": "127.0.0.1", "port": proxy_port, "protocol": "quic"}],
-        "rules": [{"match": NAME, "target": f"127.0.0.1:{sink_port}", "allow_private": True}],
-        "limits": {"per_client_rate": 0, "per_client_connections": 0},
-        "timeouts": {"quic_idle": 2},
-        "log": {"access_log": None, "level": "warning"},
-        "ebpf": {"enabled": False},
-    }
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(config, f)
-    proxy = subprocess.Popen([sys.executable, "-m", "trio_sni", "--config", f.name])
-    results: dict[str, list[tuple[float, float, float]]] = {"direct": [], "proxy": []}
+    systems = args.systems.split(",")
+    proxies: dict[str, tuple[subprocess.Popen[bytes], int, str]] = {}
+    results: dict[str, list[tuple[float, float, float]]] = {system: [] for system in systems}
     try:
+        for system in systems:
+            if system != "direct":
+                proxies[system] = start_proxy(system, sink_port)
         time.sleep(2)
         for _round in range(args.rounds):
-            for system in results:
-                target = ("127.0.0.1", sink_port if system == "direct" else proxy_port)
-                cpu0 = proxy_cpu(proxy.pid)
+            for system in systems:
+                pid, port = (0, sink_port) if system == "direct" else proxies[system][:2]
+                if system != "direct":
+                    pid = proxies[system][0].pid
+                cpu0 = proxy_cpu(pid) if pid else 0.0
                 opening = b"" if system == "direct" else first
-                send(target, opening, args.datagrams, args.size, args.rate)
-                cpu = proxy_cpu(proxy.pid) - cpu0
+                send(("127.0.0.1", port), opening, args.datagrams, args.size, args.rate)
+                cpu = proxy_cpu(pid) - cpu0 if pid else 0.0
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as done:
                     done.sendto(DONE, ("127.0.0.1", sink_port))
                 got = json.loads(sink_proc.stdout.readline())
-                if system == "proxy":
+                if system != "direct":
                     got["count"] -= 1  # the Initial
                     got["bytes"] -= len(first)
                 rate = got["count"] / got["seconds"] if got["seconds"] else 0.0
@@ -140,15 +159,16 @@ def main() -> None:
                 results[system].append((rate, lost, per_gib))
                 time.sleep(2.5)  # the flow's idle timeout: the next round opens a new one
     finally:
-        proxy.terminate()
-        proxy.wait(10)
+        for proc, _port, path in proxies.values():
+            proc.terminate()
+            proc.wait(10)
+            os.unlink(path)
         sink_proc.kill()
-        os.unlink(f.name)
     print(
         f"\n{args.datagrams} datagrams of {args.size} bytes at most {args.rate}/s, "
         f"{args.rounds} rounds; median (min-max)"
     )
-    print("| measure | direct | proxy |\n|---|---|---|")
+    print("| measure | " + " | ".join(systems) + " |\n|---|" + "---|" * len(systems))
     for index, label, fmt in (
         (0, "datagrams/s delivered", "{:.0f}"),
         (1, "lost", "{:.1%}"),

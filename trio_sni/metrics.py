@@ -491,6 +491,13 @@ _EBPF_HELP = {
     "sockmap_passed_bytes": "Bytes passed to userspace instead of redirected",
     "sockmap_fallbacks": "Connections that fell back from kernel to copy forwarding",
     "sockmap_userspace_directions": "Directions moved to userspace by the in-flight bound",
+    "sockmap_quic_redirected": "QUIC datagrams the kernel redirected between a flow's sockets",
+    "sockmap_quic_redirected_bytes": "Their payload bytes",
+    "sockmap_quic_redirect_failures": "QUIC datagrams whose peer socket had left the sockhash "
+    "(passed to userspace)",
+    "sockmap_quic_no_peer": "QUIC datagrams on a socket with no peer entry (passed to userspace)",
+    "sockmap_quic_empty": "Empty UDP datagrams (passed to userspace)",
+    "sockmap_quic_pull_failures": "QUIC datagrams the program could not read (passed to userspace)",
     "xdp_passed": "Packets the XDP guard passed to the stack",
     "xdp_dropped": "Packets the XDP guard dropped, by reason (not_allowed, denied, syn_flood, "
     "syn_flood_global, quic)",

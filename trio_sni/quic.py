@@ -34,9 +34,13 @@ import math
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
+
+if TYPE_CHECKING:
+    from .accel.quic_plane import QuicPair, QuicPlane
 
 from ._fd import borrowed
 from .connection import (
@@ -53,6 +57,7 @@ from .errors import (
     TrioSniError,
     UpstreamError,
 )
+from .forward import Mode
 from .sansio.addresses import format_endpoint
 from .sansio.config import Listener
 from .sansio.policy import Deny, Route
@@ -191,11 +196,13 @@ class QuicListener:
                     for datagram in kept:
                         self._to_upstream(flow, datagram)
                     flow.idle.deadline = math.inf
-                    async with trio.open_nursery() as relay:
-                        relay.start_soon(self._relay_down, flow, upstream)
-                        await self._until_idle(flow)
-                        info.reason = info.reason or "idle_timeout"
-                        relay.cancel_scope.cancel()
+                    plane = self._kernel_plane(flow)
+                    if plane is None or not await self._relay_in_kernel(flow, upstream, plane):
+                        async with trio.open_nursery() as relay:
+                            relay.start_soon(self._relay_down, flow, upstream)
+                            await self._until_idle(flow)
+                            relay.cancel_scope.cancel()
+                    info.reason = info.reason or "idle_timeout"
                 except TrioSniError as exc:
                     if info.decision == "pending" or isinstance(exc, DestinationRefused):
                         info.decision = "deny"  # as for TCP: a refused destination is a denial
@@ -286,6 +293,105 @@ class QuicListener:
         info.mode = "udp"
         return upstream
 
+    def _kernel_plane(self, flow: Flow) -> QuicPlane | None:
+        """The QUIC data plane, when the flow's mode is served by the kernel forwarder and the
+        plane loaded (:class:`~trio_sni.features.SockhashFeature`); else ``None``."""
+        assert flow.route is not None
+        mode = flow.route.rule.mode or self.ctx.default_mode
+        forwarder = self.ctx.forwarders.get(mode, self.ctx.forwarder)
+        return getattr(forwarder, "quic", None) if forwarder.mode is Mode.KERNEL else None
+
+    async def _relay_in_kernel(
+        self, flow: Flow, upstream: trio.socket.SocketType, plane: QuicPlane
+    ) -> bool:
+        """Let the kernel redirect the flow's datagrams (docs/kernel-facts.md, facts 50 and
+        52) until it is idle; ``False`` (the flow stays in userspace, logged at debug level)
+        if the client-facing socket cannot be made or registered.
+
+        A socket connected to the client, bound to the listener's address and port, takes the
+        client's datagrams from the listener's socket from its ``connect()`` on; once both
+        sockets are in the QUIC sockhash, the kernel redirects each datagram either receives
+        to the other's egress. What either socket had queued before is read once here and
+        passed on (the kernel would take only one queued datagram per later arrival); what
+        the listener's socket still holds of the flow, its task passes on as before.
+        """
+        info = flow.info
+        try:
+            facing = self._client_facing_socket(flow)
+        except OSError as exc:
+            log.debug("QUIC flow %s stays in userspace: %s", format_endpoint(info.client), exc)
+            return False
+        try:
+            with borrowed(upstream) as upstream_raw:
+                pair = plane.register(facing, upstream_raw)
+        except (OSError, ValueError) as exc:
+            facing.close()
+            log.debug("QUIC flow %s stays in userspace: %s", format_endpoint(info.client), exc)
+            return False
+        info.mode = "kernel"
+        try:
+            for datagram in _queued(facing.fileno()):
+                self._to_upstream(flow, datagram)
+            for datagram in _queued(upstream.fileno()):
+                self._to_client(flow, facing, datagram)
+            await self._until_idle_in_kernel(flow, pair)
+        finally:
+            counts = pair.counts()
+            pair.release()  # before the close: a registered socket keeps the maps alive
+            facing.close()
+            (up_datagrams, up_bytes), (down_datagrams, down_bytes) = (
+                counts["client"],
+                counts["upstream"],
+            )
+            flow.datagrams_to_upstream += up_datagrams
+            flow.datagrams_to_client += down_datagrams
+            info.counters.to_upstream += up_bytes
+            info.counters.to_client += down_bytes
+        return True
+
+    async def _until_idle_in_kernel(self, flow: Flow, pair: QuicPair) -> None:
+        """Return once neither socket has received a datagram for ``timeouts.quic_idle``:
+        the kernel's counts are read every twentieth of it (its precision), not per datagram."""
+        seen = (0, 0)
+        flow.last_active = trio.current_time()
+        while True:
+            idle_for = trio.current_time() - flow.last_active  # userspace passes move it too
+            if idle_for >= self.idle_timeout:
+                return
+            await trio.sleep(min(self.idle_timeout / 20, self.idle_timeout - idle_for))
+            counts = pair.counts()
+            moved = (counts["client"][0], counts["upstream"][0])
+            if moved != seen:
+                seen = moved
+                flow.last_active = trio.current_time()
+
+    def _client_facing_socket(self, flow: Flow) -> socket.socket:
+        """A UDP socket bound to the listener's address and port (``SO_REUSEPORT``, as the
+        listener's own) and connected to the client: the kernel gives it the client's
+        datagrams from now on, and it is a redirect target (a connected socket)."""
+        family = self.sock.family
+        facing = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            facing.setblocking(False)
+            facing.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                facing.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            facing.bind(self.sock.getsockname())
+            facing.connect(flow.address)
+        except OSError:
+            facing.close()
+            raise
+        return facing
+
+    def _to_client(self, flow: Flow, facing: socket.socket, datagram: bytes) -> None:
+        """Pass one target datagram to the client through its connected socket, or drop it."""
+        try:
+            facing.send(datagram)
+        except OSError:
+            return
+        flow.info.counters.to_client += len(datagram)
+        flow.datagrams_to_client += 1
+
     def _to_upstream(self, flow: Flow, datagram: bytes) -> None:
         """Pass one client datagram to the target now, or drop it (a full socket buffer, or
         an ICMP error for an earlier datagram: QUIC recovers)."""
@@ -350,3 +456,15 @@ async def open_quic_listener(spec: Listener) -> trio.socket.SocketType:
         host = f"[{spec.host}]" if ":" in spec.host else spec.host
         raise OSError(exc.errno, f"{host}:{spec.port}/udp: {exc.strerror}") from exc
     return sock
+
+
+def _queued(fd: int) -> list[bytes]:
+    """Every datagram queued on the non-blocking socket ``fd`` now."""
+    datagrams = []
+    while True:
+        try:
+            datagrams.append(os.read(fd, MAX_DATAGRAM))
+        except (BlockingIOError, InterruptedError):
+            return datagrams
+        except OSError:
+            continue  # an ICMP error for an earlier datagram

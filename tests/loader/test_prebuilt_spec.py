@@ -62,6 +62,7 @@ DNS_CACHE_MAPS = {
 def test_prebuilt_objects_are_exactly_these() -> None:
     assert sorted(p.name for p in PREBUILT.glob("*.bpf.o")) == [
         "dns_cache.bpf.o",
+        "quic_redirect.bpf.o",
         "sockhash.bpf.o",
         "tc_shaper.bpf.o",
         "xdp_guard.bpf.o",
@@ -134,6 +135,7 @@ def test_buildinfo_names_the_pinned_toolchain() -> None:
         "xdp_guard.bpf.c",
         "tc_shaper.bpf.c",
         "dns_cache.bpf.c",
+        "quic_redirect.bpf.c",
     ]
 
 

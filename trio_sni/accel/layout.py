@@ -42,3 +42,28 @@ COUNTER_MAX = len(Counter)
 #: Map and program names the forwarder needs from ``sockhash.bpf.o``.
 SOCKHASH_MAPS = ("sock_hash", "targets", "peer", "progress", "counters", "stops")
 SOCKHASH_PROGRAM = "stream_verdict"
+
+# ``bpf/quic_redirect.bpf.c`` (its structs and counters are its own, not in ``shared.h``).
+
+#: ``struct quic_count {u64 datagrams; u64 bytes;}``: what one socket received and redirected.
+QUIC_COUNT = struct.Struct("<QQ")
+
+
+class QuicCounter(enum.IntEnum):
+    """``enum quic_counter``: indices into ``quic_redirect.bpf.o``'s per-CPU ``counters``."""
+
+    REDIRECTED = 0
+    REDIRECTED_BYTES = 1
+    REDIRECT_FAILURES = 2
+    NO_PEER = 3
+    EMPTY = 4
+    PULL_FAILURES = 5
+
+
+#: ``QCNT_MAX``: the size of ``quic_redirect.bpf.o``'s ``counters`` array.
+QUIC_COUNTER_MAX = len(QuicCounter)
+
+#: Map and program names the QUIC plane needs from ``quic_redirect.bpf.o``.
+QUIC_OBJECT = "quic_redirect.bpf.o"
+QUIC_MAPS = ("quic_socks", "quic_targets", "quic_peer", "quic_counts", "counters")
+QUIC_PROGRAM = "quic_verdict"

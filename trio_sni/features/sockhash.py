@@ -48,6 +48,26 @@ class SockhashFeature:
             if asked != self._config.forwarding.mode:  # the default's reason is logged above
                 log.warning("forwarding mode %s (asked by rules): %s (%s)", asked, used, why)
         self._plan = plan
+        if any(spec.protocol == "quic" for _, spec in listeners):
+            self._load_quic_plane(plan)
+
+    def _load_quic_plane(self, plan: ForwardingPlan) -> None:
+        """QUIC flows of the modes the kernel forwarder serves are redirected in the kernel
+        too, when the QUIC data plane loads; else they are relayed in userspace (logged)."""
+        kernel = plan.for_mode("kernel")
+        if kernel.mode is not Mode.KERNEL:
+            return
+        try:
+            from ..accel import LoaderError
+            from ..accel.quic_plane import QuicPlane
+            from ..forward.kernel import KernelForwarder
+
+            assert isinstance(kernel, KernelForwarder)
+            kernel.quic = QuicPlane.load(max_flows=self._config.ebpf.sockmap.max_entries)
+        except (ImportError, LoaderError, OSError) as exc:
+            log.warning("QUIC flows are relayed in userspace: the QUIC data plane: %s", exc)
+            return
+        log.info("QUIC flows in kernel mode are redirected by the kernel (quic_redirect.bpf.o)")
 
     def report(self) -> FeatureReport | None:
         if self._plan is None:

@@ -65,6 +65,7 @@ import trio
 
 from .._fd import borrowed
 from ..accel import SockhashPlane
+from ..accel.quic_plane import QuicPlane
 from ._ends import send_counted
 from ._handoff import Ended, consumed, drain_queued, written
 from ._hangup_watch import HangupWatch
@@ -116,13 +117,18 @@ class KernelForwarder:
         self._due: dict[Watcher, float] = {}  # when each watcher's next check is due
         self._next_sweep = 0.0
         self.watching_stops = contextlib.ExitStack()
+        #: The QUIC flows' data plane, when the proxy has ``quic`` listeners and it loaded
+        #: (:meth:`trio_sni.features.SockhashFeature.start`); closed with this forwarder.
+        self.quic: QuicPlane | None = None
 
     def close(self) -> None:
         """End every connection still registered (reason ``shutdown``), then detach the
-        verdict program and close the maps (idempotent)."""
+        verdict programs and close the maps (idempotent)."""
         for watcher in list(self.watchers):
             watcher.end("shutdown")
         self.plane.close()
+        if self.quic is not None:
+            self.quic.close()
 
     def statistics(self) -> ForwarderStatistics:
         """Cheap (no map walk: the per-CPU counters are one array), for status pages."""
@@ -131,8 +137,15 @@ class KernelForwarder:
             fallbacks=self.fallbacks,
             sockhash_sockets=2 * self.registered,
             userspace_directions=self.userspace_directions,
-            data_plane=self.plane.counters(),
+            data_plane={
+                **self.plane.counters(),
+                **({} if self.quic is None else self._quic_counters(self.quic)),
+            },
         )
+
+    @staticmethod
+    def _quic_counters(quic: QuicPlane) -> dict[str, int]:
+        return {f"quic_{name}": value for name, value in quic.counters().items()}
 
     async def forward(
         self,
