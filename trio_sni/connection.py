@@ -196,6 +196,8 @@ class ConnectionContext:
     live: dict[int, ConnectionInfo] = attrs.Factory(dict)
     #: Numbers the connections (the access log's ``id``).
     ids: Iterator[int] = attrs.Factory(lambda: itertools.count(1))
+    #: New QUIC flows dropped because the flow table was full (every ``quic`` listener).
+    quic_flows_dropped: int = 0
     #: The live connections whose task has returned: a forwarder watches their end.
     handed_off: dict[int, HandedOff] = attrs.Factory(dict)
     #: Unparked whenever a connection ends (the drain waits on it).

@@ -307,6 +307,12 @@ class _Collector:
         for direction, count in sorted(m.quic_datagrams.items()):
             quic_datagrams.add_metric([direction], count)
         yield quic_datagrams
+        quic_dropped = CounterMetricFamily(
+            "trio_sni_quic_flows_dropped",
+            "New QUIC flows dropped because the flow table was full (max_connections flows).",
+        )
+        quic_dropped.add_metric([], m.context.quic_flows_dropped)
+        yield quic_dropped
 
         closed = CounterMetricFamily(
             "trio_sni_connections_closed",
@@ -493,11 +499,11 @@ _EBPF_HELP = {
     "sockmap_userspace_directions": "Directions moved to userspace by the in-flight bound",
     "sockmap_quic_redirected": "QUIC datagrams the kernel redirected between a flow's sockets",
     "sockmap_quic_redirected_bytes": "Their payload bytes",
-    "sockmap_quic_redirect_failures": "QUIC datagrams whose peer socket had left the sockhash "
-    "(passed to userspace)",
-    "sockmap_quic_no_peer": "QUIC datagrams on a socket with no peer entry (passed to userspace)",
-    "sockmap_quic_empty": "Empty UDP datagrams (passed to userspace)",
-    "sockmap_quic_pull_failures": "QUIC datagrams the program could not read (passed to userspace)",
+    "sockmap_quic_redirect_failures": "QUIC datagrams dropped: their peer socket had left the "
+    "sockhash",
+    "sockmap_quic_no_peer": "QUIC datagrams dropped: their socket had no peer entry",
+    "sockmap_quic_empty": "Empty UDP datagrams dropped",
+    "sockmap_quic_pull_failures": "QUIC datagrams dropped: no memory to make them linear",
     "xdp_passed": "Packets the XDP guard passed to the stack",
     "xdp_dropped": "Packets the XDP guard dropped, by reason (not_allowed, denied, syn_flood, "
     "syn_flood_global, quic)",

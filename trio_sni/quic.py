@@ -117,6 +117,10 @@ class QuicListener:
         self.ctx = ctx
         self.idle_timeout = idle_timeout
         self.flows: dict[object, Flow] = {}
+        #: Refused flows kept only to swallow their clients' retransmissions, oldest first:
+        #: the first to go when the flow table is full.
+        self.lingering: dict[object, Flow] = {}
+        self._last_warning = -math.inf
 
     async def serve(self, flows: trio.Nursery) -> None:
         """Read datagrams until cancelled; flows run in ``flows``. On the way out every flow
@@ -141,6 +145,8 @@ class QuicListener:
                     if flow is None:
                         if not data or not data[0] & 0x80:
                             continue  # not the start of a QUIC connection: not a new flow
+                        if not self._room_for_a_flow():
+                            continue
                         flow, inbox = self._new_flow(address)
                         flows.start_soon(self._run, flow, inbox)
                     if flow.upstream_fd != -1:
@@ -153,6 +159,31 @@ class QuicListener:
                 flow.info.reason = flow.info.reason or "shutdown"
                 flow.idle.cancel()
             self.sock.close()
+
+    def _room_for_a_flow(self) -> bool:
+        """The flow table holds at most ``max_connections`` flows, refused ones included (a
+        spoofed source can make any number of them). When it is full, the oldest refused flow
+        makes room; with none, the new client's datagram is dropped (it falls back to TCP),
+        said at most once a second."""
+        if len(self.flows) < self.ctx.max_connections:
+            return True
+        if self.lingering:
+            address = next(iter(self.lingering))
+            flow = self.lingering.pop(address)
+            del self.flows[address]
+            flow.idle.cancel()  # its line is written: it ends quietly
+            return True
+        self.ctx.quic_flows_dropped += 1
+        now = trio.current_time()
+        if now - self._last_warning >= 1.0:
+            self._last_warning = now
+            log.warning(
+                "%s: %d QUIC flows (max_connections): a new client's datagrams are dropped "
+                "(it falls back to TCP)",
+                self.spec.label,
+                len(self.flows),
+            )
+        return False
 
     def _new_flow(
         self, address: tuple[str, int] | tuple[str, int, int, int]
@@ -208,6 +239,7 @@ class QuicListener:
                         info.decision = "deny"  # as for TCP: a refused destination is a denial
                     info.reason, info.error = exc.reason, str(exc)
                     self._log(flow)
+                    self.lingering[flow.address] = flow
                     if acquired:  # a refused flow counts against no limit while it lingers
                         ctx.limiter.release(client_ip)
                         acquired = False
@@ -226,6 +258,8 @@ class QuicListener:
         finally:
             if self.flows.get(flow.address) is flow:
                 del self.flows[flow.address]
+            if self.lingering.get(flow.address) is flow:
+                del self.lingering[flow.address]
             flow.inbox.close()
             if upstream is not None:
                 upstream.close()

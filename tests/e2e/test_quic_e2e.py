@@ -374,6 +374,44 @@ async def test_a_flood_of_new_flows_from_one_client_is_held_to_its_limit(
         await wait_for(lambda: len(records) == 10, timeout=10)  # the routed ones idle out
 
 
+async def test_the_flow_table_holds_max_connections_and_refused_flows_make_room(
+    start_quic_proxy: Callable[..., Any],
+) -> None:
+    """max_connections 3: garbage Initials from 20 source ports (a spoofed flood) keep at
+    most 3 flows, each refused and logged; a real client still gets routed (the oldest refused
+    flow makes room); with 3 routed flows, a fourth client's datagram is dropped and counted,
+    not queued."""
+    with await udp_sink() as sink:
+        config = quic_config(0, max_connections=3, limits={"per_client_rate": 0})
+        target = f"127.0.0.1:{sink.getsockname()[1]}"
+        rule = {"match": "x.test", "target": target, "allow_private": True, "via": "direct"}
+        config["rules"] = [rule]
+        config["timeouts"] = {"quic_idle": 5}
+        proxy, port, records = await start_quic_proxy(config)
+        [listener] = proxy.quic_listeners
+        sockets = [trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(24)]
+        try:
+            for sock in sockets[:20]:
+                await sock.sendto(b"\xc0" + bytes(40), ("127.0.0.1", port))
+                await trio.sleep(0.005)
+                assert len(listener.flows) <= 3
+            await wait_for(lambda: len(records) == 20, timeout=5)  # each refused once
+            assert len(listener.flows) == len(listener.lingering) == 3
+            for sock in sockets[20:23]:  # routed, one by one making room
+                await sock.sendto(x_test_initial(), ("127.0.0.1", port))
+            senders = await received_by(sink, 0.5)
+            assert len(senders) == 3
+            assert not listener.lingering
+            await sockets[23].sendto(x_test_initial(), ("127.0.0.1", port))
+            assert await received_by(sink, 0.3) == []
+            assert proxy.context.quic_flows_dropped == 1
+            samples = metric_samples(generate_latest(proxy.metrics.registry).decode())
+            assert sample(samples, "trio_sni_quic_flows_dropped_total") == 1
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
 async def test_a_destination_the_ssrf_guard_refuses_is_sent_no_datagram(
     start_quic_proxy: Callable[..., Any],
 ) -> None:
