@@ -196,8 +196,8 @@ def test_a_real_initial_coalesced_with_0rtt_gives_the_resumed_hello(name: str) -
 @pytest.mark.parametrize("name", ZERO_RTT_CAPTURES)
 def test_the_0rtt_packet_behind_a_real_initial_is_skipped_unread(name: str) -> None:
     """The reader has no 0-RTT keys and needs none: the hello is the same without the 0-RTT
-    packet, and with its protected bytes scrambled. On its own, the 0-RTT packet is a flow
-    that does not start with an Initial."""
+    packet, and with its protected bytes scrambled. On its own, the 0-RTT packet is kept
+    waiting for its Initial: it may overtake it (RFC 9000 section 12.2)."""
     capture, datagram = coalesced_capture(name)
     hello = QuicInitialReader().feed(datagram)
     assert hello is not None
@@ -208,8 +208,20 @@ def test_the_0rtt_packet_behind_a_real_initial_is_skipped_unread(name: str) -> N
     scrambled[behind.pn_offset : end] = bytes(b ^ 0x5A for b in datagram[behind.pn_offset : end])
     for other in (datagram[:start], padded(datagram[:start]), bytes(scrambled)):
         assert QuicInitialReader().feed(other) == hello
-    with pytest.raises(NotQuicInitialError, match="carries no Initial packet"):
-        QuicInitialReader().feed(datagram[start:end])
+    reader = QuicInitialReader()
+    assert reader.feed(datagram[start:end]) is None  # the 0-RTT packet first, alone
+    assert reader.feed(datagram[:start]) == hello
+
+
+def test_datagrams_of_0rtt_packets_alone_are_bounded_like_any_incomplete_hello() -> None:
+    capture, datagram = coalesced_capture(ZERO_RTT_CAPTURES[0])
+    _initial, zero_rtt, _zeros = capture["layout"][0]
+    alone = datagram[zero_rtt["offset"] : zero_rtt["offset"] + zero_rtt["size"]]
+    reader = QuicInitialReader(max_datagrams=3)
+    for _ in range(3):
+        assert reader.feed(alone) is None
+    with pytest.raises(MalformedHelloError, match="no complete ClientHello"):
+        reader.feed(alone)
 
 
 @pytest.mark.parametrize("name", ZERO_RTT_CAPTURES)

@@ -189,6 +189,12 @@ class LongHeader:
         spec = _VERSIONS.get(self.version)
         return spec is not None and self.packet_type == spec.initial_type
 
+    @property
+    def is_0rtt(self) -> bool:
+        """A 0-RTT packet of a known version (type 0b01 in v1, 0b10 in v2)."""
+        spec = _VERSIONS.get(self.version)
+        return spec is not None and self.packet_type == (spec.initial_type + 1) & 0b11
+
 
 def peek_long_header(datagram: bytes, offset: int = 0) -> LongHeader:
     """The long header at ``offset``; for a packet that is not an Initial of a known version,
@@ -291,7 +297,7 @@ class QuicInitialReader:
         if self.version is None and not (datagram and datagram[0] & 0x80):
             peek_long_header(datagram)  # raises the error that names it
         offset = 0
-        read_any = False
+        read_any = zero_rtt = False
         while offset < len(datagram):
             if not datagram[offset] & 0x80:
                 break  # a short-header packet ends the datagram's long ones (RFC 9000 12.2)
@@ -308,12 +314,18 @@ class QuicInitialReader:
                     )
                 self._read_initial(datagram, header)
                 read_any = True
+            elif header.is_0rtt:
+                zero_rtt = True
             elif header.version not in _VERSIONS and not read_any and self.version is None:
                 raise QuicVersionError(
                     f"QUIC version 0x{header.version:08x} is not one this proxy can read"
                 )
             offset = header.end
         if not read_any and self.version is None:
+            if zero_rtt:
+                # A 0-RTT datagram overtook its Initial (a client may send them apart, RFC 9000
+                # section 12.2): wait for the Initial, within the flow's datagram bound.
+                return None
             raise NotQuicInitialError("the flow's first datagram carries no Initial packet")
         return self._hello_if_complete()
 
