@@ -93,6 +93,9 @@ class Flow:
     upstream_fd: int = -1
     #: When a datagram last passed either way (the idle timeout counts from it).
     last_active: float = 0.0
+    #: ``((datagrams, bytes) to upstream, (datagrams, bytes) to client)`` the kernel had
+    #: redirected at the last look, in kernel mode (already in the flow's counts).
+    kernel_counts: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
 
 
 class QuicListener:
@@ -370,33 +373,22 @@ class QuicListener:
                 self._to_client(flow, facing, datagram)
             await self._until_idle_in_kernel(flow, pair)
         finally:
-            counts = pair.counts()
+            _take_kernel_counts(flow, pair)
             pair.release()  # before the close: a registered socket keeps the maps alive
             facing.close()
-            (up_datagrams, up_bytes), (down_datagrams, down_bytes) = (
-                counts["client"],
-                counts["upstream"],
-            )
-            flow.datagrams_to_upstream += up_datagrams
-            flow.datagrams_to_client += down_datagrams
-            info.counters.to_upstream += up_bytes
-            info.counters.to_client += down_bytes
         return True
 
     async def _until_idle_in_kernel(self, flow: Flow, pair: QuicPair) -> None:
         """Return once neither socket has received a datagram for ``timeouts.quic_idle``:
-        the kernel's counts are read every twentieth of it (its precision), not per datagram."""
-        seen = (0, 0)
+        the kernel's counts are read every twentieth of it (its precision), not per datagram,
+        and keep the flow's live counts (``/connections``) that current."""
         flow.last_active = trio.current_time()
         while True:
             idle_for = trio.current_time() - flow.last_active  # userspace passes move it too
             if idle_for >= self.idle_timeout:
                 return
             await trio.sleep(min(self.idle_timeout / 20, self.idle_timeout - idle_for))
-            counts = pair.counts()
-            moved = (counts["client"][0], counts["upstream"][0])
-            if moved != seen:
-                seen = moved
+            if _take_kernel_counts(flow, pair):
                 flow.last_active = trio.current_time()
 
     def _client_facing_socket(self, flow: Flow) -> socket.socket:
@@ -490,6 +482,22 @@ async def open_quic_listener(spec: Listener) -> trio.socket.SocketType:
         host = f"[{spec.host}]" if ":" in spec.host else spec.host
         raise OSError(exc.errno, f"{host}:{spec.port}/udp: {exc.strerror}") from exc
     return sock
+
+
+def _take_kernel_counts(flow: Flow, pair: QuicPair) -> bool:
+    """Add what the kernel redirected since the last look to the flow's counts; whether
+    anything was."""
+    counts = pair.counts()
+    (up, up_bytes), (down, down_bytes) = counts["client"], counts["upstream"]
+    (seen_up, seen_up_bytes), (seen_down, seen_down_bytes) = flow.kernel_counts
+    if (up, down) == (seen_up, seen_down):
+        return False
+    flow.kernel_counts = ((up, up_bytes), (down, down_bytes))
+    flow.datagrams_to_upstream += up - seen_up
+    flow.datagrams_to_client += down - seen_down
+    flow.info.counters.to_upstream += up_bytes - seen_up_bytes
+    flow.info.counters.to_client += down_bytes - seen_down_bytes
+    return True
 
 
 def _queued(fd: int) -> list[bytes]:

@@ -10,27 +10,27 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import quicproxy
 import trio
 import trustme
-from aioquic.asyncio import connect, serve
+from aioquic.asyncio import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 from aioquic.quic.packet import QuicProtocolVersion
 from prometheus_client import generate_latest
 from proxytest import wait_for
+from quicproxy import MODES, AioquicServer, StartProxy, in_mode
 from quictest import crypto, handshake_message, initial, padded
 from statusclient import metric_samples, sample
 
 from trio_sni.sansio.config_load import load_config
-from trio_sni.server import Proxy
 
 NAME = "quic.test"
 
@@ -44,54 +44,14 @@ class Echo(QuicConnectionProtocol):
             self.transmit()
 
 
-class QuicServer:
-    """An aioquic echo server in its own thread and asyncio loop (``retry``: it answers each
-    new connection's first Initial with a Retry, RFC 9000 section 8.1.2)."""
+class QuicServer(AioquicServer):
+    """An aioquic echo server for :data:`NAME` (``retry``, ``versions``: as
+    :class:`quicproxy.AioquicServer`)."""
 
     def __init__(
         self, ca: trustme.CA, tmp: Path, *, retry: bool = False, versions: list[int] | None = None
     ) -> None:
-        self.retry = retry
-        cert = ca.issue_cert(NAME)
-        cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
-        cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
-        self.configuration = QuicConfiguration(is_client=False, alpn_protocols=["echo"])
-        if versions is not None:
-            self.configuration.supported_versions = versions
-        self.configuration.load_cert_chain(str(tmp / "cert.pem"), str(tmp / "key.pem"))
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        server = self.loop.run_until_complete(
-            serve(
-                "127.0.0.1",
-                self.port,
-                configuration=self.configuration,
-                create_protocol=Echo,
-                retry=self.retry,
-            )
-        )
-        self._ready.set()
-        self.loop.run_forever()
-        server.close()
-        self.loop.run_until_complete(asyncio.sleep(0))
-        self.loop.close()
-
-    def __enter__(self) -> QuicServer:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+        super().__init__(ca, tmp, NAME, ["echo"], Echo, retry=retry, versions=versions)
 
 
 def echo_through(
@@ -138,55 +98,17 @@ def quic_server(quic_ca: trustme.CA, tmp_path: Path) -> Any:
 
 
 def quic_config(backend_port: int, **overrides: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "listeners": [{"host": "127.0.0.1", "port": 0, "protocol": "quic"}],
-        "workers": 1,
-        "rules": [
-            {
-                "match": NAME,
-                "target": f"127.0.0.1:{backend_port}",
-                "allow_private": True,
-                "via": "direct",
-            },
-            {"match": "socks.test", "via": "socks5"},
-        ],
-        "socks5": {"address": "127.0.0.1:9"},
-        "timeouts": {"quic_idle": 1},
-        "log": {"access_log": None},
-    }
+    """:func:`quicproxy.quic_config` for :data:`NAME`, and ``socks.test`` through a SOCKS5
+    upstream (which QUIC cannot follow)."""
+    config = quicproxy.quic_config(NAME, backend_port, socks5={"address": "127.0.0.1:9"})
+    config["rules"].append({"match": "socks.test", "via": "socks5"})
     config.update(overrides)
     return config
 
 
 @pytest.fixture
-async def start_quic_proxy(
-    nursery: trio.Nursery,
-) -> AsyncIterator[Callable[[dict[str, Any]], Any]]:
-    async def start(config: dict[str, Any]) -> tuple[Proxy, int, list[dict[str, object]]]:
-        records: list[dict[str, object]] = []
-        proxy = Proxy(load_config(config), access_log=records.append)
-        await nursery.start(proxy.serve)
-        [listener] = proxy.quic_listeners
-        return proxy, listener.sock.getsockname()[1], records
-
-    return start
-
-
-#: How a routed flow's datagrams pass: redirected by the kernel (the QUIC sockhash, kernel
-#: mode's default here) or relayed by the proxy (kernel forwarding switched off).
-MODES = [
-    pytest.param("kernel", marks=pytest.mark.bpf),
-    pytest.param("userspace"),
-]
-
-
-def in_mode(config: dict[str, Any], mode: str) -> dict[str, Any]:
-    if mode == "userspace":
-        config["ebpf"] = {"sockmap": {"enabled": False}}
-    else:
-        config["forwarding"] = {"mode": "kernel"}
-        config["fallback_mode"] = "none"
-    return config
+async def start_quic_proxy(nursery: trio.Nursery) -> StartProxy:
+    return quicproxy.quic_proxy_starter(nursery)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -206,6 +128,8 @@ async def test_a_quic_connection_is_routed_by_name_and_relayed_byte_exact(
     assert got == data
     samples = metric_samples(generate_latest(proxy.metrics.registry).decode())
     assert sample(samples, "trio_sni_quic_flows_active") == 1  # until its idle timeout
+    [live] = proxy.context.live.values()  # its live counts (/connections), the kernel's too
+    await wait_for(lambda: live.counters.to_client > len(data), timeout=0.5)
     await wait_for(lambda: len(records) == 1, timeout=10)  # the flow ends when idle (1 s)
     [record] = records
     assert record["transport"] == "quic"
