@@ -40,10 +40,10 @@ from types import TracebackType
 import attrs
 import trio_sni_loader as loader
 
-from .counters import read_counters
 from .layout import QUIC_COUNT, QUIC_MAPS, QUIC_OBJECT, QUIC_PROGRAM, QuicCounter
 from .objects import prebuilt_spec
 from .sockhash import socket_cookie
+from .verdict import VerdictPlane
 
 #: The two sides of a flow, in the order :meth:`QuicPlane.register` takes their sockets.
 SIDES = ("client", "upstream")
@@ -108,29 +108,30 @@ def _count(raw: bytes) -> tuple[int, int]:
     return datagrams, nbytes
 
 
-class QuicPlane:
+class QuicPlane(VerdictPlane):
     """The loaded QUIC data plane. ``QuicPlane.load(max_flows=...)``, closed by :meth:`close`.
 
     Raises from :meth:`load`: ``FileNotFoundError`` (no prebuilt object), or any
     :class:`loader.LoaderError` (no privilege, verifier, kernel without the feature); nothing is
     left open when it raises.
+
+    :meth:`counters`: ``redirected`` and ``redirected_bytes``, then the datagrams the program
+    dropped: ``redirect_failures`` (peer gone), ``no_peer``, ``empty``, ``pull_failures`` (no
+    memory to make a paged datagram linear).
     """
 
+    counter_names = QuicCounter
+
     def __init__(self, collection: loader.Collection, link: loader.Link) -> None:
-        self._collection = collection
-        self._link = link
-        self._closed = False
+        super().__init__(collection, link)
         maps = collection.maps
         self.socks = maps["quic_socks"]
         self.targets = maps["quic_targets"]
         self.peer_map = maps["quic_peer"]
         self.counts_map = maps["quic_counts"]
-        self.counters_map = maps["counters"]
         for m in (self.socks, self.targets, self.peer_map, self.counts_map):
             m.key_codec = loader.Int()
         self.peer_map.value_codec = loader.Int()
-        self.counters_map.key_codec = loader.Int()
-        self.counters_map.value_codec = loader.Int()
 
     @classmethod
     def load(cls, *, max_flows: int = 32768) -> QuicPlane:
@@ -152,57 +153,19 @@ class QuicPlane:
             name: (m.copy(max_entries=2 * max_flows) if name != "counters" else m)
             for name, m in spec.maps.items()
         }
-        spec = spec.copy(maps=maps)
-        collection = loader.Collection.load(spec, programs=[QUIC_PROGRAM])
-        try:
-            link = loader.attach_sk_skb(
-                collection.programs[QUIC_PROGRAM], collection.maps["quic_socks"]
-            )
-        except BaseException:
-            collection.close()
-            raise
-        try:
-            return cls(collection, link)
-        except BaseException:
-            link.close()
-            collection.close()
-            raise
+        return cls._load(spec.copy(maps=maps), QUIC_PROGRAM, "quic_socks")
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        """Take out every socket still registered, then detach and close every fd; idempotent.
-
-        The sockets go first because closing the fds alone frees nothing while a flow is
-        registered: the program holds ``quic_targets``, and each socket in it holds the
-        program, so the kernel would go on relaying for those sockets until they close
-        (docs/kernel-facts.md, fact 52). Afterwards they are plain UDP sockets.
-        """
-        if not self._closed:
-            self._closed = True
-            entries: list[tuple[loader.Map, int]] = []
-            for m in (self.socks, self.peer_map, self.counts_map, self.targets):
-                with contextlib.suppress(OSError, ValueError):
-                    entries += [(m, cookie) for cookie in list(m.keys())]
-            self._delete(entries)
-        self._link.close()
-        self._collection.close()
-
-    def __enter__(self) -> QuicPlane:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def counters(self) -> dict[str, int]:
-        """The program's counters summed over CPUs: ``redirected`` and ``redirected_bytes``,
-        then the datagrams it dropped: ``redirect_failures`` (peer gone), ``no_peer``,
-        ``empty``, ``pull_failures`` (no memory to make a paged datagram linear)."""
-        return read_counters(self.counters_map, QuicCounter)
+    def _release(self) -> None:
+        """Take out every socket still registered before the fds close: closing them alone
+        frees nothing while a flow is registered (the program holds ``quic_targets``, and each
+        socket in it holds the program, so the kernel would go on relaying for those sockets
+        until they close; docs/kernel-facts.md, fact 52). Afterwards they are plain UDP
+        sockets."""
+        entries: list[tuple[loader.Map, int]] = []
+        for m in (self.socks, self.peer_map, self.counts_map, self.targets):
+            with contextlib.suppress(OSError, ValueError):
+                entries += [(m, cookie) for cookie in list(m.keys())]
+        self._delete(entries)
 
     def all_counts(self) -> dict[int, tuple[int, int]]:
         """``{cookie: (datagrams, bytes) redirected}`` for every registered socket, read in one

@@ -37,9 +37,9 @@ from types import TracebackType
 import attrs
 import trio_sni_loader as loader
 
-from .counters import read_counters
-from .layout import PEER_INFO, PROGRESS, SOCKHASH_MAPS, SOCKHASH_PROGRAM, Direction
+from .layout import PEER_INFO, PROGRESS, SOCKHASH_MAPS, SOCKHASH_PROGRAM, Counter, Direction
 from .objects import prebuilt_spec
+from .verdict import VerdictPlane
 
 #: ``SO_COOKIE`` (not in Python's socket module): the socket's 64-bit cookie.
 SO_COOKIE = 57
@@ -125,7 +125,7 @@ def _progress(raw: bytes) -> tuple[int, bool]:
     return redirected, bool(stopped)
 
 
-class SockhashPlane:
+class SockhashPlane(VerdictPlane):
     """The loaded data plane. ``SockhashPlane.load(max_entries=...)``, closed by :meth:`close`.
 
     Raises from :meth:`load`: ``FileNotFoundError`` (no prebuilt object), or any
@@ -133,20 +133,17 @@ class SockhashPlane:
     left open when it raises.
     """
 
+    counter_names = Counter
+
     def __init__(self, collection: loader.Collection, link: loader.Link) -> None:
-        self._collection = collection
-        self._link = link
-        self._closed = False
+        super().__init__(collection, link)
         maps = collection.maps
         self.sock_hash = maps["sock_hash"]
         self.targets = maps["targets"]
         self.peer_map = maps["peer"]
         self.progress_map = maps["progress"]
-        self.counters_map = maps["counters"]
         for m in (self.sock_hash, self.targets, self.peer_map, self.progress_map):
             m.key_codec = loader.Int()
-        self.counters_map.key_codec = loader.Int()
-        self.counters_map.value_codec = loader.Int()
         #: Cookies of the sockets the program stopped (8 bytes each, little-endian).
         self.stops = loader.RingReader(maps["stops"])
 
@@ -158,44 +155,10 @@ class SockhashPlane:
             name: (m.copy(max_entries=2 * max_entries) if name not in ("counters", "stops") else m)
             for name, m in spec.maps.items()
         }
-        spec = spec.copy(maps=maps)
-        collection = loader.Collection.load(spec, programs=[SOCKHASH_PROGRAM])
-        try:
-            link = loader.attach_sk_skb(
-                collection.programs[SOCKHASH_PROGRAM], collection.maps["sock_hash"]
-            )
-        except BaseException:
-            collection.close()
-            raise
-        try:
-            return cls(collection, link)
-        except BaseException:
-            link.close()
-            collection.close()
-            raise
+        return cls._load(spec.copy(maps=maps), SOCKHASH_PROGRAM, "sock_hash")
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        """Detach and close every fd; idempotent."""
-        if not self._closed:
-            self.stops.close()
-        self._closed = True
-        self._link.close()
-        self._collection.close()
-
-    def __enter__(self) -> SockhashPlane:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def counters(self) -> dict[str, int]:
-        return read_counters(self.counters_map)
+    def _release(self) -> None:
+        self.stops.close()
 
     def stopped_cookies(self) -> list[int]:
         """Cookies of the sockets stopped since the last call (from the ``stops`` ring)."""
