@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -118,3 +119,15 @@ def veth_namespace(subnet: int = 0) -> Iterator[VethNamespace]:
     finally:
         ip("link", "del", ns.host_if, check=False)  # removes both ends
         ip("netns", "del", ns.name, check=False)
+
+
+def xdp_prog_on(interface: str) -> int | None:
+    """The id of the XDP program attached to ``interface`` (``ip -j link``), or None."""
+    out = subprocess.run(
+        ["ip", "-j", "-d", "link", "show", "dev", interface],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    xdp = json.loads(out)[0].get("xdp")
+    return None if xdp is None else xdp.get("prog", {}).get("id")

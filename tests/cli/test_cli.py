@@ -37,7 +37,7 @@ import attrs
 import pytest
 import trio_sni_loader as loader
 import trustme
-from netns import veth_namespace
+from netns import veth_namespace, xdp_prog_on
 from proxytest import client_hello, need
 
 import trio_sni
@@ -1598,18 +1598,6 @@ def test_the_supervisors_status_endpoint_sums_every_worker(
     assert status == 0, proxy.stderr
 
 
-def _xdp_prog_on(interface: str) -> int | None:
-    """The id of the XDP program attached to ``interface`` (``ip -j link``), or None."""
-    out = subprocess.run(
-        ["ip", "-j", "-d", "link", "show", "dev", interface],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    xdp = json.loads(out)[0].get("xdp")
-    return None if xdp is None else xdp.get("prog", {}).get("id")
-
-
 @pytest.mark.bpf
 def test_the_supervisor_runs_xdp_and_tc_for_every_worker_through_restarts_and_reloads(
     tls_backend: Backend,
@@ -1654,7 +1642,7 @@ def test_the_supervisor_runs_xdp_and_tc_for_every_worker_through_restarts_and_re
         served = serve_config(lambda port: config(port, [f"{ns.peer_v4}/32"]))
         proxy = served.process
         proxy.wait_for_log("2 workers serving")
-        attached = _xdp_prog_on(ns.host_if)
+        attached = xdp_prog_on(ns.host_if)
         assert attached is not None
         assert proxy.stderr.count("XDP guard attached") == 1, proxy.stderr  # the supervisor's
         assert proxy.stderr.count("TC shaper on ") == 1, proxy.stderr
@@ -1679,14 +1667,14 @@ def test_the_supervisor_runs_xdp_and_tc_for_every_worker_through_restarts_and_re
         wait_until(
             lambda: _worker_pids(proxy)[0] != killed, timeout=STARTUP_TIMEOUT, what="worker 0"
         )
-        assert _xdp_prog_on(ns.host_if) == attached  # still the supervisor's, never detached
+        assert xdp_prog_on(ns.host_if) == attached  # still the supervisor's, never detached
         wait_until(lambda: _get(f"{base}/readyz")[0] == 200, timeout=STARTUP_TIMEOUT, what="readyz")
         assert https_get_once(served.port, client_context).startswith(b"HTTP/1.1 200 OK\r\n")
 
         served.write_config(config(served.port, []))
         proxy.signal(signal.SIGHUP)
         proxy.wait_for_log("reload: XDP guard lists and limits updated")
-        assert _xdp_prog_on(ns.host_if) == attached
+        assert xdp_prog_on(ns.host_if) == attached
         wait_until(
             lambda: connects_from_the_namespace(served.port),
             timeout=STARTUP_TIMEOUT,
@@ -1698,4 +1686,4 @@ def test_the_supervisor_runs_xdp_and_tc_for_every_worker_through_restarts_and_re
 
         status, _ = stop(proxy, signal.SIGTERM)
         assert status == 0, proxy.stderr
-        assert _xdp_prog_on(ns.host_if) is None
+        assert xdp_prog_on(ns.host_if) is None

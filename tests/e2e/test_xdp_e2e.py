@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import trio
 import trio_sni_loader as loader
-from netns import VethNamespace, ip, veth_namespace
+from netns import VethNamespace, ip, veth_namespace, xdp_prog_on
 from prometheus_client import generate_latest
 from proxytest import drain
 from statusclient import metric_samples, sample
@@ -81,18 +81,6 @@ def guarded_config(
             "xdp": {"enabled": True, "interface": ns.host_if, **xdp},
         },
     }
-
-
-def xdp_prog_on(interface: str) -> int | None:
-    """The id of the XDP program attached to ``interface`` (``ip -j link``), or None."""
-    out = subprocess.run(
-        ["ip", "-j", "-d", "link", "show", "dev", interface],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    xdp = json.loads(out)[0].get("xdp")
-    return None if xdp is None else xdp.get("prog", {}).get("id")
 
 
 def xdp_links_on(ifindex: int) -> list[dict[str, Any]]:
