@@ -16,6 +16,16 @@ itself, and the flow's task passes the target's back; both read and write withou
 (a datagram a full socket buffer cannot take is dropped, as a router would drop it: QUIC
 recovers), and the idle timeout is one timer per flow, not a deadline moved per datagram.
 
+In kernel mode (the flow's mode is served by the kernel forwarder, whose QUIC data plane
+loaded) the kernel relays instead: a second socket, bound to the listener's address and port
+and connected to the client, takes the client's datagrams from the listener's socket, and it
+and the flow's socket enter the QUIC sockhash, whose verdict program sends each datagram
+either receives out of the other (docs/kernel-facts.md, facts 50 and 52). The flow's task then
+only reads the kernel's counts, for the idle timeout and the live and logged counts.
+
+The flow table holds at most ``max_connections`` flows (UDP sources can be spoofed): refused
+flows make room first, then new clients are dropped.
+
 A refused or unreadable flow is logged at once and then kept, dropping what the client
 retransmits, until it has been quiet for ``timeouts.quic_idle`` (at least
 ``timeouts.client_hello``), so the retransmissions make no second line; the client falls
@@ -39,9 +49,6 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-if TYPE_CHECKING:
-    from .accel.quic_plane import QuicPair, QuicPlane
-
 from ._fd import borrowed
 from .connection import (
     ConnectionContext,
@@ -62,6 +69,9 @@ from .sansio.addresses import format_endpoint
 from .sansio.config import Listener
 from .sansio.policy import Deny, Route
 from .sansio.quic_initial import QuicInitialReader
+
+if TYPE_CHECKING:
+    from .accel.quic_plane import QuicPair, QuicPlane
 
 log = logging.getLogger("trio_sni")
 
