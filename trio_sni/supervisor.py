@@ -15,8 +15,9 @@ Trio loop serving on those sockets; the supervisor runs no proxy.
   listener's port with ``SO_REUSEPORT``, and the kernel picks the socket by a hash of the
   datagram's addresses and ports, so every datagram of a flow reaches the worker that routed
   it. (A shared UDP socket would hand a flow's datagrams to whichever worker reads first.)
-  When a worker is replaced the group changes size and flows may move to another worker,
-  which drops them: their clients start new connections.
+  When a worker is replaced the group changes size and flows relayed in userspace may move
+  to another worker, which drops them: their clients start new connections. (A flow the
+  kernel relays has its own socket connected to its client, which the kernel prefers.)
 * **What only one process may do**: the supervisor runs the XDP guard and the TC shaper for
   every worker (an interface takes one XDP link; N shapers would each count the same
   traffic), and the workers run them off. They stay attached while a worker is replaced, and
