@@ -151,6 +151,28 @@ def test_reuseport_steers_a_clients_datagrams_to_the_socket_connected_to_it() ->
             assert all(nothing_queued(s) for s in (listener, *flows))
 
 
+def test_a_connected_socket_keeps_its_clients_datagrams_when_the_group_changes() -> None:
+    """With workers, every worker's listener socket is in the reuseport group and a worker can
+    be replaced: the group shrinks, then grows. A socket connected to a client keeps getting
+    that client's datagrams throughout (a flow relayed by the kernel does not move)."""
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(udp(reuseport=True))
+        address = first.getsockname()
+        second = udp(address, reuseport=True)
+        client = stack.enter_context(udp())
+        flow = stack.enter_context(udp(address, reuseport=True))
+        flow.connect(client.getsockname())
+        client.sendto(b"before", address)
+        second.close()  # a worker dies: the group shrinks
+        client.sendto(b"between", address)
+        third = stack.enter_context(udp(address, reuseport=True))  # its successor binds
+        client.sendto(b"after", address)
+        got = [flow.recvfrom(64)[0] for _ in range(3)]
+        assert got == [b"before", b"between", b"after"]
+        assert nothing_queued(first)
+        assert nothing_queued(third)
+
+
 # ------------------------------------------------------------------------------------------
 # The object and its mirror (no privileges needed, but loaded with the rest)
 
