@@ -134,10 +134,15 @@ class QuicListener:
         #: the first to go when the flow table is full.
         self.lingering: dict[object, Flow] = {}
         self._last_warning = -math.inf
+        #: The flows the kernel relays, each with its sockets' registration: one task reads
+        #: all their counts in a batch (:meth:`_sweep_kernel_counts`).
+        self._in_kernel: dict[int, tuple[Flow, QuicPair]] = {}
+        self._nursery: trio.Nursery | None = None
 
     async def serve(self, flows: trio.Nursery) -> None:
         """Read datagrams until cancelled; flows run in ``flows``. On the way out every flow
         ends (reason ``shutdown``): without the listening socket none can reach its client."""
+        self._nursery = flows
         try:
             with borrowed(self.sock) as raw:
                 batch = 0
@@ -376,30 +381,42 @@ class QuicListener:
             log.debug("QUIC flow %s stays in userspace: %s", format_endpoint(info.client), exc)
             return False
         info.mode = "kernel"
+        if not self._in_kernel:
+            assert self._nursery is not None  # serve() runs the flows
+            self._nursery.start_soon(self._sweep_kernel_counts, plane)
+        self._in_kernel[id(flow)] = (flow, pair)
         try:
             for datagram in _queued(facing.fileno()):
                 self._to_upstream(flow, datagram)
             for datagram in _queued(upstream.fileno()):
                 self._to_client(flow, facing, datagram)
-            await self._until_idle_in_kernel(flow, pair)
+            while True:
+                await self._until_idle(flow)  # the sweep moves last_active
+                counts = pair.counts()  # and a last look: the sweep may not have run since
+                if not _take_kernel_counts(flow, counts["client"], counts["upstream"]):
+                    break
+                flow.last_active = trio.current_time()
         finally:
-            _take_kernel_counts(flow, pair)
+            del self._in_kernel[id(flow)]
+            counts = pair.counts()
+            _take_kernel_counts(flow, counts["client"], counts["upstream"])
             pair.release()  # before the close: a registered socket keeps the maps alive
             facing.close()
         return True
 
-    async def _until_idle_in_kernel(self, flow: Flow, pair: QuicPair) -> None:
-        """Return once neither socket has received a datagram for ``timeouts.quic_idle``:
-        the kernel's counts are read every twentieth of it (its precision), not per datagram,
-        and keep the flow's live counts (``/connections``) that current."""
-        flow.last_active = trio.current_time()
-        while True:
-            idle_for = trio.current_time() - flow.last_active  # userspace passes move it too
-            if idle_for >= self.idle_timeout:
-                return
-            await trio.sleep(min(self.idle_timeout / 20, self.idle_timeout - idle_for))
-            if _take_kernel_counts(flow, pair):
-                flow.last_active = trio.current_time()
+    async def _sweep_kernel_counts(self, plane: QuicPlane) -> None:
+        """Every twentieth of ``timeouts.quic_idle`` (the idle timeout's precision), read
+        every kernel-relayed flow's counts in one batch: a flow that moved is active, and its
+        live counts (``/connections``) follow. Ends with the last such flow."""
+        while self._in_kernel:
+            await trio.sleep(self.idle_timeout / 20)
+            counts = plane.all_counts()
+            now = trio.current_time()
+            for flow, pair in list(self._in_kernel.values()):
+                up = counts.get(pair.client_cookie)
+                down = counts.get(pair.upstream_cookie)
+                if up is not None and down is not None and _take_kernel_counts(flow, up, down):
+                    flow.last_active = now
 
     def _client_facing_socket(self, flow: Flow) -> socket.socket:
         """A UDP socket bound to the listener's address and port (``SO_REUSEPORT``, as the
@@ -494,11 +511,12 @@ async def open_quic_listener(spec: Listener) -> trio.socket.SocketType:
     return sock
 
 
-def _take_kernel_counts(flow: Flow, pair: QuicPair) -> bool:
-    """Add what the kernel redirected since the last look to the flow's counts; whether
-    anything was."""
-    counts = pair.counts()
-    (up, up_bytes), (down, down_bytes) = counts["client"], counts["upstream"]
+def _take_kernel_counts(
+    flow: Flow, to_upstream: tuple[int, int], to_client: tuple[int, int]
+) -> bool:
+    """Add what the kernel redirected since the last look (``(datagrams, bytes)`` each way,
+    as counted so far) to the flow's counts; whether anything was."""
+    (up, up_bytes), (down, down_bytes) = to_upstream, to_client
     (seen_up, seen_up_bytes), (seen_down, seen_down_bytes) = flow.kernel_counts
     if (up, down) == (seen_up, seen_down):
         return False

@@ -159,6 +159,33 @@ async def test_a_quic_connection_is_routed_by_name_and_relayed_byte_exact(
     assert not proxy.quic_listeners[0].flows
 
 
+@pytest.mark.bpf
+async def test_flows_the_kernel_relays_at_once_share_one_count_sweep(
+    start_quic_proxy: Callable[..., Any], quic_server: QuicServer, quic_ca: trustme.CA
+) -> None:
+    """Five flows relayed by the kernel at the same time: each is byte-exact and logged with
+    its own counts, one task reads all their counts, and nothing is left registered."""
+    proxy, port, records = await start_quic_proxy(in_mode(quic_config(quic_server.port), "kernel"))
+    [listener] = proxy.quic_listeners
+    sent = [os.urandom(100_000 + i) for i in range(5)]
+    got: dict[int, bytes] = {}
+
+    async def one(i: int) -> None:
+        got[i] = await trio.to_thread.run_sync(lambda: echo_through(port, quic_ca, sent[i]))
+
+    async with trio.open_nursery() as clients:
+        for i in range(5):
+            clients.start_soon(one, i)
+    assert [got[i] for i in range(5)] == sent
+    assert len(listener._in_kernel) == 5  # until their idle timeout
+    await wait_for(lambda: len(records) == 5, timeout=10)
+    assert {r["mode"] for r in records} == {"kernel"}
+    assert sorted(r["bytes_to_client"] > len(sent[0]) for r in records) == [True] * 5
+    assert not listener._in_kernel
+    kernel = proxy.forwarding.plan.for_mode("kernel")
+    assert set(kernel.quic.entries().values()) == {0}  # type: ignore[attr-defined]
+
+
 async def test_a_server_that_asks_for_a_retry_gets_its_token_back_through_the_flow(
     start_quic_proxy: Callable[..., Any], quic_ca: trustme.CA, tmp_path: Path
 ) -> None:
