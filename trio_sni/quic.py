@@ -137,6 +137,7 @@ class QuicListener:
         #: The flows the kernel relays, each with its sockets' registration: one task reads
         #: all their counts in a batch (:meth:`_sweep_kernel_counts`).
         self._in_kernel: dict[int, tuple[Flow, QuicPair]] = {}
+        self._sweeping = False
         self._nursery: trio.Nursery | None = None
 
     async def serve(self, flows: trio.Nursery) -> None:
@@ -381,10 +382,11 @@ class QuicListener:
             log.debug("QUIC flow %s stays in userspace: %s", format_endpoint(info.client), exc)
             return False
         info.mode = "kernel"
-        if not self._in_kernel:
-            assert self._nursery is not None  # serve() runs the flows
-            self._nursery.start_soon(self._sweep_kernel_counts, plane)
         self._in_kernel[id(flow)] = (flow, pair)
+        if not self._sweeping:
+            assert self._nursery is not None  # serve() runs the flows
+            self._sweeping = True
+            self._nursery.start_soon(self._sweep_kernel_counts, plane)
         try:
             for datagram in _queued(facing.fileno()):
                 self._to_upstream(flow, datagram)
@@ -408,15 +410,18 @@ class QuicListener:
         """Every twentieth of ``timeouts.quic_idle`` (the idle timeout's precision), read
         every kernel-relayed flow's counts in one batch: a flow that moved is active, and its
         live counts (``/connections``) follow. Ends with the last such flow."""
-        while self._in_kernel:
-            await trio.sleep(self.idle_timeout / 20)
-            counts = plane.all_counts()
-            now = trio.current_time()
-            for flow, pair in list(self._in_kernel.values()):
-                up = counts.get(pair.client_cookie)
-                down = counts.get(pair.upstream_cookie)
-                if up is not None and down is not None and _take_kernel_counts(flow, up, down):
-                    flow.last_active = now
+        try:
+            while self._in_kernel:
+                await trio.sleep(self.idle_timeout / 20)
+                counts = plane.all_counts()
+                now = trio.current_time()
+                for flow, pair in list(self._in_kernel.values()):
+                    up = counts.get(pair.client_cookie)
+                    down = counts.get(pair.upstream_cookie)
+                    if up is not None and down is not None and _take_kernel_counts(flow, up, down):
+                        flow.last_active = now
+        finally:
+            self._sweeping = False
 
     def _client_facing_socket(self, flow: Flow) -> socket.socket:
         """A UDP socket bound to the listener's address and port (``SO_REUSEPORT``, as the
