@@ -142,7 +142,9 @@ class QuicListener:
 
     async def serve(self, flows: trio.Nursery) -> None:
         """Read datagrams until cancelled; flows run in ``flows``. On the way out every flow
-        ends (reason ``shutdown``): without the listening socket none can reach its client."""
+        ends (reason ``shutdown``), as without the listening socket none can reach its client,
+        except the flows the kernel relays: they have sockets of their own and drain like TCP
+        connections, until they are idle or the drain deadline passes."""
         self._nursery = flows
         try:
             with borrowed(self.sock) as raw:
@@ -174,9 +176,11 @@ class QuicListener:
                     with contextlib.suppress(trio.WouldBlock):  # a full queue drops, as routers do
                         flow.inbox.send_nowait(data)
         finally:
+            draining = {id(flow) for flow, _pair in self._in_kernel.values()}
             for flow in list(self.flows.values()):
-                flow.info.reason = flow.info.reason or "shutdown"
-                flow.idle.cancel()
+                if id(flow) not in draining:
+                    flow.info.reason = flow.info.reason or "shutdown"
+                    flow.idle.cancel()
             self.sock.close()
 
     def _room_for_a_flow(self) -> bool:
@@ -285,6 +289,7 @@ class QuicListener:
             if acquired:
                 ctx.limiter.release(client_ip)
             if not flow.logged:
+                info.reason = info.reason or "shutdown"  # cancelled: the drain deadline passed
                 self._log(flow)
             ctx.ended.unpark_all()
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -184,6 +185,64 @@ async def test_flows_the_kernel_relays_at_once_share_one_count_sweep(
     assert not listener._in_kernel
     kernel = proxy.forwarding.plan.for_mode("kernel")
     assert set(kernel.quic.entries().values()) == {0}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_stop_lets_the_flows_the_kernel_relays_drain_and_ends_the_others(
+    start_quic_proxy: Callable[..., Any], quic_server: QuicServer, quic_ca: trustme.CA, mode: str
+) -> None:
+    """The proxy stops accepting while a client's QUIC connection is open. A flow the kernel
+    relays has a socket of its own, connected to the client: it drains like a TCP connection,
+    so the same connection's next request is still answered and the flow ends when idle. A
+    flow the proxy relays needs the listening socket, so it ends at once (reason shutdown)."""
+    proxy, port, records = await start_quic_proxy(in_mode(quic_config(quic_server.port), mode))
+    first_done, go_on = threading.Event(), threading.Event()
+
+    def client() -> tuple[bytes, bytes | None]:
+        async def echo(connection: Any, data: bytes) -> bytes:
+            reader, writer = await connection.create_stream()
+            writer.write(data)
+            writer.write_eof()
+            answer: bytes = await reader.read()
+            return answer
+
+        async def main() -> tuple[bytes, bytes | None]:
+            configuration = QuicConfiguration(
+                is_client=True, alpn_protocols=["echo"], server_name=NAME, idle_timeout=2.0
+            )
+            configuration.load_verify_locations(cadata=quic_ca.cert_pem.bytes())
+            async with connect("127.0.0.1", port, configuration=configuration) as connection:
+                one = await echo(connection, b"before the stop")
+                first_done.set()
+                await asyncio.get_running_loop().run_in_executor(None, go_on.wait)
+                try:
+                    two = await asyncio.wait_for(echo(connection, b"after the stop"), 3)
+                except TimeoutError:
+                    two = None
+                return one, two
+
+        return asyncio.run(main())
+
+    answers: list[tuple[bytes, bytes | None]] = []
+
+    async def run_client() -> None:
+        answers.append(await trio.to_thread.run_sync(client))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_client)
+        await trio.to_thread.run_sync(first_done.wait)
+        proxy.shutdown()
+        await wait_for(lambda: proxy.quic_listeners[0].sock.fileno() == -1, timeout=5)
+        go_on.set()
+    [(one, two)] = answers
+    assert one == b"before the stop"
+    await wait_for(lambda: len(records) == 1, timeout=10)
+    if mode == "kernel":
+        assert two == b"after the stop"
+        assert records[0]["reason"] == "idle_timeout"
+    else:
+        assert two in (None, b"")  # no answer, or the connection closed (port unreachable)
+        assert records[0]["reason"] == "shutdown"
 
 
 async def test_a_server_that_asks_for_a_retry_gets_its_token_back_through_the_flow(
