@@ -179,10 +179,12 @@ async def test_flows_the_kernel_relays_at_once_share_one_count_sweep(
             clients.start_soon(one, i)
     assert [got[i] for i in range(5)] == sent
     assert len(listener._in_kernel) == 5  # until their idle timeout
+    assert proxy.acceleration_status().maps["quic_sockmap"].entries == 5  # /ebpf/status
     await wait_for(lambda: len(records) == 5, timeout=10)
     assert {r["mode"] for r in records} == {"kernel"}
     assert sorted(r["bytes_to_client"] > len(sent[0]) for r in records) == [True] * 5
     assert not listener._in_kernel
+    assert proxy.acceleration_status().maps["quic_sockmap"].entries == 0
     kernel = proxy.forwarding.plan.for_mode("kernel")
     assert set(kernel.quic.entries().values()) == {0}  # type: ignore[attr-defined]
 

@@ -60,6 +60,7 @@ class QuicPair:
     plane: QuicPlane
     client_cookie: int
     upstream_cookie: int
+    released: bool = False
 
     def cookie(self, side: str) -> int:
         """The cookie of ``side``'s socket (``"client"`` or ``"upstream"``)."""
@@ -88,8 +89,10 @@ class QuicPair:
         they receive from now on goes to their own queues.
         """
         plane = self.plane
-        if plane.closed:
+        if plane.closed or self.released:
             return
+        self.released = True
+        plane.registered -= 1
         cookies = (self.client_cookie, self.upstream_cookie)
         maps = (plane.socks, plane.peer_map, plane.counts_map, plane.targets)
         plane._delete([(m, c) for m in maps for c in cookies])
@@ -132,6 +135,8 @@ class QuicPlane(VerdictPlane):
         for m in (self.socks, self.targets, self.peer_map, self.counts_map):
             m.key_codec = loader.Int()
         self.peer_map.value_codec = loader.Int()
+        #: Flows registered now (no map walk: for status pages).
+        self.registered = 0
 
     @classmethod
     def load(cls, *, max_flows: int = 32768) -> QuicPlane:
@@ -220,6 +225,7 @@ class QuicPlane(VerdictPlane):
             for cookie, sock in ((c, client), (u, upstream)):
                 self.socks.insert_socket(cookie, sock)
                 made.append((self.socks, cookie))
+            self.registered += 1
             return QuicPair(self, c, u)
         except BaseException:
             self._delete(made)

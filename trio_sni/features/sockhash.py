@@ -96,7 +96,8 @@ def sockmap_report(
     Active when the default forwards in the kernel; otherwise ``disabled`` if switched off,
     else ``unavailable`` with ``why``. The kernel forwarder, whenever one runs (rules alone may
     use it), adds the sockhash fill in connections (two sockets each; the unit of
-    ``ebpf.sockmap.max_entries``) and its counters as ``sockmap_*``.
+    ``ebpf.sockmap.max_entries``) and its counters as ``sockmap_*``; with a QUIC data plane,
+    the QUIC flows it relays (``quic_sockmap``) and its counters as ``sockmap_quic_*``.
     """
     state: FeatureState = "active"
     reason = None
@@ -111,9 +112,12 @@ def sockmap_report(
         "fallbacks": kernel.fallbacks,
         "userspace_directions": kernel.userspace_directions,
     }
+    maps = {"sockmap": MapStatus(kernel.sockhash_sockets // 2, config.ebpf.sockmap.max_entries)}
+    if kernel.quic_flows is not None:
+        maps["quic_sockmap"] = MapStatus(kernel.quic_flows, config.ebpf.sockmap.max_entries)
     return FeatureReport(
         state,
         reason,
-        maps={"sockmap": MapStatus(kernel.sockhash_sockets // 2, config.ebpf.sockmap.max_entries)},
+        maps=maps,
         counters={f"sockmap_{name}": value for name, value in counters.items()},
     )

@@ -64,6 +64,8 @@ class ForwarderStatistics:
     sockhash_sockets: int = 0
     #: ``kernel``: directions the in-flight bound moved to userspace.
     userspace_directions: int = 0
+    #: ``kernel``: QUIC flows the kernel relays now (``None``: no QUIC data plane loaded).
+    quic_flows: int | None = None
     #: ``kernel``: the data plane's counters (bytes and skbs redirected, stops, ...).
     data_plane: Mapping[str, int] = attrs.field(factory=dict)
 

@@ -137,6 +137,7 @@ class KernelForwarder:
             fallbacks=self.fallbacks,
             sockhash_sockets=2 * self.registered,
             userspace_directions=self.userspace_directions,
+            quic_flows=None if self.quic is None else self.quic.registered,
             data_plane={
                 **self.plane.counters(),
                 **({} if self.quic is None else self._quic_counters(self.quic)),
