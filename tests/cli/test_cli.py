@@ -1345,6 +1345,72 @@ def test_a_killed_worker_is_replaced_and_the_proxy_keeps_serving(
     assert status == 0, proxy.stderr
 
 
+def _bpf_map_ids_of(pid: int) -> set[int]:
+    """The ids of the BPF maps process ``pid`` holds an fd to (``map_id`` in its fdinfo)."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+                if line.startswith("map_id:"):
+                    ids.add(int(line.split()[1]))
+    return ids
+
+
+def _bpf_maps() -> dict[int, str]:
+    """Every BPF map loaded on the host: id -> name."""
+    out = subprocess.run(
+        ["bpftool", "-j", "map", "show"], check=True, capture_output=True, text=True
+    ).stdout
+    return {m["id"]: m.get("name", "") for m in json.loads(out or "[]")}
+
+
+#: The maps of a worker's sockhash plane (``bpf/sockhash.bpf.c``); the DNS cache is pinned
+#: and shared, so it outlives every worker.
+SOCKHASH_PLANE_MAPS = {"sock_hash", "targets", "peer", "progress", "counters", "stops"}
+
+
+@pytest.mark.bpf
+def test_a_killed_kernel_mode_worker_takes_its_maps_and_their_entries_with_it(
+    tls_backend: Backend,
+    client_context: ssl.SSLContext,
+    serve_config: Callable[..., ServedProxy],
+) -> None:
+    """Each worker owns its sockhash plane: killed with connections registered, its maps (and
+    every entry in them) are freed by the kernel, nothing of it stays loaded, and its
+    successor loads a plane of its own."""
+    served = serve_config(
+        lambda port: routing_config(
+            port, tls_backend.port, workers=2, forwarding={"mode": "kernel"}, fallback_mode="none"
+        )
+    )
+    proxy = served.process
+    proxy.wait_for_log("2 workers serving")
+    killed = _worker_pids(proxy)[1]
+    held = [https_get(served.port, client_context)[0] for _ in range(12)]
+    try:
+        names = _bpf_maps()
+        owned = {i for i in _bpf_map_ids_of(killed) if names.get(i) in SOCKHASH_PLANE_MAPS}
+        assert len(owned) == len(SOCKHASH_PLANE_MAPS), "worker 1 runs no sockhash plane"
+        os.kill(killed, signal.SIGKILL)
+        wait_until(
+            lambda: _worker_pids(proxy)[1] != killed, timeout=STARTUP_TIMEOUT, what="worker 1"
+        )
+        # The kernel frees a map in a work item after its last reference goes.
+        wait_until(lambda: not owned & set(_bpf_maps()), timeout=10, what="its maps freed")
+        wait_until(
+            lambda: bool(_bpf_map_ids_of(_worker_pids(proxy)[1])),
+            timeout=STARTUP_TIMEOUT,
+            what="the new worker 1's own plane",
+        )
+    finally:
+        for conn in held:
+            conn.close()
+    responses = _requests_in_parallel(served.port, client_context, 20)
+    assert all(r.startswith(b"HTTP/1.1 200 OK\r\n") for r in responses)
+    status, _ = stop(proxy, signal.SIGTERM)
+    assert status == 0, proxy.stderr
+
+
 def test_sighup_reloads_every_worker_and_a_bad_config_reaches_none(
     tls_backend: Backend,
     client_context: ssl.SSLContext,
