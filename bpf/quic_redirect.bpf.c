@@ -81,6 +81,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory as used: docs/kernel-facts.md, fact 53 */
 	__type(key, __u64);
 	__type(value, __u64);
 } quic_peer SEC(".maps");
@@ -88,6 +89,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory as used: docs/kernel-facts.md, fact 53 */
 	__type(key, __u64);
 	__type(value, struct quic_count);
 } quic_counts SEC(".maps");

@@ -60,6 +60,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory as used: docs/kernel-facts.md, fact 53 */
 	__type(key, __u64);
 	__type(value, struct peer_info);
 } peer SEC(".maps");
@@ -67,6 +68,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory as used: docs/kernel-facts.md, fact 53 */
 	__type(key, __u64);
 	__type(value, struct progress);
 } progress SEC(".maps");

@@ -24,8 +24,8 @@ BPF_SOURCES = PREBUILT.parent / "bpf"
 SOCKHASH_MAPS = {
     "sock_hash": MapSpec("sock_hash", MapType.SOCKHASH, 8, 8, 65536),
     "targets": MapSpec("targets", MapType.SOCKHASH, 8, 8, 65536),
-    "peer": MapSpec("peer", MapType.HASH, 8, 24, 65536),
-    "progress": MapSpec("progress", MapType.HASH, 8, 24, 65536),
+    "peer": MapSpec("peer", MapType.HASH, 8, 24, 65536, flags=MapFlag.NO_PREALLOC),
+    "progress": MapSpec("progress", MapType.HASH, 8, 24, 65536, flags=MapFlag.NO_PREALLOC),
     "counters": MapSpec("counters", MapType.PERCPU_ARRAY, 4, 8, 9),
     "stops": MapSpec("stops", MapType.RINGBUF, 0, 0, 4096),
 }
