@@ -65,9 +65,10 @@ def echo_through(
     alpn: list[str] | None = None,
     name: str = NAME,
     timeout: float = 30,
+    host: str = "127.0.0.1",
 ) -> bytes:
-    """One QUIC connection to ``port`` naming :data:`NAME`: send ``data`` on a stream, read
-    the answer (a thread of its own: aioquic's client runs on asyncio)."""
+    """One QUIC connection to ``host``:``port`` naming :data:`NAME`: send ``data`` on a
+    stream, read the answer (a thread of its own: aioquic's client runs on asyncio)."""
 
     async def main() -> bytes:
         configuration = QuicConfiguration(
@@ -78,7 +79,7 @@ def echo_through(
             supported_versions=[version, *also],
         )
         configuration.load_verify_locations(cadata=ca.cert_pem.bytes())
-        async with connect("127.0.0.1", port, configuration=configuration) as client:
+        async with connect(host, port, configuration=configuration) as client:
             reader, writer = await client.create_stream()
             writer.write(data)
             writer.write_eof()
@@ -245,6 +246,25 @@ async def test_a_stop_lets_the_flows_the_kernel_relays_drain_and_ends_the_others
     else:
         assert two in (None, b"")  # no answer, or the connection closed (port unreachable)
         assert records[0]["reason"] == "shutdown"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_flow_on_an_ipv6_listener_is_relayed_byte_exact(
+    start_quic_proxy: Callable[..., Any], quic_server: QuicServer, quic_ca: trustme.CA, mode: str
+) -> None:
+    """A client on ::1 (the flow's address has four parts; in kernel mode its own socket is
+    an IPv6 one, bound beside the listener's)."""
+    config = in_mode(quic_config(quic_server.port), mode)
+    config["listeners"] = [{"host": "::1", "port": 0, "protocol": "quic"}]
+    _proxy, port, records = await start_quic_proxy(config)
+    data = os.urandom(200_000)
+    got = await trio.to_thread.run_sync(lambda: echo_through(port, quic_ca, data, host="::1"))
+    assert got == data
+    await wait_for(lambda: len(records) == 1, timeout=10)
+    [record] = records
+    assert str(record["client"]).startswith("[::1]:")
+    assert record["mode"] == ("kernel" if mode == "kernel" else "udp")
+    assert record["bytes_to_client"] > len(data)
 
 
 async def test_a_server_that_asks_for_a_retry_gets_its_token_back_through_the_flow(
