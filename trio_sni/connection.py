@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import http
-import ipaddress
 import itertools
 import logging
 import os
@@ -43,7 +42,7 @@ from .errors import (
 from .forward import ByteCounters, Forwarder, HandedOff
 from .resolver import Resolver
 from .sansio import NEED_DATA, BufferedReader, EventT, http_request, proxy_protocol
-from .sansio.addresses import IPAddress, format_endpoint, ip_literal, refusal_reason
+from .sansio.addresses import IPAddress, format_endpoint, ip_literal, ip_of, refusal_reason
 from .sansio.alerts import Alert, alert_record
 from .sansio.clienthello import ClientHelloReader
 from .sansio.config import QOS_PRIORITY, Limits, Listener, Socks5
@@ -214,7 +213,7 @@ def log_refused_at_accept(
     """The access-log line of a connection the accept loop refused before any handler ran
     (every accepted connection gets one)."""
     info = ConnectionInfo(
-        client=(str(ipaddress.ip_address(peer[0])), peer[1]),
+        client=(str(ip_of(peer[0])), peer[1]),
         listener=listener.label,
         started_wall=time.time(),
         started=trio.current_time(),
@@ -244,9 +243,7 @@ async def handle_connection(
     Resource handling: ``stream`` is always closed on return, and so is the upstream
     connection if one was opened. The limiter slot is always released.
     """
-    literal = ip_literal(peer[0])
-    assert literal is not None  # accept() gives an address
-    client_ip: IPAddress = literal
+    client_ip = ip_of(peer[0])
     info = ConnectionInfo(
         client=(str(client_ip), peer[1]),
         listener=listener.label,
@@ -501,7 +498,7 @@ def _set_qos_class(stream: trio.SocketStream, qos: str) -> None:
 def _endpoint(
     sockaddr: tuple[str, int] | tuple[str, int, int, int],
 ) -> tuple[IPAddress, int]:
-    return ipaddress.ip_address(sockaddr[0]), sockaddr[1]
+    return ip_of(sockaddr[0]), sockaddr[1]
 
 
 async def _send_proxy_header(

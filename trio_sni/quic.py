@@ -38,7 +38,6 @@ any others: the proxy reads only the client's first flight.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import math
 import os
@@ -65,7 +64,7 @@ from .errors import (
     UpstreamError,
 )
 from .forward import Mode
-from .sansio.addresses import format_endpoint
+from .sansio.addresses import format_endpoint, ip_of
 from .sansio.config import Listener
 from .sansio.policy import Deny, Route
 from .sansio.quic_initial import QuicInitialReader
@@ -213,7 +212,7 @@ class QuicListener:
     ) -> tuple[Flow, trio.MemoryReceiveChannel[bytes]]:
         send, receive = trio.open_memory_channel[bytes](FLOW_QUEUE)
         info = ConnectionInfo(
-            client=(str(ipaddress.ip_address(address[0])), address[1]),
+            client=(str(ip_of(address[0])), address[1]),
             listener=self.spec.label,
             started_wall=time.time(),
             started=trio.current_time(),
@@ -228,7 +227,7 @@ class QuicListener:
     async def _run(self, flow: Flow, inbox: trio.MemoryReceiveChannel[bytes]) -> None:
         """One flow, from its first datagram to its access-log line."""
         ctx, info = self.ctx, flow.info
-        client_ip = ipaddress.ip_address(info.client[0])
+        client_ip = ip_of(flow.address[0])
         acquired = False
         upstream: trio.socket.SocketType | None = None
         flow.idle.deadline = trio.current_time() + self.idle_timeout

@@ -49,7 +49,7 @@ from .features import (
     SockhashFeature,
     TcFeature,
     XdpFeature,
-    acceleration_from_config,
+    acceleration_of,
 )
 from .forward import CopyForwarder
 from .metrics import ProxyMetrics
@@ -348,8 +348,7 @@ class Proxy:
         """Kernel feature states, reasons, maps and counters for ``/ebpf/status`` and metrics:
         what each started feature reports (counters read now: one syscall each, at scrape
         time only), the config's switches for the others."""
-        reports = {f.name: r for f in self.features if (r := f.report()) is not None}
-        return acceleration_from_config(self.config, reports)
+        return acceleration_of(self.config, self.features)
 
     def reopen_access_log(self, destination: str | None = None) -> None:
         """Open the access log's file again (SIGUSR1, after logrotate renamed it), or

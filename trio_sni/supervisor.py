@@ -56,7 +56,7 @@ from .features import (
     KernelFeature,
     TcFeature,
     XdpFeature,
-    acceleration_from_config,
+    acceleration_of,
 )
 from .handover import (
     HANDLED_SIGNALS,
@@ -180,11 +180,10 @@ class Supervisor:
                     )
                     self.listeners = [listener for listener, _ in pairs]
                     # Each worker binds its own QUIC sockets, on the port the config names.
+                    bound = [(lst.socket.getsockname()[1], spec) for lst, spec in pairs]
+                    bound += [(spec.port, spec) for spec in specs if spec.protocol == "quic"]
                     for feature in self.features:
-                        feature.start(
-                            [(lst.socket.getsockname()[1], spec) for lst, spec in pairs]
-                            + [(spec.port, spec) for spec in specs if spec.protocol == "quic"]
-                        )
+                        feature.start(bound)
                     nursery.start_soon(self._collect_readiness)
                     nursery.start_soon(self._handle_signals, received, nursery)
                     async with trio.open_nursery() as watching:
@@ -271,8 +270,7 @@ class Supervisor:
 
     def acceleration_status(self) -> AccelerationStatus:
         """What the features the supervisor runs report (read now, at scrape time)."""
-        reports = {f.name: r for f in self.features if (r := f.report()) is not None}
-        return acceleration_from_config(self.config, reports)
+        return acceleration_of(self.config, self.features)
 
     def _views(self) -> list[WorkerView]:
         return [WorkerView(w.index, w.pid, w.ready, w.restarts) for w in self.workers]

@@ -19,6 +19,7 @@ from .report import (
     FeatureState,
     MapStatus,
     acceleration_from_config,
+    acceleration_of,
 )
 from .sockhash import SockhashFeature, sockmap_report
 from .tc import TcFeature
@@ -40,5 +41,6 @@ __all__ = [
     "TcFeature",
     "XdpFeature",
     "acceleration_from_config",
+    "acceleration_of",
     "sockmap_report",
 ]

@@ -8,13 +8,14 @@ running feature describes itself in a :class:`FeatureReport`, and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 import attrs
 
 if TYPE_CHECKING:
     from ..sansio.config import Config
+    from .interface import KernelFeature
 
 FeatureState = Literal["active", "disabled", "unavailable"]
 #: The kernel features ``/ebpf/status`` reports, in the design's order plus ``tc``.
@@ -157,3 +158,10 @@ def acceleration_from_config(
     return AccelerationStatus(
         features=features, reasons=reasons, maps=maps, counters=counters, details=details
     )
+
+
+def acceleration_of(config: Config, features: Iterable[KernelFeature]) -> AccelerationStatus:
+    """:func:`acceleration_from_config` with what each of ``features`` reports now (counters
+    read now: one syscall each, at scrape time only)."""
+    reports = {f.name: r for f in features if (r := f.report()) is not None}
+    return acceleration_from_config(config, reports)

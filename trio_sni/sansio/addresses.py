@@ -196,6 +196,19 @@ def ip_literal(text: str) -> IPAddress | None:
         return None
 
 
+def ip_of(text: str) -> IPAddress:
+    """An address the kernel gave (``accept``, ``recvfrom``, ``getsockname``), parsed through
+    the cache of :func:`ip_literal`.
+
+    Raises:
+        ValueError: ``text`` is not an IP address.
+    """
+    ip = ip_literal(text)
+    if ip is None:
+        raise ValueError(f"not an IP address: {text!r}")
+    return ip
+
+
 def unwrap_mapped(ip: IPAddress) -> IPAddress:
     """Return the IPv4 address inside ``::ffff:a.b.c.d``, or ``ip`` unchanged.
 
